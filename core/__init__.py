@@ -1,0 +1,19 @@
+"""core: data -> enhance -> train -> evaluate -> store for the Real-ESRGAN white-blood-cell study.
+
+Public API (the dashboard uses only this and the run store):
+
+    from core import make_config, run_study, RunStore, PRESETS, CLASSES
+    run = run_study(make_config("quick"), on_progress=print)
+"""
+
+from core.config import CLASSES, PRESETS, StudyConfig, default_runs_dir, make_config  # noqa: F401
+from core.enhance import create_enhancer, list_enhancers  # noqa: F401
+from core.models import create_classifier, list_classifiers  # noqa: F401
+from core.store import SCHEMAS, Run, RunStore  # noqa: F401
+
+
+def run_study(config, on_progress=None, run_id=None, store=None):
+    """Run a whole study (see core.pipeline.run); returns the finished Run."""
+    from core.pipeline import run
+
+    return run(config, on_progress=on_progress, run_id=run_id, store=store)

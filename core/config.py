@@ -1,0 +1,211 @@
+"""One source of truth: class names, paths, presets and the study configuration.
+
+Everything a run needs is in :class:`StudyConfig`; the resolved config is written verbatim into
+``run.json`` so a run describes itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The four classes, in the order used for probabilities, confusion matrices and tables.
+CLASSES: tuple[str, ...] = ("eosinophil", "lymphocyte", "monocyte", "neutrophil")
+# Short names for compact plots (EOS/LYM/MON/NEU as in the paper's tables).
+CLASS_ABBR: dict[str, str] = {c: c[:3].upper() for c in CLASSES}
+PROB_COLUMNS: tuple[str, ...] = tuple(f"prob_{c}" for c in CLASSES)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_runs_dir() -> Path:
+    """``WBC_RUNS_DIR`` if set, else ``runs/`` at the repository root."""
+    return Path(os.environ.get("WBC_RUNS_DIR") or REPO_ROOT / "runs")
+
+
+def default_cache_dir() -> Path:
+    """Where enhanced images, converted weights, embeddings and thumbnails are cached.
+
+    ``WBC_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/wbc`` (``~/.cache/wbc``).
+    """
+    if os.environ.get("WBC_CACHE_DIR"):
+        return Path(os.environ["WBC_CACHE_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "wbc"
+
+
+# Known places where the team keeps the real images, tried after --data and WBC_DATA.
+KNOWN_DATA_LOCATIONS: tuple[Path, ...] = (
+    REPO_ROOT / "data" / "blood-cells",
+    REPO_ROOT.parent / "shared" / "data" / "blood-cells",
+    Path.home() / ".cache" / "wbc" / "data" / "blood-cells",
+)
+
+SPLITS = ("grouped", "random")
+OPTIMIZERS = ("adamw", "sgd")
+DEVICES = ("auto", "cpu", "cuda")
+RUN_STATUSES = ("queued", "running", "finished", "failed", "cancelled")
+
+
+@dataclass
+class StudyConfig:
+    """Everything that defines a study. Defaults are the ``quick`` preset's."""
+
+    preset: str = "custom"
+    data_dir: str | None = None  # root of the Kaggle layout; resolved by core.data.find_data_root
+    test_dir: str | None = None  # a TEST folder in the Kaggle layout; else TEST_SIMPLE; else held-out TRAIN
+    variants: tuple[str, ...] = ("original", "bicubic-x4")
+    classifier: str = "efficientnet_lite0"
+    pretrained: str = "imagenet"  # imagenet | none | path to a state dict
+    epochs: int = 3
+    per_class: int | None = None  # training images per class (None: all)
+    test_per_class: int | None = None  # test images per class (None: all)
+    image_sizes: tuple[int, ...] = (224,)
+    seeds: tuple[int, ...] = (0,)
+    split: str = "grouped"  # grouped (no source cell on both sides) | random (the paper's 80/20, leaky)
+    val_fraction: float = 0.2
+    batch_size: int = 32
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 3  # early stopping on validation loss
+    freeze_backbone: bool = False  # train only the classifier head
+    augment: bool = True  # flips and 90-degree rotations (cells have no orientation)
+    device: str = "auto"
+    num_workers: int = 0
+    enhance_batch_size: int = 4
+    enhance_format: str = "png"  # lossless by default: the comparison must not add JPEG artefacts
+    runs_dir: str | None = None
+    cache_dir: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad value."""
+        from core.enhance import list_enhancers
+        from core.models import list_classifiers
+
+        if not self.variants:
+            raise ValueError("--variants: at least one variant is needed")
+        for v in self.variants:
+            if v not in list_enhancers():
+                raise ValueError(f"--variants: unknown variant {v!r}; choose from {', '.join(list_enhancers())}")
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError(f"--variants: duplicate variant in {','.join(self.variants)}")
+        if self.classifier not in list_classifiers():
+            raise ValueError(
+                f"--classifier: unknown classifier {self.classifier!r}; choose from {', '.join(list_classifiers())}"
+            )
+        if self.pretrained not in ("imagenet", "none") and not Path(self.pretrained).is_file():
+            raise ValueError(f"--pretrained: {self.pretrained!r} is not 'imagenet', 'none' or an existing file")
+        if self.epochs < 1:
+            raise ValueError(f"--epochs: must be >= 1, got {self.epochs}")
+        for name in ("per_class", "test_per_class"):
+            n = getattr(self, name)
+            if n is not None and n < 2:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= 2, got {n}")
+        for s in self.image_sizes:
+            if not 32 <= s <= 1024:
+                raise ValueError(f"--image-size: must be between 32 and 1024, got {s}")
+        if not self.seeds:
+            raise ValueError("--seeds: at least one seed is needed")
+        if self.split not in SPLITS:
+            raise ValueError(f"--split: unknown split {self.split!r}; choose from {', '.join(SPLITS)}")
+        if not 0.0 < self.val_fraction < 0.9:
+            raise ValueError(f"--val-fraction: must be in (0, 0.9), got {self.val_fraction}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer: unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        if self.device not in DEVICES:
+            raise ValueError(f"--device: unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
+        if self.batch_size < 1 or self.enhance_batch_size < 1:
+            raise ValueError("--batch-size: must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"--lr: must be > 0, got {self.lr}")
+        if self.test_dir is not None and not Path(self.test_dir).is_dir():
+            raise ValueError(f"--test-dir: {self.test_dir!r} is not a folder")
+        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+            raise ValueError(f"--data: {self.data_dir!r} is not a folder")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["variants"] = list(self.variants)
+        d["image_sizes"] = list(self.image_sizes)
+        d["seeds"] = list(self.seeds)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StudyConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        for k in ("variants", "image_sizes", "seeds"):
+            if k in kw and kw[k] is not None:
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
+
+
+# Presets: named overrides of StudyConfig. The CLI applies explicit flags on top of a preset.
+PRESETS: dict[str, dict] = {
+    # Real data, both variants, minutes on a 2-core CPU with no GPU and no network.
+    "quick": dict(
+        variants=("original", "realesr-animevideov3"),
+        classifier="efficientnet_lite0",
+        pretrained="imagenet",
+        epochs=4,
+        per_class=40,
+        image_sizes=(224,),
+        seeds=(0,),
+        split="grouped",
+        batch_size=16,
+        lr=1e-3,
+        notes=[
+            "quick preset: the enhanced variant uses the compact realesr-animevideov3 model "
+            "(SRVGGNetCompact, ~0.6 s/image on CPU) instead of the paper's RealESRGAN_x4plus "
+            "(~30 s/image on CPU), EfficientNet-Lite0 instead of ResNet-50, and 40 training images "
+            "per class, so it finishes in minutes on a CPU. Use --preset paper or study for the real protocol."
+        ],
+    ),
+    # The seed paper's protocol: ResNet-50 ImageNet, full TRAIN, 224 px, original vs RealESRGAN_x4plus,
+    # random 80/20 validation split (leaky: near-copies of training cells land in validation).
+    "paper": dict(
+        variants=("original", "realesrgan-x4plus"),
+        classifier="resnet50",
+        pretrained="imagenet",
+        epochs=20,
+        per_class=None,
+        image_sizes=(224,),
+        seeds=(0,),
+        split="random",
+        batch_size=32,
+        optimizer="adamw",
+        lr=3e-4,
+        patience=5,
+        notes=["paper preset: random 80/20 split of TRAIN as in the paper; its validation is leaky."],
+    ),
+    # The rigorous design: controls, source-grouped split, 3 seeds, paired statistics.
+    "study": dict(
+        variants=("original", "bicubic-x4", "realesrgan-x4plus"),
+        classifier="resnet50",
+        pretrained="imagenet",
+        epochs=20,
+        per_class=None,
+        image_sizes=(224,),
+        seeds=(0, 1, 2),
+        split="grouped",
+        batch_size=32,
+        lr=3e-4,
+        patience=5,
+    ),
+}
+
+
+def make_config(preset: str | None = None, **overrides) -> StudyConfig:
+    """A config from a preset plus explicit overrides (``None`` overrides are ignored, as in timm)."""
+    base: dict = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"--preset: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        base = dict(PRESETS[preset], preset=preset)
+        base["notes"] = list(base.get("notes", []))
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return StudyConfig.from_dict(base)

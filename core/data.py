@@ -1,0 +1,231 @@
+"""Data: find the images, build a manifest, subset and split them.
+
+The Kaggle "Blood Cell Images" layout is ``TRAIN/ TEST/ TEST_SIMPLE/`` each holding one folder per
+class (``EOSINOPHIL`` ...), possibly nested as ``dataset2-master/dataset2-master/images/``. Any
+ImageFolder root (class folders directly inside) works too.
+
+The manifest has one row per readable image: ``image_id, path, split, label, sha1, width, height``.
+Unreadable or non-image files are never fatal: they are returned as ``skipped`` and recorded in the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from core.config import CLASSES, KNOWN_DATA_LOCATIONS
+
+SPLIT_NAMES = ("TRAIN", "TEST", "TEST_SIMPLE")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+MANIFEST_COLUMNS = ("image_id", "path", "split", "label", "sha1", "width", "height")
+
+GET_DATA_HELP = (
+    "No blood-cell images found. Get them with one of:\n"
+    "  wbc data fetch                      # downloads the Kaggle dataset (needs network and kagglehub)\n"
+    "  wbc study --data /path/to/images    # a folder with TRAIN/ (and TEST/ or TEST_SIMPLE/) class folders\n"
+    "  export WBC_DATA=/path/to/images\n"
+    "Searched: --data, $WBC_DATA, then " + ", ".join(str(p) for p in KNOWN_DATA_LOCATIONS)
+)
+
+
+class DataNotFoundError(FileNotFoundError):
+    pass
+
+
+def class_of_folder(name: str) -> str | None:
+    """Map a folder name to a class (case-insensitive, singular or plural), else None."""
+    n = name.strip().lower().rstrip("s")
+    return n if n in CLASSES else None
+
+
+def is_class_root(folder: Path) -> bool:
+    """True if ``folder`` directly holds at least two class folders (an ImageFolder root)."""
+    if not folder.is_dir():
+        return False
+    return sum(1 for c in folder.iterdir() if c.is_dir() and class_of_folder(c.name)) >= 2
+
+
+def find_split_dirs(root: Path, max_depth: int = 5) -> dict[str, Path]:
+    """Locate TRAIN/TEST/TEST_SIMPLE under ``root`` (breadth first, the shallowest wins).
+
+    A root that is itself an ImageFolder root is returned as ``{"TRAIN": root}``.
+    """
+    root = Path(root)
+    if is_class_root(root):
+        return {"TRAIN": root}
+    found: dict[str, Path] = {}
+    frontier = [root]
+    for _ in range(max_depth):
+        nxt = []
+        for d in frontier:
+            try:
+                children = sorted(c for c in d.iterdir() if c.is_dir())
+            except OSError:
+                continue
+            for c in children:
+                key = c.name.upper().replace("-", "_")
+                if key in SPLIT_NAMES and key not in found and is_class_root(c):
+                    found[key] = c
+                else:
+                    nxt.append(c)
+        if "TRAIN" in found:
+            break
+        frontier = nxt
+    return found
+
+
+def find_data_root(explicit: str | os.PathLike | None = None) -> Path:
+    """``--data``, then ``$WBC_DATA``, then the known local locations; raise with help if none has images."""
+    candidates: list[Path] = []
+    if explicit:
+        p = Path(explicit).expanduser()
+        if not find_split_dirs(p):
+            raise DataNotFoundError(f"--data {explicit}: no TRAIN/ or class folders found there.\n" + GET_DATA_HELP)
+        return p
+    if os.environ.get("WBC_DATA"):
+        candidates.append(Path(os.environ["WBC_DATA"]).expanduser())
+    candidates.extend(KNOWN_DATA_LOCATIONS)
+    for c in candidates:
+        if c.is_dir() and find_split_dirs(c):
+            return c
+    raise DataNotFoundError(GET_DATA_HELP)
+
+
+def _inspect(path: Path) -> tuple[str, int, int]:
+    """sha1 and size of a fully decodable image; raises on anything else."""
+    data = path.read_bytes()
+    from io import BytesIO
+
+    with Image.open(BytesIO(data)) as im:
+        im.load()  # full decode: catches truncated files now rather than mid-training
+        w, h = im.size
+    return hashlib.sha1(data).hexdigest(), w, h
+
+
+def scan_class_folders(folder: Path, split: str, id_prefix: str | None = None,
+                       workers: int = 4) -> tuple[pd.DataFrame, list[dict]]:
+    """One manifest row per readable image in ``folder/<CLASS>/``; the rest go to ``skipped``."""
+    folder = Path(folder)
+    prefix = id_prefix if id_prefix is not None else split
+    files: list[tuple[Path, str]] = []
+    skipped: list[dict] = []
+    for c in sorted(folder.iterdir()):
+        label = class_of_folder(c.name) if c.is_dir() else None
+        if label is None:
+            continue
+        for f in sorted(c.rglob("*")):
+            if f.is_file() and not f.name.startswith("."):
+                files.append((f, label))
+
+    def inspect(item):
+        f, label = item
+        if f.suffix.lower() not in IMAGE_EXTENSIONS:
+            return item, None, "not an image file (extension)"
+        try:
+            return item, _inspect(f), None
+        except Exception as e:  # truncated, corrupt, not an image
+            return item, None, f"{type(e).__name__}: {e}"
+
+    rows = []
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        for (f, label), info, err in ex.map(inspect, files):
+            if err:
+                skipped.append({"path": str(f), "split": split, "error": err})
+                continue
+            sha1, w, h = info
+            rows.append({
+                "image_id": f"{prefix}/{f.relative_to(folder).as_posix()}",
+                "path": str(f.resolve()),
+                "split": split,
+                "label": label,
+                "sha1": sha1,
+                "width": w,
+                "height": h,
+            })
+    df = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
+    return df.astype({"width": "int64", "height": "int64"}), skipped
+
+
+@dataclass
+class Manifest:
+    df: pd.DataFrame
+    skipped: list[dict] = field(default_factory=list)
+    root: Path | None = None
+    split_dirs: dict[str, str] = field(default_factory=dict)
+
+    def split(self, name: str) -> pd.DataFrame:
+        return self.df[self.df["split"] == name].reset_index(drop=True)
+
+
+def build_manifest(root: str | os.PathLike, test_dir: str | os.PathLike | None = None,
+                   splits: tuple[str, ...] = SPLIT_NAMES) -> Manifest:
+    """Scan a data root (and an extra TEST folder) into a manifest."""
+    root = Path(root)
+    dirs = find_split_dirs(root)
+    if test_dir is not None:
+        tdirs = find_split_dirs(Path(test_dir))
+        tdir = tdirs.get("TEST") or tdirs.get("TRAIN") or tdirs.get("TEST_SIMPLE")
+        if tdir is None:
+            raise DataNotFoundError(f"--test-dir {test_dir}: no class folders (EOSINOPHIL/ ...) found there")
+        dirs["TEST"] = tdir
+    if "TRAIN" not in dirs:
+        raise DataNotFoundError(f"{root}: no TRAIN/ folder with class folders found.\n" + GET_DATA_HELP)
+    frames, skipped = [], []
+    for split in splits:
+        if split in dirs:
+            df, sk = scan_class_folders(dirs[split], split)
+            frames.append(df)
+            skipped += sk
+    df = pd.concat(frames, ignore_index=True)
+    if df.empty:
+        raise DataNotFoundError(f"{root}: no readable images found")
+    return Manifest(df=df, skipped=skipped, root=root, split_dirs={k: str(v) for k, v in dirs.items()})
+
+
+def subset_per_class(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+    """At most ``n`` images per class, sampled with ``seed`` (all if ``n`` is None)."""
+    if n is None:
+        return df.reset_index(drop=True)
+    parts = [g.sample(n=min(n, len(g)), random_state=seed) for _, g in df.groupby("label", sort=True)]
+    return pd.concat(parts).sort_values("image_id").reset_index(drop=True)
+
+
+def random_split(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Stratified random split (the paper's 80/20). Leaky on this dataset: near-copies cross it."""
+    rng = np.random.default_rng(seed)
+    val_idx = []
+    for _, g in df.groupby("label", sort=True):
+        k = max(1, int(round(len(g) * fraction)))
+        val_idx.extend(rng.choice(g.index.to_numpy(), size=min(k, len(g) - 1), replace=False))
+    val = df.index.isin(val_idx)
+    return df[~val].reset_index(drop=True), df[val].reset_index(drop=True)
+
+
+def grouped_split(df: pd.DataFrame, groups: np.ndarray, fraction: float,
+                  seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per class, whole source-cell groups go to validation until ``fraction`` of images is reached.
+
+    No group is on both sides. Each class keeps at least one group on each side.
+    """
+    rng = np.random.default_rng(seed)
+    df = df.assign(_group=np.asarray(groups))
+    val_groups: set = set()
+    for _, g in df.groupby("label", sort=True):
+        sizes = g.groupby("_group").size()
+        order = rng.permutation(sizes.index.to_numpy())
+        target, taken = fraction * len(g), 0
+        for i, grp in enumerate(order):
+            if taken >= target or i == len(order) - 1:
+                break
+            val_groups.add(grp)
+            taken += sizes[grp]
+    val = df["_group"].isin(val_groups)
+    return (df[~val].drop(columns="_group").reset_index(drop=True),
+            df[val].drop(columns="_group").reset_index(drop=True))

@@ -1,0 +1,69 @@
+"""The enhancer registry: one table from variant name to a factory, as in timm's model registry.
+
+An enhancer maps a batch of RGB uint8 images (H, W, 3) to a batch of RGB uint8 images. Register a
+new one with ``@register_enhancer(name, ...)``; the study then accepts it as ``--variants name``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+
+class Enhancer(Protocol):
+    name: str
+    scale: int
+
+    def weights_id(self) -> str:
+        """A hash of the weights/parameters: part of the cache key ('none' for the identity)."""
+
+    def provenance(self) -> dict:
+        """What produced the output (weights source, sha256, parameters), recorded in run.json."""
+
+    def enhance_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Enhance RGB uint8 (H, W, 3) images; all images in one call may have different sizes."""
+
+
+@dataclass(frozen=True)
+class EnhancerSpec:
+    name: str
+    factory: Callable[..., Enhancer]
+    description: str
+    scale: int
+    identity: bool = False  # True only for 'original': no files are written
+    # Rough CPU seconds per 320x240 image, used for estimates before a run starts.
+    cpu_seconds_per_image: float = 0.01
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+_REGISTRY: dict[str, EnhancerSpec] = {}
+
+
+def register_enhancer(name: str, description: str, scale: int, **kw) -> Callable:
+    def deco(factory: Callable[..., Enhancer]) -> Callable[..., Enhancer]:
+        if name in _REGISTRY:
+            raise ValueError(f"enhancer {name!r} registered twice")
+        _REGISTRY[name] = EnhancerSpec(name=name, factory=factory, description=description, scale=scale, **kw)
+        return factory
+
+    return deco
+
+
+def list_enhancers(pattern: str = "*") -> list[str]:
+    return [n for n in _REGISTRY if fnmatch.fnmatch(n, pattern)]
+
+
+def get_enhancer_spec(name: str) -> EnhancerSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown enhancer {name!r}; choose from {', '.join(_REGISTRY)}") from None
+
+
+def create_enhancer(name: str, **kwargs) -> Enhancer:
+    """Build an enhancer by name; ``None`` kwargs are dropped so defaults apply."""
+    spec = get_enhancer_spec(name)
+    return spec.factory(**{k: v for k, v in kwargs.items() if v is not None})

