@@ -34,8 +34,11 @@ SCHEMAS: dict[str, list[str]] = {
     "metrics": KEYS + ["label", "precision", "recall", "f1", "support"],
     "confusion": KEYS + ["true_label", "pred_label", "count"],
     "history": KEYS + ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"],
-    "stats": ["kind", "variant", "baseline", "seed", "image_size", "metric", "estimate", "ci_low", "ci_high",
-              "p_value", "n", "detail"],
+    # kind: "ci" (per variant/seed: bootstrap CI), "paired" (variant vs baseline on the same images: accuracy
+    # difference with CI, exact McNemar p_value, detail = JSON {"b": .., "c": ..}), "seeds" (seed = -1:
+    # estimate = mean over seeds, sd = standard deviation, detail = JSON list of per-seed values).
+    "stats": ["kind", "variant", "baseline", "seed", "image_size", "metric", "estimate", "sd", "ci_low",
+              "ci_high", "p_value", "n", "detail"],
     "skipped": ["path", "split", "error"],
 }
 METRIC_LABELS = [*CLASSES, "accuracy", "macro avg", "weighted avg"]
