@@ -163,3 +163,29 @@ def _efficientnet_lite0(num_classes: int, pretrained: str) -> tuple[nn.Module, d
     if pretrained not in ("imagenet", "none"):
         prov = _load_local(model, pretrained, "fc.")
     return model, prov
+
+
+class SimpleCNN(nn.Module):
+    """A small CNN trained from scratch: for smoke tests and tiny runs (no pretrained weights exist)."""
+
+    def __init__(self, num_classes: int, width: int = 32):
+        super().__init__()
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                                 nn.ReLU(inplace=True), nn.MaxPool2d(2))
+
+        self.body = nn.Sequential(block(3, width), block(width, width * 2), block(width * 2, width * 4),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(width * 4, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+@register_classifier("simple_cnn", "A 3-block CNN from scratch (smoke tests, tiny runs; no pretrained weights)")
+def _simple_cnn(num_classes: int, pretrained: str) -> tuple[nn.Module, dict]:
+    model = SimpleCNN(num_classes)
+    if pretrained not in ("imagenet", "none"):
+        return model, _load_local(model, pretrained, "fc.")
+    return model, {"source": "none", "note": "simple_cnn has no pretrained weights; trained from scratch"}

@@ -1,0 +1,262 @@
+"""``wbc``: the command line (``python -m core`` too).
+
+    wbc study  [--preset quick|paper|study] [--data DIR] [--test-dir DIR] [--variants a,b] ...
+    wbc runs   [--runs-dir DIR]
+    wbc report RUN [--runs-dir DIR]
+    wbc data fetch [--dest DIR]
+    wbc enhance --model NAME IN_DIR OUT_DIR
+    wbc audit DATA
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from core.config import PRESETS, make_config
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments: one line naming the bad value, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _csv(cast=str):
+    def parse(s: str):
+        items = [x.strip() for x in s.split(",") if x.strip()]
+        try:
+            return tuple(cast(x) for x in items)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {s!r}") from None
+
+    return parse
+
+
+def _seeds(s: str) -> tuple[int, ...]:
+    """``--seeds 3`` means seeds 0,1,2; ``--seeds 0,5,7`` lists them."""
+    try:
+        return tuple(range(int(s))) if "," not in s else tuple(int(x) for x in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {s!r}") from None
+
+
+def add_study_parser(sub) -> None:
+    p = sub.add_parser("study", help="run a study: train and evaluate each variant, store results")
+    p.add_argument("--preset", choices=list(PRESETS), help="quick (CPU, minutes), paper, or study (rigorous)")
+    p.add_argument("--data", dest="data_dir", help="data root (else $WBC_DATA, else known locations)")
+    p.add_argument("--test-dir", help="a TEST folder in the Kaggle layout (else TEST/TEST_SIMPLE of the data)")
+    p.add_argument("--variants", type=_csv(), help="comma-separated enhancers, e.g. original,realesrgan-x4plus")
+    p.add_argument("--classifier", help="resnet50 | resnet18 | efficientnet_lite0 | simple_cnn")
+    p.add_argument("--pretrained", help="imagenet | none | PATH to a state dict")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--per-class", type=int, help="training images per class (default: preset's)")
+    p.add_argument("--test-per-class", type=int, help="test images per class (default: all)")
+    p.add_argument("--image-size", dest="image_sizes", type=_csv(int), help="input size(s), e.g. 224 or 224,448")
+    p.add_argument("--seed", type=int, help="a single seed")
+    p.add_argument("--seeds", type=_seeds, help="N (seeds 0..N-1) or a list 0,1,2")
+    p.add_argument("--split", help="grouped (default: no source cell on both sides) | random (paper, leaky)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", help="adamw | sgd")
+    p.add_argument("--patience", type=int)
+    p.add_argument("--freeze-backbone", action="store_true", default=None, help="train only the head")
+    p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("--runs-dir", help="run store (default: runs/ or $WBC_RUNS_DIR)")
+    p.add_argument("--cache-dir", help="cache for enhanced images and weights (default: ~/.cache/wbc)")
+    p.add_argument("--run-id", help="name the run (default: timestamp-preset-random)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_study)
+
+
+def cmd_study(args) -> int:
+    from core.data import DataNotFoundError
+    from core.engine import Cancelled
+    from core.models import PretrainedWeightsUnavailable
+    from core.pipeline import run
+
+    seeds = args.seeds or ((args.seed,) if args.seed is not None else None)
+    try:
+        cfg = make_config(args.preset, data_dir=args.data_dir, test_dir=args.test_dir, variants=args.variants,
+                          classifier=args.classifier, pretrained=args.pretrained, epochs=args.epochs,
+                          per_class=args.per_class, test_per_class=args.test_per_class,
+                          image_sizes=args.image_sizes, seeds=seeds, split=args.split,
+                          batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                          patience=args.patience, freeze_backbone=args.freeze_backbone, device=args.device,
+                          runs_dir=args.runs_dir, cache_dir=args.cache_dir)
+        cfg.validate()
+    except ValueError as e:
+        print(f"wbc study: error: {e}", file=sys.stderr)
+        return 2
+    for note in cfg.notes:
+        print(f"note: {note}", file=sys.stderr)
+    bar = None if args.quiet else _StageBars()
+    try:
+        r = run(cfg, on_progress=bar, run_id=args.run_id)
+    except (DataNotFoundError, PretrainedWeightsUnavailable) as e:
+        print(f"wbc study: error: {e}", file=sys.stderr)
+        return 1
+    except (Cancelled, KeyboardInterrupt):
+        print("wbc study: cancelled", file=sys.stderr)
+        return 130
+    except FileExistsError as e:
+        print(f"wbc study: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if bar:
+            bar.close()
+    meta = r.read_meta()
+    acc = ", ".join(f"{v} {a:.3f}" for v, a in meta.get("summary", {}).get("accuracy", {}).items())
+    print(f"accuracy on {meta['data']['test_source']}: {acc}", file=sys.stderr)
+    print(f"report: wbc report {r.run_id}", file=sys.stderr)
+    print(r.run_id)
+    return 0
+
+
+class _StageBars:
+    """One tqdm bar per stage, fed by the pipeline's progress dicts."""
+
+    def __init__(self):
+        self.bar, self.stage = None, None
+
+    def __call__(self, info: dict) -> None:
+        from tqdm import tqdm
+
+        if info["stage"] != self.stage:
+            self.close()
+            self.stage = info["stage"]
+            self.bar = tqdm(desc=f"[{info['stage_index']}/{info['stages']}] {self.stage}", total=None,
+                            file=sys.stderr, dynamic_ncols=True, leave=True)
+        if info["total"]:
+            self.bar.total = info["total"]
+            self.bar.n = info["done"]
+            self.bar.set_postfix_str(info.get("message") or "", refresh=False)
+            self.bar.refresh()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def cmd_runs(args) -> int:
+    from core.store import RunStore
+
+    store = RunStore(args.runs_dir)
+    df = store.list_runs()
+    if df.empty:
+        print(f"no runs in {store.root}")
+        return 0
+    df["accuracy"] = df["accuracy"].map(lambda d: " ".join(f"{k}={v:.3f}" for k, v in (d or {}).items())
+                                        if isinstance(d, dict) else "")
+    cols = ["run_id", "status", "preset", "classifier", "test_set", "accuracy", "seconds"]
+    with pd.option_context("display.max_colwidth", 60, "display.width", 200):
+        print(df[cols].fillna("").to_string(index=False))
+    for _, r in df[df["warning"].notna()].iterrows():
+        print(f"warning: {r['run_id']}: {r['warning']}", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from core.metrics import format_report
+    from core.store import RunStore
+
+    store = RunStore(args.runs_dir)
+    rid = args.run
+    if rid == "latest":
+        ids = store.run_ids()
+        if not ids:
+            print(f"wbc report: error: no runs in {store.root}", file=sys.stderr)
+            return 2
+        rid = ids[0]
+    try:
+        r = store.get(rid)
+        meta = r.read_meta()
+    except (KeyError, ValueError) as e:
+        print(f"wbc report: error: {e.args[0]}", file=sys.stderr)
+        return 2
+    cfg = meta.get("config", {})
+    data = meta.get("data", {})
+    print(f"run {r.run_id}: {meta.get('status')} | preset {cfg.get('preset')} | {cfg.get('classifier')} "
+          f"({cfg.get('pretrained')}) | split {cfg.get('split')} | test {data.get('test_source')} | "
+          f"{meta.get('duration_s', '?')} s on {meta.get('device')}")
+    if data.get("leakage"):
+        print(f"validation leakage ({cfg.get('split')} split): {json.dumps(data['leakage'])}")
+    for note in meta.get("notes") or []:
+        print(f"note: {note}")
+    if meta.get("error"):
+        print(f"error: {meta['error'].get('type')}: {meta['error'].get('message')}")
+    metrics, confusion = r.read_table("metrics"), r.read_table("confusion")
+    if not metrics.empty:
+        print()
+        print(format_report(metrics, confusion))
+    stats = r.read_table("stats")
+    if not stats.empty:
+        from core.stats import summary_text
+
+        print(summary_text(stats))
+    if meta.get("skipped"):
+        print(f"\n{len(meta['skipped'])} files skipped (unreadable or not images), e.g. {meta['skipped'][0]}")
+    return 0
+
+
+def cmd_data_fetch(args) -> int:
+    try:
+        import kagglehub
+    except ImportError:
+        print("wbc data fetch: error: needs kagglehub: pip install 'wbc-sr-study[fetch]' (or pip install "
+              "kagglehub), then retry; or download https://www.kaggle.com/datasets/paultimothymooney/blood-cells "
+              "by hand and pass --data DIR", file=sys.stderr)
+        return 1
+    try:
+        path = Path(kagglehub.dataset_download("paultimothymooney/blood-cells"))
+    except Exception as e:
+        print(f"wbc data fetch: error: download failed ({type(e).__name__}: {e}). Kaggle needs network "
+              f"access and may need credentials (~/.kaggle/kaggle.json).", file=sys.stderr)
+        return 1
+    if args.dest:
+        import shutil
+
+        dest = Path(args.dest)
+        shutil.copytree(path, dest, dirs_exist_ok=True)
+        path = dest
+    print(f"downloaded to {path}\nuse it with: export WBC_DATA={path}   (or wbc study --data {path})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="wbc", description="Real-ESRGAN x white-blood-cell classification study")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    add_study_parser(sub)
+    pr = sub.add_parser("runs", help="list runs")
+    pr.add_argument("--runs-dir")
+    pr.set_defaults(func=cmd_runs)
+    prep = sub.add_parser("report", help="per-class report, confusion matrices and statistics of a run")
+    prep.add_argument("run", help="run id, or 'latest'")
+    prep.add_argument("--runs-dir")
+    prep.set_defaults(func=cmd_report)
+    pd_ = sub.add_parser("data", help="data helpers")
+    dsub = pd_.add_subparsers(dest="data_command", required=True, parser_class=OneLineParser)
+    pf = dsub.add_parser("fetch", help="download the Kaggle dataset (needs network and kagglehub)")
+    pf.add_argument("--dest", help="copy the files here")
+    pf.set_defaults(func=cmd_data_fetch)
+    for mod, fn in (("core.enhance.cli", "add_enhance_parser"), ("core.audit_cli", "add_audit_parser")):
+        try:
+            getattr(__import__(mod, fromlist=[fn]), fn)(sub)
+        except ImportError:
+            pass
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,93 @@
+"""Evaluation tables from predictions, computed with scikit-learn (the paper's Tables 3-6 layout).
+
+``metrics`` has one row per class plus ``accuracy``, ``macro avg`` and ``weighted avg`` (the rows of
+``classification_report``; the accuracy row carries the accuracy in ``f1`` and the image count in
+``support``, as the text report prints it). ``confusion`` is long-form: one row per (true, pred) cell.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import classification_report, confusion_matrix
+
+from core.config import CLASS_ABBR, CLASSES, PROB_COLUMNS
+from core.store import KEYS
+
+
+def predictions_frame(keys: dict, test_df: pd.DataFrame, probs: np.ndarray,
+                      enhanced_paths: list[str | None]) -> pd.DataFrame:
+    """One row per test image: true and predicted label, correctness and every class probability."""
+    pred = [CLASSES[i] for i in probs.argmax(1)]
+    df = pd.DataFrame({
+        **{k: [v] * len(test_df) for k, v in keys.items()},
+        "image_id": test_df["image_id"].to_numpy(),
+        "path": test_df["path"].to_numpy(),
+        "enhanced_path": enhanced_paths,
+        "true_label": test_df["label"].to_numpy(),
+        "pred_label": pred,
+    })
+    df["correct"] = df["true_label"] == df["pred_label"]
+    for j, c in enumerate(PROB_COLUMNS):
+        df[c] = probs[:, j]
+    df["group_id"] = test_df["group_id"].to_numpy() if "group_id" in test_df else None
+    return df
+
+
+def metrics_rows(keys: dict, y_true, y_pred) -> pd.DataFrame:
+    rep = classification_report(y_true, y_pred, labels=list(CLASSES), output_dict=True, zero_division=0)
+    rows = []
+    for label in [*CLASSES, "macro avg", "weighted avg"]:
+        r = rep[label]
+        rows.append({**keys, "label": label, "precision": r["precision"], "recall": r["recall"],
+                     "f1": r["f1-score"], "support": int(r["support"])})
+    rows.insert(len(CLASSES), {**keys, "label": "accuracy", "precision": np.nan, "recall": np.nan,
+                               "f1": rep["accuracy"] if "accuracy" in rep else float(np.mean(np.asarray(y_true) == np.asarray(y_pred))),
+                               "support": len(y_true)})
+    return pd.DataFrame(rows)
+
+
+def confusion_rows(keys: dict, y_true, y_pred) -> pd.DataFrame:
+    cm = confusion_matrix(y_true, y_pred, labels=list(CLASSES))
+    return pd.DataFrame([{**keys, "true_label": t, "pred_label": p, "count": int(cm[i, j])}
+                         for i, t in enumerate(CLASSES) for j, p in enumerate(CLASSES)])
+
+
+def tables_from_predictions(pred: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(metrics, confusion) for every (variant, seed, image_size) in a predictions table."""
+    m, c = [], []
+    for key, g in pred.groupby(KEYS, sort=False):
+        keys = dict(zip(KEYS, key))
+        m.append(metrics_rows(keys, g["true_label"], g["pred_label"]))
+        c.append(confusion_rows(keys, g["true_label"], g["pred_label"]))
+    return pd.concat(m, ignore_index=True), pd.concat(c, ignore_index=True)
+
+
+def format_report(metrics: pd.DataFrame, confusion: pd.DataFrame) -> str:
+    """Per-class report and confusion matrix for each model, variants side by side (Tables 3-6)."""
+    out = []
+    for (seed, size), mg in metrics.groupby(["seed", "image_size"], sort=False):
+        variants = list(dict.fromkeys(mg["variant"]))
+        out.append(f"== seed {seed}, image size {size} ==")
+        head = f"{'':14}" + "".join(f"| {v[:31]:^31} " for v in variants)
+        sub = f"{'':14}" + "".join(f"| {'prec':>7}{'recall':>8}{'f1':>8}{'n':>7} " for _ in variants)
+        out += [head, sub]
+        for label in mg["label"].drop_duplicates():
+            line = f"{label:14}"
+            for v in variants:
+                r = mg[(mg["variant"] == v) & (mg["label"] == label)].iloc[0]
+                p = "" if pd.isna(r["precision"]) else f"{r['precision']:.3f}"
+                rc = "" if pd.isna(r["recall"]) else f"{r['recall']:.3f}"
+                line += f"| {p:>7}{rc:>8}{r['f1']:>8.3f}{int(r['support']):>7} "
+            out.append(line)
+        out.append("")
+        cg = confusion[(confusion["seed"] == seed) & (confusion["image_size"] == size)]
+        for v in variants:
+            cm = cg[cg["variant"] == v].pivot(index="true_label", columns="pred_label", values="count")
+            cm = cm.reindex(index=list(CLASSES), columns=list(CLASSES)).fillna(0).astype(int)
+            out.append(f"confusion matrix [{v}] (rows: true, columns: predicted)")
+            out.append(f"{'':8}" + "".join(f"{CLASS_ABBR[c]:>6}" for c in CLASSES))
+            for t in CLASSES:
+                out.append(f"{CLASS_ABBR[t]:8}" + "".join(f"{cm.loc[t, p]:>6}" for p in CLASSES))
+            out.append("")
+    return "\n".join(out)

@@ -1,0 +1,357 @@
+"""A whole study, top to bottom: data -> groups/split -> enhance -> train -> evaluate -> store.
+
+``run(config)`` is the one entry point (CLI and dashboard). Read it from the top: every stage is a
+small function, and every result lands in the run folder as soon as it exists.
+"""
+
+from __future__ import annotations
+
+import platform
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from core import data as D
+from core.config import CLASSES, StudyConfig, default_cache_dir
+from core.engine import Cancelled, TrainSettings, fit, load_images, predict, resolve_device
+from core.enhance import create_enhancer, enhance_to_cache, get_enhancer_spec
+from core.metrics import confusion_rows, metrics_rows, predictions_frame
+from core.models import create_classifier, get_classifier_spec
+from core.store import Run, RunStore, now_iso
+
+OnProgress = Callable[[dict], None]
+
+
+class Progress:
+    """Writes progress.json (throttled) and log lines; raises Cancelled when a cancel is requested."""
+
+    def __init__(self, run: Run, stages: list[str], on_progress: OnProgress | None = None):
+        self.run, self.stages, self.on_progress = run, stages, on_progress
+        self.stage, self.t_stage, self._last = "", time.perf_counter(), 0.0
+        self.durations: dict[str, float] = {}
+        self.cancel_event = threading.Event()
+
+    def start(self, stage: str, message: str = "") -> None:
+        if self.stage:
+            self.durations[self.stage] = round(time.perf_counter() - self.t_stage, 3)
+        self.stage, self.t_stage = stage, time.perf_counter()
+        self.run.log(f"[{stage}] {message}".rstrip())
+        self.update(0, 0, message, force=True)
+
+    def finish(self) -> None:
+        if self.stage:
+            self.durations[self.stage] = round(time.perf_counter() - self.t_stage, 3)
+        self.stage = ""
+
+    def update(self, done: int, total: int, message: str = "", force: bool = False) -> None:
+        if self.cancel_event.is_set() or self.run.cancel_requested():
+            raise Cancelled("cancelled by user")
+        now = time.perf_counter()
+        if not force and now - self._last < 0.5 and done < total:
+            return
+        self._last = now
+        elapsed = now - self.t_stage
+        eta = elapsed / done * (total - done) if done and total else None
+        idx = self.stages.index(self.stage) if self.stage in self.stages else 0
+        frac = done / total if total else 0.0
+        info = {"stage": self.stage, "stage_index": idx + 1, "stages": len(self.stages), "done": done,
+                "total": total, "message": message, "eta_s": None if eta is None else round(eta, 1),
+                "percent": round(100 * (idx + frac) / max(len(self.stages), 1), 1)}
+        self.run.write_progress(**info)
+        if self.on_progress:
+            self.on_progress(info)
+
+    def callback(self, message: str = ""):
+        return lambda done, total, msg=None: self.update(done, total, msg or message)
+
+
+@dataclass
+class StudyData:
+    pool: pd.DataFrame  # training pool (train + validation), a per-class subset of TRAIN
+    test: pd.DataFrame
+    test_source: str
+    manifest: D.Manifest
+    enhanced: dict[str, dict[str, str]] = field(default_factory=dict)  # variant -> sha1 -> cached path
+
+
+# ---------------------------------------------------------------- stages
+
+
+def prepare_data(cfg: StudyConfig, prog: Progress) -> StudyData:
+    root = D.find_data_root(cfg.data_dir)
+    prog.run.log(f"data root: {root}")
+    man = D.build_manifest(root, cfg.test_dir)
+    train = man.split("TRAIN")
+    seed0 = cfg.seeds[0]
+    if "TEST" in man.split_dirs:
+        test, source = man.split("TEST"), "TEST" if cfg.test_dir is None else f"TEST ({cfg.test_dir})"
+    elif "TEST_SIMPLE" in man.split_dirs:
+        test, source = man.split("TEST_SIMPLE"), "TEST_SIMPLE"
+    else:  # no test folder at all: hold out 20% of TRAIN, by source cell
+        train, test = _split(train, 0.2, seed0 + 10_000, cfg, prog)
+        source = "TRAIN held-out (20%)"
+    pool = D.subset_per_class(train, cfg.per_class, seed0)
+    test = D.subset_per_class(test, cfg.test_per_class, seed0)
+    return StudyData(pool=pool, test=test, test_source=source, manifest=man)
+
+
+def _groups(df: pd.DataFrame, cfg: StudyConfig, prog: Progress) -> np.ndarray:
+    from core.groups import assign_groups
+
+    return assign_groups(df, cache_dir=_cache(cfg), device=str(resolve_device(cfg.device)),
+                         on_progress=prog.callback("embedding images for source grouping"))
+
+
+def _split(df: pd.DataFrame, fraction: float, seed: int, cfg: StudyConfig, prog: Progress):
+    if cfg.split == "random":
+        return D.random_split(df, fraction, seed)
+    if "group_id" not in df:
+        df = df.assign(group_id=_groups(df, cfg, prog))
+    return D.grouped_split(df, df["group_id"].to_numpy(), fraction, seed)
+
+
+def assign_source_groups(sd: StudyData, cfg: StudyConfig, prog: Progress) -> None:
+    """Source-cell groups for the pool (grouped split) and the test set (group bootstrap)."""
+    try:
+        if "group_id" not in sd.pool and cfg.split == "grouped":
+            sd.pool["group_id"] = _groups(sd.pool, cfg, prog)
+        if "group_id" not in sd.test:
+            sd.test["group_id"] = _groups(sd.test, cfg, prog)
+    except ImportError:
+        if cfg.split == "grouped":
+            raise
+        prog.run.log("source grouping unavailable: statistics resample images, not groups")
+
+
+def enhance_variants(sd: StudyData, cfg: StudyConfig, prog: Progress) -> tuple[dict, list[dict]]:
+    """Enhance every image the study uses with every non-identity variant (cached on disk)."""
+    provenance, errors = {}, []
+    images = pd.concat([sd.pool, sd.test]).drop_duplicates("sha1")
+    for v in cfg.variants:
+        spec = get_enhancer_spec(v)
+        if spec.identity:
+            provenance[v] = {"enhancer": v}
+            continue
+        prog.start(f"enhance:{v}", f"{len(images)} images with {v}")
+        enh = create_enhancer(v, device=cfg.device)
+        res = enhance_to_cache(list(zip(images["path"], images["sha1"])), enh, _cache(cfg),
+                               batch_size=cfg.enhance_batch_size, fmt=cfg.enhance_format,
+                               on_progress=prog.callback(f"enhancing with {v}"))
+        prog.run.log(f"{v}: {res.made} made, {res.done_before} from cache, {len(res.errors)} errors")
+        provenance[v] = {**enh.provenance(), "weights_id": enh.weights_id(), "made": res.made,
+                         "from_cache": res.done_before}
+        errors += [{**e, "split": f"enhance:{v}"} for e in res.errors]
+        sd.enhanced[v] = res.paths
+    return provenance, errors
+
+
+def _variant_paths(df: pd.DataFrame, sd: StudyData, variant: str) -> tuple[pd.DataFrame, list]:
+    """Rows that have an image for this variant, and the file to read for each."""
+    if variant not in sd.enhanced:
+        return df, list(df["path"])
+    m = sd.enhanced[variant]
+    keep = df["sha1"].isin(m.keys())
+    df = df[keep].reset_index(drop=True)
+    return df, [m[s] for s in df["sha1"]]
+
+
+def train_and_evaluate(sd: StudyData, cfg: StudyConfig, variant: str, seed: int, size: int,
+                       device: torch.device, prog: Progress) -> dict:
+    """One model: split, decode, fit, predict. Returns the tables for this (variant, seed, size)."""
+    keys = {"variant": variant, "seed": seed, "image_size": size}
+    train, val = _split(sd.pool, cfg.val_fraction, seed, cfg, prog)
+    (train, tr_paths), (val, va_paths) = _variant_paths(train, sd, variant), _variant_paths(val, sd, variant)
+    test, te_paths = _variant_paths(sd.test, sd, variant)
+    decode = prog.callback("decoding images")
+    x_tr, x_va, x_te = (load_images(p, size, on_progress=decode) for p in (tr_paths, va_paths, te_paths))
+    y = {name: np.array([CLASSES.index(c) for c in df["label"]]) for name, df in
+         (("train", train), ("val", val))}
+    spec = get_classifier_spec(cfg.classifier)
+    model, weights = create_classifier(cfg.classifier, len(CLASSES), cfg.pretrained)
+    s = TrainSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr,
+                      weight_decay=cfg.weight_decay, patience=cfg.patience, augment=cfg.augment,
+                      freeze_backbone=cfg.freeze_backbone, seed=seed)
+    result = fit(model, spec.mean, spec.std, spec.head, x_tr, y["train"], x_va, y["val"], s, device,
+                 on_progress=prog.callback("training"))
+    probs = predict(model, spec.mean, spec.std, x_te, device, batch_size=max(cfg.batch_size, 64))
+    enhanced = te_paths if variant in sd.enhanced else [None] * len(test)
+    pred = predictions_frame(keys, test, probs, enhanced)
+    ckpt = prog.run.path / "checkpoints" / f"{variant}-s{seed}-{size}.pt"
+    ckpt.parent.mkdir(exist_ok=True)
+    torch.save({"state_dict": result["best_state"], "config": cfg.to_dict(), "keys": keys,
+                "best_epoch": result["best_epoch"], "best_val_loss": result["best_val_loss"],
+                "classes": list(CLASSES)}, ckpt)
+    acc = float(pred["correct"].mean()) if len(pred) else float("nan")
+    prog.run.log(f"{variant} seed {seed} {size}px: best epoch {result['best_epoch']}, test accuracy {acc:.3f} "
+                 f"({len(train)} train / {len(val)} val / {len(test)} test, {result['seconds']:.0f} s)")
+    return {
+        "predictions": pred,
+        "metrics": metrics_rows(keys, pred["true_label"], pred["pred_label"]),
+        "confusion": confusion_rows(keys, pred["true_label"], pred["pred_label"]),
+        "history": pd.DataFrame([{**keys, **h} for h in result["history"]]),
+        "weights": weights, "counts": {"train": len(train), "val": len(val), "test": len(test)},
+        "val_groups_disjoint": _disjoint(train, val),
+    }
+
+
+def _disjoint(train: pd.DataFrame, val: pd.DataFrame) -> bool | None:
+    if "group_id" not in train:
+        return None
+    return not set(train["group_id"]) & set(val["group_id"])
+
+
+def write_tables(run: Run, parts: list[dict]) -> None:
+    for name in ("predictions", "metrics", "confusion", "history"):
+        run.write_table(name, pd.concat([p[name] for p in parts], ignore_index=True))
+    pred = pd.concat([p["predictions"] for p in parts], ignore_index=True)
+    run.write_table("misclassified", pred[~pred["correct"]])
+
+
+def compute_and_write_stats(run: Run, cfg: StudyConfig) -> pd.DataFrame | None:
+    from core.stats import compute_stats
+
+    pred = run.read_table("predictions")
+    baseline = "original" if "original" in cfg.variants else cfg.variants[0]
+    stats = compute_stats(pred, baseline=baseline)
+    run.write_table("stats", stats)
+    return stats
+
+
+def summarize(parts: list[dict]) -> dict:
+    pred = pd.concat([p["predictions"] for p in parts], ignore_index=True)
+    first_size = pred["image_size"].iloc[0]
+    per = pred[pred["image_size"] == first_size].groupby(["variant", "seed"], sort=False)["correct"].mean()
+    acc = per.groupby(level=0, sort=False).mean()
+    return {"accuracy": {v: round(float(a), 4) for v, a in acc.items()}, "image_size": int(first_size)}
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _cache(cfg: StudyConfig) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+
+
+def _versions() -> dict:
+    import sklearn
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "sklearn": sklearn.__version__,
+           "pandas": pd.__version__, "numpy": np.__version__}
+    try:
+        import torchvision
+
+        out["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def plan_stages(cfg: StudyConfig) -> list[str]:
+    stages = ["data", "groups"]
+    stages += [f"enhance:{v}" for v in cfg.variants if not get_enhancer_spec(v).identity]
+    stages += [f"train:{v}:s{s}:{z}" for s in cfg.seeds for z in cfg.image_sizes for v in cfg.variants]
+    return stages + ["stats"]
+
+
+def run(cfg: StudyConfig, on_progress: OnProgress | None = None, run_id: str | None = None,
+        store: RunStore | None = None) -> Run:
+    """Run a whole study; the run folder records everything, also when it fails or is cancelled."""
+    cfg.validate()
+    store = store or RunStore(cfg.runs_dir)
+    run = store.create(cfg.to_dict(), run_id)
+    device = resolve_device(cfg.device)
+    prog = Progress(run, plan_stages(cfg), on_progress)
+    t0 = time.time()
+    run.update_meta(status="running", started_at=now_iso(), device=str(device), versions=_versions(),
+                    pid=__import__("os").getpid(), notes=cfg.notes,
+                    device_name=torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor())
+    restore = _install_sigterm(prog)
+    try:
+        prog.start("data", "scanning images")
+        sd = prepare_data(cfg, prog)
+        skipped = sd.manifest.skipped
+        run.log(f"test set: {sd.test_source}, {len(sd.test)} images; training pool {len(sd.pool)} images; "
+                f"{len(skipped)} files skipped")
+        prog.start("groups", "source-cell grouping")
+        assign_source_groups(sd, cfg, prog)
+        run.update_meta(data=_data_meta(sd, cfg), skipped=skipped)
+        enh_prov, enh_errors = enhance_variants(sd, cfg, prog)
+        skipped = skipped + enh_errors
+        run.update_meta(weights={"enhancers": enh_prov}, skipped=skipped)
+        if skipped:
+            run.write_table("skipped", pd.DataFrame(skipped))
+        parts = []
+        for seed in cfg.seeds:
+            for size in cfg.image_sizes:
+                for v in cfg.variants:
+                    prog.start(f"train:{v}:s{seed}:{size}", f"{cfg.classifier} on {v}, seed {seed}, {size}px")
+                    parts.append(train_and_evaluate(sd, cfg, v, seed, size, device, prog))
+                    write_tables(run, parts)
+                    run.update_meta(summary=summarize(parts))
+        prog.start("stats", "bootstrap CIs and paired tests")
+        compute_and_write_stats(run, cfg)
+        prog.finish()
+        meta = run.read_meta()
+        run.update_meta(status="finished", ended_at=now_iso(), duration_s=round(time.time() - t0, 1),
+                        stages=prog.durations,
+                        weights={**meta.get("weights", {}), "classifier": parts[0]["weights"]},
+                        data={**meta["data"], "counts_per_model": [p["counts"] for p in parts],
+                              "val_groups_disjoint": all(p["val_groups_disjoint"] is not False for p in parts)})
+        prog.update(1, 1, "finished", force=True)
+        run.log("finished")
+    except BaseException as e:
+        status = "cancelled" if isinstance(e, (Cancelled, KeyboardInterrupt)) else "failed"
+        prog.finish()
+        run.update_meta(status=status, ended_at=now_iso(), duration_s=round(time.time() - t0, 1),
+                        stages=prog.durations,
+                        error={"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()})
+        run.write_progress(stage=status, message=str(e), percent=None)
+        run.log(f"{status}: {type(e).__name__}: {e}")
+        raise
+    finally:
+        restore()
+    return run
+
+
+def _data_meta(sd: StudyData, cfg: StudyConfig) -> dict:
+    meta = {"root": str(sd.manifest.root), "split_dirs": sd.manifest.split_dirs, "test_source": sd.test_source,
+            "split": cfg.split, "counts": {
+                "pool": sd.pool["label"].value_counts().reindex(CLASSES, fill_value=0).to_dict(),
+                "test": sd.test["label"].value_counts().reindex(CLASSES, fill_value=0).to_dict()}}
+    if "group_id" in sd.pool:
+        meta["pool_groups"] = int(sd.pool["group_id"].nunique())
+    if "group_id" in sd.test:
+        meta["test_groups"] = int(sd.test["group_id"].nunique())
+    meta["leakage"] = _leakage(sd, cfg)
+    return meta
+
+
+def _leakage(sd: StudyData, cfg: StudyConfig) -> dict | None:
+    """Share of validation images with a near-copy in training, for the split used (first seed)."""
+    try:
+        from core.groups import leakage
+    except ImportError:
+        return None
+    train, val = (D.random_split(sd.pool, cfg.val_fraction, cfg.seeds[0]) if cfg.split == "random" else
+                  D.grouped_split(sd.pool, sd.pool["group_id"].to_numpy(), cfg.val_fraction, cfg.seeds[0]))
+    return leakage(train, val, cache_dir=_cache(cfg), device=str(resolve_device(cfg.device)))
+
+
+def _install_sigterm(prog: Progress):
+    """SIGTERM (the dashboard's cancel) stops the run at the next progress update."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        prog.cancel_event.set()
+
+    old = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, old)
