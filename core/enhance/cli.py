@@ -1,0 +1,222 @@
+"""``wbc enhance``: enhance every image of a folder (recursively) into another folder, mirroring paths.
+
+Resumable (valid outputs are skipped; files are written atomically), with a progress bar, a duration estimate
+from a short calibration, and a per-image error list (``OUT_DIR/enhance_errors.csv``) instead of a crash.
+Standalone: ``python -m core.enhance.cli --model NAME IN_DIR OUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ERRORS_CSV = "enhance_errors.csv"
+FORMAT_SUFFIX = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class _Usage(Exception):
+    pass
+
+
+def _one_line_error(prog: str):
+    def error(message: str):
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+    return error
+
+
+def add_enhance_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("enhance", help="enhance a folder of images (e.g. Real-ESRGAN x4)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    p.error = _one_line_error("wbc enhance")  # one-line errors, exit code 2
+    p.set_defaults(func=cmd_enhance)
+    return p
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="enhancer name, e.g. realesrgan-x4plus, realesr-animevideov3")
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    p.add_argument("--format", default="png", help="png (default, lossless) | jpeg | webp (lossless)")
+    p.add_argument("--weights", help="a local .pth state dict to use instead of the official/converted weights")
+    p.add_argument("--no-estimate", action="store_true", help="skip the calibration and duration estimate")
+    p.add_argument("in_dir", metavar="IN_DIR")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+
+
+def _validate(args) -> None:
+    from core.enhance import get_enhancer_spec, list_enhancers
+    from core.enhance.cache import FORMATS
+
+    if args.model not in list_enhancers():
+        raise _Usage(f"--model: unknown model {args.model!r}; choose from {', '.join(list_enhancers())}")
+    if get_enhancer_spec(args.model).identity:
+        raise _Usage(f"--model: {args.model!r} is the identity; nothing to enhance")
+    if args.batch_size < 1:
+        raise _Usage(f"--batch-size: must be >= 1, got {args.batch_size}")
+    if args.device not in DEVICES:
+        raise _Usage(f"--device: unknown device {args.device!r}; choose from {', '.join(DEVICES)}")
+    if args.format not in FORMATS:
+        raise _Usage(f"--format: unknown format {args.format!r}; choose from {', '.join(FORMATS)}")
+    if args.weights is not None and not Path(args.weights).is_file():
+        raise _Usage(f"--weights: {args.weights!r} is not a file")
+    if not Path(args.in_dir).is_dir():
+        raise _Usage(f"IN_DIR: {args.in_dir!r} is not a folder")
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise _Usage(f"OUT_DIR: {args.out_dir!r} exists and is not a folder")
+
+
+def list_inputs(in_dir: Path, out_dir: Path) -> list[Path]:
+    """Every non-hidden file under ``in_dir`` (sorted), except those inside ``out_dir``."""
+    out_dir = out_dir.resolve()
+    files = []
+    for path in sorted(in_dir.rglob("*")):
+        rel = path.relative_to(in_dir)
+        if path.is_file() and not any(part.startswith(".") for part in rel.parts) \
+                and out_dir not in path.resolve().parents:
+            files.append(path)
+    return files
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h {s % 3600 // 60:02d}m {s % 60:02d}s" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
+
+
+def cmd_enhance(args) -> int:
+    try:
+        _validate(args)
+    except _Usage as e:
+        print(f"wbc enhance: error: {e}", file=sys.stderr)
+        return 2
+    from tqdm import tqdm
+
+    from core.enhance import create_enhancer
+    from core.enhance.cache import is_valid_image, load_rgb, save_image_atomic
+    from core.enhance.weights import WeightsError
+
+    in_dir, out_dir = Path(args.in_dir), Path(args.out_dir)
+    suffix = FORMAT_SUFFIX[args.format]
+    errors: list[dict] = []
+    todo: list[tuple[Path, Path]] = []
+    seen: dict[Path, Path] = {}
+    done_before = 0
+    for src in list_inputs(in_dir, out_dir):
+        dest = out_dir / src.relative_to(in_dir).with_suffix(suffix)
+        if dest in seen:
+            errors.append({"path": str(src), "error": f"output {dest} also produced by {seen[dest]}"})
+            continue
+        seen[dest] = src
+        if dest.is_file() and is_valid_image(dest):
+            done_before += 1
+        else:
+            todo.append((src, dest))
+    print(f"{len(seen)} input files: {done_before} already done, {len(todo)} to enhance with {args.model}",
+          file=sys.stderr)
+
+    made = 0
+    if todo:
+        try:
+            enhancer = create_enhancer(args.model, device=args.device, batch_size=args.batch_size,
+                                       weights=args.weights)
+        except (WeightsError, ValueError) as e:
+            print(f"wbc enhance: error: {e}", file=sys.stderr)
+            return 1
+        prov = enhancer.provenance()
+        print(f"weights: {prov.get('source', '-')} {prov.get('path', '')} sha256={enhancer.weights_id()[:16]}",
+              file=sys.stderr)
+
+        def decode(item):
+            try:
+                return item, load_rgb(item[0]), None
+            except Exception as e:  # unreadable: listed, never fatal
+                return item, None, f"{type(e).__name__}: {e}"
+
+        def encode(arr, dest):
+            save_image_atomic(arr, dest, args.format)
+
+        def run(decoded, pool, pending):
+            """Enhance the decoded images of one chunk; saves are queued on the pool."""
+            nonlocal made
+            ok = [(item, im) for item, im, err in decoded if err is None]
+            errors.extend({"path": str(item[0]), "error": err} for item, im, err in decoded if err is not None)
+            if not ok:
+                return
+            try:
+                outs = enhancer.enhance_batch([im for _, im in ok])
+                results = list(zip(ok, outs))
+            except Exception:  # isolate the failing image(s)
+                results = []
+                for item, im in ok:
+                    try:
+                        results.append(((item, im), enhancer.enhance_batch([im])[0]))
+                    except Exception as e:
+                        errors.append({"path": str(item[0]), "error": f"{type(e).__name__}: {e}"})
+            for (item, _), out in results:
+                pending.append((item, pool.submit(encode, out, item[1])))
+                made += 1
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            pending: list = []
+            rest = todo
+            if not args.no_estimate and len(todo) > 2:  # calibration: time one image (after a warm-up image)
+                cal = [decode(item) for item in todo[:2]]
+                t0 = time.perf_counter()
+                run(cal[:1], pool, pending)
+                t1 = time.perf_counter()
+                run(cal[1:], pool, pending)
+                per = min(t1 - t0, time.perf_counter() - t1) or 1e-3
+                rest = todo[2:]
+                print(f"estimated total: {_fmt_seconds(per * len(todo))} for {len(todo)} images "
+                      f"({per:.2f} s/image on {getattr(enhancer, 'device', 'cpu')}, calibrated on 2 images)",
+                      file=sys.stderr)
+            bar = tqdm(total=len(todo), initial=len(todo) - len(rest), unit="img", desc=f"enhance {args.model}",
+                       file=sys.stderr, dynamic_ncols=True)
+            bs = args.batch_size
+            chunks = [rest[i : i + bs] for i in range(0, len(rest), bs)]
+            nxt = pool.submit(lambda c: [decode(it) for it in c], chunks[0]) if chunks else None
+            for k in range(len(chunks)):
+                decoded = nxt.result()
+                if k + 1 < len(chunks):  # decode the next chunk while this one runs
+                    nxt = pool.submit(lambda c: [decode(it) for it in c], chunks[k + 1])
+                run(decoded, pool, pending)
+                bar.update(len(decoded))
+            bar.close()
+            for item, fut in pending:
+                try:
+                    fut.result()
+                except Exception as e:
+                    errors.append({"path": str(item[0]), "error": f"write {item[1]}: {type(e).__name__}: {e}"})
+                    made -= 1
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ERRORS_CSV, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "error"])
+        w.writeheader()
+        w.writerows(errors)
+    print(f"enhanced {made}, skipped {done_before} (already done), errors {len(errors)}", file=sys.stderr)
+    if errors:
+        print(f"errors (also in {out_dir / ERRORS_CSV}):", file=sys.stderr)
+        for e in errors:
+            print(f"  {e['path']}: {e['error']}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="wbc enhance", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    p.error = _one_line_error("wbc enhance")
+    return cmd_enhance(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
