@@ -1,0 +1,157 @@
+"""A tiny end-to-end study on generated images (seconds), the stored tables, failures and the CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from sklearn.metrics import classification_report, confusion_matrix
+
+from core import RunStore, make_config, run_study
+from core.config import CLASSES, PROB_COLUMNS
+from core.engine import Cancelled
+from core.store import SCHEMAS
+from tests.gen_data import make_dataset
+
+TINY = dict(classifier="simple_cnn", pretrained="none", image_sizes=(32,), epochs=2, batch_size=8,
+            variants=("original", "bicubic-x4"), split="random")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"), train_per_class=10, test_per_class=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    cfg = make_config(None, data_dir=str(data_dir), runs_dir=str(root / "runs"), cache_dir=str(root / "cache"),
+                      **TINY)
+    events = []
+    run = run_study(cfg, on_progress=events.append)
+    return run, cfg, events
+
+
+def test_run_finishes_and_describes_itself(tiny_run):
+    run, cfg, events = tiny_run
+    meta = run.read_meta()
+    assert meta["status"] == "finished"
+    assert meta["config"]["variants"] == ["original", "bicubic-x4"]
+    assert meta["data"]["test_source"] == "TEST_SIMPLE" and meta["data"]["split"] == "random"
+    assert set(meta["summary"]["accuracy"]) == {"original", "bicubic-x4"}
+    assert meta["weights"]["enhancers"]["bicubic-x4"]["made"] == 56  # 40 pool + 16 test images
+    assert {"data", "groups", "enhance:bicubic-x4", "train:original:s0:32"} <= set(meta["stages"])
+    assert meta["versions"]["torch"] and meta["device"] == "cpu"
+    stages = [e["stage"] for e in events]
+    assert stages.index("data") < stages.index("enhance:bicubic-x4") < stages.index("train:original:s0:32")
+    assert events[-1]["percent"] == pytest.approx(100 * (len(set(stages)) - 1 + 1) / events[-1]["stages"])
+
+
+def test_tables_match_schema_and_sklearn(tiny_run):
+    run, cfg, _ = tiny_run
+    pred = run.read_table("predictions")
+    assert list(pred.columns) == SCHEMAS["predictions"]
+    assert len(pred) == 2 * 16 and pred.groupby("variant").size().eq(16).all()
+    assert pred[PROB_COLUMNS].sum(axis=1).round(6).eq(1).all()
+    assert pred.loc[pred["variant"] == "original", "enhanced_path"].isna().all()
+    enh = pred.loc[pred["variant"] == "bicubic-x4", "enhanced_path"]
+    assert enh.map(lambda p: Path(p).is_file()).all()
+    mis = run.read_table("misclassified")
+    assert len(mis) == (~pred["correct"]).sum() and not mis["correct"].any()
+    metrics, confusion = run.read_table("metrics"), run.read_table("confusion")
+    for v, g in pred.groupby("variant"):
+        rep = classification_report(g["true_label"], g["pred_label"], labels=list(CLASSES), output_dict=True,
+                                    zero_division=0)
+        m = metrics[metrics["variant"] == v].set_index("label")
+        for label in [*CLASSES, "macro avg", "weighted avg"]:
+            assert m.loc[label, "precision"] == rep[label]["precision"]
+            assert m.loc[label, "recall"] == rep[label]["recall"]
+            assert m.loc[label, "f1"] == rep[label]["f1-score"]
+            assert m.loc[label, "support"] == rep[label]["support"]
+        assert m.loc["accuracy", "f1"] == g["correct"].mean()
+        cm = confusion_matrix(g["true_label"], g["pred_label"], labels=list(CLASSES))
+        c = confusion[confusion["variant"] == v].pivot(index="true_label", columns="pred_label", values="count")
+        assert (c.loc[list(CLASSES), list(CLASSES)].to_numpy() == cm).all()
+    hist = run.read_table("history")
+    assert set(hist["variant"]) == {"original", "bicubic-x4"} and hist["epoch"].max() <= cfg.epochs
+    assert (run.path / "checkpoints" / "original-s0-32.pt").is_file()
+
+
+def test_second_run_reuses_enhanced_cache(tiny_run, data_dir):
+    run, cfg, _ = tiny_run
+    cfg2 = make_config(None, **{**cfg.to_dict(), "variants": ("bicubic-x4",), "preset": "custom"})
+    r2 = run_study(cfg2)
+    prov = r2.read_meta()["weights"]["enhancers"]["bicubic-x4"]
+    assert prov["made"] == 0 and prov["from_cache"] == 56
+
+
+def test_failed_run_is_marked_and_others_untouched(tiny_run, data_dir, monkeypatch):
+    run, cfg, _ = tiny_run
+    before = (run.path / "run.json").read_bytes()
+    import core.pipeline as P
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated crash in training")
+
+    monkeypatch.setattr(P, "fit", boom)
+    with pytest.raises(RuntimeError):
+        run_study(make_config(None, **{**cfg.to_dict(), "preset": "custom"}), run_id="will-fail")
+    meta = RunStore(cfg.runs_dir).get("will-fail").read_meta()
+    assert meta["status"] == "failed" and meta["error"]["message"] == "simulated crash in training"
+    assert "Traceback" in meta["error"]["traceback"] and meta["ended_at"]
+    assert (run.path / "run.json").read_bytes() == before
+
+
+def test_cancel_file_stops_the_run(tiny_run):
+    run, cfg, _ = tiny_run
+    store = RunStore(cfg.runs_dir)
+
+    def cancel_once_training(info):
+        if info["stage"].startswith("train"):
+            store.get("to-cancel").request_cancel()
+
+    with pytest.raises(Cancelled):
+        run_study(make_config(None, **{**cfg.to_dict(), "preset": "custom"}), on_progress=cancel_once_training,
+                  run_id="to-cancel")
+    assert store.get("to-cancel").read_meta()["status"] == "cancelled"
+
+
+def _wbc(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "core", *args], capture_output=True, text=True, **kw)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["study", "--variants", "original,nope"], "unknown variant 'nope'"),
+    (["study", "--epochs", "0"], "--epochs: must be >= 1, got 0"),
+    (["study", "--classifier", "vgg"], "unknown classifier 'vgg'"),
+    (["study", "--image-size", "abc"], "invalid value 'abc'"),
+    (["study", "--preset", "fast"], "invalid choice: 'fast'"),
+    (["study", "--test-dir", "/no/such/dir"], "--test-dir: '/no/such/dir' is not a folder"),
+])
+def test_cli_bad_arguments_one_line_exit_2(args, needle):
+    p = _wbc(*args)
+    assert p.returncode == 2, p.stderr
+    assert needle in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_cli_no_data_message(tmp_path):
+    env = {"WBC_DATA": str(tmp_path), "HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    import os
+
+    env = {**os.environ, **env}
+    code = ("import core.config as c, core.data as d; d.KNOWN_DATA_LOCATIONS = (); "
+            "from core.cli import main; raise SystemExit(main(['study', '--runs-dir', %r]))" % str(tmp_path / "r"))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert p.returncode == 1 and "wbc data fetch" in p.stderr
+
+
+def test_cli_runs_and_report(tiny_run):
+    run, cfg, _ = tiny_run
+    p = _wbc("runs", "--runs-dir", cfg.runs_dir)
+    assert p.returncode == 0 and run.run_id in p.stdout
+    p = _wbc("report", run.run_id, "--runs-dir", cfg.runs_dir)
+    assert p.returncode == 0, p.stderr
+    assert "confusion matrix [bicubic-x4]" in p.stdout and "macro avg" in p.stdout
+    assert _wbc("report", "no-such-run", "--runs-dir", cfg.runs_dir).returncode == 2
