@@ -1,0 +1,217 @@
+"""Real-ESRGAN enhancers: ncnn converter, weight sources, batched fast path vs RealESRGANer, wbc enhance CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.enhance import create_enhancer, load_rgb
+from core.enhance.ncnn import ncnn_to_state_dict, write_ncnn
+from core.enhance.realesrgan import MODELS, build_model, psnr, reference_enhance_rgb
+from core.enhance.weights import NCNN_SOURCE, WeightsError, ncnn_model_dir, sha256_file
+
+DATA = Path(os.environ.get("WBC_DATA", "/work/shared/data/blood-cells"))
+REAL = sorted((DATA / "TEST_SIMPLE").glob("*/*.jpeg"))[:2]
+needs_data = pytest.mark.skipif(len(REAL) < 2, reason="real blood-cell images not found")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def weights_cache(tmp_path_factory):
+    """One cache for the session (each model is converted once); offline so no test waits on the network."""
+    old = {k: os.environ.get(k) for k in ("WBC_CACHE_DIR", "WBC_OFFLINE")}
+    os.environ["WBC_CACHE_DIR"] = str(tmp_path_factory.mktemp("wbc_cache"))
+    os.environ["WBC_OFFLINE"] = "1"
+    yield Path(os.environ["WBC_CACHE_DIR"])
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def x4plus():
+    return create_enhancer("realesrgan-x4plus", device="cpu", batch_size=2)
+
+
+@pytest.fixture(scope="session")
+def animev3():
+    return create_enhancer("realesr-animevideov3", device="cpu", batch_size=2)
+
+
+def _tiny_models():
+    from core.enhance._compat import ensure_basicsr_importable
+
+    ensure_basicsr_importable()
+    from basicsr.archs.rrdbnet_arch import RRDBNet
+    from realesrgan.archs.srvgg_arch import SRVGGNetCompact
+
+    return [lambda: SRVGGNetCompact(num_feat=8, num_conv=3, upscale=4, act_type="prelu"),
+            lambda: RRDBNet(3, 3, scale=4, num_feat=8, num_block=2, num_grow_ch=4)]
+
+
+@pytest.mark.parametrize("make", _tiny_models(), ids=["srvgg", "rrdb"])
+def test_converter_roundtrip_on_tiny_random_models(make, tmp_path):
+    torch.manual_seed(0)
+    src = make()
+    for name, p in src.named_parameters():  # random, non-trivial PReLU slopes too
+        p.data = torch.randn_like(p) * 0.1
+    write_ncnn(src, tmp_path / "m.param", tmp_path / "m.bin")
+    dst = make()
+    sd = ncnn_to_state_dict(tmp_path / "m.param", tmp_path / "m.bin", dst.state_dict())
+    assert list(sd) == list(src.state_dict())
+    dst.load_state_dict(sd, strict=True)
+    for key, want in src.state_dict().items():
+        is_conv_weight = key.endswith(".weight") and want.ndim == 4
+        want = want.half().float() if is_conv_weight else want  # ncnn keeps conv weights in fp16
+        assert torch.equal(sd[key], want), key
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(src(x), dst(x), atol=2e-3)
+
+
+def test_converter_rejects_truncated_bin(tmp_path):
+    make = _tiny_models()[0]
+    write_ncnn(make(), tmp_path / "m.param", tmp_path / "m.bin")
+    data = (tmp_path / "m.bin").read_bytes()
+    (tmp_path / "m.bin").write_bytes(data[:-8])
+    with pytest.raises(ValueError, match="truncated"):
+        ncnn_to_state_dict(tmp_path / "m.param", tmp_path / "m.bin", make().state_dict())
+
+
+def test_shipped_x4plus_converts_and_loads_strict(x4plus, weights_cache):
+    prov = x4plus.provenance()
+    assert prov["source"] == NCNN_SOURCE and prov["enhancer"] == "realesrgan-x4plus"
+    assert Path(prov["path"]).parent == weights_cache / "weights"
+    assert x4plus.weights_id() == prov["sha256"] == sha256_file(prov["path"])
+    assert sum(p.numel() for p in x4plus.model.parameters()) == 16697987  # RRDBNet 23 blocks
+    # a second enhancer reuses the cached conversion
+    again = create_enhancer("realesrgan-x4plus", device="cpu")
+    assert again.weights_id() == x4plus.weights_id() and again.provenance()["source"] == NCNN_SOURCE
+
+
+def test_all_shipped_ncnn_files_convert():
+    mdir = ncnn_model_dir()
+    for spec in MODELS.values():
+        if spec.ncnn:
+            model = build_model(spec)
+            sd = ncnn_to_state_dict(mdir / f"{spec.ncnn}.param", mdir / f"{spec.ncnn}.bin", model.state_dict())
+            model.load_state_dict(sd, strict=True)
+
+
+def _center_crop(im, size=64):
+    h, w = im.shape[:2]
+    return np.ascontiguousarray(im[(h - size) // 2 : (h + size) // 2, (w - size) // 2 : (w + size) // 2])
+
+
+@needs_data
+def test_x4plus_batched_matches_reference_on_real_crops(x4plus):
+    crops = [_center_crop(load_rgb(p)) for p in REAL]
+    ours = x4plus.enhance_batch(crops)
+    ref = x4plus.reference()
+    for crop, out in zip(crops, ours):
+        want = reference_enhance_rgb(ref, crop)
+        assert out.shape == want.shape == (256, 256, 3) and out.dtype == np.uint8
+        assert psnr(out, want) >= 45.0
+
+
+@needs_data
+def test_animevideov3_batched_matches_reference_on_full_images(animev3):
+    images = [load_rgb(p) for p in REAL]
+    ours = animev3.enhance_batch(images + [_center_crop(images[0], 48)])  # mixed sizes in one call
+    assert ours[2].shape == (192, 192, 3)
+    ref = animev3.reference()
+    for im, out in zip(images, ours):
+        want = reference_enhance_rgb(ref, im)
+        assert out.shape == (im.shape[0] * 4, im.shape[1] * 4, 3)
+        assert psnr(out, want) >= 45.0
+
+
+def test_missing_and_corrupt_weights_raise_clear_error(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        create_enhancer("realesr-animevideov3", device="cpu", weights=str(tmp_path / "missing.pth"))
+    bad = tmp_path / "corrupt.pth"
+    bad.write_bytes(b"not a checkpoint" * 10)
+    with pytest.raises(WeightsError, match="corrupt"):
+        create_enhancer("realesr-animevideov3", device="cpu", weights=str(bad))
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"params": _tiny_models()[0]().state_dict()}, wrong)
+    with pytest.raises(WeightsError, match="does not fit"):
+        create_enhancer("realesr-animevideov3", device="cpu", weights=str(wrong))
+
+
+def test_corrupt_cached_weights_are_an_error_not_a_fallback(tmp_path, monkeypatch):
+    monkeypatch.setenv("WBC_CACHE_DIR", str(tmp_path))
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "realesr-animevideov3.ncnn.pth").write_bytes(b"\0" * 100)
+    with pytest.raises(WeightsError, match="corrupt"):
+        create_enhancer("realesr-animevideov3", device="cpu")
+
+
+def test_general_x4v3_offline_is_unavailable():
+    with pytest.raises(WeightsError, match="realesr-general-x4v3.*offline.*--weights"):
+        create_enhancer("realesr-general-x4v3", device="cpu")
+
+
+def test_explicit_weights_file_is_used(animev3, tmp_path):
+    own = tmp_path / "mine.pth"
+    own.write_bytes(Path(animev3.provenance()["path"]).read_bytes())
+    enh = create_enhancer("realesr-animevideov3", device="cpu", weights=str(own))
+    assert enh.provenance()["source"] == "file" and enh.provenance()["path"] == str(own.resolve())
+
+
+def test_import_is_cheap():
+    code = "import sys, core.enhance; print('basicsr' in sys.modules or 'realesrgan.archs' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+@needs_data
+def test_cli_enhances_lists_bad_files_and_resumes(tmp_path, animev3, capsys):
+    from core.enhance.cli import ERRORS_CSV, main
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    (src / "sub").mkdir(parents=True)
+    for p in REAL:
+        (src / "sub" / p.name).write_bytes(p.read_bytes())
+    (src / "truncated.jpeg").write_bytes(REAL[0].read_bytes()[:2000])
+    (src / "notes.txt").write_text("not an image")
+    args = ["--model", "realesr-animevideov3", "--device", "cpu", "--batch-size", "2"]
+
+    assert main(args + [str(src), str(out)]) == 1  # 1: some images failed
+    made = sorted(out.rglob("*.png"))
+    assert [p.relative_to(out).as_posix() for p in made] == sorted(f"sub/{p.stem}.png" for p in REAL)
+    assert load_rgb(made[0]).shape == (960, 1280, 3)
+    rows = (out / ERRORS_CSV).read_text().splitlines()
+    assert len(rows) == 3 and {r.split(",")[0] for r in rows[1:]} == {str(src / "truncated.jpeg"), str(src / "notes.txt")}
+    err = capsys.readouterr().err
+    assert "enhanced 2" in err and "truncated.jpeg" in err and "notes.txt" in err
+
+    # partial run: one output is kept, the other removed -> only the missing one is redone
+    keep, redo = made
+    mtime = keep.stat().st_mtime_ns
+    redo.unlink()
+    assert main(args + [str(src), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "enhanced 1, skipped 1" in err
+    assert keep.stat().st_mtime_ns == mtime and redo.is_file()
+
+
+def test_cli_invalid_args_exit_2(tmp_path, capsys):
+    from core.enhance.cli import main
+
+    for bad, word in ((["--model", "nope"], "nope"), (["--model", "realesr-animevideov3", "--device", "tpu"], "tpu"),
+                      (["--model", "realesr-animevideov3", "--format", "bmp"], "bmp"),
+                      (["--model", "realesr-animevideov3", "--batch-size", "0"], "0")):
+        assert main(bad + [str(tmp_path), str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and word in err
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "realesr-animevideov3", "--batch-size", "x", str(tmp_path), str(tmp_path / "o")])
+    assert e.value.code == 2
