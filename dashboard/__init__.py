@@ -1,0 +1,1 @@
+"""Panel dashboard over the run store: ``panel serve dashboard`` (see dashboard/main.py)."""

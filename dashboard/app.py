@@ -1,0 +1,93 @@
+"""Builds the dashboard (one per browser session): a FastListTemplate with a sidebar (run choice) and one
+tab per page. Pages other than Runs are built the first time they are shown, so the first paint is cheap."""
+
+from __future__ import annotations
+
+import panel as pn
+
+from dashboard.data import list_runs
+from dashboard.state import AppState
+
+PAGES = ["Runs", "Overview", "Confusion", "Metrics", "Errors", "EOS/NEU", "Launch"]
+
+
+def _builder(name):
+    from dashboard.pages import confusion, eos_neu, errors, launch, metrics, overview, runs
+
+    return {"Runs": runs.view, "Overview": overview.view, "Confusion": confusion.view, "Metrics": metrics.view,
+            "Errors": errors.view, "EOS/NEU": eos_neu.view, "Launch": launch.view}[name]
+
+
+def _run_options(state) -> list[str]:
+    df = list_runs(state.runs_dir)
+    return list(df.loc[df["status"] != "unreadable", "run_id"])
+
+
+def build_app(state: AppState | None = None, template: bool = True, eager: bool = False):
+    """The app for one session. ``eager`` builds every page now (benchmark); otherwise on first view."""
+    pn.extension("tabulator", sizing_mode="stretch_width", notifications=False)
+    import holoviews as hv
+
+    hv.extension("bokeh", logo=False)
+    state = state or AppState()
+    options = _run_options(state)
+    if state.run_id is None and options:
+        # the newest finished run is the default
+        df = list_runs(state.runs_dir)
+        fin = df[df["status"] == "finished"]
+        state.run_id = fin["run_id"].iloc[0] if len(fin) else options[0]
+
+    run_sel = pn.widgets.Select(name="Run", options=options, value=state.run_id, css_classes=["wbc-run-select"])
+    cmp_sel = pn.widgets.Select(name="Compare with", options=["(none)", *options],
+                                value=state.compare_run_id or "(none)", css_classes=["wbc-compare-select"])
+    info = pn.pane.Markdown(f"Run store: `{state.runs_dir}`", css_classes=["wbc-store"])
+
+    def to_state(*_):
+        state.param.update(run_id=run_sel.value,
+                           compare_run_id=None if cmp_sel.value in ("(none)", run_sel.value) else cmp_sel.value)
+
+    def from_state(*_):
+        opts = _run_options(state)
+        run_sel.options = opts
+        cmp_sel.options = ["(none)", *opts]
+        if state.run_id in opts:
+            run_sel.value = state.run_id
+        cmp_sel.value = state.compare_run_id if state.compare_run_id in opts else "(none)"
+
+    run_sel.param.watch(to_state, "value")
+    cmp_sel.param.watch(to_state, "value")
+    state.param.watch(from_state, ["run_id", "compare_run_id", "refresh"])
+
+    holders = {name: pn.Column(sizing_mode="stretch_width", name=name) for name in PAGES}
+
+    def ensure(name):
+        h = holders[name]
+        if not h.objects:
+            h.objects = [_builder(name)(state)]
+
+    tabs = pn.Tabs(*holders.values(), dynamic=False, css_classes=["wbc-tabs"], sizing_mode="stretch_width")
+    for name in (PAGES if eager else [state.page if state.page in PAGES else "Runs"]):
+        ensure(name)
+    tabs.active = PAGES.index(state.page) if state.page in PAGES else 0
+
+    def on_tab(e):
+        name = PAGES[e.new]
+        ensure(name)
+        if state.page != name:
+            state.page = name
+
+    def on_page(e):
+        if e.new in PAGES:
+            ensure(e.new)
+            tabs.active = PAGES.index(e.new)
+
+    tabs.param.watch(on_tab, "active")
+    state.param.watch(on_page, "page")
+
+    if not template:
+        return pn.Column(pn.Row(run_sel, cmp_sel), tabs, sizing_mode="stretch_width"), state
+    tpl = pn.template.FastListTemplate(
+        title="WBC super-resolution study", sidebar=[run_sel, cmp_sel, info], main=[tabs],
+        sidebar_width=300, header_background="#5b3a8c", accent_base_color="#5b3a8c", main_layout=None)
+    tpl.state = state  # for tests and the benchmark
+    return tpl

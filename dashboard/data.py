@@ -1,0 +1,209 @@
+"""Cached, failure-tolerant readers of the run store, and thumbnails.
+
+Every loader is keyed by the file's (mtime, size), so a rewritten file is re-read and an unchanged one
+costs a dictionary lookup. Readers never raise for a damaged run: they return an empty frame and a
+warning string the page shows.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+
+import pandas as pd
+
+from core.config import CLASSES, PROB_COLUMNS, default_cache_dir
+from core.store import RUN_JSON, SCHEMAS, RunStore
+
+from dashboard.security import image_roots
+
+THUMB_SIZE = 128
+LARGE_SIZE = 384
+
+
+def _stat_key(p: Path):
+    try:
+        st = p.stat()
+        return (st.st_mtime_ns, st.st_size)
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- runs
+@lru_cache(maxsize=16)
+def _runs_cached(root: str, key: tuple) -> pd.DataFrame:
+    df = RunStore(root).list_runs()
+    acc = df["accuracy"].apply(lambda a: a if isinstance(a, dict) else {})
+    variants = sorted({v for a in acc for v in a})
+    for v in variants:
+        df[f"acc {v}"] = acc.apply(lambda a, v=v: a.get(v))
+    df["date"] = pd.to_datetime(df["created_at"], errors="coerce", utc=True).dt.strftime("%Y-%m-%d %H:%M")
+    df["duration"] = df["seconds"].apply(_fmt_duration)
+    return df.drop(columns=["accuracy"])
+
+
+def _fmt_duration(s) -> str:
+    try:
+        s = float(s)
+    except (TypeError, ValueError):
+        return ""
+    if s != s:
+        return ""
+    m, sec = divmod(int(round(s)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
+
+
+def list_runs(root) -> pd.DataFrame:
+    """One row per run folder (core.store.RunStore.list_runs) with one ``acc <variant>`` column per variant."""
+    root = Path(root)
+    try:
+        entries = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        entries = []
+    key = tuple((p.name, _stat_key(p / RUN_JSON)) for p in entries)
+    return _runs_cached(str(root), key)
+
+
+@lru_cache(maxsize=64)
+def _meta_cached(path: str, key) -> tuple[dict, str | None]:
+    try:
+        meta = json.loads(Path(path).read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("run.json is not an object")
+        return meta, None
+    except Exception as e:
+        return {}, f"{Path(path).parent.name}/run.json unreadable ({type(e).__name__}: {e})"
+
+
+def read_meta(run_dir) -> tuple[dict, str | None]:
+    p = Path(run_dir) / RUN_JSON
+    return _meta_cached(str(p), _stat_key(p))
+
+
+def run_variants(run_dir) -> list[str]:
+    meta, _ = read_meta(run_dir)
+    return list((meta.get("config") or {}).get("variants") or [])
+
+
+# -------------------------------------------------------------------------------------------- tables
+@lru_cache(maxsize=128)
+def _table_cached(path: str, key, name: str) -> tuple[pd.DataFrame, str | None]:
+    p = Path(path)
+    if key is None:
+        return pd.DataFrame(columns=SCHEMAS[name]), None
+    try:
+        df = pd.read_parquet(p)
+    except Exception as e:
+        return (pd.DataFrame(columns=SCHEMAS[name]),
+                f"{p.parent.name}/{p.name} could not be read ({type(e).__name__}: {str(e)[:160]})")
+    if name in ("predictions", "misclassified") and len(df):
+        df = df.copy()
+        probs = df[[c for c in PROB_COLUMNS if c in df.columns]].to_numpy(dtype="float32")
+        df["confidence"] = probs.max(axis=1) if probs.size else 0.0
+        for col in ("variant", "true_label", "pred_label"):
+            df[col] = df[col].astype("category")
+    return df, None
+
+
+def load_table(run_dir, name: str) -> tuple[pd.DataFrame, str | None]:
+    """(table, warning). A missing table is an empty frame and no warning; a corrupt one, a warning."""
+    if not run_dir:
+        return pd.DataFrame(columns=SCHEMAS[name]), None
+    p = Path(run_dir) / f"{name}.parquet"
+    return _table_cached(str(p), _stat_key(p), name)
+
+
+def accuracy_from_predictions(pred: pd.DataFrame) -> pd.DataFrame:
+    if pred.empty:
+        return pd.DataFrame(columns=["variant", "accuracy", "n"])
+    g = pred.groupby("variant", observed=True)["correct"]
+    return pd.DataFrame({"accuracy": g.mean(), "n": g.size()}).reset_index()
+
+
+def confusion_counts(conf: pd.DataFrame, pred: pd.DataFrame, variant: str) -> pd.DataFrame:
+    """4x4 counts (rows true, columns predicted) summed over seeds/sizes; from confusion, else predictions."""
+    if not conf.empty and variant in set(conf["variant"]):
+        c = conf[conf["variant"] == variant].groupby(["true_label", "pred_label"], observed=True)["count"].sum()
+        m = c.unstack(fill_value=0)
+    elif not pred.empty:
+        p = pred[pred["variant"] == variant]
+        m = pd.crosstab(p["true_label"].astype(str), p["pred_label"].astype(str))
+    else:
+        m = pd.DataFrame()
+    return m.reindex(index=list(CLASSES), columns=list(CLASSES), fill_value=0).fillna(0).astype(int)
+
+
+# ---------------------------------------------------------------------------------------- thumbnails
+def thumbs_dir() -> Path:
+    return default_cache_dir() / "thumbs"
+
+
+def _allowed(path: Path, runs_dir=None) -> bool:
+    try:
+        p = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return False
+    return any(p == r or r in p.parents for r in image_roots(runs_dir))
+
+
+@lru_cache(maxsize=4096)
+def _thumb_cached(path: str, key, size: int) -> str | None:
+    p = Path(path)
+    h = hashlib.sha1(path.encode()).hexdigest()
+    cache = thumbs_dir() / h[:2] / f"{h}-{key[0]}-{size}.jpg"
+    try:
+        data = cache.read_bytes()
+    except OSError:
+        from PIL import Image
+
+        try:
+            with Image.open(p) as im:
+                im.draft("RGB", (size, size))
+                im = im.convert("RGB")
+                im.thumbnail((size, size), Image.LANCZOS if size > THUMB_SIZE else Image.BILINEAR)
+                buf = io.BytesIO()
+                im.save(buf, "JPEG", quality=85)
+        except Exception:
+            return None
+        data = buf.getvalue()
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, cache)
+        except OSError:
+            pass
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode()
+
+
+def thumbnail_uri(path, size: int = THUMB_SIZE, runs_dir=None) -> str | None:
+    """A small JPEG data URI of an image under the allowed roots (None if missing, unreadable or outside)."""
+    if not path or not isinstance(path, str):
+        return None
+    p = Path(path)
+    key = _stat_key(p)
+    if key is None or not _allowed(p, runs_dir):
+        return None
+    return _thumb_cached(str(p), key, size)
+
+
+_warm_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="thumbs")
+
+
+def warm_thumbnails(paths, runs_dir=None, limit: int = 400) -> None:
+    """Generate thumbnails in the background (first gallery pages stay fast on real, large images)."""
+    paths = [p for p in paths if isinstance(p, str)][:limit]
+
+    def work():
+        for p in paths:
+            thumbnail_uri(p, runs_dir=runs_dir)
+
+    _warm_pool.submit(work)

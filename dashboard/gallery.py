@@ -1,0 +1,89 @@
+"""The thumbnail gallery: one lightweight JS component; a click sets ``selected`` (the row's index)."""
+
+from __future__ import annotations
+
+import html
+
+import pandas as pd
+import param
+from panel.custom import JSComponent
+
+from core.config import CLASS_ABBR, CLASSES, PROB_COLUMNS
+
+from dashboard.data import thumbnail_uri
+
+
+class Gallery(JSComponent):
+    items = param.List(default=[], doc="[{key, orig, enh, title, probs}] (images as data URIs)")
+    selected = param.Integer(default=-1, doc="Index of the clicked item (-1: none).")
+    empty_message = param.String(default="No images match the filters.")
+
+    _esm = """
+    export function render({ model, el }) {
+      const root = document.createElement('div');
+      root.className = 'wbc-gallery';
+      el.appendChild(root);
+      function draw() {
+        root.innerHTML = '';
+        if (!model.items.length) {
+          const e = document.createElement('div'); e.className = 'wbc-empty';
+          e.textContent = model.empty_message; root.appendChild(e); return;
+        }
+        model.items.forEach((it, i) => {
+          const card = document.createElement('div');
+          card.className = 'wbc-card' + (it.correct ? ' ok' : ' bad');
+          card.dataset.key = it.key;
+          card.title = it.key + ' (click for a larger view)';
+          let imgs = '<div class="wbc-imgs">';
+          imgs += it.orig ? `<img class="orig" src="${it.orig}">` : '<div class="missing">missing</div>';
+          if (it.enh !== null && it.enh !== undefined) {
+            imgs += it.enh ? `<img class="enh" src="${it.enh}">` : '<div class="missing">missing</div>';
+          }
+          imgs += '</div>';
+          card.innerHTML = imgs + `<div class="wbc-cap">${it.title}</div><div class="wbc-probs">${it.probs}</div>`;
+          card.addEventListener('click', () => { model.selected = -1; model.selected = i; });
+          root.appendChild(card);
+        });
+      }
+      draw();
+      model.on('items', draw);
+    }
+    """
+
+    _stylesheets = ["""
+    .wbc-gallery { display: flex; flex-wrap: wrap; gap: 8px; }
+    .wbc-card { border: 1px solid #ccc; border-radius: 6px; padding: 4px; cursor: pointer; width: 262px;
+                background: white; font-size: 12px; }
+    .wbc-card.bad { border-left: 4px solid #d62728; }
+    .wbc-card.ok { border-left: 4px solid #2ca02c; }
+    .wbc-card:hover { box-shadow: 0 0 6px #888; }
+    .wbc-imgs { display: flex; gap: 4px; }
+    .wbc-imgs img, .wbc-imgs .missing { width: 128px; height: 96px; object-fit: contain; background: #eee; }
+    .wbc-imgs .missing { display: flex; align-items: center; justify-content: center; color: #999; }
+    .wbc-cap { font-weight: 600; margin-top: 2px; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+    .wbc-probs { color: #555; font-family: monospace; font-size: 11px; }
+    .wbc-empty { color: #666; padding: 1em; }
+    """]
+
+
+def probs_text(row) -> str:
+    return " ".join(f"{CLASS_ABBR[c]} {float(row[p]):.2f}" for c, p in zip(CLASSES, PROB_COLUMNS)
+                    if p in row and row[p] == row[p])
+
+
+def gallery_items(rows: pd.DataFrame, runs_dir=None, show_enhanced: bool = True, label_variant: bool = True) -> list:
+    items = []
+    for r in rows.to_dict("records"):
+        enh = None
+        if show_enhanced:
+            enh = thumbnail_uri(r.get("enhanced_path"), runs_dir=runs_dir) or ""
+            if not r.get("enhanced_path"):
+                enh = None
+        title = f"{CLASS_ABBR.get(str(r['true_label']), r['true_label'])} \u2192 " \
+                f"{CLASS_ABBR.get(str(r['pred_label']), r['pred_label'])}"
+        if label_variant:
+            title += f" \u00b7 {r['variant']} s{r['seed']}"
+        items.append({"key": html.escape(str(r.get("image_id", ""))), "orig": thumbnail_uri(r.get("path"), runs_dir=runs_dir),
+                      "enh": enh, "title": html.escape(title), "probs": probs_text(r),
+                      "correct": bool(r.get("correct", False))})
+    return items

@@ -1,0 +1,134 @@
+"""The single, process-wide job manager: one study at a time, as a subprocess of ``python -m core study``.
+
+Imported modules are shared by all Panel sessions of a server, so every browser sees the same job.
+A second launch while one runs is refused with a message. Cancelling writes the run's ``CANCEL`` file
+(``Run.request_cancel()``, which the CLI honours between steps) and sends SIGTERM after a grace period.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.config import REPO_ROOT, default_cache_dir
+from core.store import Run, check_run_id, new_run_id
+
+CANCEL_GRACE_S = 10.0
+
+
+@dataclass
+class Job:
+    run_id: str
+    runs_dir: Path
+    argv: list[str]
+    proc: subprocess.Popen
+    out_path: Path
+    started: float = field(default_factory=time.time)
+    returncode: int | None = None
+    cancel_requested: bool = False
+    ended: float | None = None
+
+    @property
+    def run(self) -> Run:
+        return Run(self.runs_dir / self.run_id)
+
+    @property
+    def running(self) -> bool:
+        return self.returncode is None
+
+    def state(self) -> str:
+        if self.running:
+            return "cancelling" if self.cancel_requested else "running"
+        try:
+            status = self.run.read_meta().get("status")
+        except Exception:
+            status = None
+        if status in ("finished", "failed", "cancelled"):
+            return status
+        if self.cancel_requested:
+            return "cancelled"
+        return "finished" if self.returncode == 0 else "failed"
+
+    def output_tail(self, n: int = 15) -> list[str]:
+        try:
+            with open(self.out_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 8000))
+                return f.read().decode(errors="replace").splitlines()[-n:]
+        except OSError:
+            return []
+
+    def log_tail(self, n: int = 15) -> list[str]:
+        """The run's log.txt, else the subprocess output (e.g. an argument error before the run exists)."""
+        return self.run.log_tail(n) or self.output_tail(n)
+
+
+class JobManager:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.current: Job | None = None
+        self.history: list[Job] = []
+
+    def busy(self) -> bool:
+        return self.current is not None and self.current.running
+
+    def launch(self, args: list[str], runs_dir, run_id: str | None = None, preset: str = "custom") -> tuple[Job | None, str]:
+        """Start ``python -m core study ARGS --run-id ID --runs-dir DIR``; (job, message) or (None, reason)."""
+        runs_dir = Path(runs_dir)
+        with self._lock:
+            if self.busy():
+                return None, (f"A study is already running ({self.current.run_id}). One study at a time: "
+                              "wait for it to finish or cancel it.")
+            run_id = check_run_id(run_id or new_run_id(preset))
+            if (runs_dir / run_id).exists():
+                return None, f"run {run_id} already exists"
+            out_dir = default_cache_dir() / "launcher"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            out_path = out_dir / f"{run_id}.out"
+            argv = [sys.executable, "-m", "core", "study", *args, "--run-id", run_id, "--runs-dir", str(runs_dir)]
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            with open(out_path, "wb") as out:
+                proc = subprocess.Popen(argv, cwd=str(REPO_ROOT), stdout=out, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            job = Job(run_id=run_id, runs_dir=runs_dir, argv=argv, proc=proc, out_path=out_path)
+            self.current = job
+            self.history.append(job)
+        threading.Thread(target=self._wait, args=(job,), daemon=True, name=f"job-{run_id}").start()
+        return job, f"Started {run_id}"
+
+    def _wait(self, job: Job) -> None:
+        job.returncode = job.proc.wait()
+        job.ended = time.time()
+
+    def cancel(self, grace_s: float = CANCEL_GRACE_S) -> str:
+        job = self.current
+        if job is None or not job.running:
+            return "No study is running."
+        job.cancel_requested = True
+        try:
+            if job.run.path.exists():
+                job.run.request_cancel()
+        except OSError:
+            pass
+
+        def terminate():
+            if job.running:
+                try:
+                    os.killpg(job.proc.pid, signal.SIGTERM)
+                except (ProcessLookupError, PermissionError):
+                    job.proc.terminate()
+
+        t = threading.Timer(grace_s, terminate)
+        t.daemon = True
+        t.start()
+        return f"Cancelling {job.run_id} (SIGTERM in {grace_s:.0f} s if it has not stopped)."
+
+
+#: The one job manager of this server process.
+MANAGER = JobManager()

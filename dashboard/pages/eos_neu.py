@@ -1,0 +1,86 @@
+"""Eosinophil / neutrophil: the EOS->NEU and NEU->EOS errors of each variant, and the images whose verdict
+flips between the baseline and an enhanced variant (joined on image_id, seed and image_size)."""
+
+from __future__ import annotations
+
+import holoviews as hv
+import pandas as pd
+import panel as pn
+
+from dashboard.data import load_table, run_variants
+from dashboard.gallery import Gallery, gallery_items
+from dashboard.pages.common import gated, no_run, warnings_alert
+
+EOS, NEU = "eosinophil", "neutrophil"
+KEY = ["image_id", "seed", "image_size"]
+
+
+def eos_neu_counts(pred: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for v, g in pred.groupby("variant", sort=False, observed=True):
+        rows.append({"variant": v,
+                     "EOS→NEU": int(((g.true_label == EOS) & (g.pred_label == NEU)).sum()),
+                     "NEU→EOS": int(((g.true_label == NEU) & (g.pred_label == EOS)).sum()),
+                     "EOS images": int((g.true_label == EOS).sum()),
+                     "NEU images": int((g.true_label == NEU).sum()),
+                     "seeds": int(g.seed.nunique())})
+    return pd.DataFrame(rows)
+
+
+def flips(pred: pd.DataFrame, base: str, other: str) -> pd.DataFrame:
+    """One row per image (and seed, size) with both verdicts; ``flip`` says which way it changed."""
+    cols = KEY + ["path", "true_label", "pred_label", "correct", "confidence"]
+    a = pred.loc[pred.variant == base, cols]
+    b = pred.loc[pred.variant == other, cols + ["enhanced_path"]]
+    j = a.merge(b, on=KEY, suffixes=("_base", "_other"))
+    j["flip"] = None
+    j.loc[j.correct_base.astype(bool) & ~j.correct_other.astype(bool), "flip"] = f"right in {base}, wrong in {other}"
+    j.loc[~j.correct_base.astype(bool) & j.correct_other.astype(bool), "flip"] = f"wrong in {base}, right in {other}"
+    return j[j["flip"].notna()]
+
+
+def view(state) -> pn.viewable.Viewable:
+    only = pn.widgets.Checkbox(name="only eosinophils and neutrophils", value=True, css_classes=["wbc-eos-only"])
+
+    def render(run_id, only_eos_neu, _refresh):
+        if not run_id:
+            return no_run()
+        rd = state.run_dir(run_id)
+        pred, w = load_table(rd, "predictions")
+        if pred.empty:
+            return pn.Column(warnings_alert([w]), pn.pane.Markdown("No predictions in this run."))
+        counts = eos_neu_counts(pred)
+        long = counts.melt("variant", ["EOS→NEU", "NEU→EOS"], "error", "count")
+        bars = hv.Bars(long, ["error", "variant"], "count").opts(
+            responsive=True, height=260, tools=["hover"], title="EOS/NEU confusions per variant (all seeds)")
+        parts = [warnings_alert([w]), pn.Row(pn.pane.HoloViews(bars, sizing_mode="stretch_width"),
+                                             pn.widgets.Tabulator(counts, show_index=False, disabled=True, width=520,
+                                                                  css_classes=["wbc-eos-table"]),
+                                             sizing_mode="stretch_width")]
+        variants = [v for v in run_variants(rd) if v in set(pred["variant"])] or list(pred["variant"].unique())
+        base = variants[0]
+        for other in variants[1:]:
+            f = flips(pred, base, other)
+            if only_eos_neu:
+                f = f[f.true_label_base.isin([EOS, NEU])]
+            summary = f.groupby("flip").size().to_dict()
+            parts.append(pn.pane.Markdown(
+                f"### Verdict flips: {base} vs {other}\n" +
+                "\n".join(f"* {k}: **{n}**" for k, n in summary.items()) if summary else
+                f"### Verdict flips: {base} vs {other}\nNo image changes verdict."))
+            for kind, g in f.groupby("flip", sort=True):
+                g = g.head(24)
+                rows = pd.DataFrame({
+                    "image_id": g.image_id, "variant": f"{base}\u2192{other}", "seed": g.seed,
+                    "true_label": g.true_label_base,
+                    "pred_label": [f"{pb}/{po}" for pb, po in zip(g.pred_label_base, g.pred_label_other)],
+                    "path": g.path_base, "enhanced_path": g.enhanced_path, "correct": g.correct_other})
+                items = gallery_items(rows, runs_dir=state.runs_dir, label_variant=False)
+                for it, pb, po in zip(items, g.pred_label_base, g.pred_label_other):
+                    it["probs"] = f"{base}: {pb} | {other}: {po}"
+                parts += [pn.pane.Markdown(f"**{kind}** ({len(f[f.flip == kind])}, first 24 shown)"),
+                          Gallery(items=items, sizing_mode="stretch_width", css_classes=["wbc-flip-gallery"])]
+        return pn.Column(*parts, sizing_mode="stretch_width")
+
+    return pn.Column(only, gated(state, "EOS/NEU", render, state.param.run_id, only, state.param.refresh), sizing_mode="stretch_width",
+                     css_classes=["wbc-page-eosneu"])

@@ -1,0 +1,79 @@
+"""Per-class precision / recall / F1 per variant (bars and a paper-style table) and training curves."""
+
+from __future__ import annotations
+
+import holoviews as hv
+import pandas as pd
+import panel as pn
+
+from core.config import CLASSES
+
+from dashboard.data import load_table
+from dashboard.pages.common import gated, no_run, warnings_alert
+
+METRICS = ["precision", "recall", "f1"]
+
+
+def per_class(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Mean over seeds of precision/recall/F1 for each class and variant (+ macro avg and accuracy rows)."""
+    if metrics.empty:
+        return metrics
+    m = metrics.groupby(["variant", "label"], sort=False, observed=True)[METRICS + ["support"]].mean().reset_index()
+    return m
+
+
+def paper_table(m: pd.DataFrame) -> pd.DataFrame:
+    """Rows: class; columns: '<variant> <metric>' (like the paper's Tables 3-4)."""
+    labels = [l for l in [*CLASSES, "macro avg", "weighted avg", "accuracy"] if l in set(m["label"])]
+    wide = m.pivot_table(index="label", columns="variant", values=METRICS, sort=False)
+    wide = wide.reindex(labels)
+    wide.columns = [f"{v} {k}" for k, v in wide.columns]
+    order = [f"{v} {k}" for v in m["variant"].unique() for k in METRICS]
+    wide = wide[[c for c in order if c in wide.columns]].round(3).reset_index().rename(columns={"label": "class"})
+    return wide
+
+
+def view(state) -> pn.viewable.Viewable:
+    which = pn.widgets.RadioButtonGroup(options=METRICS, value="f1", css_classes=["wbc-metric-choice"],
+                                        button_type="primary", button_style="outline")
+
+    def render(run_id, metric, _refresh):
+        if not run_id:
+            return no_run()
+        rd = state.run_dir(run_id)
+        metrics, w1 = load_table(rd, "metrics")
+        hist, w2 = load_table(rd, "history")
+        parts = [warnings_alert([w1, w2])]
+        m = per_class(metrics)
+        if m.empty:
+            parts.append(pn.pane.Markdown("No metrics.parquet in this run."))
+        else:
+            cls = m[m["label"].isin(CLASSES)]
+            bars = hv.Bars(cls, ["label", "variant"], metric).opts(
+                multi_level=False, responsive=True, height=320, tools=["hover"], ylim=(0, 1.05),
+                title=f"{metric} per class and variant", xlabel="class", ylabel=metric, legend_position="bottom_right",
+                color=hv.Cycle("Category10"))
+            parts += [pn.pane.HoloViews(bars, sizing_mode="stretch_width", height=340),
+                      pn.pane.Markdown("#### Per-class metrics (mean over seeds)"),
+                      pn.widgets.Tabulator(paper_table(m), show_index=False, disabled=True,
+                                           sizing_mode="stretch_width", css_classes=["wbc-metrics-table"])]
+        if hist.empty:
+            parts.append(pn.pane.Markdown("No training history in this run."))
+        else:
+            h = hist.groupby(["variant", "epoch"], observed=True)[["train_loss", "val_loss", "train_acc", "val_acc"]] \
+                .mean().reset_index()
+            loss, accp = [], []
+            for v, g in h.groupby("variant", sort=False, observed=True):
+                loss += [hv.Curve(g, "epoch", ("train_loss", "loss"), label=f"{v} train"),
+                         hv.Curve(g, "epoch", ("val_loss", "loss"), label=f"{v} val").opts(line_dash="dashed")]
+                accp += [hv.Curve(g, "epoch", ("train_acc", "accuracy"), label=f"{v} train"),
+                         hv.Curve(g, "epoch", ("val_acc", "accuracy"), label=f"{v} val").opts(line_dash="dashed")]
+            opts = dict(responsive=True, height=300, legend_position="top_right", tools=["hover"])
+            parts += [pn.pane.Markdown("#### Training curves (mean over seeds; dashed = validation)"),
+                      pn.Row(pn.pane.HoloViews(hv.Overlay(loss).opts(title="loss", **opts), sizing_mode="stretch_width"),
+                             pn.pane.HoloViews(hv.Overlay(accp).opts(title="accuracy", **opts), sizing_mode="stretch_width"),
+                             sizing_mode="stretch_width")]
+        return pn.Column(*parts, sizing_mode="stretch_width")
+
+    return pn.Column(which, gated(state, "Metrics", render, state.param.run_id, which, state.param.refresh),
+                     sizing_mode="stretch_width", css_classes=["wbc-page-metrics"])

@@ -1,0 +1,137 @@
+"""Overview: accuracy per variant with bootstrap CIs, the paired difference (McNemar) and the seed spread."""
+
+from __future__ import annotations
+
+import json
+
+import holoviews as hv
+import numpy as np
+import pandas as pd
+import panel as pn
+
+from dashboard.data import accuracy_from_predictions, load_table, read_meta
+from dashboard.pages.common import gated, fmt_p, no_run, warnings_alert
+
+
+def accuracy_table(state, run_id) -> tuple[pd.DataFrame, pd.DataFrame, list]:
+    """(per-variant accuracy with CI / seed spread, paired differences, warnings) for one run."""
+    rd = state.run_dir(run_id)
+    stats, w1 = load_table(rd, "stats")
+    warnings = [w1]
+    rows = []
+    if not stats.empty:
+        ci = stats[(stats["kind"] == "ci") & (stats["metric"] == "accuracy")]
+        seeds = stats[(stats["kind"] == "seeds") & (stats["metric"] == "accuracy")]
+        for v, g in ci.groupby("variant", sort=False):
+            row = {"variant": v, "accuracy": g["estimate"].mean(), "ci_low": g["ci_low"].mean(),
+                   "ci_high": g["ci_high"].mean(), "n_seeds": g["seed"].nunique(), "n": g["n"].max()}
+            s = seeds[seeds["variant"] == v]
+            if len(s):
+                row["seed_mean"] = float(s["estimate"].iloc[0])
+                row["seed_sd"] = float(s["sd"].iloc[0])
+            f1 = stats[(stats["kind"] == "ci") & (stats["metric"] == "macro_f1") & (stats["variant"] == v)]
+            if len(f1):
+                row["macro_f1"] = f1["estimate"].mean()
+            rows.append(row)
+    acc = pd.DataFrame(rows)
+    if acc.empty:  # no stats.parquet: fall back to the predictions (no CI)
+        pred, w2 = load_table(rd, "predictions")
+        warnings.append(w2)
+        acc = accuracy_from_predictions(pred)
+        if acc.empty:
+            meta, _ = read_meta(rd)
+            a = (meta.get("summary") or {}).get("accuracy") or {}
+            acc = pd.DataFrame({"variant": list(a), "accuracy": list(a.values())})
+        if not acc.empty:
+            warnings.append(f"{run_id}: no stats.parquet — accuracy shown without confidence intervals")
+    for c in ["accuracy", "ci_low", "ci_high", "seed_mean", "seed_sd", "macro_f1", "n", "n_seeds"]:
+        if c not in acc.columns:
+            acc[c] = np.nan
+    paired = pd.DataFrame()
+    if not stats.empty:
+        p = stats[stats["kind"] == "paired"].copy()
+        if len(p):
+            bc = p["detail"].apply(lambda d: json.loads(d) if isinstance(d, str) and d.startswith("{") else {})
+            p["b (base right, variant wrong)"] = bc.apply(lambda d: d.get("b"))
+            p["c (base wrong, variant right)"] = bc.apply(lambda d: d.get("c"))
+            p["McNemar p"] = p["p_value"].apply(fmt_p)
+            paired = p[["variant", "baseline", "seed", "image_size", "estimate", "ci_low", "ci_high", "McNemar p",
+                        "b (base right, variant wrong)", "c (base wrong, variant right)", "n"]].rename(
+                columns={"estimate": "accuracy diff"})
+    return acc, paired, warnings
+
+
+def _acc_plot(acc: pd.DataFrame, title: str):
+    if acc.empty:
+        return hv.Text(0, 0, "no accuracy").opts(xaxis=None, yaxis=None)
+    d = acc.copy()
+    d["run"] = d.get("run", "")
+    lo = (d["accuracy"] - d["ci_low"]).fillna(0)
+    hi = (d["ci_high"] - d["accuracy"]).fillna(0)
+    key = ["run", "variant"] if d["run"].nunique() > 1 else ["variant"]
+    bars = hv.Bars(d, key, "accuracy").opts(
+        ylim=(max(0.0, float(d["ci_low"].fillna(d["accuracy"]).min()) - 0.1), 1.0), tools=["hover"],
+        color="#4c78a8",
+        responsive=True, height=320, title=title, xrotation=0, ylabel="accuracy (95% CI)")
+    if len(key) == 1:
+        err = hv.ErrorBars((d["variant"], d["accuracy"], lo, hi), vdims=["y", "yerrneg", "yerrpos"]).opts(
+            line_width=2, color="black")
+        return bars * err
+    return bars.opts(multi_level=True)
+
+
+def _fmt(acc: pd.DataFrame) -> pd.DataFrame:
+    out = acc.copy()
+    out["95% CI"] = [f"[{a:.3f}, {b:.3f}]" if a == a and b == b else "" for a, b in zip(out["ci_low"], out["ci_high"])]
+    out["seeds mean ± sd"] = [f"{m:.3f} ± {s:.3f}" if m == m and s == s else "" for m, s in
+                              zip(out["seed_mean"], out["seed_sd"])]
+    cols = [c for c in ["run", "variant", "accuracy", "95% CI", "seeds mean ± sd", "macro_f1", "n", "n_seeds"]
+            if c in out.columns]
+    return out[cols]
+
+
+def view(state) -> pn.viewable.Viewable:
+    def render(run_id, compare_run_id, _refresh):
+        if not run_id:
+            return no_run()
+        acc, paired, warnings = accuracy_table(state, run_id)
+        accs = [acc.assign(run=run_id)]
+        if compare_run_id:
+            acc2, paired2, w2 = accuracy_table(state, compare_run_id)
+            warnings += w2
+            accs.append(acc2.assign(run=compare_run_id))
+            if len(paired2):
+                paired = pd.concat([paired.assign(run=run_id), paired2.assign(run=compare_run_id)])
+            elif len(paired):
+                paired = paired.assign(run=run_id)
+        both = pd.concat(accs, ignore_index=True)
+        plot = _acc_plot(both if compare_run_id else acc, "Accuracy per variant" + (" (two runs)" if compare_run_id else ""))
+        table = pn.widgets.Tabulator(_fmt(both if compare_run_id else acc), show_index=False, disabled=True,
+                                     sizing_mode="stretch_width", css_classes=["wbc-acc-table"],
+                                     formatters={"accuracy": {"type": "money", "precision": 4},
+                                                 "macro_f1": {"type": "money", "precision": 4}})
+        parts = [warnings_alert(warnings),
+                 pn.pane.Markdown(f"### Accuracy — `{run_id}`" + (f" vs `{compare_run_id}`" if compare_run_id else "")),
+                 pn.Row(pn.pane.HoloViews(plot, sizing_mode="stretch_width", height=340), sizing_mode="stretch_width"),
+                 table]
+        if len(paired):
+            diff = paired.copy()
+            lines = []
+            for d in diff.to_dict("records"):
+                lines.append(f"* **{d['variant']}** vs {d['baseline']} (seed {d['seed']}): "
+                             f"{d['accuracy diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], "
+                             f"McNemar p = {d['McNemar p']}")
+            parts += [pn.pane.Markdown("### Difference between variants (paired, same test images)\n" + "\n".join(lines)),
+                      pn.widgets.Tabulator(diff, show_index=False, disabled=True, sizing_mode="stretch_width",
+                                           css_classes=["wbc-paired-table"],
+                                           formatters={c: {"type": "money", "precision": 4}
+                                                       for c in ["accuracy diff", "ci_low", "ci_high"]})]
+        elif len(acc) > 1:
+            base = acc.iloc[0]
+            lines = [f"* **{r.variant}** − {base['variant']}: {r.accuracy - base['accuracy']:+.4f} (no paired test stored)"
+                     for r in acc.iloc[1:].itertuples()]
+            parts.append(pn.pane.Markdown("### Difference between variants\n" + "\n".join(lines)))
+        return pn.Column(*parts, sizing_mode="stretch_width")
+
+    return pn.Column(gated(state, "Overview", render, state.param.run_id, state.param.compare_run_id, state.param.refresh),
+                     sizing_mode="stretch_width", css_classes=["wbc-page-overview"])

@@ -1,0 +1,114 @@
+"""Runs: every run in the store; pick one, or two to compare. Failed runs show their error."""
+
+from __future__ import annotations
+
+import html
+
+import panel as pn
+
+from dashboard.data import list_runs, read_meta
+from dashboard.pages.common import warnings_alert
+
+COLUMNS = ["run_id", "status", "preset", "variants", "classifier", "test_set"]
+
+
+def runs_frame(state):
+    df = list_runs(state.runs_dir)
+    accs = [c for c in df.columns if c.startswith("acc ")]
+    out = df[COLUMNS + accs + ["date", "duration", "error", "warning"]].copy()
+    out["error"] = out["error"].fillna("").astype(str).str.slice(0, 80)
+    out["warning"] = out["warning"].fillna("").astype(str).str.slice(0, 120)
+    return out
+
+
+def _style_status(v):
+    colors = {"finished": "#2ca02c", "failed": "#d62728", "running": "#1f77b4", "queued": "#7f7f7f",
+              "cancelled": "#ff7f0e", "unreadable": "#d62728"}
+    c = colors.get(v)
+    return f"color: {c}; font-weight: 600" if c else ""
+
+
+def view(state) -> pn.viewable.Viewable:
+    table = pn.widgets.Tabulator(
+        runs_frame(state), show_index=False, selectable=2, disabled=True, pagination="local", page_size=15,
+        sizing_mode="stretch_width", height=460, css_classes=["wbc-runs-table"], layout="fit_data_table",
+        header_filters=False,
+    )
+    table.style.map(_style_status, subset=["status"])
+    for c in table.value.columns:
+        if c.startswith("acc "):
+            table.formatters[c] = {"type": "money", "precision": 4}
+
+    help_md = pn.pane.Markdown(
+        "Click a row to analyse that run; click a second row to compare the two (the first stays the main "
+        "run). Unreadable folders (no or damaged `run.json`) are listed with a warning and ignored.",
+        sizing_mode="stretch_width")
+    warn = warnings_alert([])
+    detail = pn.Column(sizing_mode="stretch_width", css_classes=["wbc-run-detail"])
+    refresh = pn.widgets.Button(name="Refresh", button_type="default", width=100, css_classes=["wbc-refresh"])
+
+    syncing = {"on": False}
+
+    def update_table(*_):
+        df = runs_frame(state)
+        table.value = df
+        bad = df[df["status"] == "unreadable"]
+        ws = [f"{r.run_id}: unreadable run folder ({r.warning})" for r in bad.itertuples()]
+        warn.object = "\n".join(f"* {w}" for w in ws)
+        warn.visible = bool(ws)
+        sync_selection()
+
+    def sync_selection(*_):
+        df = table.value
+        ids = list(df["run_id"])
+        sel = [ids.index(r) for r in (state.run_id, state.compare_run_id) if r in ids]
+        syncing["on"] = True
+        try:
+            table.selection = sel
+        finally:
+            syncing["on"] = False
+        update_detail()
+
+    def on_select(event):
+        if syncing["on"]:
+            return
+        ids = [table.value["run_id"].iloc[i] for i in event.new if i < len(table.value)]
+        old = [i for i in (state.run_id, state.compare_run_id) if i]
+        # keep the main run first when a second row is added
+        ordered = [i for i in old if i in ids] + [i for i in ids if i not in old]
+        state.param.update(run_id=ordered[0] if ordered else None,
+                           compare_run_id=ordered[1] if len(ordered) > 1 else None)
+
+    def update_detail(*_):
+        items = []
+        for rid, role in ((state.run_id, "Main run"), (state.compare_run_id, "Compared with")):
+            if not rid:
+                continue
+            meta, w = read_meta(state.run_dir(rid))
+            if w:
+                items.append(pn.pane.Alert(f"**{role} {rid}**: {w}", alert_type="warning"))
+                continue
+            cfg = meta.get("config") or {}
+            txt = (f"**{role}: `{rid}`** — status **{meta.get('status')}**, preset {cfg.get('preset')}, "
+                   f"{cfg.get('classifier')} ({cfg.get('pretrained')}), variants {', '.join(cfg.get('variants', []))}, "
+                   f"epochs {cfg.get('epochs')}, seeds {cfg.get('seeds')}, test set "
+                   f"{(meta.get('data') or {}).get('test_source')}, device {meta.get('device')}")
+            items.append(pn.pane.Markdown(txt, sizing_mode="stretch_width"))
+            err = meta.get("error")
+            if err:
+                tb = html.escape(str(err.get("traceback") or ""))
+                items.append(pn.pane.Alert(
+                    f"**Run failed: {html.escape(str(err.get('type')))}: {html.escape(str(err.get('message')))}**"
+                    f"<details><summary>traceback</summary><pre>{tb}</pre></details>",
+                    alert_type="danger", css_classes=["wbc-run-error"], sizing_mode="stretch_width"))
+            if meta.get("skipped"):
+                items.append(pn.pane.Markdown(f"{len(meta['skipped'])} unreadable image(s) were skipped."))
+        detail.objects = items
+
+    table.param.watch(on_select, "selection")
+    state.param.watch(update_table, "refresh")
+    state.param.watch(sync_selection, ["run_id", "compare_run_id"])
+    refresh.on_click(lambda e: state.param.update(refresh=state.refresh + 1))
+    update_table()
+    return pn.Column(pn.Row(help_md, refresh), warn, table, detail, sizing_mode="stretch_width",
+                     css_classes=["wbc-page-runs"])

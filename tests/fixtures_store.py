@@ -1,0 +1,259 @@
+"""A realistic run store for the dashboard's tests and benchmark, written through core.store.
+
+``make_fixture_store(root)`` creates::
+
+    root/data/TRAIN/<CLASS>/*.jpeg         small generated cells (a data root the launcher may use)
+    root/data/TEST_SIMPLE/<CLASS>/*.jpeg   the test images the predictions point at
+    root/cache/enhanced/<variant>/...png   4x "enhanced" versions (enhanced_path)
+    root/runs/<run_id>/                    n_runs finished runs + 1 failed run
+
+Every finished run has the two variants ``original`` and ``realesrgan-x4plus`` with predictions
+(probabilities), misclassified, metrics (sklearn), confusion, history and stats (bootstrap CI,
+paired McNemar, seed spread when several seeds).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+from core.config import CLASSES, PROB_COLUMNS, make_config
+from core.store import METRIC_LABELS, RunStore
+
+VARIANTS = ("original", "realesrgan-x4plus")
+# Per-class colours of the generated "nucleus" so a tiny CNN can learn the classes.
+_NUCLEUS = {"eosinophil": (150, 40, 120), "lymphocyte": (60, 40, 160), "monocyte": (110, 80, 170),
+            "neutrophil": (170, 60, 160)}
+
+
+def _cell_image(label: str, i: int, size=(64, 48)) -> Image.Image:
+    rng = np.random.default_rng(zlib.crc32(f"{label}{i}".encode()))
+    w, h = size
+    bg = np.clip(rng.normal((225, 190, 200), 8, (h, w, 3)), 0, 255).astype(np.uint8)
+    im = Image.fromarray(bg)
+    d = ImageDraw.Draw(im)
+    cx, cy = w // 2 + int(rng.integers(-6, 7)), h // 2 + int(rng.integers(-5, 6))
+    r = {"eosinophil": 12, "lymphocyte": 9, "monocyte": 15, "neutrophil": 13}[label]
+    d.ellipse([cx - r - 4, cy - r - 4, cx + r + 4, cy + r + 4], fill=(235, 170, 190))
+    col = _NUCLEUS[label]
+    if label in ("eosinophil", "neutrophil"):  # lobed nuclei
+        for k in range(2 if label == "eosinophil" else 3):
+            ox = (k - 1) * 6
+            d.ellipse([cx + ox - 5, cy - 5, cx + ox + 5, cy + 5], fill=col)
+    else:
+        d.ellipse([cx - r + 2, cy - r + 2, cx + r - 2, cy + r - 2], fill=col)
+    return im
+
+
+def make_images(data_dir: Path, cache_dir: Path, n_test: int, n_train_per_class: int = 12) -> pd.DataFrame:
+    """Write TRAIN and TEST_SIMPLE JPEGs and 4x enhanced PNGs; return the test manifest."""
+    rows = []
+    for c in CLASSES:
+        tdir = data_dir / "TRAIN" / c.upper()
+        tdir.mkdir(parents=True, exist_ok=True)
+        for i in range(n_train_per_class):
+            p = tdir / f"_{i}_{1000 + i}.jpeg"
+            if not p.exists():
+                _cell_image(c, 10_000 + i).save(p, quality=90)
+    per = int(np.ceil(n_test / len(CLASSES)))
+    for ci, c in enumerate(CLASSES):
+        d = data_dir / "TEST_SIMPLE" / c.upper()
+        e = cache_dir / "enhanced" / "realesrgan-x4plus" / c.upper()
+        d.mkdir(parents=True, exist_ok=True)
+        e.mkdir(parents=True, exist_ok=True)
+        for i in range(per):
+            if len(rows) >= n_test:
+                break
+            name = f"_{i}_{(i * 7919) % 10000}"
+            p, ep = d / f"{name}.jpeg", e / f"{name}.png"
+            if not p.exists():
+                im = _cell_image(c, i)
+                im.save(p, quality=90)
+                im.resize((im.width * 4, im.height * 4), Image.BICUBIC).save(ep, compress_level=1)
+            rows.append({"image_id": f"TEST_SIMPLE/{c.upper()}/{name}", "path": str(p), "enhanced_path": str(ep),
+                         "true_label": c, "group_id": f"{c[:3]}-{i // 3}"})
+    return pd.DataFrame(rows)
+
+
+def _predict(manifest: pd.DataFrame, rng: np.random.Generator, acc: float, base_noise: np.ndarray) -> pd.DataFrame:
+    """Probabilities with EOS<->NEU the main confusion; correlated across variants through base_noise."""
+    n = len(manifest)
+    k = len(CLASSES)
+    true_idx = manifest["true_label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    logits = base_noise + rng.normal(0, 0.6, (n, k))
+    logits[np.arange(n), true_idx] += 2.2 + 3.0 * (acc - 0.8)
+    confuse = {0: 3, 3: 0, 1: 2, 2: 1}
+    partner = np.array([confuse[t] for t in true_idx])
+    logits[np.arange(n), partner] += 1.1
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    out = manifest.copy()
+    for i, col in enumerate(PROB_COLUMNS):
+        out[col] = p[:, i].astype("float32")
+    out["pred_label"] = [CLASSES[i] for i in p.argmax(1)]
+    out["correct"] = out["pred_label"] == out["true_label"]
+    return out
+
+
+def _bootstrap_ci(correct: np.ndarray, rng, n_boot: int = 200) -> tuple[float, float]:
+    idx = rng.integers(0, len(correct), (n_boot, len(correct)))
+    accs = correct[idx].mean(1)
+    return float(np.quantile(accs, 0.025)), float(np.quantile(accs, 0.975))
+
+
+def _tables(preds: pd.DataFrame, rng) -> dict[str, pd.DataFrame]:
+    from scipy.stats import binomtest
+    from sklearn.metrics import f1_score, precision_recall_fscore_support
+
+    metrics, confusion, history, stats = [], [], [], []
+    for (v, s, size), g in preds.groupby(["variant", "seed", "image_size"], sort=False):
+        y, yp = g["true_label"].to_numpy(), g["pred_label"].to_numpy()
+        pr, rc, f1, sup = precision_recall_fscore_support(y, yp, labels=list(CLASSES), zero_division=0)
+        for i, c in enumerate(CLASSES):
+            metrics.append(dict(variant=v, seed=s, image_size=size, label=c, precision=pr[i], recall=rc[i],
+                                f1=f1[i], support=int(sup[i])))
+        acc = float((y == yp).mean())
+        metrics.append(dict(variant=v, seed=s, image_size=size, label="accuracy", precision=acc, recall=acc,
+                            f1=acc, support=len(y)))
+        for avg, label in (("macro", "macro avg"), ("weighted", "weighted avg")):
+            a, b, c_, _ = precision_recall_fscore_support(y, yp, labels=list(CLASSES), average=avg,
+                                                          zero_division=0)
+            metrics.append(dict(variant=v, seed=s, image_size=size, label=label, precision=a, recall=b, f1=c_,
+                                support=len(y)))
+        ct = pd.crosstab(pd.Categorical(y, CLASSES), pd.Categorical(yp, CLASSES), dropna=False)
+        for t in CLASSES:
+            for p in CLASSES:
+                confusion.append(dict(variant=v, seed=s, image_size=size, true_label=t, pred_label=p,
+                                      count=int(ct.loc[t, p])))
+        loss = 1.3
+        for ep in range(1, 6):
+            loss *= 0.75
+            history.append(dict(variant=v, seed=s, image_size=size, epoch=ep, train_loss=loss,
+                                train_acc=min(0.99, 1 - loss / 2), val_loss=loss * 1.15,
+                                val_acc=min(0.98, 1 - loss / 1.8), lr=3e-4, seconds=12.0))
+        lo, hi = _bootstrap_ci(g["correct"].to_numpy(), rng)
+        stats.append(dict(kind="ci", variant=v, baseline=None, seed=s, image_size=size, metric="accuracy",
+                          estimate=acc, ci_low=lo, ci_high=hi, n=len(y)))
+        mf1 = float(f1_score(y, yp, labels=list(CLASSES), average="macro"))
+        stats.append(dict(kind="ci", variant=v, baseline=None, seed=s, image_size=size, metric="macro_f1",
+                          estimate=mf1, ci_low=mf1 - 0.03, ci_high=mf1 + 0.03, n=len(y)))
+    # paired: every variant against the first one, per seed/size
+    base = VARIANTS[0]
+    for (s, size), g in preds.groupby(["seed", "image_size"]):
+        b0 = g[g.variant == base].set_index("image_id")["correct"]
+        for v in g.variant.unique():
+            if v == base:
+                continue
+            b1 = g[g.variant == v].set_index("image_id")["correct"].reindex(b0.index)
+            nb, nc = int((b0 & ~b1).sum()), int((~b0 & b1).sum())
+            diff = float(b1.mean() - b0.mean())
+            pval = float(binomtest(min(nb, nc), nb + nc, 0.5).pvalue) if nb + nc else 1.0
+            stats.append(dict(kind="paired", variant=v, baseline=base, seed=s, image_size=size,
+                              metric="accuracy_diff", estimate=diff, ci_low=diff - 0.03, ci_high=diff + 0.03,
+                              p_value=pval, n=len(b0), detail=json.dumps({"b": nb, "c": nc})))
+    st = pd.DataFrame(stats)
+    seeds = preds["seed"].unique()
+    if len(seeds) > 1:
+        for (v, size), g in st[(st.kind == "ci") & (st.metric == "accuracy")].groupby(["variant", "image_size"]):
+            vals = g["estimate"].tolist()
+            st = pd.concat([st, pd.DataFrame([dict(kind="seeds", variant=v, seed=-1, image_size=size,
+                                                   metric="accuracy", estimate=float(np.mean(vals)),
+                                                   sd=float(np.std(vals, ddof=1)), n=len(vals),
+                                                   detail=json.dumps(vals))])], ignore_index=True)
+    return dict(metrics=pd.DataFrame(metrics), confusion=pd.DataFrame(confusion), history=pd.DataFrame(history),
+                stats=st)
+
+
+def make_fixture_store(root, n_runs: int = 2, n_test: int = 200, seeds=(0,), with_images: bool = True,
+                       image_size: int = 224) -> dict:
+    """Write a fixture store under ``root``; returns its folders and run ids (see the module docstring)."""
+    root = Path(root)
+    data_dir, cache_dir, runs_dir = root / "data", root / "cache", root / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if with_images:
+        manifest = make_images(data_dir, cache_dir, n_test)
+    else:
+        per = int(np.ceil(n_test / len(CLASSES)))
+        manifest = pd.DataFrame([
+            {"image_id": f"TEST_SIMPLE/{c.upper()}/_{i}", "path": str(data_dir / "TEST_SIMPLE" / c.upper() / f"_{i}.jpeg"),
+             "enhanced_path": str(cache_dir / "enhanced" / "realesrgan-x4plus" / c.upper() / f"_{i}.png"),
+             "true_label": c, "group_id": f"{c[:3]}-{i // 3}"} for c in CLASSES for i in range(per)][:n_test])
+    store = RunStore(runs_dir)
+    run_ids = []
+    t0 = dt.datetime(2026, 11, 20, 9, 0, tzinfo=dt.timezone.utc)
+    for r in range(n_runs):
+        rng = np.random.default_rng(r)
+        preset = ["quick", "paper", "study"][r % 3]
+        cfg = make_config(preset, variants=VARIANTS, seeds=tuple(seeds), image_sizes=(image_size,))
+        run_id = f"2026112{r % 10}-{9 + r % 10:02d}0000-{preset}-fx{r:02d}"
+        run = store.create(cfg.to_dict(), run_id=run_id)
+        preds = []
+        for s in seeds:
+            base_noise = rng.normal(0, 0.8, (len(manifest), len(CLASSES)))
+            for vi, v in enumerate(VARIANTS):
+                p = _predict(manifest, rng, acc=0.86 - 0.03 * vi + 0.01 * s, base_noise=base_noise)
+                p.insert(0, "variant", v)
+                p.insert(1, "seed", s)
+                p.insert(2, "image_size", image_size)
+                if v == "original":
+                    p["enhanced_path"] = None
+                preds.append(p)
+        preds = pd.concat(preds, ignore_index=True)
+        run.write_table("predictions", preds)
+        run.write_table("misclassified", preds[~preds["correct"]])
+        for name, df in _tables(preds, rng).items():
+            run.write_table(name, df)
+        acc = preds.groupby("variant")["correct"].mean().round(4).to_dict()
+        start = t0 + dt.timedelta(hours=r)
+        run.update_meta(
+            status="finished", created_at=start.isoformat(), started_at=start.isoformat(),
+            ended_at=(start + dt.timedelta(seconds=600 + 30 * r)).isoformat(), duration_s=600.0 + 30 * r,
+            data={"root": str(data_dir), "split_dirs": {"TRAIN": str(data_dir / "TRAIN"),
+                                                         "TEST_SIMPLE": str(data_dir / "TEST_SIMPLE")},
+                  "test_source": "TEST_SIMPLE", "counts": {"test": len(manifest)}, "split": cfg.split,
+                  "leakage": {}},
+            weights={}, versions={"python": "3"}, device="cpu", skipped=[], error=None,
+            summary={"accuracy": acc}, stages={})
+        run.write_progress(stage="done", done=1, total=1, message="finished", eta_s=0, percent=100.0)
+        run.log("study finished")
+        run_ids.append(run_id)
+    # one failed run with an error and no tables
+    cfg = make_config("paper")
+    failed = store.create(cfg.to_dict(), run_id="20261119-080000-paper-failed")
+    failed.update_meta(status="failed", started_at=t0.isoformat(), ended_at=t0.isoformat(), duration_s=3.0,
+                       data={"test_source": "TEST_SIMPLE"}, summary={}, skipped=[],
+                       error={"type": "RuntimeError", "message": "CUDA out of memory while training resnet50",
+                              "traceback": "Traceback (most recent call last):\n  ...\nRuntimeError: CUDA out of memory"})
+    failed.log("RuntimeError: CUDA out of memory")
+    return {"root": root, "runs_dir": runs_dir, "data_dir": data_dir, "cache_dir": cache_dir,
+            "run_ids": run_ids, "failed_run_id": failed.run_id}
+
+
+def corrupt_store(runs_dir) -> dict:
+    """Add the broken cases: a corrupt predictions.parquet in a copy of a run, a folder with no run.json,
+    and a truncated run.json."""
+    import shutil
+
+    runs_dir = Path(runs_dir)
+    src = next(p for p in sorted(runs_dir.iterdir()) if (p / "predictions.parquet").exists())
+    bad = runs_dir / "20261118-070000-quick-corrupt"
+    shutil.copytree(src, bad)
+    meta = json.loads((bad / "run.json").read_text())
+    meta["run_id"] = bad.name
+    (bad / "run.json").write_text(json.dumps(meta))
+    (bad / "predictions.parquet").write_bytes(b"PAR1 this is not a parquet file")
+    (bad / "confusion.parquet").write_bytes(b"garbage")
+    half = runs_dir / "20261118-060000-quick-halfwritten"
+    half.mkdir(exist_ok=True)
+    (half / "progress.json").write_text("{}")
+    trunc = runs_dir / "20261118-050000-quick-truncated"
+    trunc.mkdir(exist_ok=True)
+    (trunc / "run.json").write_text('{"run_id": "20261118-050000-quick-truncated", "status": "fini')
+    return {"corrupt": bad.name, "no_json": half.name, "truncated": trunc.name}
