@@ -1,0 +1,244 @@
+"""Statistics stored with every run (the ``stats`` table, see ``core.store.SCHEMAS['stats']``).
+
+Rows by ``kind``:
+
+- ``ci``: per (variant, seed, image_size), ``accuracy`` and ``macro_f1`` with a 95% percentile bootstrap
+  CI. The bootstrap resamples whole source groups (cluster bootstrap) when ``group_id`` is known, since
+  near-copies of one cell are not independent evidence; otherwise images. ``detail`` says which.
+- ``paired``: each non-baseline variant vs the baseline on the same test images (same seed and
+  image_size, joined on image_id): ``accuracy_diff`` (variant minus baseline) with a paired bootstrap CI
+  (same resample for both), exact McNemar ``p_value`` (two-sided binomial test on the discordant pairs;
+  ``b`` = baseline right/variant wrong, ``c`` = baseline wrong/variant right), ``detail`` JSON
+  ``{"b", "c", "resample", "n_groups", "p_cluster_boot"}``. Also ``macro_f1_diff`` (CI only).
+  McNemar treats images as independent; with duplicated source cells it is too optimistic, so
+  ``p_cluster_boot`` (a two-sided bootstrap p-value from the group resample) is given next to it.
+- ``class_diff``: variant minus baseline for ``recall:<class>`` and ``f1:<class>`` of eosinophil and
+  neutrophil (the classes the enhancement is hoped to help), with paired bootstrap CIs.
+- ``seeds`` (``seed`` = -1), when a variant has more than one seed: for every metric above, ``estimate``
+  = mean over seeds, ``sd`` = sample sd, ``n`` = number of seeds, ``detail`` = JSON list of per-seed
+  values in ascending seed order. ``baseline`` is set for differences, null for plain metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+
+from core.config import CLASSES
+
+CLASS_DIFF_CLASSES = ("eosinophil", "neutrophil")
+STATS_COLUMNS = ["kind", "variant", "baseline", "seed", "image_size", "metric", "estimate", "sd", "ci_low",
+                 "ci_high", "p_value", "n", "detail"]
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value: binomial test of b successes in b + c trials at p = 0.5."""
+    from scipy.stats import binomtest
+
+    return 1.0 if b + c == 0 else float(binomtest(int(b), int(b + c), 0.5).pvalue)
+
+
+def _group_index(group_ids: pd.Series, image_ids: pd.Series) -> tuple[np.ndarray, int, bool]:
+    """Integer group per row (images with no group are their own group), number of groups, any known."""
+    known = group_ids.notna()
+    key = np.where(known, "g:" + group_ids.astype(str), "i:" + image_ids.astype(str))
+    _, idx = np.unique(key, return_inverse=True)
+    return idx, int(idx.max()) + 1 if len(idx) else 0, bool(known.any())
+
+
+def _boot_weights(n_groups: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n_groups) counts: how often each group is drawn in each bootstrap resample."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_groups, size=(n_boot, n_groups))
+    flat = draws + (np.arange(n_boot) * n_groups)[:, None]
+    return np.bincount(flat.ravel(), minlength=n_boot * n_groups).reshape(n_boot, n_groups).astype(np.float64)
+
+
+class _Counts:
+    """Per-group sufficient statistics: images, correct, and per-class TP/FP/FN."""
+
+    def __init__(self, y_true: np.ndarray, y_pred: np.ndarray, gidx: np.ndarray, n_groups: int,
+                 class_names: list[str]):
+        self.class_names, n_cls = class_names, len(class_names)
+        def per_group(mask2d):  # (N, C) bool -> (G, C)
+            out = np.zeros((n_groups, mask2d.shape[1]))
+            np.add.at(out, gidx, mask2d)
+            return out
+
+        onehot_t = np.eye(n_cls, dtype=bool)[y_true]
+        onehot_p = np.eye(n_cls, dtype=bool)[y_pred]
+        correct = (y_true == y_pred)
+        self.n = np.bincount(gidx, minlength=n_groups).astype(float)
+        self.correct = np.bincount(gidx, weights=correct, minlength=n_groups)
+        self.tp = per_group(onehot_t & onehot_p)
+        self.fp = per_group(~onehot_t & onehot_p)
+        self.fn = per_group(onehot_t & ~onehot_p)
+        self.present = (onehot_t | onehot_p).any(0)  # sklearn's macro average: labels in y_true or y_pred
+
+    def metrics(self, w: np.ndarray | None) -> dict[str, np.ndarray]:
+        """Metrics for weights ``w`` (n_boot, G), or the point estimate (shape (1,)) when None."""
+        w = np.ones((1, len(self.n))) if w is None else w
+        tp, fp, fn = w @ self.tp, w @ self.fp, w @ self.fn
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f1 = 2 * tp / (2 * tp + fp + fn)
+            recall = tp / (tp + fn)
+            # a class absent from a resample (0/0) drops out, as sklearn does with the labels it sees
+            macro = np.nanmean(f1[:, self.present], 1)
+            acc = (w @ self.correct) / (w @ self.n)
+        out = {"accuracy": acc, "macro_f1": macro}
+        for c, name in enumerate(self.class_names):
+            out[f"recall:{name}"] = recall[:, c]
+            out[f"f1:{name}"] = f1[:, c]
+        return out
+
+
+def _ci(boot: np.ndarray) -> tuple[float, float, float]:
+    boot = boot[~np.isnan(boot)]
+    if not len(boot):
+        return (math.nan, math.nan, math.nan)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return float(np.std(boot, ddof=1)) if len(boot) > 1 else math.nan, float(lo), float(hi)
+
+
+def _row(kind, variant, baseline, seed, size, metric, est, sd=None, lo=None, hi=None, p=None, n=None, detail=None):
+    return {"kind": kind, "variant": variant, "baseline": baseline, "seed": int(seed), "image_size": int(size),
+            "metric": metric, "estimate": float(est), "sd": sd, "ci_low": lo, "ci_high": hi, "p_value": p,
+            "n": None if n is None else int(n), "detail": None if detail is None else json.dumps(detail)}
+
+
+def compute_stats(predictions: pd.DataFrame, baseline: str = "original", n_boot: int = 2000,
+                  seed: int = 0) -> pd.DataFrame:
+    """The ``stats`` table for a run's predictions (see the module docstring for the rows)."""
+    p = predictions.copy()
+    if "group_id" not in p.columns:
+        p["group_id"] = None
+    p["group_id"] = p["group_id"].where(p["group_id"].notna() & (p["group_id"].astype(str) != ""), None)
+    names = list(CLASSES) + sorted(set(p["true_label"]).union(p["pred_label"]) - set(CLASSES))
+    code = {c: i for i, c in enumerate(names)}
+    rows: list[dict] = []
+    keys = ["variant", "seed", "image_size"]
+
+    for (variant, s, size), g in p.groupby(keys, sort=True):
+        gidx, n_groups, grouped = _group_index(g["group_id"], g["image_id"])
+        cnt = _Counts(g["true_label"].map(code).to_numpy(), g["pred_label"].map(code).to_numpy(),
+                      gidx, n_groups, names)
+        point, boot = cnt.metrics(None), cnt.metrics(_boot_weights(n_groups, n_boot, seed))
+        detail = {"resample": "groups" if grouped else "images", "n_groups": n_groups, "n_boot": n_boot}
+        for m in ("accuracy", "macro_f1"):
+            rows.append(_row("ci", variant, None, s, size, m, point[m][0], *_ci(boot[m]), n=len(g), detail=detail))
+
+    base = p[p["variant"] == baseline]
+    for (variant, s, size), g in p[p["variant"] != baseline].groupby(keys, sort=True):
+        b = base[(base["seed"] == s) & (base["image_size"] == size)]
+        if b.empty:
+            continue
+        j = g.merge(b, on="image_id", suffixes=("", "_b"))
+        if j.empty:
+            continue
+        gid = j["group_id"].where(j["group_id"].notna(), j["group_id_b"])
+        gidx, n_groups, grouped = _group_index(gid, j["image_id"])
+        yt = j["true_label"].map(code).to_numpy()
+        cv = _Counts(yt, j["pred_label"].map(code).to_numpy(), gidx, n_groups, names)
+        cb = _Counts(yt, j["pred_label_b"].map(code).to_numpy(), gidx, n_groups, names)
+        w = _boot_weights(n_groups, n_boot, seed)
+        pv, pb, bv, bb = cv.metrics(None), cb.metrics(None), cv.metrics(w), cb.metrics(w)
+        ok_v, ok_b = (j["true_label"] == j["pred_label"]).to_numpy(), (j["true_label"] == j["pred_label_b"]).to_numpy()
+        nb, nc = int((ok_b & ~ok_v).sum()), int((~ok_b & ok_v).sum())
+        d_acc = bv["accuracy"] - bb["accuracy"]
+        p_boot = float(min(1.0, 2 * min((d_acc <= 0).mean(), (d_acc >= 0).mean()))) if nb + nc else 1.0
+        detail = {"b": nb, "c": nc, "resample": "groups" if grouped else "images", "n_groups": n_groups,
+                  "p_cluster_boot": p_boot}
+        est = pv["accuracy"][0] - pb["accuracy"][0]
+        rows.append(_row("paired", variant, baseline, s, size, "accuracy_diff", est, *_ci(d_acc),
+                         p=mcnemar_exact(nb, nc), n=len(j), detail=detail))
+        rows.append(_row("paired", variant, baseline, s, size, "macro_f1_diff", pv["macro_f1"][0] - pb["macro_f1"][0],
+                         *_ci(bv["macro_f1"] - bb["macro_f1"]), n=len(j), detail={"resample": detail["resample"]}))
+        for cls in CLASS_DIFF_CLASSES:
+            support = int((j["true_label"] == cls).sum())
+            for m in (f"recall:{cls}", f"f1:{cls}"):
+                est = pv[m][0] - pb[m][0]
+                if math.isnan(est):
+                    continue
+                rows.append(_row("class_diff", variant, baseline, s, size, m, est, *_ci(bv[m] - bb[m]), n=support,
+                                 detail={"variant": float(pv[m][0]), "baseline": float(pb[m][0]),
+                                         "resample": detail["resample"]}))
+
+    out = pd.DataFrame(rows, columns=STATS_COLUMNS)
+    seeds_rows = []
+    per_seed = out[out["kind"].isin(["ci", "paired", "class_diff"])]
+    for (variant, bl, size, metric), g in per_seed.groupby(
+            ["variant", per_seed["baseline"].fillna(""), "image_size", "metric"], sort=True):
+        if g["seed"].nunique() < 2:
+            continue
+        g = g.sort_values("seed")
+        vals = g["estimate"].astype(float).tolist()
+        seeds_rows.append(_row("seeds", variant, bl or None, -1, size, metric, float(np.mean(vals)),
+                               sd=float(np.std(vals, ddof=1)), n=len(vals), detail=vals))
+    if seeds_rows:
+        out = pd.concat([out, pd.DataFrame(seeds_rows, columns=STATS_COLUMNS)], ignore_index=True)
+    for c in ("estimate", "sd", "ci_low", "ci_high", "p_value"):
+        out[c] = pd.to_numeric(out[c], errors="coerce").astype(float)
+    out["seed"] = out["seed"].astype("int64")
+    out["image_size"] = out["image_size"].astype("int64")
+    out["n"] = out["n"].astype("Int64")
+    return out
+
+
+def _pts(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def summary_text(stats: pd.DataFrame) -> str:
+    """A short, plainly worded summary of the stats table for ``wbc report``."""
+    if stats is None or stats.empty:
+        return "No statistics available."
+    lines: list[str] = []
+    ci = stats[stats["kind"] == "ci"]
+    if not ci.empty:
+        d = json.loads(ci["detail"].iloc[0]) if isinstance(ci["detail"].iloc[0], str) else {}
+        how = ("whole source-cell groups (cluster bootstrap)" if d.get("resample") == "groups"
+               else "individual images (no source groups known)")
+        lines.append(f"95% confidence intervals are percentile bootstrap intervals resampling {how}; "
+                     "differences are in percentage points, variant minus baseline.")
+    for r in ci[ci["metric"] == "accuracy"].itertuples():
+        lines.append(f"- {r.variant} (seed {r.seed}, {r.image_size} px): accuracy {r.estimate:.3f} "
+                     f"(95% CI {r.ci_low:.3f}-{r.ci_high:.3f}, n = {r.n}).")
+    paired = stats[(stats["kind"] == "paired") & (stats["metric"] == "accuracy_diff")]
+    for r in paired.itertuples():
+        d = json.loads(r.detail)
+        verdict = ("no evidence of a difference (the CI includes 0)" if r.ci_low <= 0 <= r.ci_high else
+                   f"the CI excludes 0: {r.variant} is {'better' if r.estimate > 0 else 'worse'} on these test images")
+        lines.append(
+            f"- {r.variant} vs {r.baseline} (seed {r.seed}, {r.image_size} px): accuracy {_pts(r.estimate)} points "
+            f"(95% CI {_pts(r.ci_low)} to {_pts(r.ci_high)}); exact McNemar p = {r.p_value:.3g} "
+            f"({d['b']} images right only with {r.baseline}, {d['c']} right only with {r.variant}); {verdict}.")
+        if d.get("resample") == "groups" and d.get("n_groups", r.n) < r.n:
+            lines.append(f"  McNemar counts {r.n} images as independent but they come from {d['n_groups']} source "
+                         f"groups; the group-bootstrap p = {d['p_cluster_boot']:.3g} is the more honest figure.")
+    seeds = stats[stats["kind"] == "seeds"]
+    if not seeds.empty:
+        lines.append("Spread over training seeds (mean, sample sd):")
+        for r in seeds[seeds["metric"].isin(["accuracy", "accuracy_diff"])].itertuples():
+            what = f"{r.variant} accuracy" if r.metric == "accuracy" else f"{r.variant} minus {r.baseline} accuracy"
+            scale = 100 if r.metric == "accuracy_diff" else 1
+            fmt = (lambda x: f"{x:+.1f} points") if scale == 100 else (lambda x: f"{x:.3f}")
+            lines.append(f"- {what} ({r.image_size} px, {r.n} seeds): {fmt(scale * r.estimate)} "
+                         f"(sd {scale * r.sd:.{1 if scale == 100 else 3}f}).")
+    cd = stats[stats["kind"] == "class_diff"]
+    if not cd.empty:
+        lines.append("Per-class changes (variant minus baseline):")
+        multi = seeds[seeds["metric"].isin(cd["metric"].unique()) & seeds["baseline"].notna()]
+        if not multi.empty:
+            for r in multi.itertuples():
+                lines.append(f"- {r.metric} {r.variant} vs {r.baseline} ({r.image_size} px): mean {_pts(r.estimate)} "
+                             f"points over {r.n} seeds (sd {100 * r.sd:.1f}).")
+        else:
+            for r in cd.itertuples():
+                inc = "CI includes 0" if r.ci_low <= 0 <= r.ci_high else "CI excludes 0"
+                lines.append(f"- {r.metric} {r.variant} vs {r.baseline} (seed {r.seed}, {r.image_size} px): "
+                             f"{_pts(r.estimate)} points (95% CI {_pts(r.ci_low)} to {_pts(r.ci_high)}; "
+                             f"{inc}; {r.n} test images of the class).")
+    return "\n".join(lines)
