@@ -96,10 +96,10 @@ def test_shipped_x4plus_converts_and_loads_strict(x4plus, weights_cache):
     assert again.weights_id() == x4plus.weights_id() and again.provenance()["source"] == NCNN_SOURCE
 
 
-def test_all_shipped_ncnn_files_convert():
+def test_other_shipped_ncnn_files_convert():
     mdir = ncnn_model_dir()
     for spec in MODELS.values():
-        if spec.ncnn:
+        if spec.ncnn and spec.name != "realesrgan-x4plus":  # x4plus: see the test above
             model = build_model(spec)
             sd = ncnn_to_state_dict(mdir / f"{spec.ncnn}.param", mdir / f"{spec.ncnn}.bin", model.state_dict())
             model.load_state_dict(sd, strict=True)
@@ -112,12 +112,12 @@ def _center_crop(im, size=64):
 
 @needs_data
 def test_x4plus_batched_matches_reference_on_real_crops(x4plus):
-    crops = [_center_crop(load_rgb(p)) for p in REAL]
+    crops = [_center_crop(load_rgb(p), 32) for p in REAL]  # x4plus: ~30 s per full image on 2 CPU cores
     ours = x4plus.enhance_batch(crops)
     ref = x4plus.reference()
     for crop, out in zip(crops, ours):
         want = reference_enhance_rgb(ref, crop)
-        assert out.shape == want.shape == (256, 256, 3) and out.dtype == np.uint8
+        assert out.shape == want.shape == (128, 128, 3) and out.dtype == np.uint8
         assert psnr(out, want) >= 45.0
 
 
