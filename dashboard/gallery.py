@@ -52,13 +52,13 @@ class Gallery(JSComponent):
 
     _stylesheets = ["""
     .wbc-gallery { display: flex; flex-wrap: wrap; gap: 8px; }
-    .wbc-card { border: 1px solid #ccc; border-radius: 6px; padding: 4px; cursor: pointer; width: 262px;
+    .wbc-card { border: 1px solid #ccc; border-radius: 6px; padding: 4px; cursor: pointer; width: 252px;
                 background: white; font-size: 12px; }
     .wbc-card.bad { border-left: 4px solid #d62728; }
     .wbc-card.ok { border-left: 4px solid #2ca02c; }
     .wbc-card:hover { box-shadow: 0 0 6px #888; }
     .wbc-imgs { display: flex; gap: 4px; }
-    .wbc-imgs img, .wbc-imgs .missing { width: 128px; height: 96px; object-fit: contain; background: #eee; }
+    .wbc-imgs img, .wbc-imgs .missing { width: 120px; height: 90px; object-fit: contain; background: #eee; }
     .wbc-imgs .missing { display: flex; align-items: center; justify-content: center; color: #999; }
     .wbc-cap { font-weight: 600; margin-top: 2px; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
     .wbc-probs { color: #555; font-family: monospace; font-size: 11px; }
@@ -75,13 +75,12 @@ def gallery_items(rows: pd.DataFrame, runs_dir=None, show_enhanced: bool = True,
     items = []
     for r in rows.to_dict("records"):
         enh = None
-        if show_enhanced:
-            enh = thumbnail_uri(r.get("enhanced_path"), runs_dir=runs_dir) or ""
-            if not r.get("enhanced_path"):
-                enh = None
-        title = f"{CLASS_ABBR.get(str(r['true_label']), r['true_label'])} \u2192 " \
+        ep = r.get("enhanced_path")
+        if show_enhanced and isinstance(ep, str) and ep:
+            enh = thumbnail_uri(ep, runs_dir=runs_dir) or ""
+        title = r.get("title") or f"{CLASS_ABBR.get(str(r['true_label']), r['true_label'])} \u2192 " \
                 f"{CLASS_ABBR.get(str(r['pred_label']), r['pred_label'])}"
-        if label_variant:
+        if label_variant and not r.get("title"):
             title += f" \u00b7 {r['variant']} s{r['seed']}"
         items.append({"key": html.escape(str(r.get("image_id", ""))), "orig": thumbnail_uri(r.get("path"), runs_dir=runs_dir),
                       "enh": enh, "title": html.escape(title), "probs": probs_text(r),

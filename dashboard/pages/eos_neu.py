@@ -7,12 +7,18 @@ import holoviews as hv
 import pandas as pd
 import panel as pn
 
+from core.config import CLASS_ABBR
+
 from dashboard.data import load_table, run_variants
 from dashboard.gallery import Gallery, gallery_items
 from dashboard.pages.common import gated, no_run, warnings_alert
 
 EOS, NEU = "eosinophil", "neutrophil"
 KEY = ["image_id", "seed", "image_size"]
+
+
+def ab(label) -> str:
+    return CLASS_ABBR.get(str(label), str(label))
 
 
 def eos_neu_counts(pred: pd.DataFrame) -> pd.DataFrame:
@@ -74,10 +80,12 @@ def view(state) -> pn.viewable.Viewable:
                     "image_id": g.image_id, "variant": f"{base}\u2192{other}", "seed": g.seed,
                     "true_label": g.true_label_base,
                     "pred_label": [f"{pb}/{po}" for pb, po in zip(g.pred_label_base, g.pred_label_other)],
-                    "path": g.path_base, "enhanced_path": g.enhanced_path, "correct": g.correct_other})
+                    "path": g.path_base, "enhanced_path": g.enhanced_path, "correct": g.correct_other,
+                    "title": [f"{ab(t)}: {ab(pb)} ({base}) \u2192 {ab(po)} ({other}) s{sd}" for t, pb, po, sd in
+                              zip(g.true_label_base, g.pred_label_base, g.pred_label_other, g.seed)]})
                 items = gallery_items(rows, runs_dir=state.runs_dir, label_variant=False)
-                for it, pb, po in zip(items, g.pred_label_base, g.pred_label_other):
-                    it["probs"] = f"{base}: {pb} | {other}: {po}"
+                for it, cb, co in zip(items, g.confidence_base, g.confidence_other):
+                    it["probs"] = f"confidence {cb:.2f} \u2192 {co:.2f}"
                 parts += [pn.pane.Markdown(f"**{kind}** ({len(f[f.flip == kind])}, first 24 shown)"),
                           Gallery(items=items, sizing_mode="stretch_width", css_classes=["wbc-flip-gallery"])]
         return pn.Column(*parts, sizing_mode="stretch_width")

@@ -29,7 +29,27 @@ def load_errors(state, run_id) -> tuple[pd.DataFrame, list]:
         ws.append(w2)
         if not pred.empty:
             df = pred[~pred["correct"].astype(bool)]
-    return df, ws
+    return with_enhanced_counterpart(state, run_id, df), ws
+
+
+def with_enhanced_counterpart(state, run_id, df: pd.DataFrame) -> pd.DataFrame:
+    """For rows of the un-enhanced variant, the enhanced version of the same image from another variant
+    (so every card shows original and enhanced side by side); ``enhanced_from`` names that variant."""
+    if df.empty or "enhanced_path" not in df.columns:
+        return df
+    missing = df["enhanced_path"].isna()
+    df = df.assign(enhanced_from=np.where(missing, None, df["variant"].astype(str)))
+    if not missing.any():
+        return df
+    pred, _ = load_table(state.run_dir(run_id), "predictions")
+    if pred.empty:
+        return df
+    enh = pred.loc[pred["enhanced_path"].notna(), ["image_id", "variant", "enhanced_path"]] \
+        .drop_duplicates("image_id").set_index("image_id")
+    ids = df.loc[missing, "image_id"]
+    df.loc[missing, "enhanced_path"] = ids.map(enh["enhanced_path"]).to_numpy()
+    df.loc[missing, "enhanced_from"] = ids.map(enh["variant"].astype(str)).to_numpy()
+    return df
 
 
 def filter_errors(df: pd.DataFrame, variant, true_label, pred_label, conf) -> pd.DataFrame:
@@ -63,8 +83,8 @@ def detail_view(row: dict, runs_dir) -> pn.viewable.Viewable:
         f"seed {row['seed']}, size {row['image_size']}<br>true <b>{row['true_label']}</b>, predicted "
         f"<b>{row['pred_label']}</b><table>{probs}</table>", css_classes=["wbc-detail-info"])
     imgs = [big(row.get("path"), "original")]
-    if row.get("enhanced_path"):
-        imgs.append(big(row.get("enhanced_path"), f"enhanced ({row['variant']})"))
+    if isinstance(row.get("enhanced_path"), str):
+        imgs.append(big(row.get("enhanced_path"), f"enhanced ({row.get('enhanced_from') or row['variant']})"))
     return pn.Row(*imgs, info)
 
 

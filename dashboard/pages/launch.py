@@ -67,7 +67,8 @@ def build_args(values: dict) -> list[str]:
         a += ["--test-dir", values["test_dir"]]
     a += ["--variants", ",".join(values["variants"]), "--classifier", values["classifier"],
           "--pretrained", values["pretrained"], "--epochs", str(values["epochs"]),
-          "--image-size", str(values["image_size"]), "--seed", str(values["seed"]), "--device", values["device"]]
+          "--image-size", str(values["image_size"]), "--seed", str(values["seed"]), "--device", values["device"],
+          "--split", values.get("split") or "grouped"]
     if values.get("per_class"):
         a += ["--per-class", str(values["per_class"])]
     if values.get("test_per_class"):
@@ -83,7 +84,7 @@ def view(state) -> pn.viewable.Viewable:
     w = dict(
         preset=pn.widgets.Select(name="Preset", options=presets, value="quick", width=150, css_classes=["wbc-l-preset"]),
         data=pn.widgets.Select(name="Data folder (under the allowed roots)", options=folders,
-                               value=folders[0] if folders else None, width=420, css_classes=["wbc-l-data"]),
+                               value=folders[0] if folders else None, width=500, css_classes=["wbc-l-data"]),
         data_path=pn.widgets.TextInput(name="…or type a data folder path", placeholder="/path/under/a/data/root",
                                        width=420, css_classes=["wbc-l-data-path"]),
         test=pn.widgets.Select(name="Test folder", options=[AUTO_TEST], value=AUTO_TEST, width=420,
@@ -95,13 +96,15 @@ def view(state) -> pn.viewable.Viewable:
         pretrained=pn.widgets.Select(name="Pretrained", options=["imagenet", "none"], width=120,
                                      css_classes=["wbc-l-pretrained"]),
         epochs=pn.widgets.IntInput(name="Epochs", value=3, start=1, end=200, width=90, css_classes=["wbc-l-epochs"]),
-        per_class=pn.widgets.IntInput(name="Train images / class (0 = all)", value=40, start=0, width=200,
+        per_class=pn.widgets.IntInput(name="Train imgs/class (0=all)", value=40, start=0, width=170,
                                       css_classes=["wbc-l-per-class"]),
-        test_per_class=pn.widgets.IntInput(name="Test images / class (0 = all)", value=0, start=0, width=200,
+        test_per_class=pn.widgets.IntInput(name="Test imgs/class (0=all)", value=0, start=0, width=170,
                                            css_classes=["wbc-l-test-per-class"]),
         image_size=pn.widgets.IntInput(name="Image size", value=224, start=32, end=1024, width=100,
                                        css_classes=["wbc-l-size"]),
         seed=pn.widgets.IntInput(name="Seed", value=0, start=0, width=80, css_classes=["wbc-l-seed"]),
+        split=pn.widgets.Select(name="Validation split", options=["grouped", "random"], value="grouped", width=130,
+                                css_classes=["wbc-l-split"]),
         device=pn.widgets.Select(name="Device", options=["auto", "cpu", "cuda"], value="auto", width=100,
                                  css_classes=["wbc-l-device"]),
     )
@@ -117,7 +120,7 @@ def view(state) -> pn.viewable.Viewable:
     open_run = pn.widgets.Button(name="Open the new run", button_type="success", visible=False,
                                  css_classes=["wbc-l-open"])
     roots_md = pn.pane.Markdown(
-        "Allowed data roots (`WBC_DATA_ROOTS`): " + (", ".join(f"`{r}`" for r in data_roots()) or
+        "Allowed data roots (`WBC_DATA_ROOTS`):\n\n" + (", ".join(f"`{r}`" for r in data_roots()) or
                                                        "**none** — set `WBC_DATA_ROOTS` to launch studies"),
         sizing_mode="stretch_width")
 
@@ -133,6 +136,7 @@ def view(state) -> pn.viewable.Viewable:
         w["per_class"].value = int(p.get("per_class") or 0)
         w["image_size"].value = int((p.get("image_sizes") or (224,))[0])
         w["seed"].value = int((p.get("seeds") or (0,))[0])
+        w["split"].value = p.get("split", "grouped")
 
     def update_tests(*_):
         folder = w["data_path"].value.strip() or w["data"].value
@@ -246,11 +250,11 @@ def view(state) -> pn.viewable.Viewable:
 
     form = pn.Column(
         pn.pane.Markdown("### Start a study"), roots_md,
-        pn.Row(w["preset"], w["classifier"], w["pretrained"], w["device"]),
+        pn.Row(w["preset"], w["classifier"], w["pretrained"]),
         w["data"], w["data_path"], w["test"], w["variants"],
         pn.Row(w["epochs"], w["per_class"], w["test_per_class"]),
-        pn.Row(w["image_size"], w["seed"]),
-        pn.Row(start, cancel), width=480)
+        pn.Row(w["image_size"], w["seed"], w["split"], w["device"]),
+        pn.Row(start, cancel), width=540, sizing_mode="fixed")
     status = pn.Column(pn.pane.Markdown("### Progress"), stage, bar, message, open_run,
                        pn.pane.Markdown("**Log (tail)**"), log, sizing_mode="stretch_width")
-    return pn.Row(form, status, sizing_mode="stretch_width", css_classes=["wbc-page-launch"])
+    return pn.Row(form, pn.Spacer(width=20), status, sizing_mode="stretch_width", css_classes=["wbc-page-launch"])

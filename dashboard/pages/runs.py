@@ -31,7 +31,7 @@ def _style_status(v):
 def view(state) -> pn.viewable.Viewable:
     table = pn.widgets.Tabulator(
         runs_frame(state), show_index=False, selectable=2, disabled=True, pagination="local", page_size=15,
-        sizing_mode="stretch_width", height=460, css_classes=["wbc-runs-table"], layout="fit_data_table",
+        sizing_mode="stretch_width", css_classes=["wbc-runs-table"], layout="fit_data_table",
         header_filters=False,
     )
     table.style.map(_style_status, subset=["status"])

@@ -1,0 +1,166 @@
+"""The dashboard in a real browser (Debian Chromium via Playwright) over a fixture run store.
+
+The session fixtures in conftest.py start ``panel serve dashboard`` on a free localhost port with
+WBC_RUNS_DIR / WBC_CACHE_DIR / WBC_DATA_ROOTS pointing at the fixture store. Screenshots of every step go
+to test-artifacts/. No sleeps: every wait is an ``expect`` poll.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+expect = pytest.importorskip("playwright.sync_api").expect
+
+
+def open_tab(page, name: str):
+    page.locator(".bk-tab", has_text=re.compile(f"^{re.escape(name)}$")).first.click()
+
+
+def gallery_captions(page) -> list[str]:
+    return page.locator(".wbc-gallery-pane .wbc-card .wbc-cap").all_inner_texts()
+
+
+def test_page_loads_over_fixture_store(dashboard_page, dashboard_server, dashboard_store, artifacts_dir):
+    page = dashboard_page
+    page.goto(dashboard_server)
+    table = page.locator(".wbc-runs-table div.tabulator")
+    expect(table).to_be_visible()
+    for rid in dashboard_store["run_ids"]:
+        expect(page.locator(".wbc-runs-table .tabulator-row", has_text=rid)).to_have_count(1)
+    # the failed run and the broken folders are listed; the broken ones with a warning
+    expect(page.locator(".wbc-runs-table .tabulator-row", has_text="failed")).not_to_have_count(0)
+    expect(page.locator(".wbc-runs-table .tabulator-row", has_text="unreadable")).to_have_count(2)
+    expect(page.locator(".wbc-warning div").filter(has_text="halfwritten").first).to_be_visible()
+    page.screenshot(path=str(artifacts_dir / "dashboard-01-runs.png"), full_page=True)
+
+    # the failed run shows its error
+    page.locator(".wbc-runs-table .tabulator-row", has_text=dashboard_store["failed_run_id"]).first.click()
+    expect(page.locator(".wbc-run-error div").filter(has_text="CUDA out of memory").first).to_be_visible()
+    page.screenshot(path=str(artifacts_dir / "dashboard-02-failed-run.png"), full_page=True)
+
+    # the run with corrupt Parquet files still renders, with a warning
+    page.locator(".wbc-run-select select").select_option(dashboard_store["broken"]["corrupt"])
+    open_tab(page, "Confusion")
+    expect(page.locator(".wbc-page-confusion .wbc-warning div").filter(has_text="could not be read").first) \
+        .to_be_visible()
+    page.screenshot(path=str(artifacts_dir / "dashboard-03-corrupt-run.png"), full_page=True)
+
+    # overview of a good run: accuracy with CIs and the paired test
+    page.locator(".wbc-run-select select").select_option(dashboard_store["run_ids"][0])
+    open_tab(page, "Overview")
+    expect(page.locator(".wbc-acc-table div.tabulator")).to_contain_text("realesrgan-x4plus")
+    expect(page.locator(".wbc-page-overview").filter(has_text="McNemar p").first).to_be_visible()
+    page.screenshot(path=str(artifacts_dir / "dashboard-04-overview.png"), full_page=True)
+
+
+def test_class_filter_changes_gallery(dashboard_page, dashboard_server, dashboard_store, artifacts_dir):
+    page = dashboard_page
+    page.goto(dashboard_server)
+    page.locator(".wbc-run-select select").select_option(dashboard_store["run_ids"][0])
+    open_tab(page, "Errors")
+    cards = page.locator(".wbc-gallery-pane .wbc-card")
+    expect(cards.first).to_be_visible()
+    expect(cards.first.locator("img.orig")).to_have_attribute("src", re.compile("^data:image/jpeg;base64,"))
+    before = page.locator(".wbc-error-count div").inner_text()
+    page.screenshot(path=str(artifacts_dir / "dashboard-05-errors.png"), full_page=True)
+
+    page.locator(".wbc-f-true select").select_option("eosinophil")
+    expect(page.locator(".wbc-error-count div")).not_to_have_text(before)
+    expect(cards.first.locator(".wbc-cap")).to_have_text(re.compile(r"^EOS \u2192"))
+    caps = gallery_captions(page)
+    assert caps and all(c.startswith("EOS") for c in caps), caps
+
+    # larger view on click: original and enhanced side by side
+    cards.first.click()
+    expect(page.locator(".wbc-detail .wbc-large img").first).to_be_visible()
+    expect(page.locator(".wbc-detail .wbc-large img")).to_have_count(2)
+    page.screenshot(path=str(artifacts_dir / "dashboard-06-errors-eosinophil.png"), full_page=True)
+
+
+TAP_JS = """(title) => {
+  const views = [...Bokeh.index.query((v) => v.model.title != null && v.model.title.text === title
+                                     && v.frame != null)];
+  const pv = views[0];
+  const r = pv.canvas_view.el.getBoundingClientRect();
+  const f = pv.frame.bbox;
+  return {x: r.left + f.left, y: r.top + f.top, w: f.width, h: f.height};
+}"""
+
+
+def test_confusion_cell_click_filters_browser(dashboard_page, dashboard_server, dashboard_store, artifacts_dir):
+    page = dashboard_page
+    page.goto(dashboard_server)
+    page.locator(".wbc-run-select select").select_option(dashboard_store["run_ids"][0])
+    open_tab(page, "Confusion")
+    heat = page.locator(".wbc-confusion-original canvas").first
+    expect(heat).to_be_visible()
+    page.screenshot(path=str(artifacts_dir / "dashboard-07-confusion.png"), full_page=True)
+    page.wait_for_function("() => [...Bokeh.index.query((v) => v.model.title != null && "
+                           "v.model.title.text === 'original' && v.frame != null)].length > 0")
+    box = page.evaluate(TAP_JS, "original")
+    # true EOS (top row, y axis inverted) predicted NEU (last column)
+    page.mouse.click(box["x"] + box["w"] * 3.5 / 4, box["y"] + box["h"] * 0.5 / 4)
+    expect(page.locator(".wbc-f-true select")).to_have_value("eosinophil")
+    expect(page.locator(".wbc-f-pred select")).to_have_value("neutrophil")
+    expect(page.locator(".wbc-f-variant select")).to_have_value("original")
+    cards = page.locator(".wbc-gallery-pane .wbc-card .wbc-cap")
+    expect(cards.first).to_have_text(re.compile(r"^EOS \u2192 NEU \u00b7 original"))
+    caps = gallery_captions(page)
+    assert caps and all(c.startswith("EOS \u2192 NEU \u00b7 original") for c in caps), caps
+    page.screenshot(path=str(artifacts_dir / "dashboard-08-confusion-click.png"), full_page=True)
+
+
+def test_launch_tiny_study_shows_progress_and_new_run(dashboard_page, dashboard_server, dashboard_store,
+                                                      artifacts_dir):
+    page = dashboard_page
+    page.goto(dashboard_server)
+    open_tab(page, "Launch")
+    expect(page.locator(".wbc-l-start button")).to_be_visible()
+    page.locator(".wbc-l-preset select").select_option("custom")
+    page.locator(".wbc-l-data select").select_option(str(dashboard_store["data_dir"]))
+    # variants: original + bicubic-x4 (remove what is there, then type)
+    variants = page.locator(".wbc-l-variants")
+    for _ in range(5):
+        btn = variants.locator("button.choices__button")
+        if btn.count() == 0:
+            break
+        btn.first.click()
+    expect(variants.locator("button.choices__button")).to_have_count(0)
+    inp = variants.locator("input.choices__input--cloned")
+    for v in ("original", "bicubic-x4"):
+        inp.click()
+        inp.fill(v)
+        variants.locator(".choices__item--choice", has_text=re.compile(f"^{re.escape(v)}$")).first.click()
+    expect(variants.locator(".choices__item--selectable.choices__item[data-value]").filter(has_text="bicubic-x4")) \
+        .not_to_have_count(0)
+    page.keyboard.press("Escape")
+    page.locator(".wbc-l-classifier select").select_option("simple_cnn")
+    page.locator(".wbc-l-pretrained select").select_option("none")
+    page.locator(".wbc-l-split select").select_option("random")
+    page.locator(".wbc-l-device select").select_option("cpu")
+    for cls, val in (("wbc-l-epochs", "1"), ("wbc-l-per-class", "8"), ("wbc-l-test-per-class", "10"),
+                     ("wbc-l-size", "64")):
+        box = page.locator(f".{cls} input")
+        box.fill(val)
+        box.press("Enter")
+    page.screenshot(path=str(artifacts_dir / "dashboard-09-launch-form.png"), full_page=True)
+    page.locator(".wbc-l-start button").click()
+
+    stage = page.locator(".wbc-l-stage div")
+    expect(stage).to_contain_text("running", timeout=15_000)
+    expect(page.locator(".wbc-l-message div").first).to_contain_text("Started")
+    expect(stage).to_contain_text("stage:", timeout=15_000)
+    page.screenshot(path=str(artifacts_dir / "dashboard-10-launch-running.png"), full_page=True)
+    expect(stage).to_contain_text("finished", timeout=90_000)
+    open_btn = page.locator(".wbc-l-open button")
+    expect(open_btn).to_be_visible()
+    new_id = open_btn.inner_text().replace("Open ", "").strip()
+    page.screenshot(path=str(artifacts_dir / "dashboard-11-launch-done.png"), full_page=True)
+    open_tab(page, "Runs")
+    expect(page.locator(".wbc-runs-table .tabulator-row", has_text=new_id)).to_have_count(1)
+    expect(page.locator(".wbc-runs-table .tabulator-row", has_text=new_id)).to_contain_text("finished")
+    page.screenshot(path=str(artifacts_dir / "dashboard-12-new-run.png"), full_page=True)
