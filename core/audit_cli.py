@@ -1,0 +1,133 @@
+"""``wbc audit DATA``: how many source cells each split holds, and whether splits share cells.
+
+Per split and class: images, estimated source cells (groups, see core.groups), group sizes, and for
+every other split how many groups have a near-copy there. TEST_SIMPLE alone is checked against its
+known structure: one image per source cell, except two byte-identical eosinophil pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+AUDIT_COLUMNS = ["split", "label", "images", "distinct_files", "groups", "expected_groups", "group_min",
+                 "group_median", "group_max", "other_split", "other_groups_with_copy", "other_images_with_copy",
+                 "threshold"]
+# Source cells per split and class implied by the file names' K prefix (see SOURCE.md). For TEST_SIMPLE
+# each image is one cell, so the expectation is its number of distinct files.
+EXPECTED_CELLS = {
+    "TRAIN": {"eosinophil": 75, "lymphocyte": 27, "monocyte": 16, "neutrophil": 159},
+    "TEST": {"eosinophil": 13, "lymphocyte": 6, "monocyte": 4, "neutrophil": 48},
+}
+
+
+def add_audit_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("audit", help="estimate source cells per split/class and cross-split near-copies",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", metavar="DATA", help="data root with TRAIN/ (TEST/, TEST_SIMPLE/) class folders")
+    p.add_argument("--test-dir", default=None, help="a Kaggle TEST folder to audit as the TEST split")
+    p.add_argument("--out", default="audit.parquet", help="Parquet file for the table (default: audit.parquet)")
+    p.add_argument("--device", default="cpu", help="torch device for the embeddings (cpu, cuda)")
+    p.add_argument("--per-class", type=int, default=None,
+                   help="audit at most N images per split and class (random, seed 0); default all")
+    p.add_argument("--threshold", type=float, default=None, help="near-copy cosine distance (default: the constant)")
+    p.add_argument("--cache-dir", default=None, help="embedding cache (default: the wbc cache dir)")
+    p.set_defaults(func=cmd_audit)
+    return p
+
+
+def audit_table(df: pd.DataFrame, groups: np.ndarray, emb: np.ndarray, threshold: float,
+                per_class_subset: bool = False) -> pd.DataFrame:
+    from core.groups import cross_split_overlap
+
+    df = df.reset_index(drop=True).assign(group=np.asarray(groups))
+    overlap = cross_split_overlap(df, groups, emb, threshold)
+    rows = []
+    for (split, label), g in df.groupby(["split", "label"], sort=False):
+        sizes = g.groupby("group").size()
+        if split == "TEST_SIMPLE":
+            expected = g["sha1"].nunique()
+        else:
+            expected = None if per_class_subset else EXPECTED_CELLS.get(split, {}).get(label)
+        base = {"split": split, "label": label, "images": len(g), "distinct_files": g["sha1"].nunique(),
+                "groups": len(sizes), "expected_groups": expected, "group_min": int(sizes.min()),
+                "group_median": float(sizes.median()), "group_max": int(sizes.max()), "threshold": threshold}
+        ov = overlap[(overlap["split"] == split) & (overlap["label"] == label)]
+        if ov.empty:
+            rows.append({**base, "other_split": None, "other_groups_with_copy": None, "other_images_with_copy": None})
+        for r in ov.itertuples():
+            rows.append({**base, "other_split": r.other_split, "other_groups_with_copy": r.groups_with_copy,
+                         "other_images_with_copy": r.images_with_copy})
+    out = pd.DataFrame(rows, columns=AUDIT_COLUMNS)
+    return out.astype({"expected_groups": "Int64", "other_groups_with_copy": "Int64", "other_images_with_copy": "Int64"})
+
+
+def format_table(t: pd.DataFrame) -> str:
+    lines = [f"{'split':<12}{'class':<12}{'images':>7}{'cells':>7}{'expected':>9}{'size min/med/max':>18}  near-copies elsewhere"]
+    for (split, label), g in t.groupby(["split", "label"], sort=False):
+        r = g.iloc[0]
+        exp = "" if pd.isna(r["expected_groups"]) else str(r["expected_groups"])
+        other = ", ".join(f"{o.other_split}: {o.other_groups_with_copy}/{o.groups} groups"
+                          for o in g.itertuples() if o.other_split is not None) or "-"
+        size = f"{r['group_min']}/{r['group_median']:g}/{r['group_max']}"
+        lines.append(f"{split:<12}{label:<12}{r['images']:>7}{r['groups']:>7}{exp:>9}{size:>18}  {other}")
+    return "\n".join(lines)
+
+
+def cmd_audit(args) -> int:
+    from core.data import DataNotFoundError, build_manifest, subset_per_class
+    from core.groups import NEAR_COPY_THRESHOLD, centre, embed_images, groups_from_embeddings
+    from core.store import atomic_write_parquet
+
+    if not Path(args.data).is_dir():
+        print(f"wbc audit: error: {args.data}: not a folder", file=sys.stderr)
+        return 2
+    try:
+        m = build_manifest(args.data, test_dir=getattr(args, "test_dir", None))
+    except DataNotFoundError as e:
+        print(f"wbc audit: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    df = m.df
+    per_class = getattr(args, "per_class", None)
+    if per_class:
+        df = pd.concat([subset_per_class(g, per_class, 0) for _, g in df.groupby("split", sort=False)],
+                       ignore_index=True)
+    threshold = NEAR_COPY_THRESHOLD if getattr(args, "threshold", None) is None else args.threshold
+    t0 = time.time()
+
+    def progress(done, total):
+        if total and (done == total or done % 512 == 0):
+            print(f"\rembedding {done}/{total} new images ({time.time() - t0:.0f} s)", end="", file=sys.stderr,
+                  flush=True)
+
+    emb = embed_images(df["path"].tolist(), df["sha1"].tolist(), getattr(args, "cache_dir", None),
+                       getattr(args, "device", "cpu"), progress)
+    print(file=sys.stderr)
+    emb = centre(emb)
+    groups = groups_from_embeddings(df, emb, threshold)
+    table = audit_table(df, groups, emb, threshold, per_class_subset=bool(per_class))
+    out = Path(getattr(args, "out", None) or "audit.parquet")
+    atomic_write_parquet(out, table)
+    print(format_table(table))
+    ts = table[table["split"] == "TEST_SIMPLE"].drop_duplicates(["split", "label"])
+    if not ts.empty:
+        print(f"TEST_SIMPLE check (one group per distinct file): expected {int(ts['expected_groups'].sum())}, "
+              f"found {int(ts['groups'].sum())} groups")
+    print(f"near-copy threshold: cosine distance < {threshold}; wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wbc")
+    add_audit_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["audit", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
