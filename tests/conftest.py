@@ -21,16 +21,47 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]
 
 
+# Pre-computes core's source-grouping embeddings of the fixture test images into the fixture cache, in the
+# background, so the launch test's tiny study does not spend ~30 s loading the embedding model.
+_WARM_EMBEDDINGS = """
+import hashlib, sys
+from pathlib import Path
+try:
+    import torch
+    from core.groups import embed_images
+except ImportError:
+    raise SystemExit(0)
+paths = sorted(str(p) for p in Path(sys.argv[1]).rglob('*.jpeg'))
+sha1s = [hashlib.sha1(Path(p).read_bytes()).hexdigest() for p in paths]
+embed_images(paths, sha1s, cache_dir=Path(sys.argv[2]), device='cpu')
+"""
+
+
 @pytest.fixture(scope="session")
-def dashboard_store(tmp_path_factory):
+def dashboard_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("dashstore")
+
+
+@pytest.fixture(scope="session")
+def dashboard_store(dashboard_root):
     """A fixture run store (2 finished runs, 1 failed) plus the broken cases (corrupt Parquet, no / truncated
     run.json), with generated images, data roots and a cache of its own."""
     from fixtures_store import corrupt_store, make_fixture_store
 
-    root = tmp_path_factory.mktemp("dashstore")
-    info = make_fixture_store(root, n_runs=2, n_test=120)
+    info = make_fixture_store(dashboard_root, n_runs=2, n_test=80)
     info["broken"] = corrupt_store(info["runs_dir"])
     return info
+
+
+@pytest.fixture(scope="session")
+def dashboard_launch_data(dashboard_root):
+    """A second data root with a very small Kaggle-like layout (6 train + 3 test images per class) for the
+    launch test's seconds-long study."""
+    from fixtures_store import make_images
+
+    d = Path(dashboard_root) / "launchdata"
+    make_images(d, Path(dashboard_root) / "launchdata-enh", n_test=12, n_train_per_class=6)
+    return d
 
 
 def _free_port() -> int:
@@ -40,17 +71,27 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def dashboard_server(dashboard_store):
-    """``panel serve dashboard`` on a free localhost port over the fixture store; yields the URL."""
+def dashboard_server(dashboard_root, request):
+    """``panel serve dashboard`` on a free localhost port over the fixture store; yields the URL.
+
+    The server starts first and the store is written while it imports (sessions read the store on demand)."""
     port = _free_port()
-    env = dict(os.environ, WBC_RUNS_DIR=str(dashboard_store["runs_dir"]),
-               WBC_CACHE_DIR=str(dashboard_store["cache_dir"]), WBC_DATA_ROOTS=str(dashboard_store["data_dir"]),
+    root = Path(dashboard_root)
+    for sub in ("runs", "cache", "data", "launchdata"):
+        (root / sub).mkdir(exist_ok=True)
+    env = dict(os.environ, WBC_RUNS_DIR=str(root / "runs"), WBC_CACHE_DIR=str(root / "cache"),
+               WBC_DATA_ROOTS=os.pathsep.join([str(root / "data"), str(root / "launchdata")]),
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    log = open(dashboard_store["root"] / "panel-serve.log", "wb")
+    log = open(root / "panel-serve.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "panel", "serve", "dashboard", "--port", str(port), "--address", "127.0.0.1",
          "--allow-websocket-origin", f"127.0.0.1:{port}", "--num-procs", "1"],
         cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
+    launch_data = request.getfixturevalue("dashboard_launch_data")
+    store = request.getfixturevalue("dashboard_store")
+    warm = subprocess.Popen([sys.executable, "-c", _WARM_EMBEDDINGS, str(launch_data),
+                             str(store["cache_dir"])], cwd=str(REPO), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/dashboard"
     deadline = time.monotonic() + 60
     while True:
@@ -66,6 +107,9 @@ def dashboard_server(dashboard_store):
                 raise RuntimeError(f"panel serve did not answer on {url}; see {log.name}")
             time.sleep(0.2)  # polling interval of the port check, not a wait for the UI
     yield url
+    if warm.poll() is None:
+        warm.kill()
+    warm.wait()
     proc.terminate()
     try:
         proc.wait(10)
@@ -85,12 +129,24 @@ def dashboard_browser():
         browser.close()
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "call":
+        item.dashboard_failed = rep.failed
+
+
 @pytest.fixture
-def dashboard_page(dashboard_browser, dashboard_server):
+def dashboard_page(dashboard_browser, dashboard_server, request):
     ctx = dashboard_browser.new_context(viewport={"width": 1500, "height": 1000})
     page = ctx.new_page()
     page.set_default_timeout(20_000)
     yield page
+    if getattr(request.node, "dashboard_failed", False):
+        d = REPO / "test-artifacts"
+        d.mkdir(exist_ok=True)
+        page.screenshot(path=str(d / f"FAILED-{request.node.name}.png"), full_page=True)
     ctx.close()
 
 
