@@ -1,0 +1,234 @@
+"""The dashboard in-process (no browser): loaders, damaged stores, path safety, thumbnails, pages, jobs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fixtures_store import corrupt_store, make_fixture_store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dash-inproc")
+    info = make_fixture_store(root, n_runs=2, n_test=80, seeds=(0, 1))
+    info["broken"] = corrupt_store(info["runs_dir"])
+    return info
+
+
+@pytest.fixture
+def env(store, monkeypatch):
+    monkeypatch.setenv("WBC_RUNS_DIR", str(store["runs_dir"]))
+    monkeypatch.setenv("WBC_CACHE_DIR", str(store["cache_dir"]))
+    monkeypatch.setenv("WBC_DATA_ROOTS", str(store["data_dir"]))
+    return store
+
+
+def test_fixture_store_is_realistic(store):
+    from core.store import SCHEMAS, RunStore
+
+    rs = RunStore(store["runs_dir"])
+    run = rs.get(store["run_ids"][0])
+    pred = run.read_table("predictions")
+    assert list(pred.columns) == SCHEMAS["predictions"]
+    assert set(pred["variant"]) == {"original", "realesrgan-x4plus"} and set(pred["seed"]) == {0, 1}
+    assert pred.loc[pred.variant == "original", "enhanced_path"].isna().all()
+    assert all(Path(p).exists() for p in pred["enhanced_path"].dropna().head(5))
+    stats = run.read_table("stats")
+    assert {"ci", "paired", "seeds"} <= set(stats["kind"])
+    assert run.read_meta()["summary"]["accuracy"]["original"] > 0.5
+    failed = rs.get(store["failed_run_id"]).read_meta()
+    assert failed["status"] == "failed" and "out of memory" in failed["error"]["message"]
+
+
+def test_list_runs_survives_broken_folders(env):
+    from dashboard.data import list_runs
+
+    df = list_runs(env["runs_dir"])
+    status = dict(zip(df["run_id"], df["status"]))
+    assert status[env["broken"]["no_json"]] == "unreadable"
+    assert status[env["broken"]["truncated"]] == "unreadable"
+    assert status[env["failed_run_id"]] == "failed"
+    assert "acc original" in df.columns and "acc realesrgan-x4plus" in df.columns
+
+
+def test_corrupt_parquet_gives_warning_not_error(env):
+    from dashboard.data import load_table
+
+    rd = env["runs_dir"] / env["broken"]["corrupt"]
+    df, warning = load_table(rd, "predictions")
+    assert df.empty and "could not be read" in warning
+    df, warning = load_table(rd, "metrics")  # the intact tables of the same run still load
+    assert not df.empty and warning is None
+    df, warning = load_table(env["runs_dir"] / env["failed_run_id"], "predictions")  # missing: no warning
+    assert df.empty and warning is None
+
+
+def test_loader_cache_follows_mtime(env, tmp_path):
+    import shutil
+
+    from dashboard.data import load_table
+
+    rd = tmp_path / "run"
+    shutil.copytree(env["runs_dir"] / env["run_ids"][0], rd)
+    a, _ = load_table(rd, "metrics")
+    assert load_table(rd, "metrics")[0] is a  # cached
+    from core.store import Run
+
+    time.sleep(0.01)
+    Run(rd).write_table("metrics", a.head(3).drop(columns=[]))
+    b, _ = load_table(rd, "metrics")
+    assert len(b) == 3
+
+
+def test_app_builds_and_switches_runs_over_damaged_store(env):
+    from dashboard.app import PAGES, build_app
+    from dashboard.state import AppState
+
+    state = AppState()
+    tpl = build_app(state, eager=True)
+    assert state.run_id in env["run_ids"]
+    for rid in [env["broken"]["corrupt"], env["failed_run_id"], env["broken"]["truncated"], *env["run_ids"]]:
+        for page in PAGES[:-1]:
+            state.page = page
+            state.run_id = rid
+    state.compare_run_id = env["run_ids"][1]
+    state.page = "Overview"
+    assert tpl is not None
+
+
+def test_overview_numbers(env):
+    from dashboard.pages.overview import accuracy_table
+    from dashboard.state import AppState
+
+    state = AppState()
+    acc, paired, warnings = accuracy_table(state, env["run_ids"][0])
+    assert set(acc["variant"]) == {"original", "realesrgan-x4plus"}
+    assert (acc["ci_low"] <= acc["accuracy"]).all() and (acc["accuracy"] <= acc["ci_high"]).all()
+    assert acc["seed_sd"].notna().all()  # two seeds: seed spread shown
+    assert len(paired) == 2 and paired["McNemar p"].str.len().gt(0).all()
+    acc2, _, w2 = accuracy_table(state, env["broken"]["corrupt"])  # stats intact there, predictions not
+    assert len(acc2) == 2
+
+
+def test_error_filters_and_flips(env):
+    from dashboard.data import load_table
+    from dashboard.pages.eos_neu import eos_neu_counts, flips
+    from dashboard.pages.errors import filter_errors
+    from dashboard.state import ANY
+
+    rd = env["runs_dir"] / env["run_ids"][0]
+    mis, _ = load_table(rd, "misclassified")
+    sub = filter_errors(mis, "original", "eosinophil", "neutrophil", (0.0, 1.0))
+    assert len(sub) and (sub["true_label"] == "eosinophil").all() and (sub["pred_label"] == "neutrophil").all()
+    assert sub["confidence"].is_monotonic_decreasing
+    hi = filter_errors(mis, ANY, ANY, ANY, (0.8, 1.0))
+    assert (hi["confidence"] >= 0.8 - 1e-6).all()
+    pred, _ = load_table(rd, "predictions")
+    counts = eos_neu_counts(pred).set_index("variant")
+    o = pred[pred.variant == "original"]
+    assert counts.loc["original", "EOS→NEU"] == ((o.true_label == "eosinophil") & (o.pred_label == "neutrophil")).sum()
+    f = flips(pred, "original", "realesrgan-x4plus")
+    merged = o.merge(pred[pred.variant != "original"], on=["image_id", "seed", "image_size"])
+    assert len(f) == (merged.correct_x != merged.correct_y).sum()
+
+
+def test_confusion_tap_opens_filtered_browser(env):
+    from dashboard.state import AppState
+
+    state = AppState(run_id=env["run_ids"][0])
+    state.show_errors("realesrgan-x4plus", "neutrophil", "eosinophil")
+    assert (state.page, state.variant, state.true_label, state.pred_label) == \
+        ("Errors", "realesrgan-x4plus", "neutrophil", "eosinophil")
+
+
+def test_path_safety(env, tmp_path):
+    from dashboard.security import PathNotAllowed, data_roots, resolve_under, safe_data_folder
+
+    root = env["data_dir"].resolve()
+    assert data_roots() == [root]
+    assert safe_data_folder(str(root / "TRAIN")) == root / "TRAIN"
+    with pytest.raises(PathNotAllowed, match="outside the allowed roots"):
+        safe_data_folder(str(root / ".." / "runs"))
+    with pytest.raises(PathNotAllowed, match="absolute"):
+        safe_data_folder("TRAIN")
+    with pytest.raises(PathNotAllowed, match="does not exist"):
+        safe_data_folder(str(root / "nope"))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    link = root / "escape-link"
+    link.symlink_to(outside)
+    try:
+        with pytest.raises(PathNotAllowed, match="resolves to"):
+            resolve_under(str(link), data_roots(), "data folder")
+    finally:
+        link.unlink()
+
+
+def test_thumbnails_small_cached_and_confined(env, tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from dashboard.data import LARGE_SIZE, thumbnail_uri, thumbs_dir
+
+    pred = pd.read_parquet(env["runs_dir"] / env["run_ids"][0] / "predictions.parquet")
+    path = pred["enhanced_path"].dropna().iloc[0]  # 4x image, under the cache root
+    uri = thumbnail_uri(path)
+    assert uri.startswith("data:image/jpeg;base64,")
+    im = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert max(im.size) <= 128
+    assert len(list(thumbs_dir().rglob("*.jpg"))) >= 1
+    big = thumbnail_uri(path, size=LARGE_SIZE)
+    assert max(Image.open(io.BytesIO(base64.b64decode(big.split(",", 1)[1]))).size) <= LARGE_SIZE
+    secret = tmp_path / "secret.jpg"
+    Image.new("RGB", (10, 10)).save(secret)
+    assert thumbnail_uri(str(secret)) is None  # outside data roots, cache and run store
+    assert thumbnail_uri(str(env["data_dir"] / ".." / ".." / secret.name)) is None
+    assert thumbnail_uri(None) is None
+
+
+def test_job_manager_one_at_a_time_and_cancel(env, monkeypatch, tmp_path):
+    import dashboard.jobs as jobs
+
+    real_popen = subprocess.Popen
+
+    def fake_popen(argv, **kw):  # a stand-in for `python -m core study` that just waits
+        assert argv[1:4] == ["-m", "core", "study"] and "--run-id" in argv and "--runs-dir" in argv
+        return real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **kw)
+
+    monkeypatch.setattr(jobs.subprocess, "Popen", fake_popen)
+    mgr = jobs.JobManager()
+    job, msg = mgr.launch(["--preset", "quick"], tmp_path / "runs", preset="quick")
+    assert job is not None and job.running
+    second, why = mgr.launch(["--preset", "quick"], tmp_path / "runs")
+    assert second is None and "already running" in why
+    (tmp_path / "runs" / job.run_id).mkdir(parents=True)
+    assert "Cancelling" in mgr.cancel(grace_s=0.2)
+    assert (tmp_path / "runs" / job.run_id / "CANCEL").exists()
+    job.proc.wait(10)
+    deadline = time.monotonic() + 10
+    while job.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.state() == "cancelled"
+    job2, _ = mgr.launch(["--preset", "quick"], tmp_path / "runs")  # free again
+    assert job2 is not None
+    os.killpg(job2.proc.pid, 15)
+    job2.proc.wait(10)
+
+
+def test_launch_args_from_form():
+    from dashboard.pages.launch import build_args
+
+    a = build_args(dict(preset="custom", data="/d", test_dir=None, variants=["original", "bicubic-x4"],
+                        classifier="simple_cnn", pretrained="none", epochs=1, image_size=64, seed=0, device="cpu",
+                        split="random", per_class=8, test_per_class=0))
+    assert "--preset" not in a and a[a.index("--variants") + 1] == "original,bicubic-x4"
+    assert a[a.index("--per-class") + 1] == "8" and "--test-per-class" not in a
