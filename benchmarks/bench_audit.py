@@ -40,6 +40,24 @@ def main() -> None:
             dc = time.perf_counter() - t
         print(f"embed views={v}: {len(df) / dt:.2f} img/s ({dt / len(df):.3f} s/img, "
               f"{dt / len(df) / v:.3f} s/img/view); cached re-read {dc:.3f} s")
+    # How far a mirror image lands from its original, relative to the gap between different images.
+    from PIL import Image
+
+    sub = df.head(16)
+    with tempfile.TemporaryDirectory() as tmp:
+        flips = []
+        for i, p in enumerate(sub["path"]):
+            q = f"{tmp}/{i}.png"
+            Image.open(p).convert("RGB").transpose(Image.FLIP_LEFT_RIGHT).save(q)
+            flips.append(q)
+        for v in (4, 8):
+            e = G.embed_images(sub["path"].tolist() + flips, [f"a{i}" for i in range(32)], tmp, views=v)
+            e = G.centre(e)
+            mirror = np.mean(1 - np.sum(e[:16] * e[16:], 1))
+            d = 1 - e[:16] @ e[:16].T
+            other = d[np.triu_indices(16, 1)].mean()
+            print(f"views={v}: centred cosine distance image vs its mirror {mirror:.3f}; "
+                  f"between different images {other:.3f}")
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(a.cluster_n // 20, 1280))
     emb = centres.repeat(20, 0) + 0.3 * rng.normal(size=(a.cluster_n // 20 * 20, 1280))

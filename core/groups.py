@@ -31,7 +31,9 @@ NEAR_COPY_THRESHOLD: float = 0.45
 EMBED_MODEL = "efficientnet_lite0"
 CROP = 200  # centre crop (pixels of the 320x240 original); the cell of interest sits near the centre
 SIZE = 128  # network input size; ~4x cheaper than 224 and enough to tell cells apart
-VIEWS = 4  # dihedral views averaged per image: 4 = the 90-degree rotations (the backbone is already nearly flip-invariant); 8 adds the flips at twice the cost
+# Views averaged per image: 4 = the 90-degree rotations; 8 adds the mirror images (twice the cost; the
+# mirror-image gap it closes is measured by benchmarks/bench_audit.py); 1 = none.
+VIEWS = 4
 
 
 def model_id(views: int = VIEWS, crop: int = CROP, size: int = SIZE) -> str:
@@ -182,10 +184,10 @@ def cluster(emb: np.ndarray, threshold: float = NEAR_COPY_THRESHOLD, keys: list[
 
 def groups_from_embeddings(df: pd.DataFrame, emb: np.ndarray, threshold: float = NEAR_COPY_THRESHOLD) -> np.ndarray:
     """Group ids ``"{split}/{label}/{k:04d}"``, clustering within each (split, label)."""
+    df = df.reset_index(drop=True)
     out = np.empty(len(df), dtype=object)
-    pos = np.arange(len(df))
     for (split, label), g in df.groupby(["split", "label"], sort=True):
-        idx = pos[df.index.get_indexer(g.index)]
+        idx = g.index.to_numpy()
         lab = cluster(emb[idx], threshold, g["sha1"].tolist())  # emb: centred by the caller
         out[idx] = [f"{split}/{label}/{k:04d}" for k in lab]
     return out.astype(str)
