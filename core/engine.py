@@ -124,7 +124,7 @@ def run_epoch(model, norm, x, y, s: TrainSettings, device, gen, optimizer=None, 
               scaler=None, on_batch: Callable[[int, int], None] | None = None) -> tuple[float, float]:
     """One pass over (x, y); trains when an optimizer is given. Returns (mean loss, accuracy)."""
     train = optimizer is not None
-    model.train(train)
+    model.train(train and not s.freeze_backbone)  # a frozen backbone keeps its BatchNorm statistics
     loss_fn = nn.CrossEntropyLoss()
     total_loss, correct, seen = 0.0, 0, 0
     with torch.set_grad_enabled(train):

@@ -51,6 +51,14 @@ class Progress:
             self.durations[self.stage] = round(time.perf_counter() - self.t_stage, 3)
         self.stage = ""
 
+    def complete(self) -> None:
+        self.finish()
+        info = {"stage": "finished", "stage_index": len(self.stages), "stages": len(self.stages), "done": 1,
+                "total": 1, "message": "finished", "eta_s": 0, "percent": 100.0}
+        self.run.write_progress(**info)
+        if self.on_progress:
+            self.on_progress(info)
+
     def update(self, done: int, total: int, message: str = "", force: bool = False) -> None:
         if self.cancel_event.is_set() or self.run.cancel_requested():
             raise Cancelled("cancelled by user")
@@ -305,7 +313,7 @@ def run(cfg: StudyConfig, on_progress: OnProgress | None = None, run_id: str | N
                         weights={**meta.get("weights", {}), "classifier": parts[0]["weights"]},
                         data={**meta["data"], "counts_per_model": [p["counts"] for p in parts],
                               "val_groups_disjoint": all(p["val_groups_disjoint"] is not False for p in parts)})
-        prog.update(1, 1, "finished", force=True)
+        prog.complete()
         run.log("finished")
     except BaseException as e:
         status = "cancelled" if isinstance(e, (Cancelled, KeyboardInterrupt)) else "failed"
