@@ -34,7 +34,7 @@ def add_audit_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default="audit.parquet", help="Parquet file for the table (default: audit.parquet)")
     p.add_argument("--device", default="cpu", help="torch device for the embeddings (cpu, cuda)")
     p.add_argument("--per-class", type=int, default=None,
-                   help="audit at most N images per split and class (random, seed 0); default all")
+                   help="audit at most N images per class of TRAIN and TEST (random, seed 0); default all")
     p.add_argument("--threshold", type=float, default=None, help="near-copy cosine distance (default: the constant)")
     p.add_argument("--cache-dir", default=None, help="embedding cache (default: the wbc cache dir)")
     p.set_defaults(func=cmd_audit)
@@ -95,8 +95,8 @@ def cmd_audit(args) -> int:
     df = m.df
     per_class = getattr(args, "per_class", None)
     if per_class:
-        df = pd.concat([subset_per_class(g, per_class, 0) for _, g in df.groupby("split", sort=False)],
-                       ignore_index=True)
+        df = pd.concat([g if split == "TEST_SIMPLE" else subset_per_class(g, per_class, 0)
+                        for split, g in df.groupby("split", sort=False)], ignore_index=True)
     threshold = NEAR_COPY_THRESHOLD if getattr(args, "threshold", None) is None else args.threshold
     t0 = time.time()
 
