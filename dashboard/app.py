@@ -3,6 +3,7 @@ tab per page. Pages other than Runs are built the first time they are shown, so 
 
 from __future__ import annotations
 
+import holoviews as hv
 import panel as pn
 
 from dashboard.data import list_runs
@@ -18,6 +19,18 @@ def _builder(name):
             "Errors": errors.view, "EOS/NEU": eos_neu.view, "Launch": launch.view}[name]
 
 
+_LOADED = []
+
+
+def _extensions():
+    """Panel / HoloViews extensions: once per process for HoloViews (it is global), every session for Panel
+    (it records the resources the page needs)."""
+    pn.extension("tabulator", sizing_mode="stretch_width", notifications=False)
+    if not _LOADED:
+        hv.extension("bokeh", logo=False)
+        _LOADED.append(True)
+
+
 def _run_options(state) -> list[str]:
     df = list_runs(state.runs_dir)
     return list(df.loc[df["status"] != "unreadable", "run_id"])
@@ -25,10 +38,7 @@ def _run_options(state) -> list[str]:
 
 def build_app(state: AppState | None = None, template: bool = True, eager: bool = False):
     """The app for one session. ``eager`` builds every page now (benchmark); otherwise on first view."""
-    pn.extension("tabulator", sizing_mode="stretch_width", notifications=False)
-    import holoviews as hv
-
-    hv.extension("bokeh", logo=False)
+    _extensions()
     state = state or AppState()
     options = _run_options(state)
     if state.run_id is None and options:

@@ -13,11 +13,13 @@ COLUMNS = ["run_id", "status", "preset", "variants", "classifier", "test_set"]
 
 
 def runs_frame(state):
-    df = list_runs(state.runs_dir)
+    df = list_runs(state.runs_dir).copy()
     accs = [c for c in df.columns if c.startswith("acc ")]
     out = df[COLUMNS + accs + ["date", "duration", "error", "warning"]].copy()
+    out[accs] = out[accs].astype(object).where(out[accs].notna(), None)
     out["error"] = out["error"].fillna("").astype(str).str.slice(0, 80)
     out["warning"] = out["warning"].fillna("").astype(str).str.slice(0, 120)
+    out["status"] = [f'<span style="{_style_status(s)}">{s}</span>' for s in out["status"].astype(str)]
     return out
 
 
@@ -29,15 +31,14 @@ def _style_status(v):
 
 
 def view(state) -> pn.viewable.Viewable:
+    df0 = runs_frame(state)
+    formatters = {"status": {"type": "html"}}
+    formatters.update({c: {"type": "money", "precision": 4} for c in df0.columns if c.startswith("acc ")})
     table = pn.widgets.Tabulator(
-        runs_frame(state), show_index=False, selectable=2, disabled=True, pagination="local", page_size=15,
+        df0, show_index=False, formatters=formatters, selectable=2, disabled=True, pagination="local", page_size=15,
         sizing_mode="stretch_width", css_classes=["wbc-runs-table"], layout="fit_data_table",
         header_filters=False,
     )
-    table.style.map(_style_status, subset=["status"])
-    for c in table.value.columns:
-        if c.startswith("acc "):
-            table.formatters[c] = {"type": "money", "precision": 4}
 
     help_md = pn.pane.Markdown(
         "Click a row to analyse that run; click a second row to compare the two (the first stays the main "
@@ -52,7 +53,7 @@ def view(state) -> pn.viewable.Viewable:
     def update_table(*_):
         df = runs_frame(state)
         table.value = df
-        bad = df[df["status"] == "unreadable"]
+        bad = df[df["status"].str.contains(">unreadable<", regex=False)]
         ws = [f"{r.run_id}: unreadable run folder ({r.warning})" for r in bad.itertuples()]
         warn.object = "\n".join(f"* {w}" for w in ws)
         warn.visible = bool(ws)
