@@ -220,7 +220,8 @@ def summary_text(stats: pd.DataFrame) -> str:
                          f"groups; the group-bootstrap p = {d['p_cluster_boot']:.3g} is the more honest figure.")
     seeds = stats[stats["kind"] == "seeds"]
     if not seeds.empty:
-        lines.append("Spread over training seeds (mean, sample sd):")
+        lines.append("Spread over training seeds (mean, sample sd). Each CI above covers test-set sampling for "
+                     "one trained model only; the seed spread shows how much retraining alone moves the result.")
         for r in seeds[seeds["metric"].isin(["accuracy", "accuracy_diff"])].itertuples():
             what = f"{r.variant} accuracy" if r.metric == "accuracy" else f"{r.variant} minus {r.baseline} accuracy"
             scale = 100 if r.metric == "accuracy_diff" else 1
