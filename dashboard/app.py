@@ -31,6 +31,29 @@ def _extensions():
         _LOADED.append(True)
 
 
+def is_local_client() -> bool:
+    """True if this session's browser connects from this machine (or WBC_DASHBOARD_ALLOW_REMOTE=1)."""
+    import ipaddress
+    import os
+
+    if os.environ.get("WBC_DASHBOARD_ALLOW_REMOTE") == "1":
+        return True
+    try:
+        ip = pn.state.curdoc.session_context.request.remote_ip
+    except Exception:
+        return True  # not served (tests, notebooks)
+    try:
+        return ipaddress.ip_address(str(ip).split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def refused_app():
+    return pn.pane.Alert("This dashboard only answers browsers on the machine it runs on (it can launch studies "
+                         "and read the data). Use an SSH tunnel, or set WBC_DASHBOARD_ALLOW_REMOTE=1.",
+                         alert_type="danger")
+
+
 def _run_options(state) -> list[str]:
     df = list_runs(state.runs_dir)
     return list(df.loc[df["status"] != "unreadable", "run_id"])

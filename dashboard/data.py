@@ -41,7 +41,9 @@ def _stat_key(p: Path):
 def _runs_cached(root: str, key: tuple) -> pd.DataFrame:
     df = RunStore(root).list_runs()
     acc = df["accuracy"].apply(lambda a: a if isinstance(a, dict) else {})
-    variants = sorted({v for a in acc for v in a})
+    variants = []  # in the order the runs list them (baseline first)
+    for a in acc:
+        variants += [v for v in a if v not in variants and v != "image_size"]
     for v in variants:
         df[f"acc {v}"] = acc.apply(lambda a, v=v: a.get(v))
     df["date"] = pd.to_datetime(df["created_at"], errors="coerce", utc=True).dt.strftime("%Y-%m-%d %H:%M")

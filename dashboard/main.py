@@ -7,6 +7,8 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from dashboard.app import build_app  # noqa: E402
+from dashboard.app import build_app, is_local_client, refused_app  # noqa: E402
 
-build_app().servable()
+# Safe by default: the Makefile binds to 127.0.0.1, and a session from another machine (a server started
+# with --address 0.0.0.0) gets a refusal instead of the app.
+(build_app() if is_local_client() else refused_app()).servable()

@@ -71,9 +71,10 @@ def filter_errors(df: pd.DataFrame, variant, true_label, pred_label, conf) -> pd
 def detail_view(row: dict, runs_dir) -> pn.viewable.Viewable:
     def big(path, label):
         uri = thumbnail_uri(path, size=LARGE_SIZE, runs_dir=runs_dir) if path else None
-        img = (f'<img src="{uri}" style="max-width:{LARGE_SIZE}px;max-height:{LARGE_SIZE}px">' if uri
+        img = (f'<img src="{uri}" style="width:{LARGE_SIZE}px;height:{LARGE_SIZE * 3 // 4}px;object-fit:contain;'
+               f'background:#eee">' if uri
                else '<div style="color:#999">not available</div>')
-        return pn.pane.HTML(f"<div><b>{label}</b><br>{img}</div>", css_classes=["wbc-large"])
+        return pn.pane.HTML(f"<div style='margin-right:12px'><b>{label}</b><br>{img}</div>", css_classes=["wbc-large"])
 
     probs = "".join(
         f"<tr><td>{c}</td><td><div style='background:#4c78a8;height:10px;width:{int(200 * float(row[p]))}px'></div></td>"

@@ -8,17 +8,21 @@ import panel as pn
 
 from core.config import CLASSES
 
-from dashboard.data import load_table
+from dashboard.data import load_table, run_variants
 from dashboard.pages.common import gated, no_run, warnings_alert
 
 METRICS = ["precision", "recall", "f1"]
 
 
-def per_class(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Mean over seeds of precision/recall/F1 for each class and variant (+ macro avg and accuracy rows)."""
+def per_class(metrics: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:
+    """Mean over seeds of precision/recall/F1 for each class and variant (+ macro avg and accuracy rows),
+    variants in the run's order."""
     if metrics.empty:
         return metrics
     m = metrics.groupby(["variant", "label"], sort=False, observed=True)[METRICS + ["support"]].mean().reset_index()
+    if order:
+        rank = {v: i for i, v in enumerate(order)}
+        m = m.sort_values("variant", key=lambda s: s.map(lambda v: rank.get(v, len(rank))), kind="stable")
     return m
 
 
@@ -44,7 +48,7 @@ def view(state) -> pn.viewable.Viewable:
         metrics, w1 = load_table(rd, "metrics")
         hist, w2 = load_table(rd, "history")
         parts = [warnings_alert([w1, w2])]
-        m = per_class(metrics)
+        m = per_class(metrics, run_variants(rd))
         if m.empty:
             parts.append(pn.pane.Markdown("No metrics.parquet in this run."))
         else:

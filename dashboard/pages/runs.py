@@ -6,17 +6,53 @@ import html
 
 import panel as pn
 
-from dashboard.data import list_runs, read_meta
-from dashboard.pages.common import warnings_alert
+import pandas as pd
+
+from dashboard.data import list_runs, load_table, read_meta
+from dashboard.pages.common import fmt_p, warnings_alert
 
 COLUMNS = ["run_id", "status", "preset", "variants", "classifier", "test_set"]
+
+
+def _acc_cells(state, df: pd.DataFrame, accs: list[str]) -> tuple[pd.DataFrame, list]:
+    """Accuracy cells as 'acc [CI]' (bootstrap CI from stats.parquet when present) and the paired test."""
+    out = df.copy()
+    paired_col = []
+    for i, rid in enumerate(df["run_id"]):
+        stats, _ = load_table(state.run_dir(rid), "stats") if df["status"].iloc[i] == "finished" else (None, None)
+        ci = {}
+        ptxt = ""
+        if stats is not None and not stats.empty:
+            c = stats[(stats["kind"] == "ci") & (stats["metric"] == "accuracy")].groupby("variant")[
+                ["ci_low", "ci_high"]].mean()
+            ci = c.to_dict("index")
+            p = stats[stats["kind"] == "paired"]
+            parts = []
+            for v, g in p.groupby("variant", sort=False):
+                pv = g["p_value"].dropna()
+                ptxt_p = fmt_p(pv.iloc[0]) if len(pv) == 1 else f"{fmt_p(pv.min())}\u2013{fmt_p(pv.max())}"
+                parts.append(f"{v}: {g['estimate'].mean():+.3f} (p={ptxt_p})")
+            ptxt = "; ".join(parts)
+        paired_col.append(ptxt)
+        for col in accs:
+            v = col[4:]
+            a = df[col].iloc[i]
+            if a is None or a != a:
+                out.loc[out.index[i], col] = ""
+            elif v in ci:
+                out.loc[out.index[i], col] = f"{a:.3f} [{ci[v]['ci_low']:.3f}, {ci[v]['ci_high']:.3f}]"
+            else:
+                out.loc[out.index[i], col] = f"{a:.3f}"
+    return out, paired_col
 
 
 def runs_frame(state):
     df = list_runs(state.runs_dir).copy()
     accs = [c for c in df.columns if c.startswith("acc ")]
     out = df[COLUMNS + accs + ["date", "duration", "error", "warning"]].copy()
-    out[accs] = out[accs].astype(object).where(out[accs].notna(), None)
+    out[accs] = out[accs].astype(object)
+    out, paired = _acc_cells(state, out, accs)
+    out.insert(len(COLUMNS) + len(accs), "paired diff (McNemar p)", paired)
     out["error"] = out["error"].fillna("").astype(str).str.slice(0, 80)
     out["warning"] = out["warning"].fillna("").astype(str).str.slice(0, 120)
     out["status"] = [f'<span style="{_style_status(s)}">{s}</span>' for s in out["status"].astype(str)]
@@ -33,11 +69,12 @@ def _style_status(v):
 def view(state) -> pn.viewable.Viewable:
     df0 = runs_frame(state)
     formatters = {"status": {"type": "html"}}
-    formatters.update({c: {"type": "money", "precision": 4} for c in df0.columns if c.startswith("acc ")})
     table = pn.widgets.Tabulator(
         df0, show_index=False, formatters=formatters, selectable=2, disabled=True, pagination="local", page_size=15,
         sizing_mode="stretch_width", css_classes=["wbc-runs-table"], layout="fit_data_table",
-        header_filters=False,
+        header_filters=False, frozen_columns=["run_id"],
+        titles={"test_set": "test set", "duration": "time", **{c: c.replace("acc ", "acc [95% CI] ")
+                                                               for c in df0.columns if c.startswith("acc ")}},
     )
 
     help_md = pn.pane.Markdown(
