@@ -102,7 +102,7 @@ def cmd_audit(args) -> int:
 
     def progress(done, total):
         if total and (done == total or done % 512 == 0):
-            print(f"\rembedding {done}/{total} new images ({time.time() - t0:.0f} s)", end="", file=sys.stderr,
+            print(f"\rembedding {done}/{total} images ({time.time() - t0:.0f} s)", end="", file=sys.stderr,
                   flush=True)
 
     emb = embed_images(df["path"].tolist(), df["sha1"].tolist(), getattr(args, "cache_dir", None),

@@ -100,7 +100,10 @@ def _get_model(device: str):
 
 def embed_images(paths: list[str], sha1s: list[str], cache_dir: Path | None = None, device: str = "cpu",
                  on_progress=None, batch_size: int = 64, views: int = VIEWS) -> np.ndarray:
-    """(N, 1280) float32 L2-normalised embeddings, averaged over dihedral views; cached per sha1."""
+    """(N, 1280) float32 L2-normalised embeddings, averaged over dihedral views; cached per sha1.
+
+    ``on_progress(done, total)`` counts all N requested images (cached ones count as done at once).
+    """
     import torch
 
     if len(paths) != len(sha1s):
@@ -111,9 +114,10 @@ def embed_images(paths: list[str], sha1s: list[str], cache_dir: Path | None = No
     for p, s in zip(paths, sha1s):
         if s not in cached and s not in todo:
             todo[s] = p
-    total, done = len(todo), 0
+    total = len(sha1s)  # progress counts every requested image; cached ones are done at once
+    done = total - len(todo)
     if on_progress:
-        on_progress(0, total)
+        on_progress(done, total)
     if todo:
         model, mean, std = _get_model(device)
         mean_t = torch.tensor(mean).view(1, 3, 1, 1) * 255
@@ -136,7 +140,7 @@ def embed_images(paths: list[str], sha1s: list[str], cache_dir: Path | None = No
                 pending_s += [s for s, _ in chunk]
                 pending_e.append(e)
                 done += len(chunk)
-                if len(pending_s) >= 256 or done == total:  # shards: an interrupted run keeps its work
+                if len(pending_s) >= 256 or start + batch_size >= len(items):  # an interrupted run keeps its work
                     _save_shard(folder, pending_s, np.concatenate(pending_e))
                     pending_s, pending_e = [], []
                 if on_progress:
