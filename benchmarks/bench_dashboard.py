@@ -191,7 +191,8 @@ def main(argv=None) -> int:
     print(f"store: {root} ({args.runs} runs x {args.n_test} test images x 2 variants) "
           f"in {time.perf_counter() - t:.1f} s")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
-          f"{platform.python_version()}")
+          f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f} (other work on the machine slows "
+          "every number)")
     res = in_process(store)
     if args.browser:
         res.update(in_browser(store))

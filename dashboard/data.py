@@ -200,7 +200,7 @@ def thumbnail_uri(path, size: int = THUMB_SIZE, runs_dir=None) -> str | None:
 _warm_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="thumbs")
 
 
-def warm_thumbnails(paths, runs_dir=None, limit: int = 400) -> None:
+def warm_thumbnails(paths, runs_dir=None, limit: int = 1500) -> None:
     """Generate thumbnails in the background (first gallery pages stay fast on real, large images)."""
     paths = [p for p in paths if isinstance(p, str)][:limit]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import param
@@ -71,18 +72,27 @@ def probs_text(row) -> str:
                     if p in row and row[p] == row[p])
 
 
+_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gallery-thumbs")
+
+
 def gallery_items(rows: pd.DataFrame, runs_dir=None, show_enhanced: bool = True, label_variant: bool = True) -> list:
+    records = rows.to_dict("records")
+    # thumbnails not cached yet are made in parallel (PIL releases the GIL while decoding)
+    paths = [r.get("path") for r in records]
+    if show_enhanced:
+        paths += [r.get("enhanced_path") for r in records]
+    uris = dict(zip(paths, _pool.map(lambda p: thumbnail_uri(p, runs_dir=runs_dir), paths)))
     items = []
-    for r in rows.to_dict("records"):
+    for r in records:
         enh = None
         ep = r.get("enhanced_path")
         if show_enhanced and isinstance(ep, str) and ep:
-            enh = thumbnail_uri(ep, runs_dir=runs_dir) or ""
+            enh = uris.get(ep) or ""
         title = r.get("title") or f"{CLASS_ABBR.get(str(r['true_label']), r['true_label'])} \u2192 " \
                 f"{CLASS_ABBR.get(str(r['pred_label']), r['pred_label'])}"
         if label_variant and not r.get("title"):
             title += f" \u00b7 {r['variant']} s{r['seed']}"
-        items.append({"key": html.escape(str(r.get("image_id", ""))), "orig": thumbnail_uri(r.get("path"), runs_dir=runs_dir),
+        items.append({"key": html.escape(str(r.get("image_id", ""))), "orig": uris.get(r.get("path")),
                       "enh": enh, "title": html.escape(title), "probs": probs_text(r),
                       "correct": bool(r.get("correct", False))})
     return items

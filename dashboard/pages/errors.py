@@ -123,7 +123,9 @@ def view(state) -> pn.viewable.Viewable:
             state.variant = ANY
         variant.value = state.variant
         if not df.empty:
-            warm_thumbnails(list(df["path"]) + list(df["enhanced_path"].dropna()), runs_dir=state.runs_dir)
+            first = df.sort_values("confidence", ascending=False, kind="stable")  # the gallery's order
+            warm_thumbnails([p for pair in zip(first["path"], first["enhanced_path"]) for p in pair],
+                            runs_dir=state.runs_dir)
         update()
 
     def update(*_):
