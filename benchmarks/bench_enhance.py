@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--half", action="store_true", help="fp16 autocast for ours (CUDA only)")
+    ap.add_argument("--half", action="store_true", help="ours in reduced precision: fp16 autocast on CUDA, bf16 on CPU")
     ap.add_argument("--data", default=os.environ.get("WBC_DATA", "/work/shared/data/blood-cells"))
     args = ap.parse_args()
 
@@ -81,7 +81,7 @@ def main() -> None:
     print(f"official RealESRGANer.enhance loop: {r:.3f} img/s ({t_ref / args.n:.2f} s/img)")
     print(f"ours (batched fast path):           {o:.3f} img/s ({t_ours / args.n:.2f} s/img)")
     print(f"ratio ours/official: {o / r:.2f}x   PSNR(ours, official) on {paths[0].name}: {q:.1f} dB "
-          f"({'fp16' if ours.half else 'fp32'})")
+          f"({ours.provenance()['precision']})")
 
 
 if __name__ == "__main__":

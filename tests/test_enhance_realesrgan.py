@@ -215,3 +215,12 @@ def test_cli_invalid_args_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--model", "realesr-animevideov3", "--batch-size", "x", str(tmp_path), str(tmp_path / "o")])
     assert e.value.code == 2
+
+
+@needs_data
+def test_bf16_on_cpu_is_opt_in_and_close(animev3):
+    assert animev3.half is False and animev3.provenance()["precision"] == "float32"
+    fast = create_enhancer("realesr-animevideov3", device="cpu", half=True)
+    assert fast.provenance()["precision"] == "bfloat16"
+    crop = _center_crop(load_rgb(REAL[0]), 64)
+    assert psnr(fast.enhance_batch([crop])[0], animev3.enhance_batch([crop])[0]) >= 40.0

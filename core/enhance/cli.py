@@ -46,6 +46,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--format", default="png", help="png (default, lossless) | jpeg | webp (lossless)")
+    p.add_argument("--half", action="store_true", default=None,
+                   help="reduced precision: fp16 on CUDA (already the default there), bf16 on CPU (faster, not bit-exact)")
     p.add_argument("--weights", help="a local .pth state dict to use instead of the official/converted weights")
     p.add_argument("--no-estimate", action="store_true", help="skip the calibration and duration estimate")
     p.add_argument("in_dir", metavar="IN_DIR")
@@ -126,7 +128,7 @@ def cmd_enhance(args) -> int:
     if todo:
         try:
             enhancer = create_enhancer(args.model, device=args.device, batch_size=args.batch_size,
-                                       weights=args.weights)
+                                       weights=args.weights, half=getattr(args, "half", None))
         except (WeightsError, ValueError) as e:
             print(f"wbc enhance: error: {e}", file=sys.stderr)
             return 1

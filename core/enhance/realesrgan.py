@@ -2,7 +2,7 @@
 
 The network code is the reference's (basicsr ``RRDBNet``, realesrgan ``SRVGGNetCompact``); the inference loop
 is ours: images of equal size are stacked into one batch, run under ``torch.inference_mode`` in channels_last
-(fp16 autocast on CUDA), with the reference's reflect pre-pad, and tiled only if CUDA runs out of memory.
+(fp16 autocast on CUDA; bf16 on CPU if asked), with the reference's reflect pre-pad, and tiled only if CUDA runs out of memory.
 In fp32 the output matches ``RealESRGANer.enhance(img, outscale=4)`` (tile=0, pre_pad=10) to >= 45 dB PSNR.
 Weights: see :mod:`core.enhance.weights`.
 """
@@ -105,9 +105,10 @@ class RealESRGANEnhancer:
             raise ValueError(f"--batch-size: must be >= 1, got {batch_size}")
         self.spec, self.name = spec, spec.name
         self.device = resolve_device(device)
+        # half: fp16 autocast on CUDA (default there); opt-in bf16 autocast on CPU (~1.5x on AVX512-BF16 CPUs,
+        # ~54 dB PSNR vs fp32). The default on CPU is fp32, which matches RealESRGANer.
         self.half = (self.device == "cuda") if half is None else bool(half)
-        if self.half and self.device != "cuda":
-            raise ValueError("half precision is only supported on CUDA")
+        self.amp_dtype = torch.float16 if self.device == "cuda" else torch.bfloat16
         self.batch_size, self.pre_pad, self.tile, self.tile_pad = batch_size, pre_pad, tile, tile_pad
         model, self._prov = resolve_weights(spec, lambda: build_model(spec), weights)
         self.model = model.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
@@ -118,7 +119,8 @@ class RealESRGANEnhancer:
 
     def provenance(self) -> dict:
         return {"enhancer": self.name, **self._prov, "arch": self.spec.arch, **self.spec.arch_kwargs,
-                "scale": self.scale, "device": self.device, "half": self.half, "pre_pad": self.pre_pad,
+                "scale": self.scale, "device": self.device, "half": self.half,
+                "precision": str(self.amp_dtype).replace("torch.", "") if self.half else "float32", "pre_pad": self.pre_pad,
                 "reference": "realesrgan.RealESRGANer.enhance(outscale=4, tile=0)"}
 
     def enhance_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -162,7 +164,7 @@ class RealESRGANEnhancer:
             if self.pre_pad:
                 x = F.pad(x, (0, self.pre_pad, 0, self.pre_pad), mode="reflect")
             x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=self.half):
+            with torch.autocast(self.device, dtype=self.amp_dtype, enabled=self.half):
                 y = self._tiled(x) if self.tile else self.model(x)
             y = y[:, :, : h * self.scale, : w * self.scale].float().clamp_(0, 1)
             y = y.mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
