@@ -224,3 +224,23 @@ def test_bf16_on_cpu_is_opt_in_and_close(animev3):
     assert fast.provenance()["precision"] == "bfloat16"
     crop = _center_crop(load_rgb(REAL[0]), 64)
     assert psnr(fast.enhance_batch([crop])[0], animev3.enhance_batch([crop])[0]) >= 40.0
+
+
+@needs_data
+def test_out_of_memory_halves_the_batch_then_tiles(tmp_path):
+    enh = create_enhancer("realesr-animevideov3", device="cpu", batch_size=2)
+    crops = [_center_crop(load_rgb(p), 64) for p in REAL]
+    want = enh.enhance_batch(crops)
+    real_model, shapes = enh.model, []
+
+    def small_memory(x):  # pretends a batch > 1 or an input > 60 px does not fit
+        shapes.append(tuple(x.shape))
+        if x.shape[0] > 1 or max(x.shape[-2:]) > 60:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_model(x)
+
+    enh.model = small_memory
+    got = enh.enhance_batch(crops)
+    assert shapes[0][0] == 2 and shapes[1][0] == 1 and enh.tile == 32
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and psnr(g, w) >= 35.0  # tiles differ from one forward only near seams

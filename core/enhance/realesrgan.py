@@ -18,6 +18,7 @@ import numpy as np
 from core.enhance.registry import register_enhancer
 
 RELEASES = "https://github.com/xinntao/Real-ESRGAN/releases/download"
+FIRST_TILE, MIN_TILE = 256, 32  # tile sizes tried after an out-of-memory error
 
 
 @dataclass(frozen=True)
@@ -138,14 +139,14 @@ class RealESRGANEnhancer:
                 chunk = idx[start : start + bs]
                 try:
                     res = self._run(np.stack([np.asarray(images[i]) for i in chunk]))
-                except Exception as e:  # CUDA OOM: smaller batches, then tiles
-                    if not _is_oom(e) or (bs == 1 and self.tile):
+                except Exception as e:  # out of memory: smaller batches, then tiles (256 px, halved down to 32)
+                    if not _is_oom(e) or (bs == 1 and 0 < self.tile <= MIN_TILE):
                         raise
                     _empty_cache()
                     if bs > 1:
-                        bs = max(1, bs // 2)
+                        bs //= 2
                     else:
-                        self.tile = 256
+                        self.tile = self.tile // 2 if self.tile else FIRST_TILE  # kept for later calls
                     continue
                 for i, r in zip(chunk, res):
                     out[i] = r
