@@ -98,9 +98,36 @@ def test_app_builds_and_switches_runs_over_damaged_store(env):
         for page in PAGES[:-1]:
             state.page = page
             state.run_id = rid
-    state.compare_run_id = env["run_ids"][1]
-    state.page = "Overview"
+    state.run_id = env["run_ids"][0]
+    state.compare_run_id = env["run_ids"][1]  # two runs side by side
+    for page in ["Overview", "Confusion", "Metrics", "Runs"]:
+        state.page = page
     assert tpl is not None
+
+
+def test_sessions_only_from_this_machine(monkeypatch):
+    import panel as pn
+
+    from dashboard import app
+
+    assert app.is_local_client()  # not served: in-process use is allowed
+
+    class Req:
+        remote_ip = "10.1.2.3"
+
+    class Ctx:
+        request = Req()
+
+    class Doc:
+        session_context = Ctx()
+
+    monkeypatch.setattr(type(pn.state), "curdoc", property(lambda self: Doc()))
+    assert not app.is_local_client()
+    Req.remote_ip = "::1"
+    assert app.is_local_client()
+    Req.remote_ip = "10.1.2.3"
+    monkeypatch.setenv("WBC_DASHBOARD_ALLOW_REMOTE", "1")
+    assert app.is_local_client()
 
 
 def test_overview_numbers(env):

@@ -41,9 +41,7 @@ def view(state) -> pn.viewable.Viewable:
     hint = pn.pane.Markdown("Rows are the true class, columns the prediction (summed over seeds). "
                             "**Click a cell** to browse those images.")
 
-    def render(run_id, norm, _refresh):
-        if not run_id:
-            return no_run()
+    def render_run(run_id, norm, main: bool):
         rd = state.run_dir(run_id)
         conf, w1 = load_table(rd, "confusion")
         w2 = None
@@ -53,25 +51,37 @@ def view(state) -> pn.viewable.Viewable:
         variants = [v for v in run_variants(rd) if (not conf.empty and v in set(conf["variant"])) or
                     (not pred.empty and v in set(pred["variant"]))]
         if not variants:
-            return pn.Column(warnings_alert([w1, w2]), pn.pane.Markdown("No confusion data in this run."))
+            return pn.Column(warnings_alert([w1, w2]), pn.pane.Markdown(f"No confusion data in run `{run_id}`."))
         plots = []
         for v in variants:
             m = confusion_counts(conf, pred, v)
             hm, labels = heatmap(m, v, norm == "row-normalised")
             tap = streams.Tap(source=hm, x=None, y=None)
 
-            def on_tap(x=None, y=None, variant=v):
+            def on_tap(x=None, y=None, variant=v, rid=run_id):
                 if x is None or y is None:
                     return
                 pred_c = ABBR_TO_CLASS.get(str(x), str(x))
                 true_c = ABBR_TO_CLASS.get(str(y), str(y))
                 if pred_c in CLASSES and true_c in CLASSES:
+                    if rid != state.run_id:  # a cell of the compared run: browse that run (swap the two)
+                        state.param.update(run_id=rid, compare_run_id=state.run_id)
                     state.show_errors(variant, true_c, pred_c)
 
             tap.add_subscriber(on_tap)
-            plots.append(pn.pane.HoloViews(hm * labels, css_classes=["wbc-confusion", f"wbc-confusion-{v}"],
-                                           width=360, height=360, linked_axes=False))
-        return pn.Column(warnings_alert([w1, w2]), pn.FlexBox(*plots), sizing_mode="stretch_width")
+            css = ["wbc-confusion", f"wbc-confusion-{v}"] if main else ["wbc-confusion-compare"]
+            plots.append(pn.pane.HoloViews(hm * labels, css_classes=css, width=360, height=360, linked_axes=False))
+        title = pn.pane.Markdown(f"#### {'Run' if main else 'Compared with'} `{run_id}`")
+        return pn.Column(warnings_alert([w1, w2]), title, pn.FlexBox(*plots), sizing_mode="stretch_width")
 
-    return pn.Column(pn.Row(normalise, hint), gated(state, "Confusion", render, state.param.run_id, normalise, state.param.refresh),
+    def render(run_id, compare_run_id, norm, _refresh):
+        if not run_id:
+            return no_run()
+        parts = [render_run(run_id, norm, True)]
+        if compare_run_id and compare_run_id != run_id:
+            parts.append(render_run(compare_run_id, norm, False))
+        return pn.Column(*parts, sizing_mode="stretch_width")
+
+    return pn.Column(pn.Row(normalise, hint), gated(state, "Confusion", render, state.param.run_id, state.param.compare_run_id, normalise,
+                           state.param.refresh),
                      sizing_mode="stretch_width", css_classes=["wbc-page-confusion"])

@@ -41,9 +41,16 @@ def view(state) -> pn.viewable.Viewable:
     which = pn.widgets.RadioButtonGroup(options=METRICS, value="f1", css_classes=["wbc-metric-choice"],
                                         button_type="primary", button_style="outline")
 
-    def render(run_id, metric, _refresh):
+    def render(run_id, compare_run_id, metric, _refresh):
         if not run_id:
             return no_run()
+        parts = [render_run(run_id, metric)]
+        if compare_run_id and compare_run_id != run_id:
+            parts += [pn.layout.Divider(), pn.pane.Markdown(f"### Compared with `{compare_run_id}`"),
+                      render_run(compare_run_id, metric)]
+        return pn.Column(*parts, sizing_mode="stretch_width")
+
+    def render_run(run_id, metric):
         rd = state.run_dir(run_id)
         metrics, w1 = load_table(rd, "metrics")
         hist, w2 = load_table(rd, "history")
@@ -79,5 +86,6 @@ def view(state) -> pn.viewable.Viewable:
                              sizing_mode="stretch_width")]
         return pn.Column(*parts, sizing_mode="stretch_width")
 
-    return pn.Column(which, gated(state, "Metrics", render, state.param.run_id, which, state.param.refresh),
+    return pn.Column(which, gated(state, "Metrics", render, state.param.run_id, state.param.compare_run_id, which,
+                           state.param.refresh),
                      sizing_mode="stretch_width", css_classes=["wbc-page-metrics"])

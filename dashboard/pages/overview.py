@@ -62,22 +62,21 @@ def accuracy_table(state, run_id) -> tuple[pd.DataFrame, pd.DataFrame, list]:
 
 
 def _acc_plot(acc: pd.DataFrame, title: str):
+    """Bars of accuracy with 95% CI error bars; with two runs, one bar per (variant, run)."""
     if acc.empty:
         return hv.Text(0, 0, "no accuracy").opts(xaxis=None, yaxis=None)
     d = acc.copy()
-    d["run"] = d.get("run", "")
+    two = "run" in d.columns and d["run"].nunique() > 1
+    d["bar"] = [f"{v} \u00b7 {r}" for v, r in zip(d["variant"], d["run"])] if two else d["variant"]
     lo = (d["accuracy"] - d["ci_low"]).fillna(0)
     hi = (d["ci_high"] - d["accuracy"]).fillna(0)
-    key = ["run", "variant"] if d["run"].nunique() > 1 else ["variant"]
-    bars = hv.Bars(d, key, "accuracy").opts(
-        ylim=(max(0.0, float(d["ci_low"].fillna(d["accuracy"]).min()) - 0.1), 1.0), tools=["hover"],
-        color="#4c78a8",
-        responsive=True, height=320, title=title, xrotation=0, ylabel="accuracy (95% CI)")
-    if len(key) == 1:
-        err = hv.ErrorBars((d["variant"], d["accuracy"], lo, hi), vdims=["y", "yerrneg", "yerrpos"]).opts(
-            line_width=2, color="black")
-        return bars * err
-    return bars.opts(multi_level=True)
+    ymin = max(0.0, float(d["ci_low"].fillna(d["accuracy"]).min()) - 0.1)
+    bars = hv.Bars(d, "bar", "accuracy").opts(
+        ylim=(ymin, 1.0), tools=["hover"], color="#4c78a8", responsive=True, height=320, title=title,
+        xrotation=8 if two else 0, xlabel="variant \u00b7 run" if two else "variant", ylabel="accuracy (95% CI)")
+    err = hv.ErrorBars((d["bar"], d["accuracy"], lo, hi), vdims=["y", "yerrneg", "yerrpos"]).opts(
+        line_width=2, color="black")
+    return bars * err
 
 
 def _fmt(acc: pd.DataFrame) -> pd.DataFrame:
@@ -100,12 +99,13 @@ def view(state) -> pn.viewable.Viewable:
             acc2, paired2, w2 = accuracy_table(state, compare_run_id)
             warnings += w2
             accs.append(acc2.assign(run=compare_run_id))
-            if len(paired2):
-                paired = pd.concat([paired.assign(run=run_id), paired2.assign(run=compare_run_id)])
-            elif len(paired):
-                paired = paired.assign(run=run_id)
+            parts_p = [p.assign(run=r) for p, r in ((paired, run_id), (paired2, compare_run_id)) if len(p)]
+            if parts_p:
+                paired = pd.concat(parts_p, ignore_index=True)
+                paired = paired[["run"] + [c for c in paired.columns if c != "run"]]
         both = pd.concat(accs, ignore_index=True)
-        plot = _acc_plot(both if compare_run_id else acc, "Accuracy per variant" + (" (two runs)" if compare_run_id else ""))
+        plot = _acc_plot(both if compare_run_id else acc.assign(run=run_id),
+                         "Accuracy per variant" + (" (two runs)" if compare_run_id else ""))
         table = pn.widgets.Tabulator(_fmt(both if compare_run_id else acc), show_index=False, disabled=True,
                                      sizing_mode="stretch_width", css_classes=["wbc-acc-table"],
                                      formatters={"accuracy": {"type": "money", "precision": 4},
@@ -118,7 +118,8 @@ def view(state) -> pn.viewable.Viewable:
             diff = paired.copy()
             lines = []
             for d in diff.to_dict("records"):
-                lines.append(f"* **{d['variant']}** vs {d['baseline']} (seed {d['seed']}): "
+                where = f"`{d['run']}`: " if "run" in d else ""
+                lines.append(f"* {where}**{d['variant']}** vs {d['baseline']} (seed {d['seed']}): "
                              f"{d['accuracy diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], "
                              f"McNemar p = {d['McNemar p']}")
             parts += [pn.pane.Markdown("### Difference between variants (paired, same test images)\n" + "\n".join(lines)),
