@@ -200,8 +200,10 @@ def view(state) -> pn.viewable.Viewable:
         bar.visible = True
         bar.value = int(pct) if isinstance(pct, (int, float)) and running else (100 if s == "finished" else 0)
         elapsed = (job.ended or time.time()) - job.started
-        stage.object = (f"**{job.run_id}** — **{s}** · stage: {prog.get('stage', 'starting')} "
-                        f"({prog.get('done', 0)}/{prog.get('total', '?')}) · {prog.get('message', '')} · "
+        step = f" {prog['stage_index']}/{prog['stages']}" if prog.get("stage_index") and prog.get("stages") else ""
+        pct_txt = f" · {pct:.0f}%" if isinstance(pct, (int, float)) else ""
+        stage.object = (f"**{job.run_id}** — **{s}** · stage{step}: {prog.get('stage') or 'starting'} "
+                        f"({prog.get('done', 0)}/{prog.get('total', '?')}){pct_txt} · {prog.get('message', '')} · "
                         f"ETA {fmt_eta(prog.get('eta_s')) if running else '—'} · elapsed {fmt_eta(elapsed)}")
         log.object = "<pre style='margin:0;white-space:pre-wrap'>" + html.escape("\n".join(job.log_tail(15))) + "</pre>"
         if not seen["appeared"] and (job.run.path / "run.json").exists():
