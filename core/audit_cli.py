@@ -17,7 +17,7 @@ import pandas as pd
 
 AUDIT_COLUMNS = ["split", "label", "images", "distinct_files", "groups", "expected_groups", "group_min",
                  "group_median", "group_max", "other_split", "other_groups_with_copy", "other_images_with_copy",
-                 "threshold"]
+                 "threshold", "near_copy_threshold"]
 # Source cells per split and class implied by the file names' K prefix (see SOURCE.md). For TEST_SIMPLE
 # each image is one cell, so the expectation is its number of distinct files.
 EXPECTED_CELLS = {
@@ -35,18 +35,18 @@ def add_audit_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device for the embeddings (cpu, cuda)")
     p.add_argument("--per-class", type=int, default=None,
                    help="audit at most N images per class of TRAIN and TEST (random, seed 0); default all")
-    p.add_argument("--threshold", type=float, default=None, help="near-copy cosine distance (default: the constant)")
+    p.add_argument("--threshold", type=float, default=None, help="group cut (default: core.groups.GROUP_THRESHOLD)")
     p.add_argument("--cache-dir", default=None, help="embedding cache (default: the wbc cache dir)")
     p.set_defaults(func=cmd_audit)
     return p
 
 
 def audit_table(df: pd.DataFrame, groups: np.ndarray, emb: np.ndarray, threshold: float,
-                per_class_subset: bool = False) -> pd.DataFrame:
+                near_copy: float, per_class_subset: bool = False) -> pd.DataFrame:
     from core.groups import cross_split_overlap
 
     df = df.reset_index(drop=True).assign(group=np.asarray(groups))
-    overlap = cross_split_overlap(df, groups, emb, threshold)
+    overlap = cross_split_overlap(df, groups, emb, near_copy)
     rows = []
     for (split, label), g in df.groupby(["split", "label"], sort=False):
         sizes = g.groupby("group").size()
@@ -56,7 +56,8 @@ def audit_table(df: pd.DataFrame, groups: np.ndarray, emb: np.ndarray, threshold
             expected = None if per_class_subset else EXPECTED_CELLS.get(split, {}).get(label)
         base = {"split": split, "label": label, "images": len(g), "distinct_files": g["sha1"].nunique(),
                 "groups": len(sizes), "expected_groups": expected, "group_min": int(sizes.min()),
-                "group_median": float(sizes.median()), "group_max": int(sizes.max()), "threshold": threshold}
+                "group_median": float(sizes.median()), "group_max": int(sizes.max()), "threshold": threshold,
+                "near_copy_threshold": near_copy}
         ov = overlap[(overlap["split"] == split) & (overlap["label"] == label)]
         if ov.empty:
             rows.append({**base, "other_split": None, "other_groups_with_copy": None, "other_images_with_copy": None})
@@ -81,7 +82,7 @@ def format_table(t: pd.DataFrame) -> str:
 
 def cmd_audit(args) -> int:
     from core.data import DataNotFoundError, build_manifest, subset_per_class
-    from core.groups import NEAR_COPY_THRESHOLD, centre, embed_images, groups_from_embeddings
+    from core.groups import GROUP_THRESHOLD, NEAR_COPY_THRESHOLD, centre, embed_images, groups_from_embeddings
     from core.store import atomic_write_parquet
 
     if not Path(args.data).is_dir():
@@ -97,7 +98,7 @@ def cmd_audit(args) -> int:
     if per_class:
         df = pd.concat([g if split == "TEST_SIMPLE" else subset_per_class(g, per_class, 0)
                         for split, g in df.groupby("split", sort=False)], ignore_index=True)
-    threshold = NEAR_COPY_THRESHOLD if getattr(args, "threshold", None) is None else args.threshold
+    threshold = GROUP_THRESHOLD if getattr(args, "threshold", None) is None else args.threshold
     t0 = time.time()
 
     def progress(done, total):
@@ -110,7 +111,7 @@ def cmd_audit(args) -> int:
     print(file=sys.stderr)
     emb = centre(emb)
     groups = groups_from_embeddings(df, emb, threshold)
-    table = audit_table(df, groups, emb, threshold, per_class_subset=bool(per_class))
+    table = audit_table(df, groups, emb, threshold, NEAR_COPY_THRESHOLD, per_class_subset=bool(per_class))
     out = Path(getattr(args, "out", None) or "audit.parquet")
     atomic_write_parquet(out, table)
     print(format_table(table))
@@ -118,7 +119,8 @@ def cmd_audit(args) -> int:
     if not ts.empty:
         print(f"TEST_SIMPLE check (one group per distinct file): expected {int(ts['expected_groups'].sum())}, "
               f"found {int(ts['groups'].sum())} groups")
-    print(f"near-copy threshold: cosine distance < {threshold}; wrote {out}")
+    print(f"group cut (average linkage): {threshold}; near-copy: nearest neighbour closer than "
+          f"{NEAR_COPY_THRESHOLD} (cosine distance of centred embeddings); wrote {out}")
     return 0
 
 
