@@ -16,7 +16,18 @@ from core.enhance.ncnn import ncnn_to_state_dict, write_ncnn
 from core.enhance.realesrgan import MODELS, build_model, psnr, reference_enhance_rgb
 from core.enhance.weights import NCNN_SOURCE, WeightsError, ncnn_model_dir, sha256_file
 
-DATA = Path(os.environ.get("WBC_DATA", "/work/shared/data/blood-cells"))
+
+
+def _data_root() -> Path:
+    from core.data import DataNotFoundError, find_data_root
+
+    try:
+        return find_data_root()  # $WBC_DATA, then the known places (../shared/data/blood-cells, ...)
+    except DataNotFoundError:
+        return Path("/nonexistent")
+
+
+DATA = _data_root()
 REAL = sorted((DATA / "TEST_SIMPLE").glob("*/*.jpeg"))[:2]
 needs_data = pytest.mark.skipif(len(REAL) < 2, reason="real blood-cell images not found")
 
