@@ -150,18 +150,21 @@ PRESETS: dict[str, dict] = {
         variants=("original", "realesr-animevideov3"),
         classifier="efficientnet_lite0",
         pretrained="imagenet",
-        epochs=5,
+        freeze_backbone=True,  # a linear probe with augmentation: on 60 images/class it beats fine-tuning
+        epochs=20,
         per_class=60,
         image_sizes=(224,),
         seeds=(0,),
         split="grouped",
         batch_size=16,
-        lr=3e-4,
+        lr=3e-3,
+        patience=6,
         notes=[
             "quick preset: the enhanced variant uses the compact realesr-animevideov3 model "
             "(SRVGGNetCompact, ~0.6 s/image on CPU) instead of the paper's RealESRGAN_x4plus "
-            "(~30 s/image on CPU), EfficientNet-Lite0 instead of ResNet-50, and 60 training images "
-            "per class, so it finishes in minutes on a CPU. Use --preset paper or study for the real protocol."
+            "(~30 s/image on CPU), and a linear probe on frozen ImageNet EfficientNet-Lite0 features "
+            "instead of fine-tuning ResNet-50, on 60 training images per class, so it finishes in minutes "
+            "on a CPU. Use --preset paper or study for the real protocol."
         ],
     ),
     # The seed paper's protocol: ResNet-50 ImageNet, full TRAIN, 224 px, original vs RealESRGAN_x4plus,
