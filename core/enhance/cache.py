@@ -62,6 +62,67 @@ class EnhanceResult:
     seconds: float = 0.0
 
 
+def enhance_files(
+    items: Sequence[tuple[str | os.PathLike, Path]],
+    enhancer: Enhancer,
+    batch_size: int = 4,
+    fmt: str = "png",
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[list[tuple], list[dict]]:
+    """Enhance ``(source, destination)`` files, overlapping decode and encode with compute.
+
+    The next chunk is decoded and finished images are written on a thread pool while the model runs.
+    A bad source, or an image the model fails on, goes to the error list; the rest still get done.
+    Returns (the items written, [{"path", "error"}]); ``on_batch(n)`` after each chunk of n items.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def decode(chunk):
+        out = []
+        for item in chunk:
+            try:
+                out.append((item, load_rgb(item[0]), None))
+            except Exception as e:  # unreadable: listed, never fatal
+                out.append((item, None, f"{type(e).__name__}: {e}"))
+        return out
+
+    def enhance(ok):
+        try:
+            return list(zip(ok, enhancer.enhance_batch([im for _, im in ok])))
+        except Exception:  # isolate the failing image(s)
+            results = []
+            for item, im in ok:
+                try:
+                    results.append(((item, im), enhancer.enhance_batch([im])[0]))
+                except Exception as e:
+                    errors.append({"path": str(item[0]), "error": f"{type(e).__name__}: {e}"})
+            return results
+
+    errors: list[dict] = []
+    pending: list = []
+    chunks = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        nxt = pool.submit(decode, chunks[0]) if chunks else None
+        for k in range(len(chunks)):
+            decoded = nxt.result()
+            if k + 1 < len(chunks):
+                nxt = pool.submit(decode, chunks[k + 1])
+            errors += [{"path": str(it[0]), "error": err} for it, _, err in decoded if err is not None]
+            ok = [(it, im) for it, im, err in decoded if err is None]
+            for (item, _), out in enhance(ok) if ok else []:
+                pending.append((item, pool.submit(save_image_atomic, out, Path(item[1]), fmt)))
+            if on_batch:
+                on_batch(len(decoded))
+        written = []
+        for item, fut in pending:
+            try:
+                fut.result()
+                written.append(item)
+            except Exception as e:
+                errors.append({"path": str(item[0]), "error": f"write {item[1]}: {type(e).__name__}: {e}"})
+    return written, errors
+
+
 def enhance_to_cache(
     sources: Sequence[tuple[str, str]],
     enhancer: Enhancer,
@@ -72,34 +133,30 @@ def enhance_to_cache(
 ) -> EnhanceResult:
     """Enhance ``(path, sha1)`` sources into the cache; returns sha1 -> cached path and per-image errors."""
     res = EnhanceResult()
-    todo: list[tuple[str, str, Path]] = []
+    todo: list[tuple[str, Path]] = []
+    key: dict[str, str] = {}
     for path, sha1 in sources:
         dest = cache_path(cache_dir, enhancer, sha1, fmt)
         if dest.is_file():
             res.paths[sha1] = str(dest)
             res.done_before += 1
         else:
-            todo.append((path, sha1, dest))
-    total = len(sources)
+            todo.append((path, dest))
+            key[str(dest)] = sha1
+    total, done = len(sources), res.done_before
     t0 = time.perf_counter()
     if on_progress:
-        on_progress(res.done_before, total)
-    for i in range(0, len(todo), batch_size):
-        chunk = todo[i : i + batch_size]
-        images, ok = [], []
-        for path, sha1, dest in chunk:
-            try:
-                images.append(load_rgb(path))
-                ok.append((path, sha1, dest))
-            except Exception as e:  # unreadable source: listed, never fatal
-                res.errors.append({"path": path, "error": f"{type(e).__name__}: {e}"})
-        if images:
-            outs = enhancer.enhance_batch(images)
-            for (path, sha1, dest), out in zip(ok, outs):
-                save_image_atomic(out, dest, fmt)
-                res.paths[sha1] = str(dest)
-                res.made += 1
+        on_progress(done, total)
+
+    def on_batch(n):
+        nonlocal done
+        done += n
         if on_progress:
-            on_progress(res.done_before + min(i + batch_size, len(todo)), total)
+            on_progress(done, total)
+
+    written, res.errors = enhance_files(todo, enhancer, batch_size, fmt, on_batch)
+    for _, dest in written:
+        res.paths[key[str(dest)]] = str(dest)
+    res.made = len(written)
     res.seconds = time.perf_counter() - t0
     return res

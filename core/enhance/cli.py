@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ERRORS_CSV = "enhance_errors.csv"
@@ -102,7 +100,7 @@ def cmd_enhance(args) -> int:
     from tqdm import tqdm
 
     from core.enhance import create_enhancer
-    from core.enhance.cache import is_valid_image, load_rgb, save_image_atomic
+    from core.enhance.cache import enhance_files, is_valid_image
     from core.enhance.weights import WeightsError
 
     in_dir, out_dir = Path(args.in_dir), Path(args.out_dir)
@@ -136,68 +134,24 @@ def cmd_enhance(args) -> int:
         print(f"weights: {prov.get('source', '-')} {prov.get('path', '')} sha256={enhancer.weights_id()[:16]}",
               file=sys.stderr)
 
-        def decode(item):
-            try:
-                return item, load_rgb(item[0]), None
-            except Exception as e:  # unreadable: listed, never fatal
-                return item, None, f"{type(e).__name__}: {e}"
-
-        def encode(arr, dest):
-            save_image_atomic(arr, dest, args.format)
-
-        def run(decoded, pool, pending):
-            """Enhance the decoded images of one chunk; saves are queued on the pool."""
-            nonlocal made
-            ok = [(item, im) for item, im, err in decoded if err is None]
-            errors.extend({"path": str(item[0]), "error": err} for item, im, err in decoded if err is not None)
-            if not ok:
-                return
-            try:
-                outs = enhancer.enhance_batch([im for _, im in ok])
-                results = list(zip(ok, outs))
-            except Exception:  # isolate the failing image(s)
-                results = []
-                for item, im in ok:
-                    try:
-                        results.append(((item, im), enhancer.enhance_batch([im])[0]))
-                    except Exception as e:
-                        errors.append({"path": str(item[0]), "error": f"{type(e).__name__}: {e}"})
-            for (item, _), out in results:
-                pending.append((item, pool.submit(encode, out, item[1])))
-                made += 1
-
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            pending: list = []
-            rest = todo
-            if not args.no_estimate and len(todo) > 2:  # calibration: time one image (after a warm-up image)
-                cal = [decode(item) for item in todo[:2]]
-                t0 = time.perf_counter()
-                run(cal[:1], pool, pending)
-                t1 = time.perf_counter()
-                run(cal[1:], pool, pending)
-                per = min(t1 - t0, time.perf_counter() - t1) or 1e-3
-                rest = todo[2:]
-                print(f"estimated total: {_fmt_seconds(per * len(todo))} for {len(todo)} images "
-                      f"({per:.2f} s/image on {getattr(enhancer, 'device', 'cpu')}, calibrated on 2 images)",
-                      file=sys.stderr)
-            bar = tqdm(total=len(todo), initial=len(todo) - len(rest), unit="img", desc=f"enhance {args.model}",
-                       file=sys.stderr, dynamic_ncols=True)
-            bs = args.batch_size
-            chunks = [rest[i : i + bs] for i in range(0, len(rest), bs)]
-            nxt = pool.submit(lambda c: [decode(it) for it in c], chunks[0]) if chunks else None
-            for k in range(len(chunks)):
-                decoded = nxt.result()
-                if k + 1 < len(chunks):  # decode the next chunk while this one runs
-                    nxt = pool.submit(lambda c: [decode(it) for it in c], chunks[k + 1])
-                run(decoded, pool, pending)
-                bar.update(len(decoded))
-            bar.close()
-            for item, fut in pending:
-                try:
-                    fut.result()
-                except Exception as e:
-                    errors.append({"path": str(item[0]), "error": f"write {item[1]}: {type(e).__name__}: {e}"})
-                    made -= 1
+        rest = todo
+        if not args.no_estimate and len(todo) > 2:  # calibration: time one image (after a warm-up image)
+            t0 = time.perf_counter()
+            w1, e1 = enhance_files(todo[:1], enhancer, 1, args.format)
+            t1 = time.perf_counter()
+            w2, e2 = enhance_files(todo[1:2], enhancer, 1, args.format)
+            per = min(t1 - t0, time.perf_counter() - t1) or 1e-3
+            made, rest = len(w1) + len(w2), todo[2:]
+            errors += e1 + e2
+            print(f"estimated total: {_fmt_seconds(per * len(todo))} for {len(todo)} images "
+                  f"({per:.2f} s/image on {getattr(enhancer, 'device', 'cpu')}, calibrated on 2 images)",
+                  file=sys.stderr)
+        bar = tqdm(total=len(todo), initial=len(todo) - len(rest), unit="img", desc=f"enhance {args.model}",
+                   file=sys.stderr, dynamic_ncols=True)
+        written, errs = enhance_files(rest, enhancer, args.batch_size, args.format, on_batch=bar.update)
+        bar.close()
+        made += len(written)
+        errors += errs
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ERRORS_CSV, "w", newline="") as f:
