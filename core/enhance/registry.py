@@ -6,11 +6,12 @@ new one with ``@register_enhancer(name, ...)``; the study then accepts it as ``-
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
+
+from core.registry import Registry
 
 
 class Enhancer(Protocol):
@@ -39,28 +40,23 @@ class EnhancerSpec:
     tags: tuple[str, ...] = field(default_factory=tuple)
 
 
-_REGISTRY: dict[str, EnhancerSpec] = {}
+_REGISTRY: Registry[EnhancerSpec] = Registry("enhancer")
 
 
 def register_enhancer(name: str, description: str, scale: int, **kw) -> Callable:
     def deco(factory: Callable[..., Enhancer]) -> Callable[..., Enhancer]:
-        if name in _REGISTRY:
-            raise ValueError(f"enhancer {name!r} registered twice")
-        _REGISTRY[name] = EnhancerSpec(name=name, factory=factory, description=description, scale=scale, **kw)
+        _REGISTRY.add(name, EnhancerSpec(name=name, factory=factory, description=description, scale=scale, **kw))
         return factory
 
     return deco
 
 
 def list_enhancers(pattern: str = "*") -> list[str]:
-    return [n for n in _REGISTRY if fnmatch.fnmatch(n, pattern)]
+    return _REGISTRY.names(pattern)
 
 
 def get_enhancer_spec(name: str) -> EnhancerSpec:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown enhancer {name!r}; choose from {', '.join(_REGISTRY)}") from None
+    return _REGISTRY.get(name)
 
 
 def create_enhancer(name: str, **kwargs) -> Enhancer:
