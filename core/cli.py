@@ -77,6 +77,7 @@ def add_study_parser(sub) -> None:
 def cmd_study(args) -> int:
     from core.data import DataNotFoundError
     from core.engine import Cancelled
+    from core.enhance.weights import WeightsError
     from core.models import PretrainedWeightsUnavailable
     from core.pipeline import run
 
@@ -98,7 +99,7 @@ def cmd_study(args) -> int:
     bar = None if args.quiet else _StageBars()
     try:
         r = run(cfg, on_progress=bar, run_id=args.run_id)
-    except (DataNotFoundError, PretrainedWeightsUnavailable) as e:
+    except (DataNotFoundError, PretrainedWeightsUnavailable, WeightsError) as e:
         print(f"wbc study: error: {e}", file=sys.stderr)
         return 1
     except (Cancelled, KeyboardInterrupt):

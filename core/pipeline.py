@@ -139,7 +139,13 @@ def assign_source_groups(sd: StudyData, cfg: StudyConfig, prog: Progress) -> Non
         prog.run.log("source grouping unavailable: statistics resample images, not groups")
 
 
-def enhance_variants(sd: StudyData, cfg: StudyConfig, prog: Progress) -> tuple[dict, list[dict]]:
+def preflight(cfg: StudyConfig) -> dict:
+    """Fail in seconds, not hours: the classifier's and every enhancer's weights must load first."""
+    create_classifier(cfg.classifier, len(CLASSES), cfg.pretrained)
+    return {v: create_enhancer(v, device=cfg.device) for v in cfg.variants if not get_enhancer_spec(v).identity}
+
+
+def enhance_variants(sd: StudyData, cfg: StudyConfig, enhancers: dict, prog: Progress) -> tuple[dict, list[dict]]:
     """Enhance every image the study uses with every non-identity variant (cached on disk)."""
     provenance, errors = {}, []
     images = pd.concat([sd.pool, sd.test]).drop_duplicates("sha1")
@@ -149,7 +155,7 @@ def enhance_variants(sd: StudyData, cfg: StudyConfig, prog: Progress) -> tuple[d
             provenance[v] = {"enhancer": v}
             continue
         prog.start(f"enhance:{v}", f"{len(images)} images with {v}")
-        enh = create_enhancer(v, device=cfg.device)
+        enh = enhancers[v]
         res = enhance_to_cache(list(zip(images["path"], images["sha1"])), enh, _cache(cfg),
                                batch_size=cfg.enhance_batch_size, fmt=cfg.enhance_format,
                                on_progress=prog.callback(f"enhancing with {v}"))
@@ -283,7 +289,8 @@ def run(cfg: StudyConfig, on_progress: OnProgress | None = None, run_id: str | N
                     device_name=torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor())
     restore = _install_sigterm(prog)
     try:
-        prog.start("data", "scanning images")
+        prog.start("data", "checking weights, scanning images")
+        enhancers = preflight(cfg)
         sd = prepare_data(cfg, prog)
         skipped = sd.manifest.skipped
         run.log(f"test set: {sd.test_source}, {len(sd.test)} images; training pool {len(sd.pool)} images; "
@@ -291,7 +298,7 @@ def run(cfg: StudyConfig, on_progress: OnProgress | None = None, run_id: str | N
         prog.start("groups", "source-cell grouping")
         assign_source_groups(sd, cfg, prog)
         run.update_meta(data=_data_meta(sd, cfg), skipped=skipped)
-        enh_prov, enh_errors = enhance_variants(sd, cfg, prog)
+        enh_prov, enh_errors = enhance_variants(sd, cfg, enhancers, prog)
         skipped = skipped + enh_errors
         run.update_meta(weights={"enhancers": enh_prov}, skipped=skipped)
         if skipped:

@@ -164,3 +164,21 @@ def test_cli_runs_and_report(tiny_run):
     assert p.returncode == 0, p.stderr
     assert "confusion matrix [bicubic-x4]" in p.stdout and "macro avg" in p.stdout
     assert _wbc("report", "no-such-run", "--runs-dir", cfg.runs_dir).returncode == 2
+
+
+def test_missing_pretrained_weights_fail_before_any_long_stage(data_dir, tmp_path, monkeypatch):
+    """The paper's ResNet-50 offline: a clear error in seconds, before enhancement starts."""
+    import core.models as M
+
+    def unavailable(num_classes, pretrained):
+        raise M.PretrainedWeightsUnavailable("resnet50: ImageNet weights could not be loaded (offline)")
+
+    spec = M.get_classifier_spec("resnet50")
+    monkeypatch.setitem(M._REGISTRY._specs, "resnet50", replace(spec, build=unavailable))
+    cfg = make_config(None, data_dir=str(data_dir), runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "c"),
+                      **{**TINY, "classifier": "resnet50", "pretrained": "imagenet"})
+    with pytest.raises(M.PretrainedWeightsUnavailable):
+        run_study(cfg, run_id="no-weights")
+    meta = RunStore(cfg.runs_dir).get("no-weights").read_meta()
+    assert meta["status"] == "failed" and "ImageNet weights" in meta["error"]["message"]
+    assert "enhance:bicubic-x4" not in meta["stages"] and not (tmp_path / "c" / "enhanced").exists()
