@@ -21,7 +21,7 @@ import torch
 
 from core import data as D
 from core.config import CLASSES, StudyConfig, default_cache_dir
-from core.engine import Cancelled, TrainSettings, fit, load_images, predict, resolve_device
+from core.engine import Cancelled, TrainSettings, fit, load_images, predict, resolve_device, seed_everything
 from core.enhance import create_enhancer, enhance_to_cache, get_enhancer_spec
 from core.metrics import confusion_rows, metrics_rows, predictions_frame
 from core.models import create_classifier, get_classifier_spec
@@ -189,6 +189,7 @@ def train_and_evaluate(sd: StudyData, cfg: StudyConfig, variant: str, seed: int,
     y = {name: np.array([CLASSES.index(c) for c in df["label"]]) for name, df in
          (("train", train), ("val", val))}
     spec = get_classifier_spec(cfg.classifier)
+    seed_everything(seed)  # the new head's initialisation depends on the seed alone
     model, weights = create_classifier(cfg.classifier, len(CLASSES), cfg.pretrained)
     s = TrainSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr,
                       weight_decay=cfg.weight_decay, patience=cfg.patience, augment=cfg.augment,
@@ -211,6 +212,8 @@ def train_and_evaluate(sd: StudyData, cfg: StudyConfig, variant: str, seed: int,
         "metrics": metrics_rows(keys, pred["true_label"], pred["pred_label"]),
         "confusion": confusion_rows(keys, pred["true_label"], pred["pred_label"]),
         "history": pd.DataFrame([{**keys, **h} for h in result["history"]]),
+        "splits": pd.concat([df.reindex(columns=["image_id", "label", "group_id"]).assign(**keys, role=role)
+                             for role, df in (("train", train), ("val", val), ("test", test))], ignore_index=True),
         "weights": weights, "counts": {"train": len(train), "val": len(val), "test": len(test)},
         "val_groups_disjoint": _disjoint(train, val),
     }
@@ -223,7 +226,7 @@ def _disjoint(train: pd.DataFrame, val: pd.DataFrame) -> bool | None:
 
 
 def write_tables(run: Run, parts: list[dict]) -> None:
-    for name in ("predictions", "metrics", "confusion", "history"):
+    for name in ("predictions", "metrics", "confusion", "history", "splits"):
         run.write_table(name, pd.concat([p[name] for p in parts], ignore_index=True))
     pred = pd.concat([p["predictions"] for p in parts], ignore_index=True)
     run.write_table("misclassified", pred[~pred["correct"]])

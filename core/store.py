@@ -39,6 +39,8 @@ SCHEMAS: dict[str, list[str]] = {
     # estimate = mean over seeds, sd = standard deviation, detail = JSON list of per-seed values).
     "stats": ["kind", "variant", "baseline", "seed", "image_size", "metric", "estimate", "sd", "ci_low",
               "ci_high", "p_value", "n", "detail"],
+    # Which images trained, validated and tested each model (role: train | val | test).
+    "splits": KEYS + ["image_id", "role", "label", "group_id"],
     "skipped": ["path", "split", "error"],
 }
 METRIC_LABELS = [*CLASSES, "accuracy", "macro avg", "weighted avg"]

@@ -86,6 +86,12 @@ def test_tables_match_schema_and_sklearn(tiny_run):
     hist = run.read_table("history")
     assert set(hist["variant"]) == {"original", "bicubic-x4"} and hist["epoch"].max() <= cfg.epochs
     assert (run.path / "checkpoints" / "original-s0-32.pt").is_file()
+    splits = run.read_table("splits")
+    assert list(splits.columns) == SCHEMAS["splits"]
+    for v, g in splits.groupby("variant"):
+        roles = g.groupby("role")["image_id"].apply(set)
+        assert not roles["train"] & roles["val"] and roles["test"] == set(pred.loc[pred["variant"] == v, "image_id"])
+        assert len(roles["train"]) + len(roles["val"]) == 40
 
 
 def test_second_run_reuses_enhanced_cache(tiny_run, data_dir):
@@ -94,6 +100,11 @@ def test_second_run_reuses_enhanced_cache(tiny_run, data_dir):
     r2 = run_study(cfg2)
     prov = r2.read_meta()["weights"]["enhancers"]["bicubic-x4"]
     assert prov["made"] == 0 and prov["from_cache"] == _distinct_images(cfg.data_dir)
+    # same seed, same data: the same model, whatever ran before it in the process
+    a = run.read_table("predictions").query("variant == 'bicubic-x4'").reset_index(drop=True)
+    b = r2.read_table("predictions").reset_index(drop=True)
+    assert a["image_id"].tolist() == b["image_id"].tolist()
+    assert (a[list(PROB_COLUMNS)].to_numpy() == b[list(PROB_COLUMNS)].to_numpy()).all()
 
 
 def test_failed_run_is_marked_and_others_untouched(tiny_run, data_dir, monkeypatch):
