@@ -49,7 +49,7 @@ def accuracy_table(state, run_id) -> tuple[pd.DataFrame, pd.DataFrame, list]:
             acc[c] = np.nan
     paired = pd.DataFrame()
     if not stats.empty:
-        p = stats[stats["kind"] == "paired"].copy()
+        p = stats[(stats["kind"] == "paired") & (stats["metric"] == "accuracy_diff")].copy()
         if len(p):
             bc = p["detail"].apply(lambda d: json.loads(d) if isinstance(d, str) and d.startswith("{") else {})
             p["b (base right, variant wrong)"] = bc.apply(lambda d: d.get("b"))
