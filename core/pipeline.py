@@ -128,15 +128,10 @@ def _split(df: pd.DataFrame, fraction: float, seed: int, cfg: StudyConfig, prog:
 
 def assign_source_groups(sd: StudyData, cfg: StudyConfig, prog: Progress) -> None:
     """Source-cell groups for the pool (grouped split) and the test set (group bootstrap)."""
-    try:
-        if "group_id" not in sd.pool and cfg.split == "grouped":
-            sd.pool["group_id"] = _groups(sd.pool, cfg, prog)
-        if "group_id" not in sd.test:
-            sd.test["group_id"] = _groups(sd.test, cfg, prog)
-    except ImportError:
-        if cfg.split == "grouped":
-            raise
-        prog.run.log("source grouping unavailable: statistics resample images, not groups")
+    if "group_id" not in sd.pool and cfg.split == "grouped":
+        sd.pool["group_id"] = _groups(sd.pool, cfg, prog)
+    if "group_id" not in sd.test:
+        sd.test["group_id"] = _groups(sd.test, cfg, prog)
 
 
 def preflight(cfg: StudyConfig) -> dict:
@@ -167,25 +162,39 @@ def enhance_variants(sd: StudyData, cfg: StudyConfig, enhancers: dict, prog: Pro
     return provenance, errors
 
 
-def _variant_paths(df: pd.DataFrame, sd: StudyData, variant: str) -> tuple[pd.DataFrame, list]:
-    """Rows that have an image for this variant, and the file to read for each."""
-    if variant not in sd.enhanced:
-        return df, list(df["path"])
-    m = sd.enhanced[variant]
-    keep = df["sha1"].isin(m.keys())
-    df = df[keep].reset_index(drop=True)
-    return df, [m[s] for s in df["sha1"]]
+@dataclass
+class Decoded:
+    """Every image of the study for one (variant, size), decoded once and shared by all seeds."""
+
+    index: dict[str, int]  # sha1 -> row of x
+    x: torch.Tensor  # uint8 (N, 3, size, size)
+    files: list[str]  # the file read for each row
+
+    def take(self, df: pd.DataFrame) -> tuple[pd.DataFrame, torch.Tensor, list[str]]:
+        """Rows of ``df`` that have an image for this variant, their tensors and files."""
+        df = df[df["sha1"].isin(self.index.keys())].reset_index(drop=True)
+        rows = [self.index[s] for s in df["sha1"]]
+        return df, self.x[rows], [self.files[i] for i in rows]
 
 
-def train_and_evaluate(sd: StudyData, cfg: StudyConfig, variant: str, seed: int, size: int,
+def decode_variant(sd: StudyData, variant: str, size: int, prog: Progress) -> Decoded:
+    images = pd.concat([sd.pool, sd.test]).drop_duplicates("sha1")
+    if variant in sd.enhanced:  # images whose enhancement failed are left out
+        images = images[images["sha1"].isin(sd.enhanced[variant].keys())]
+        files = [sd.enhanced[variant][s] for s in images["sha1"]]
+    else:
+        files = list(images["path"])
+    x = load_images(files, size, on_progress=prog.callback("decoding images"))
+    return Decoded(index={s: i for i, s in enumerate(images["sha1"])}, x=x, files=files)
+
+
+def train_and_evaluate(sd: StudyData, cfg: StudyConfig, variant: str, seed: int, size: int, decoded: Decoded,
                        device: torch.device, prog: Progress) -> dict:
-    """One model: split, decode, fit, predict. Returns the tables for this (variant, seed, size)."""
+    """One model: split, fit, predict. Returns the tables for this (variant, seed, size)."""
     keys = {"variant": variant, "seed": seed, "image_size": size}
     train, val = _split(sd.pool, cfg.val_fraction, seed, cfg, prog)
-    (train, tr_paths), (val, va_paths) = _variant_paths(train, sd, variant), _variant_paths(val, sd, variant)
-    test, te_paths = _variant_paths(sd.test, sd, variant)
-    decode = prog.callback("decoding images")
-    x_tr, x_va, x_te = (load_images(p, size, on_progress=decode) for p in (tr_paths, va_paths, te_paths))
+    (train, x_tr, _), (val, x_va, _) = decoded.take(train), decoded.take(val)
+    test, x_te, te_files = decoded.take(sd.test)
     y = {name: np.array([CLASSES.index(c) for c in df["label"]]) for name, df in
          (("train", train), ("val", val))}
     spec = get_classifier_spec(cfg.classifier)
@@ -197,7 +206,7 @@ def train_and_evaluate(sd: StudyData, cfg: StudyConfig, variant: str, seed: int,
     result = fit(model, spec.mean, spec.std, spec.head, x_tr, y["train"], x_va, y["val"], s, device,
                  on_progress=prog.callback("training"))
     probs = predict(model, spec.mean, spec.std, x_te, device, batch_size=max(cfg.batch_size, 64))
-    enhanced = te_paths if variant in sd.enhanced else [None] * len(test)
+    enhanced = te_files if variant in sd.enhanced else [None] * len(test)
     pred = predictions_frame(keys, test, probs, enhanced)
     ckpt = prog.run.path / "checkpoints" / f"{variant}-s{seed}-{size}.pt"
     ckpt.parent.mkdir(exist_ok=True)
@@ -274,7 +283,7 @@ def _versions() -> dict:
 def plan_stages(cfg: StudyConfig) -> list[str]:
     stages = ["data", "groups"]
     stages += [f"enhance:{v}" for v in cfg.variants if not get_enhancer_spec(v).identity]
-    stages += [f"train:{v}:s{s}:{z}" for s in cfg.seeds for z in cfg.image_sizes for v in cfg.variants]
+    stages += [f"train:{v}:s{s}:{z}" for v in cfg.variants for z in cfg.image_sizes for s in cfg.seeds]
     return stages + ["stats"]
 
 
@@ -307,11 +316,13 @@ def run(cfg: StudyConfig, on_progress: OnProgress | None = None, run_id: str | N
         if skipped:
             run.write_table("skipped", pd.DataFrame(skipped))
         parts = []
-        for seed in cfg.seeds:
+        for v in cfg.variants:  # variant and size outside: each image is decoded once for all seeds
             for size in cfg.image_sizes:
-                for v in cfg.variants:
+                decoded = None
+                for seed in cfg.seeds:
                     prog.start(f"train:{v}:s{seed}:{size}", f"{cfg.classifier} on {v}, seed {seed}, {size}px")
-                    parts.append(train_and_evaluate(sd, cfg, v, seed, size, device, prog))
+                    decoded = decoded or decode_variant(sd, v, size, prog)
+                    parts.append(train_and_evaluate(sd, cfg, v, seed, size, decoded, device, prog))
                     write_tables(run, parts)
                     run.update_meta(summary=summarize(parts))
         prog.start("stats", "bootstrap CIs and paired tests")
@@ -352,12 +363,10 @@ def _data_meta(sd: StudyData, cfg: StudyConfig) -> dict:
     return meta
 
 
-def _leakage(sd: StudyData, cfg: StudyConfig) -> dict | None:
+def _leakage(sd: StudyData, cfg: StudyConfig) -> dict:
     """Share of validation images with a near-copy in training, for the split used (first seed)."""
-    try:
-        from core.groups import leakage
-    except ImportError:
-        return None
+    from core.groups import leakage
+
     train, val = (D.random_split(sd.pool, cfg.val_fraction, cfg.seeds[0]) if cfg.split == "random" else
                   D.grouped_split(sd.pool, sd.pool["group_id"].to_numpy(), cfg.val_fraction, cfg.seeds[0]))
     return leakage(train, val, cache_dir=_cache(cfg), device=str(resolve_device(cfg.device)))

@@ -193,3 +193,21 @@ def test_missing_pretrained_weights_fail_before_any_long_stage(data_dir, tmp_pat
     meta = RunStore(cfg.runs_dir).get("no-weights").read_meta()
     assert meta["status"] == "failed" and "ImageNet weights" in meta["error"]["message"]
     assert "enhance:bicubic-x4" not in meta["stages"] and not (tmp_path / "c" / "enhanced").exists()
+
+
+def test_seeds_and_sizes_decode_each_variant_once(tiny_run, monkeypatch):
+    """Two seeds x two sizes: four models per variant, images decoded once per (variant, size)."""
+    import core.pipeline as P
+
+    run, cfg, _ = tiny_run
+    calls = []
+    real = P.load_images
+    monkeypatch.setattr(P, "load_images", lambda files, size, **kw: calls.append(size) or real(files, size, **kw))
+    r = run_study(replace(cfg, seeds=(0, 1), image_sizes=(32, 40), epochs=1))
+    assert sorted(calls) == [32, 32, 40, 40]  # 2 variants x 2 sizes, not x 2 seeds
+    pred = r.read_table("predictions")
+    assert pred.groupby(["variant", "seed", "image_size"]).size().eq(16).all() and len(pred) == 2 * 2 * 2 * 16
+    stats = r.read_table("stats")
+    seeds = stats[stats["kind"] == "seeds"]
+    assert set(seeds["seed"]) == {-1} and seeds["sd"].notna().all()
+    assert {"original", "bicubic-x4"} <= set(seeds["variant"])
