@@ -9,7 +9,6 @@ Weights: see :mod:`core.enhance.weights`.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -173,7 +172,6 @@ class RealESRGANEnhancer:
 
     def _tiled(self, x):
         """Tile processing as in RealESRGANer.tile_process, for a whole batch (only used after an OOM)."""
-        import torch.nn.functional as F
 
         n, c, h, w = x.shape
         s, t, p = self.scale, self.tile, self.tile_pad
