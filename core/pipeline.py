@@ -137,7 +137,8 @@ def assign_source_groups(sd: StudyData, cfg: StudyConfig, prog: Progress) -> Non
 def preflight(cfg: StudyConfig) -> dict:
     """Fail in seconds, not hours: the classifier's and every enhancer's weights must load first."""
     create_classifier(cfg.classifier, len(CLASSES), cfg.pretrained)
-    return {v: create_enhancer(v, device=cfg.device) for v in cfg.variants if not get_enhancer_spec(v).identity}
+    return {v: create_enhancer(v, device=cfg.device, batch_size=cfg.enhance_batch_size, half=cfg.enhance_half)
+            for v in cfg.variants if not get_enhancer_spec(v).identity}
 
 
 def enhance_variants(sd: StudyData, cfg: StudyConfig, enhancers: dict, prog: Progress) -> tuple[dict, list[dict]]:

@@ -259,3 +259,10 @@ def test_launch_args_from_form():
                         split="random", per_class=8, test_per_class=0))
     assert "--preset" not in a and a[a.index("--variants") + 1] == "original,bicubic-x4"
     assert a[a.index("--per-class") + 1] == "8" and "--test-per-class" not in a
+    assert "--enhance-precision" not in a  # auto: the CLI's default
+    half = build_args(dict(preset="quick", data="/d", test_dir=None, variants=["original"], classifier="simple_cnn",
+                           pretrained="none", epochs=1, image_size=64, seed=0, device="cpu", precision="half"))
+    assert half[half.index("--enhance-precision") + 1] == "half"
+    from core.cli import build_parser
+
+    assert build_parser().parse_args(["study", *half]).enhance_precision == "half"  # the CLI accepts what we build

@@ -255,3 +255,53 @@ def test_out_of_memory_halves_the_batch_then_tiles(tmp_path):
     assert shapes[0][0] == 2 and shapes[1][0] == 1 and enh.tile == 32
     for g, w in zip(got, want):
         assert g.shape == w.shape and psnr(g, w) >= 35.0  # tiles differ from one forward only near seams
+
+
+def test_batch_size_defaults_by_device_and_is_recorded(animev3):
+    auto = create_enhancer("realesr-animevideov3", device="cpu")
+    assert auto.batch_size == 1 and auto.provenance()["batch_size"] == 1  # fastest on CPU (cache-bound)
+    assert animev3.batch_size == 2 and animev3.provenance()["batch_size"] == 2  # an explicit value wins
+    with pytest.raises(ValueError, match="--batch-size"):
+        create_enhancer("realesr-animevideov3", device="cpu", batch_size=0)
+
+
+def test_precision_is_part_of_the_cache_key(animev3, tmp_path):
+    from core.enhance.cache import cache_path
+
+    fast = create_enhancer("realesr-animevideov3", device="cpu", half=True)
+    assert fast.weights_id() == animev3.weights_id()  # same weights ...
+    a, b = cache_path(tmp_path, animev3, "ab" * 20), cache_path(tmp_path, fast, "ab" * 20)
+    assert a != b and "-bfloat16" in b.parent.parent.name  # ... but bf16 pixels never stand in for fp32 ones
+    assert a.parent.parent.name == animev3.weights_id()[:16]  # fp32 keeps the key of earlier caches
+
+
+def test_png_encoding_is_lossless_rgb(tmp_path):
+    from core.enhance.cache import save_image_atomic
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
+    arr[0, 0] = (255, 0, 0)  # red stays red: no RGB/BGR swap
+    save_image_atomic(arr, tmp_path / "x.png")
+    back = load_rgb(tmp_path / "x.png")
+    assert back.dtype == np.uint8 and np.array_equal(back, arr) and tuple(back[0, 0]) == (255, 0, 0)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_study_flags_reach_the_enhancer():
+    """`wbc study --enhance-precision half --enhance-batch-size 3` builds the enhancer that way (preflight)."""
+    from core.cli import build_parser, config_from_args
+    from core.pipeline import preflight
+
+    def enhancer(*flags):
+        args = build_parser().parse_args(["study", "--variants", "original,realesr-animevideov3", "--classifier",
+                                          "simple_cnn", "--pretrained", "none", "--device", "cpu", *flags])
+        cfg = config_from_args(args)
+        cfg.validate()
+        return cfg, preflight(cfg)["realesr-animevideov3"]
+
+    cfg, enh = enhancer("--enhance-precision", "half", "--enhance-batch-size", "3")
+    assert cfg.enhance_half is True and enh.batch_size == 3 and enh.provenance()["precision"] == "bfloat16"
+    cfg, enh = enhancer("--enhance-precision", "fp32")
+    assert cfg.enhance_half is False and enh.batch_size == 1 and enh.provenance()["precision"] == "float32"
+    cfg, enh = enhancer()
+    assert cfg.enhance_half is None and enh.provenance()["precision"] == "float32"  # auto on CPU

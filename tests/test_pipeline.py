@@ -149,6 +149,8 @@ def _wbc(*args, **kw):
     (["study", "--image-size", "abc"], "invalid value 'abc'"),
     (["study", "--preset", "fast"], "invalid choice: 'fast'"),
     (["study", "--test-dir", "/no/such/dir"], "--test-dir: '/no/such/dir' is not a folder"),
+    (["study", "--enhance-batch-size", "0"], "--enhance-batch-size: must be >= 1, got 0"),
+    (["study", "--enhance-precision", "fp8"], "invalid choice: 'fp8'"),
 ])
 def test_cli_bad_arguments_one_line_exit_2(args, needle):
     p = _wbc(*args)

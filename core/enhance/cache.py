@@ -23,8 +23,14 @@ FORMATS = {"png": {"format": "PNG", "compress_level": 1}, "jpeg": {"format": "JP
 ProgressFn = Callable[[int, int], None]  # (done, total)
 
 
+def output_id(enhancer: Enhancer) -> str:
+    """The part of the cache key that names what produced the pixels (weights, and precision if not fp32)."""
+    f = getattr(enhancer, "output_id", None)
+    return f() if f else enhancer.weights_id()[:16]
+
+
 def cache_path(cache_dir: Path, enhancer: Enhancer, sha1: str, fmt: str = "png") -> Path:
-    return Path(cache_dir) / "enhanced" / enhancer.name / enhancer.weights_id()[:16] / sha1[:2] / f"{sha1}.{fmt}"
+    return Path(cache_dir) / "enhanced" / enhancer.name / output_id(enhancer) / sha1[:2] / f"{sha1}.{fmt}"
 
 
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
@@ -39,9 +45,29 @@ def save_image_atomic(arr: np.ndarray, dest: Path, fmt: str = "png") -> None:
         raise ValueError(f"unknown image format {fmt!r}; choose from {', '.join(FORMATS)}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    opts = dict(FORMATS[fmt])
-    Image.fromarray(arr).save(tmp, **opts)
+    if fmt == "png":
+        tmp.write_bytes(encode_png(arr))
+    else:
+        Image.fromarray(arr).save(tmp, **FORMATS[fmt])
     os.replace(tmp, dest)
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    """Lossless PNG (zlib level 1). OpenCV's encoder is a little faster than Pillow's at the same level, for
+    the same size (1280x960 enhanced cells: 69 vs 82 ms, 1.35 vs 1.37 MB); Pillow if OpenCV is missing."""
+    try:
+        import cv2
+    except ImportError:
+        import io
+
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, **FORMATS["png"])
+        return buf.getvalue()
+    bgr = arr[:, :, ::-1] if arr.ndim == 3 and arr.shape[2] == 3 else arr
+    ok, enc = cv2.imencode(".png", np.ascontiguousarray(bgr), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise OSError("PNG encoding failed")
+    return enc.tobytes()
 
 
 def is_valid_image(path: Path) -> bool:
@@ -65,7 +91,7 @@ class EnhanceResult:
 def enhance_files(
     items: Sequence[tuple[str | os.PathLike, Path]],
     enhancer: Enhancer,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     fmt: str = "png",
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[list[tuple], list[dict]]:
@@ -100,6 +126,7 @@ def enhance_files(
 
     errors: list[dict] = []
     pending: list = []
+    batch_size = batch_size or getattr(enhancer, "batch_size", 4)
     chunks = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
     with ThreadPoolExecutor(max_workers=2) as pool:
         nxt = pool.submit(decode, chunks[0]) if chunks else None
@@ -127,7 +154,7 @@ def enhance_to_cache(
     sources: Sequence[tuple[str, str]],
     enhancer: Enhancer,
     cache_dir: Path,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     fmt: str = "png",
     on_progress: ProgressFn | None = None,
 ) -> EnhanceResult:

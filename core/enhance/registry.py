@@ -21,6 +21,9 @@ class Enhancer(Protocol):
     def weights_id(self) -> str:
         """A hash of the weights/parameters: part of the cache key ('none' for the identity)."""
 
+    # Optional: ``output_id() -> str``, the cache key of the outputs when they depend on more than the weights
+    # (Real-ESRGAN: the precision); ``batch_size``, images per call when the caller gives none.
+
     def provenance(self) -> dict:
         """What produced the output (weights source, sha256, parameters), recorded in run.json."""
 

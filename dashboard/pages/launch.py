@@ -69,6 +69,8 @@ def build_args(values: dict) -> list[str]:
           "--pretrained", values["pretrained"], "--epochs", str(values["epochs"]),
           "--image-size", str(values["image_size"]), "--seed", str(values["seed"]), "--device", values["device"],
           "--split", values.get("split") or "grouped"]
+    if values.get("precision") and values["precision"] != "auto":
+        a += ["--enhance-precision", values["precision"]]
     if values.get("per_class"):
         a += ["--per-class", str(values["per_class"])]
     if values.get("test_per_class"):
@@ -107,6 +109,10 @@ def view(state) -> pn.viewable.Viewable:
                                 css_classes=["wbc-l-split"]),
         device=pn.widgets.Select(name="Device", options=["auto", "cpu", "cuda"], value="auto", width=100,
                                  css_classes=["wbc-l-device"]),
+        precision=pn.widgets.Select(name="Real-ESRGAN precision", options=["auto", "fp32", "half"], value="auto",
+                                    width=150, css_classes=["wbc-l-precision"],
+                                    description="auto: fp16 on CUDA, fp32 on CPU. half: also bf16 on CPU "
+                                                "(~2x faster on AVX512-BF16 CPUs, 52-54 dB PSNR vs fp32)."),
     )
     start = pn.widgets.Button(name="Start study", button_type="primary", width=140, css_classes=["wbc-l-start"])
     cancel = pn.widgets.Button(name="Cancel", button_type="danger", width=100, disabled=True,
@@ -256,6 +262,7 @@ def view(state) -> pn.viewable.Viewable:
         w["data"], w["data_path"], w["test"], w["variants"],
         pn.Row(w["epochs"], w["per_class"], w["test_per_class"]),
         pn.Row(w["image_size"], w["seed"], w["split"], w["device"]),
+        pn.Row(w["precision"]),
         pn.Row(start, cancel), width=540, sizing_mode="fixed")
     status = pn.Column(pn.pane.Markdown("### Progress"), stage, bar, message, open_run,
                        pn.pane.Markdown("**Log (tail)**"), log, sizing_mode="stretch_width")
