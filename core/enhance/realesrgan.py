@@ -43,7 +43,7 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
     ModelSpec("realesrgan-x4plus", "rrdb", dict(num_feat=64, num_block=23, num_grow_ch=32),
               "RealESRGAN_x4plus.pth", f"{RELEASES}/v0.1.0/RealESRGAN_x4plus.pth",
               "4fa0d38905f75ac06eb49a7951b426670021be3018265fd191d2125df9d682f1", "REALESRGAN_X4PLUS_UP4X",
-              "Real-ESRGAN x4plus (the paper's; RRDBNet, 23 blocks).", 30.0, ("gan",)),
+              "Real-ESRGAN x4plus (the paper's; RRDBNet, 23 blocks).", 20.0, ("gan",)),
     ModelSpec("realesrgan-x4plus-anime", "rrdb", dict(num_feat=64, num_block=6, num_grow_ch=32),
               "RealESRGAN_x4plus_anime_6B.pth", f"{RELEASES}/v0.2.2.4/RealESRGAN_x4plus_anime_6B.pth",
               "f872d837d3c90ed2e05227bed711af5671a6fd1c9f7d7e91c911a61f155e99da", "REALESRGAN_X4PLUSANIME_UP4X",
