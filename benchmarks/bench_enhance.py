@@ -40,7 +40,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import cv2
-    import numpy as np
     import torch
 
     from core.enhance import create_enhancer, load_rgb

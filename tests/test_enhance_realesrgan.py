@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -203,6 +204,9 @@ def test_cli_enhances_lists_bad_files_and_resumes(tmp_path, animev3, capsys):
     assert len(rows) == 3 and {r.split(",")[0] for r in rows[1:]} == {str(src / "truncated.jpeg"), str(src / "notes.txt")}
     err = capsys.readouterr().err
     assert "enhanced 2" in err and "truncated.jpeg" in err and "notes.txt" in err
+    # the estimate is timed on images that were enhanced, not on the bad file met first (notes.txt sorts first)
+    per = float(re.search(r"estimated total: .* \(([\d.]+) s/image on cpu", err).group(1))
+    assert per > 0.05  # a 320x240 -> 1280x960 forward on a CPU; a failed decode takes milliseconds
 
     # partial run: one output is kept, the other removed -> only the missing one is redone
     keep, redo = made

@@ -53,6 +53,25 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir", metavar="OUT_DIR")
 
 
+def _calibrate(todo: list, enhancer, fmt: str, tries: int = 10) -> tuple[int, list[dict], float | None, list]:
+    """Enhance images one at a time until two succeed (the first warms up, the second is timed).
+
+    Bad files met on the way are listed, not timed. Returns (images made, errors, s/image or None, the rest).
+    """
+    from core.enhance.cache import enhance_files
+
+    made, errors, times, k = 0, [], [], 0
+    while k < len(todo) and k < tries and made < 2:
+        t0 = time.perf_counter()
+        written, errs = enhance_files(todo[k : k + 1], enhancer, 1, fmt)
+        if written:
+            made, times = made + 1, times + [time.perf_counter() - t0]
+        errors += errs
+        k += 1
+    per = min(times) if len(times) == 2 else None
+    return made, errors, per, todo[k:]
+
+
 def _validate(args) -> None:
     from core.enhance import get_enhancer_spec, list_enhancers
     from core.enhance.cache import FORMATS
@@ -136,17 +155,13 @@ def cmd_enhance(args) -> int:
               file=sys.stderr)
 
         rest = todo
-        if not args.no_estimate and len(todo) > 2:  # calibration: time one image (after a warm-up image)
-            t0 = time.perf_counter()
-            w1, e1 = enhance_files(todo[:1], enhancer, 1, args.format)
-            t1 = time.perf_counter()
-            w2, e2 = enhance_files(todo[1:2], enhancer, 1, args.format)
-            per = min(t1 - t0, time.perf_counter() - t1) or 1e-3
-            made, rest = len(w1) + len(w2), todo[2:]
-            errors += e1 + e2
-            print(f"estimated total: {_fmt_seconds(per * len(todo))} for {len(todo)} images "
-                  f"({per:.2f} s/image on {getattr(enhancer, 'device', 'cpu')}, calibrated on 2 images)",
-                  file=sys.stderr)
+        if not args.no_estimate and len(todo) > 2:
+            made, errs, per, rest = _calibrate(todo, enhancer, args.format)
+            errors += errs
+            if per is not None:
+                print(f"estimated total: {_fmt_seconds(per * len(todo))} for {len(todo)} images "
+                      f"({per:.2f} s/image on {getattr(enhancer, 'device', 'cpu')}, calibrated on 2 images)",
+                      file=sys.stderr)
         bar = tqdm(total=len(todo), initial=len(todo) - len(rest), unit="img", desc=f"enhance {args.model}",
                    file=sys.stderr, dynamic_ncols=True)
         written, errs = enhance_files(rest, enhancer, args.batch_size, args.format, on_batch=bar.update)

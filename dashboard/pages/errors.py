@@ -14,7 +14,7 @@ from core.config import CLASSES, PROB_COLUMNS
 
 from dashboard.data import LARGE_SIZE, load_table, run_variants, thumbnail_uri, warm_thumbnails
 from dashboard.gallery import Gallery, gallery_items
-from dashboard.pages.common import no_run, warnings_alert
+from dashboard.pages.common import warnings_alert
 from dashboard.state import ANY
 
 PAGE_SIZE = 24
