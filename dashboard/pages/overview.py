@@ -61,6 +61,21 @@ def accuracy_table(state, run_id) -> tuple[pd.DataFrame, pd.DataFrame, list]:
     return acc, paired, warnings
 
 
+def provenance_table(meta: dict) -> pd.DataFrame:
+    """How each variant's images were made, from run.json: weights source and sha256, precision, device."""
+    rows = []
+    for v, p in ((meta.get("weights") or {}).get("enhancers") or {}).items():
+        sha = p.get("sha256") or ""
+        rows.append({"variant": v, "method": p.get("method") or (p.get("arch") and f"{p['arch']} x{p.get('scale', 4)}")
+                     or ("as is" if v == "original" else ""),
+                     "weights": p.get("source", ""), "sha256": sha[:16], "precision": p.get("precision", ""),
+                     "device": p.get("device", ""), "made": p.get("made"), "from cache": p.get("from_cache")})
+    df = pd.DataFrame(rows, columns=["variant", "method", "weights", "sha256", "precision", "device", "made",
+                                     "from cache"])
+    return df.astype({"made": "Int64", "from cache": "Int64"})  # counts, blank for 'original'
+
+
+
 def _acc_plot(acc: pd.DataFrame, title: str):
     """Bars of accuracy with 95% CI error bars; with two runs, one bar per (variant, run)."""
     if acc.empty:
@@ -132,6 +147,17 @@ def view(state) -> pn.viewable.Viewable:
             lines = [f"* **{r.variant}** − {base['variant']}: {r.accuracy - base['accuracy']:+.4f} (no paired test stored)"
                      for r in acc.iloc[1:].itertuples()]
             parts.append(pn.pane.Markdown("### Difference between variants\n" + "\n".join(lines)))
+        meta, _ = read_meta(state.run_dir(run_id))
+        prov = provenance_table(meta)
+        if len(prov):
+            clf = (meta.get("weights") or {}).get("classifier") or {}
+            cfg = meta.get("config") or {}
+            parts += [pn.pane.Markdown(
+                          f"### How each variant was made — `{run_id}`\nClassifier `{cfg.get('classifier', '?')}`, "
+                          f"weights: {clf.get('source', cfg.get('pretrained', '?'))}"
+                          + (f" (sha256 `{clf['sha256'][:16]}`)" if clf.get("sha256") else "")),
+                      pn.widgets.Tabulator(prov, show_index=False, disabled=True, sizing_mode="stretch_width",
+                                           css_classes=["wbc-provenance-table"])]
         return pn.Column(*parts, sizing_mode="stretch_width")
 
     return pn.Column(gated(state, "Overview", render, state.param.run_id, state.param.compare_run_id, state.param.refresh),
