@@ -2,7 +2,8 @@
 
 * data roots: ``WBC_DATA_ROOTS`` (``os.pathsep``-separated), else the folder ``core.data.find_data_root()``
   finds, if any. The launcher only accepts data / test folders under one of them.
-* image roots: the data roots, the cache (``default_cache_dir()``) and the run store. The gallery reads
+* image roots: the data roots, the cache (``default_cache_dir()``), the run store, and the ``enhanced/``
+  folder of the ``--cache-dir`` each stored run was made with (from its run.json). The gallery reads
   (and thumbnails) no file outside them.
 
 Paths are resolved (``..`` and symlinks followed) before the check, so ``root/../etc`` or a symlink
@@ -47,19 +48,40 @@ def _data_roots(env: str | None, _wbc_data: str | None) -> tuple[Path, ...]:
 
 
 def image_roots(runs_dir: str | os.PathLike | None = None) -> list[Path]:
-    return list(_image_roots(os.environ.get("WBC_DATA_ROOTS"), os.environ.get("WBC_CACHE_DIR"),
-                             str(runs_dir) if runs_dir else None))
+    store = Path(runs_dir) if runs_dir else default_runs_dir()
+    try:
+        key = store.stat().st_mtime_ns  # a new run folder changes the store's mtime
+    except OSError:
+        key = None
+    return [*_image_roots(os.environ.get("WBC_DATA_ROOTS"), os.environ.get("WBC_CACHE_DIR"), str(store)),
+            *run_cache_roots(str(store), key)]
 
 
 @lru_cache(maxsize=8)
-def _image_roots(_env, _cache, runs_dir) -> tuple[Path, ...]:
+def _image_roots(_env, _cache, store: str) -> tuple[Path, ...]:
     roots = list(data_roots())
-    for extra in (default_cache_dir(), Path(runs_dir) if runs_dir else default_runs_dir()):
+    for extra in (default_cache_dir(), Path(store)):
         try:
             roots.append(Path(extra).resolve())
         except OSError:
             pass
     return tuple(roots)
+
+
+@lru_cache(maxsize=8)
+def run_cache_roots(store: str, _key) -> tuple[Path, ...]:
+    """``<cache_dir>/enhanced`` of every stored run made with its own ``--cache-dir`` (enhanced images only)."""
+    import json
+
+    out = []
+    for meta in Path(store).glob("*/run.json"):
+        try:
+            cache = (json.loads(meta.read_text()).get("config") or {}).get("cache_dir")
+            if cache:
+                out.append((Path(cache).expanduser() / "enhanced").resolve(strict=True))
+        except (OSError, ValueError, AttributeError):
+            continue
+    return tuple(sorted(set(out)))
 
 
 def _is_under(p: Path, root: Path) -> bool:

@@ -24,7 +24,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from core.config import CLASSES, PROB_COLUMNS, make_config
-from core.store import METRIC_LABELS, RunStore
+from core.store import RunStore
 
 VARIANTS = ("original", "realesrgan-x4plus")
 # run.json "weights" as the pipeline writes it (core.pipeline.enhance_variants + the classifier's)
@@ -112,17 +112,10 @@ def _predict(manifest: pd.DataFrame, rng: np.random.Generator, acc: float, base_
     return out
 
 
-def _bootstrap_ci(correct: np.ndarray, rng, n_boot: int = 200) -> tuple[float, float]:
-    idx = rng.integers(0, len(correct), (n_boot, len(correct)))
-    accs = correct[idx].mean(1)
-    return float(np.quantile(accs, 0.025)), float(np.quantile(accs, 0.975))
-
-
 def _tables(preds: pd.DataFrame, rng) -> dict[str, pd.DataFrame]:
-    from scipy.stats import binomtest
-    from sklearn.metrics import f1_score, precision_recall_fscore_support
+    from sklearn.metrics import precision_recall_fscore_support
 
-    metrics, confusion, history, stats = [], [], [], []
+    metrics, confusion, history = [], [], []
     for (v, s, size), g in preds.groupby(["variant", "seed", "image_size"], sort=False):
         y, yp = g["true_label"].to_numpy(), g["pred_label"].to_numpy()
         pr, rc, f1, sup = precision_recall_fscore_support(y, yp, labels=list(CLASSES), zero_division=0)
@@ -148,35 +141,10 @@ def _tables(preds: pd.DataFrame, rng) -> dict[str, pd.DataFrame]:
             history.append(dict(variant=v, seed=s, image_size=size, epoch=ep, train_loss=loss,
                                 train_acc=min(0.99, 1 - loss / 2), val_loss=loss * 1.15,
                                 val_acc=min(0.98, 1 - loss / 1.8), lr=3e-4, seconds=12.0))
-        lo, hi = _bootstrap_ci(g["correct"].to_numpy(), rng)
-        stats.append(dict(kind="ci", variant=v, baseline=None, seed=s, image_size=size, metric="accuracy",
-                          estimate=acc, ci_low=lo, ci_high=hi, n=len(y)))
-        mf1 = float(f1_score(y, yp, labels=list(CLASSES), average="macro"))
-        stats.append(dict(kind="ci", variant=v, baseline=None, seed=s, image_size=size, metric="macro_f1",
-                          estimate=mf1, ci_low=mf1 - 0.03, ci_high=mf1 + 0.03, n=len(y)))
-    # paired: every variant against the first one, per seed/size
-    base = VARIANTS[0]
-    for (s, size), g in preds.groupby(["seed", "image_size"]):
-        b0 = g[g.variant == base].set_index("image_id")["correct"]
-        for v in g.variant.unique():
-            if v == base:
-                continue
-            b1 = g[g.variant == v].set_index("image_id")["correct"].reindex(b0.index)
-            nb, nc = int((b0 & ~b1).sum()), int((~b0 & b1).sum())
-            diff = float(b1.mean() - b0.mean())
-            pval = float(binomtest(min(nb, nc), nb + nc, 0.5).pvalue) if nb + nc else 1.0
-            stats.append(dict(kind="paired", variant=v, baseline=base, seed=s, image_size=size,
-                              metric="accuracy_diff", estimate=diff, ci_low=diff - 0.03, ci_high=diff + 0.03,
-                              p_value=pval, n=len(b0), detail=json.dumps({"b": nb, "c": nc})))
-    st = pd.DataFrame(stats)
-    seeds = preds["seed"].unique()
-    if len(seeds) > 1:
-        for (v, size), g in st[(st.kind == "ci") & (st.metric == "accuracy")].groupby(["variant", "image_size"]):
-            vals = g["estimate"].tolist()
-            st = pd.concat([st, pd.DataFrame([dict(kind="seeds", variant=v, seed=-1, image_size=size,
-                                                   metric="accuracy", estimate=float(np.mean(vals)),
-                                                   sd=float(np.std(vals, ddof=1)), n=len(vals),
-                                                   detail=json.dumps(vals))])], ignore_index=True)
+    # stats exactly as the pipeline computes them (bootstrap CIs, paired McNemar for accuracy and macro-F1, seeds)
+    from core.stats import compute_stats
+
+    st = compute_stats(preds, baseline=VARIANTS[0], n_boot=200, seed=int(rng.integers(1 << 31)))
     return dict(metrics=pd.DataFrame(metrics), confusion=pd.DataFrame(confusion), history=pd.DataFrame(history),
                 stats=st)
 

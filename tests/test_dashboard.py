@@ -144,6 +144,21 @@ def test_overview_numbers(env):
     assert len(acc2) == 2
 
 
+def test_runs_delta_is_the_overview_accuracy_difference(env):
+    """The Runs table's "Δ vs baseline" is the paired accuracy difference (not mixed with macro-F1's)."""
+    from dashboard.pages.overview import accuracy_table
+    from dashboard.pages.runs import runs_frame
+    from dashboard.state import AppState
+
+    state = AppState()
+    frame = runs_frame(state).set_index("run_id")
+    for rid in env["run_ids"][:3]:
+        _, paired, _ = accuracy_table(state, rid)
+        cell = frame.loc[rid, "Δ vs baseline (McNemar p)"]
+        for v, g in paired.groupby("variant"):
+            assert f"{v}: {g['accuracy diff'].mean():+.3f} " in cell
+
+
 def test_provenance_table_from_run_json(env):
     from dashboard.data import read_meta
     from dashboard.pages.overview import provenance_table
@@ -235,6 +250,26 @@ def test_thumbnails_small_cached_and_confined(env, tmp_path):
     assert thumbnail_uri(str(secret)) is None  # outside data roots, cache and run store
     assert thumbnail_uri(str(env["data_dir"] / ".." / ".." / secret.name)) is None
     assert thumbnail_uri(None) is None
+
+
+def test_run_with_its_own_cache_dir_shows_its_enhanced_images(tmp_path):
+    """`wbc study --cache-dir X`: X/enhanced/... is shown for that run's store; the rest of X is not."""
+    from PIL import Image
+
+    from core.store import RunStore
+    from dashboard.data import thumbnail_uri
+
+    cache, store_dir = tmp_path / "mycache", tmp_path / "store"
+    img = cache / "enhanced" / "realesrgan-x4plus" / "abc" / "ab" / "ab12.png"
+    other = cache / "weights" / "w.png"
+    for f in (img, other):
+        f.parent.mkdir(parents=True)
+        Image.new("RGB", (40, 30), (200, 10, 10)).save(f)
+    runs = RunStore(store_dir)
+    assert thumbnail_uri(str(img), runs_dir=store_dir) is None  # no run names this cache yet
+    runs.create({"cache_dir": str(cache), "preset": "quick"}, run_id="r1")
+    assert thumbnail_uri(str(img), runs_dir=store_dir).startswith("data:image/jpeg")
+    assert thumbnail_uri(str(other), runs_dir=store_dir) is None  # only the enhanced/ folder
 
 
 def test_job_manager_one_at_a_time_and_cancel(env, monkeypatch, tmp_path):

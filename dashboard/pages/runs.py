@@ -26,7 +26,7 @@ def _acc_cells(state, df: pd.DataFrame, accs: list[str]) -> tuple[pd.DataFrame, 
             c = stats[(stats["kind"] == "ci") & (stats["metric"] == "accuracy")].groupby("variant")[
                 ["ci_low", "ci_high"]].mean()
             ci = c.to_dict("index")
-            p = stats[stats["kind"] == "paired"]
+            p = stats[(stats["kind"] == "paired") & (stats["metric"] == "accuracy_diff")]
             parts = []
             for v, g in p.groupby("variant", sort=False):
                 pv = g["p_value"].dropna()
