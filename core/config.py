@@ -167,7 +167,7 @@ PRESETS: dict[str, dict] = {
         notes=[
             "quick preset: the enhanced variant uses the compact realesr-animevideov3 model "
             "(SRVGGNetCompact, ~0.6 s/image on CPU) instead of the paper's RealESRGAN_x4plus "
-            "(~30 s/image on CPU), and a linear probe on frozen ImageNet EfficientNet-Lite0 features "
+            "(~20 s/image on CPU), and a linear probe on frozen ImageNet EfficientNet-Lite0 features "
             "instead of fine-tuning ResNet-50, on 60 training images per class, so it finishes in minutes "
             "on a CPU. Use --preset paper or study for the real protocol."
         ],

@@ -278,7 +278,22 @@ def _versions() -> dict:
         out["torchvision"] = torchvision.__version__
     except ImportError:
         pass
+    code = _code_version()
+    if code:
+        out["code"] = code
     return out
+
+
+def _code_version() -> str | None:
+    """The git commit of this checkout (``+dirty`` with uncommitted changes), or None outside git."""
+    import subprocess
+
+    try:
+        r = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "describe", "--always", "--dirty=+dirty",
+                            "--abbrev=12"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() or None if r.returncode == 0 else None
 
 
 def plan_stages(cfg: StudyConfig) -> list[str]:

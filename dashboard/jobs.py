@@ -132,3 +132,30 @@ class JobManager:
 
 #: The one job manager of this server process.
 MANAGER = JobManager()
+
+
+def running_elsewhere(runs_dir, exclude: str | None = None) -> list[tuple[str, dict]]:
+    """Studies running in this store that this dashboard did not start (``wbc study`` in a terminal, another
+    dashboard): (run_id, progress) for each run marked running whose process is alive on this machine."""
+    from dashboard.data import read_meta
+
+    out = []
+    for meta_path in sorted(Path(runs_dir).glob("*/run.json")):
+        rid = meta_path.parent.name
+        if rid == exclude:
+            continue
+        meta, _ = read_meta(meta_path.parent)
+        if meta.get("status") not in ("running", "queued") or not _alive(meta.get("pid")):
+            continue
+        out.append((rid, Run(meta_path.parent).read_progress()))
+    return out
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True

@@ -159,6 +159,39 @@ def test_runs_delta_is_the_overview_accuracy_difference(env):
             assert f"{v}: {g['accuracy diff'].mean():+.3f} " in cell
 
 
+def test_config_diff_names_what_differs():
+    from dashboard.pages.runs import config_diff
+
+    a = {"config": {"seeds": [0], "enhance_half": None, "notes": ["x"], "preset": "quick"}, "device": "cpu",
+         "versions": {"torch": "2.14.1", "code": "abc"},
+         "weights": {"enhancers": {"v": {"sha256": "1" * 64, "precision": "float32"}}}}
+    b = {"config": {"seeds": [0], "enhance_half": True, "notes": ["y"], "preset": "custom"}, "device": "cpu",
+         "versions": {"torch": "2.14.1", "code": "def"},
+         "weights": {"enhancers": {"v": {"sha256": "1" * 64, "precision": "bfloat16"}}}}
+    assert config_diff(a, b) == [("enhance_half", "None", "True"), ("v precision", "float32", "bfloat16"),
+                                 ("version: code", "abc", "def")]
+    assert config_diff(a, a) == []
+
+
+def test_unfinished_run_says_so_instead_of_empty_pages(env, tmp_path):
+    from core.store import RunStore
+    from dashboard.pages.common import run_banner
+    from dashboard.state import AppState
+
+    state = AppState(runs_dir=str(tmp_path / "runs"))  # its own store: the shared fixture stays as it is
+    store = RunStore(state.runs_dir)
+    run = store.create({"preset": "quick"}, run_id="zz-running")
+    run.update_meta(status="running")
+    run.write_progress(stage="train:original", done=3, total=10, message="training original", eta_s=125,
+                       percent=30.0)
+    banner, show = run_banner(state, "zz-running")
+    assert not show and "training original, 30%" in banner.object and "2 min 05 s left" in banner.object
+    run.update_meta(status="failed", error={"type": "RuntimeError", "message": "boom"})
+    banner, show = run_banner(state, "zz-running")
+    assert show and "failed" in banner.object
+    assert run_banner(AppState(), env["run_ids"][0]) == (None, True)  # finished: no banner
+
+
 def test_provenance_table_from_run_json(env):
     from dashboard.data import read_meta
     from dashboard.pages.overview import provenance_table
@@ -299,6 +332,27 @@ def test_job_manager_one_at_a_time_and_cancel(env, monkeypatch, tmp_path):
     assert job2 is not None
     os.killpg(job2.proc.pid, 15)
     job2.proc.wait(10)
+
+
+def test_studies_running_elsewhere_are_seen(tmp_path):
+    import os
+    import subprocess
+
+    from core.store import RunStore
+    from dashboard.jobs import running_elsewhere
+
+    store = RunStore(tmp_path / "runs")
+    live = store.create({"preset": "quick"}, run_id="cli-run")
+    live.update_meta(status="running", pid=os.getpid())
+    live.write_progress(stage="enhance", message="enhancing with realesr-animevideov3", percent=40.0)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = store.create({"preset": "quick"}, run_id="crashed-run")  # marked running, process gone
+    dead.update_meta(status="running", pid=gone.pid)
+    store.create({"preset": "quick"}, run_id="done-run").update_meta(status="finished", pid=os.getpid())
+    found = running_elsewhere(tmp_path / "runs")
+    assert [rid for rid, _ in found] == ["cli-run"] and found[0][1]["percent"] == 40.0
+    assert running_elsewhere(tmp_path / "runs", exclude="cli-run") == []
 
 
 def test_launch_args_from_form():

@@ -57,6 +57,14 @@ def test_run_finishes_and_describes_itself(tiny_run):
     assert pct == sorted(pct)  # overall progress never goes back
 
 
+def test_run_json_records_the_code_version(tiny_run):
+    run, _, _ = tiny_run
+    versions = run.read_meta()["versions"]
+    assert {"python", "torch", "numpy"} <= set(versions)
+    if (Path(__file__).resolve().parent.parent / ".git").exists():  # a git checkout: its commit is recorded
+        assert len(versions["code"].split("+")[0]) >= 7
+
+
 def test_run_json_says_how_each_variant_was_made(tiny_run):
     from dashboard.pages.overview import provenance_table
 

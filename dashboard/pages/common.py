@@ -25,6 +25,36 @@ def fmt_p(p) -> str:
     return f"{p:.3g}" if p >= 1e-3 else f"{p:.1e}"
 
 
+def run_banner(state, run_id) -> tuple[pn.pane.Alert | None, bool]:
+    """(a banner for a run that is not finished, whether its results can be shown at all)."""
+    import html
+
+    from core.store import Run
+    from dashboard.data import read_meta
+
+    if not run_id:
+        return None, True
+    rd = state.run_dir(run_id)
+    meta, _ = read_meta(rd)
+    status = meta.get("status", "unknown")
+    if status == "finished":
+        return None, True
+    rid = html.escape(str(run_id))
+    if status in ("running", "queued"):
+        prog = Run(rd).read_progress()
+        pct = prog.get("percent")
+        where = html.escape(str(prog.get("message") or prog.get("stage") or status))
+        eta = prog.get("eta_s")
+        text = (f"Run <code>{rid}</code> is {status}: {where}" + (f", {pct:.0f}%" if pct is not None else "")
+                + (f", about {int(eta) // 60} min {int(eta) % 60:02d} s left" if eta else "")
+                + ". Its results appear here when it finishes (press Refresh on the Runs page).")
+        return pn.pane.Alert(text, alert_type="info", css_classes=["wbc-run-banner"], sizing_mode="stretch_width"), False
+    err = html.escape(str(meta.get("error") or ""))[:300]
+    text = f"Run <code>{rid}</code> is {html.escape(str(status))}" + (f": {err}" if err else "") + \
+        ". What it stored before stopping is shown below."
+    return pn.pane.Alert(text, alert_type="warning", css_classes=["wbc-run-banner"], sizing_mode="stretch_width"), True
+
+
 def gated(state, name: str, render, *deps):
     """``pn.bind(render, *deps)`` that only re-renders while page ``name`` is shown.
 
@@ -41,6 +71,10 @@ def gated(state, name: str, render, *deps):
         if memo["done"] and (page != name or key == memo["key"]):
             raise Skip()
         memo.update(key=key, done=True)
+        if deps and getattr(deps[0], "name", None) == "run_id":  # a run that is not finished says so
+            banner, show = run_banner(state, vals[0])
+            if banner is not None:
+                return pn.Column(banner, render(*vals), sizing_mode="stretch_width") if show else banner
         return render(*vals)
 
     return pn.panel(pn.bind(fn, state.param.page, *deps), sizing_mode="stretch_width")

@@ -21,16 +21,20 @@ def heatmap(m: pd.DataFrame, variant: str, normalise: bool) -> hv.Overlay:
         total = max(int(m.loc[t].sum()), 1)
         for p in CLASSES:
             c = int(m.loc[t, p])
-            rows.append((CLASS_ABBR[p], CLASS_ABBR[t], c / total if normalise else c, c))
-    df = pd.DataFrame(rows, columns=["predicted", "true", "value", "count"])
-    df["text"] = [f"{v:.2f}" if normalise else f"{int(v)}" for v in df["value"]]
+            rows.append((CLASS_ABBR[p], CLASS_ABBR[t], c / total if normalise else c, c, total))
+    df = pd.DataFrame(rows, columns=["predicted", "true", "value", "count", "row_total"])
+    # row-normalised cells also say how many images they are (0.75 of 4 images is not 0.75 of 400)
+    df["text"] = [f"{v:.2f}\n{c}/{n}" if normalise else f"{int(v)}" for v, c, n in
+                  zip(df["value"], df["count"], df["row_total"])]
+    top = 1.0 if normalise else max(1, int(df["value"].max()))
+    df["text_color"] = ["white" if v > 0.55 * top else "black" for v in df["value"]]  # readable on dark cells
     hm = hv.HeatMap(df, ["predicted", "true"], ["value", "count"]).opts(
         cmap="Blues", colorbar=False, tools=["tap", "hover"], invert_yaxis=True, xlabel="predicted",
         ylabel="true", title=variant, frame_width=260, frame_height=260, toolbar=None,
-        clim=(0, 1) if normalise else (0, max(1, int(df["value"].max()))), nonselection_alpha=1.0,
+        clim=(0, top), nonselection_alpha=1.0,
         xaxis="top", fontsize={"title": 12, "labels": 11, "xticks": 11, "yticks": 11})
-    labels = hv.Labels(df, ["predicted", "true"], "text").opts(
-        text_color="black", text_font_size="11pt")
+    labels = hv.Labels(df, ["predicted", "true"], ["text", "text_color"]).opts(
+        text_color="text_color", text_font_size="10pt" if normalise else "11pt")
     return hm, labels
 
 

@@ -59,10 +59,9 @@ def view(state) -> pn.viewable.Viewable:
         long = counts.melt("variant", ["EOS→NEU", "NEU→EOS"], "error", "count")
         bars = hv.Bars(long, ["error", "variant"], "count").opts(
             responsive=True, height=260, tools=["hover"], title="EOS/NEU confusions per variant (all seeds)")
-        parts = [warnings_alert([w]), pn.Row(pn.pane.HoloViews(bars, sizing_mode="stretch_width"),
-                                             pn.widgets.Tabulator(counts, show_index=False, disabled=True, width=520,
-                                                                  css_classes=["wbc-eos-table"]),
-                                             sizing_mode="stretch_width")]
+        parts = [warnings_alert([w]), pn.pane.HoloViews(bars, sizing_mode="stretch_width"),
+                 pn.widgets.Tabulator(counts, show_index=False, disabled=True, sizing_mode="stretch_width",
+                                      layout="fit_data_stretch", css_classes=["wbc-eos-table"])]
         variants = [v for v in run_variants(rd) if v in set(pred["variant"])] or list(pred["variant"].unique())
         base = variants[0]
         for other in variants[1:]:
@@ -81,12 +80,14 @@ def view(state) -> pn.viewable.Viewable:
                     "true_label": g.true_label_base,
                     "pred_label": [f"{pb}/{po}" for pb, po in zip(g.pred_label_base, g.pred_label_other)],
                     "path": g.path_base, "enhanced_path": g.enhanced_path, "correct": g.correct_other,
-                    "title": [f"{ab(t)}: {ab(pb)} ({base}) \u2192 {ab(po)} ({other}) s{sd}" for t, pb, po, sd in
+                    # true: prediction with `base` -> with `other` (the variants are named in the header above)
+                    "title": [f"{ab(t)}: {ab(pb)} \u2192 {ab(po)} \u00b7 seed {sd}" for t, pb, po, sd in
                               zip(g.true_label_base, g.pred_label_base, g.pred_label_other, g.seed)]})
                 items = gallery_items(rows, runs_dir=state.runs_dir, label_variant=False)
                 for it, cb, co in zip(items, g.confidence_base, g.confidence_other):
                     it["probs"] = f"confidence {cb:.2f} \u2192 {co:.2f}"
-                parts += [pn.pane.Markdown(f"**{kind}** ({len(f[f.flip == kind])}, first 24 shown)"),
+                parts += [pn.pane.Markdown(f"**{kind}** ({len(f[f.flip == kind])}, first 24 shown; "
+                                           f"captions: true class: prediction with {base} \u2192 with {other})"),
                           Gallery(items=items, sizing_mode="stretch_width", css_classes=["wbc-flip-gallery"])]
         return pn.Column(*parts, sizing_mode="stretch_width")
 

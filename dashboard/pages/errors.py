@@ -14,7 +14,7 @@ from core.config import CLASSES, PROB_COLUMNS
 
 from dashboard.data import LARGE_SIZE, load_table, run_variants, thumbnail_uri, warm_thumbnails
 from dashboard.gallery import Gallery, gallery_items
-from dashboard.pages.common import warnings_alert
+from dashboard.pages.common import run_banner, warnings_alert
 from dashboard.state import ANY
 
 PAGE_SIZE = 24
@@ -103,6 +103,7 @@ def view(state) -> pn.viewable.Viewable:
     warn = warnings_alert([])
     gallery = Gallery(sizing_mode="stretch_width", css_classes=["wbc-gallery-pane"], min_height=120)
     detail = pn.Column(sizing_mode="stretch_width", css_classes=["wbc-detail"])
+    banner = pn.Column(sizing_mode="stretch_width")  # says so when the run is running, failed or cancelled
     cache = {"dirty": False, "run": None, "df": pd.DataFrame(), "rows": pd.DataFrame(), "key": None}
 
     def load(*_):
@@ -115,6 +116,8 @@ def view(state) -> pn.viewable.Viewable:
         cache.update(run=rid, df=df)
         warn.object = "\n".join(f"* {w}" for w in ws if w)
         warn.visible = any(ws)
+        b, _ = run_banner(state, rid)
+        banner.objects = [b] if b is not None else []
         variants = run_variants(state.run_dir(rid)) if rid else []
         if not df.empty:
             variants = [v for v in variants if v in set(df["variant"])] or sorted(df["variant"].astype(str).unique())
@@ -187,5 +190,5 @@ def view(state) -> pn.viewable.Viewable:
     load()
     filters = pn.Row(variant, true_w, pred_w, conf_w, page, reset, sizing_mode="stretch_width",
                      css_classes=["wbc-filters"])
-    return pn.Column(filters, warn, count, detail, gallery, sizing_mode="stretch_width",
+    return pn.Column(filters, banner, warn, count, detail, gallery, sizing_mode="stretch_width",
                      css_classes=["wbc-page-errors"])

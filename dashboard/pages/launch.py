@@ -4,12 +4,13 @@ progress, ETA and log tail, a cancel button, and the new run when it is done."""
 from __future__ import annotations
 
 import html
+import os
 import time
 from pathlib import Path
 
 import panel as pn
 
-from dashboard.jobs import MANAGER
+from dashboard.jobs import MANAGER, running_elsewhere
 from dashboard.security import PathNotAllowed, data_roots, resolve_under, safe_data_folder
 
 AUTO_TEST = "(automatic: TEST / TEST_SIMPLE of the data)"
@@ -126,7 +127,8 @@ def view(state) -> pn.viewable.Viewable:
     open_run = pn.widgets.Button(name="Open the new run", button_type="success", visible=False,
                                  css_classes=["wbc-l-open"])
     roots_md = pn.pane.Markdown(
-        "Allowed data roots (`WBC_DATA_ROOTS`):\n\n" + (", ".join(f"`{r}`" for r in data_roots()) or
+        ("Allowed data roots (from `WBC_DATA_ROOTS`):\n\n" if os.environ.get("WBC_DATA_ROOTS") else
+         "Allowed data roots (the data root found; set `WBC_DATA_ROOTS` to change):\n\n") + (", ".join(f"`{r}`" for r in data_roots()) or
                                                        "**none** — set `WBC_DATA_ROOTS` to launch studies"),
         sizing_mode="stretch_width")
 
@@ -187,8 +189,21 @@ def view(state) -> pn.viewable.Viewable:
 
     seen = {"job": None, "done": False, "appeared": False}
 
+    elsewhere = pn.pane.Alert("", alert_type="warning", visible=False, css_classes=["wbc-l-elsewhere"],
+                              sizing_mode="stretch_width")
+    ticks = {"n": 0}
+
     def poll():
         job = MANAGER.current
+        ticks["n"] += 1
+        if ticks["n"] % 5 == 1:  # every 5 s: studies in this store that this dashboard did not start
+            others = running_elsewhere(state.runs_dir, exclude=job.run_id if job else None)
+            elsewhere.object = "".join(
+                f"A study started elsewhere is running in this store: <code>{html.escape(rid)}</code> — "
+                f"{html.escape(str(pr.get('message') or pr.get('stage') or 'starting'))}"
+                + (f", {pr['percent']:.0f}%" if pr.get("percent") is not None else "")
+                + ". A study started here would share the machine with it.<br>" for rid, pr in others)
+            elsewhere.visible = bool(others)
         if job is None:
             cancel.disabled = True
             return
@@ -264,6 +279,6 @@ def view(state) -> pn.viewable.Viewable:
         pn.Row(w["image_size"], w["seed"], w["split"], w["device"]),
         pn.Row(w["precision"]),
         pn.Row(start, cancel), width=540, sizing_mode="fixed")
-    status = pn.Column(pn.pane.Markdown("### Progress"), stage, bar, message, open_run,
+    status = pn.Column(pn.pane.Markdown("### Progress"), elsewhere, stage, bar, message, open_run,
                        pn.pane.Markdown("**Log (tail)**"), log, sizing_mode="stretch_width")
     return pn.Row(form, pn.Spacer(width=20), status, sizing_mode="stretch_width", css_classes=["wbc-page-launch"])

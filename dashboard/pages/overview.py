@@ -52,11 +52,11 @@ def accuracy_table(state, run_id) -> tuple[pd.DataFrame, pd.DataFrame, list]:
         p = stats[(stats["kind"] == "paired") & (stats["metric"] == "accuracy_diff")].copy()
         if len(p):
             bc = p["detail"].apply(lambda d: json.loads(d) if isinstance(d, str) and d.startswith("{") else {})
-            p["b (base right, variant wrong)"] = bc.apply(lambda d: d.get("b"))
-            p["c (base wrong, variant right)"] = bc.apply(lambda d: d.get("c"))
+            p["b: only baseline right"] = bc.apply(lambda d: d.get("b"))
+            p["c: only variant right"] = bc.apply(lambda d: d.get("c"))
             p["McNemar p"] = p["p_value"].apply(fmt_p)
             paired = p[["variant", "baseline", "seed", "image_size", "estimate", "ci_low", "ci_high", "McNemar p",
-                        "b (base right, variant wrong)", "c (base wrong, variant right)", "n"]].rename(
+                        "b: only baseline right", "c: only variant right", "n"]].rename(
                 columns={"estimate": "accuracy diff"})
     return acc, paired, warnings
 
@@ -82,14 +82,21 @@ def _acc_plot(acc: pd.DataFrame, title: str):
         return hv.Text(0, 0, "no accuracy").opts(xaxis=None, yaxis=None)
     d = acc.copy()
     two = "run" in d.columns and d["run"].nunique() > 1
-    d["bar"] = [f"{v} \u00b7 {r}" for v, r in zip(d["variant"], d["run"])] if two else d["variant"]
+    if two:  # short aliases on the axis, full run ids in the legend
+        alias = {r: "AB"[i] if i < 2 else str(i) for i, r in enumerate(dict.fromkeys(d["run"]))}
+        d["bar"] = [f"{v} ({alias[r]})" for v, r in zip(d["variant"], d["run"])]
+        d["run"] = [f"{alias[r]}: {r}" for r in d["run"]]
+    else:
+        d["bar"] = d["variant"]
+        d["run"] = ""
     lo = (d["accuracy"] - d["ci_low"]).fillna(0)
     hi = (d["ci_high"] - d["accuracy"]).fillna(0)
-    ymin = max(0.0, float(d["ci_low"].fillna(d["accuracy"]).min()) - 0.1)
-    bars = hv.Bars(d, "bar", "accuracy").opts(
-        ylim=(ymin, 1.0), tools=["hover"], color="#4c78a8", responsive=True, height=320, title=title,
-        xrotation=8 if two else 0, xlabel="variant \u00b7 run" if two else "variant", ylabel="accuracy (95% CI)")
-    err = hv.ErrorBars((d["bar"], d["accuracy"], lo, hi), vdims=["y", "yerrneg", "yerrpos"]).opts(
+    # the axis starts at 0: a few points of difference must not look like a landslide
+    bars = hv.Bars(d, "bar", ["accuracy", "run"]).opts(
+        ylim=(0.0, 1.0), tools=["hover"], responsive=True, height=320, title=title,
+        color="run" if two else "#4c78a8", cmap=["#4c78a8", "#f58518"], show_legend=two, legend_position="top",
+        xlabel="variant (run)" if two else "variant", ylabel="accuracy (95% CI)")
+    err = hv.ErrorBars((d["bar"], d["accuracy"], lo, hi), kdims=["bar"], vdims=["accuracy", "yerrneg", "yerrpos"]).opts(
         line_width=2, color="black")
     return bars * err
 
@@ -125,7 +132,11 @@ def view(state) -> pn.viewable.Viewable:
                                      sizing_mode="stretch_width", css_classes=["wbc-acc-table"],
                                      formatters={"accuracy": {"type": "money", "precision": 4},
                                                  "macro_f1": {"type": "money", "precision": 4}})
+        meta, _ = read_meta(state.run_dir(run_id))
+        notes = list(meta.get("notes") or (meta.get("config") or {}).get("notes") or [])
         parts = [warnings_alert(warnings),
+                 pn.pane.Alert("\n".join(f"* {n}" for n in notes), alert_type="info", visible=bool(notes),
+                               css_classes=["wbc-run-notes"], sizing_mode="stretch_width"),
                  pn.pane.Markdown(f"### Accuracy — `{run_id}`" + (f" vs `{compare_run_id}`" if compare_run_id else "")),
                  pn.Row(pn.pane.HoloViews(plot, sizing_mode="stretch_width", height=340), sizing_mode="stretch_width"),
                  table]
@@ -139,7 +150,7 @@ def view(state) -> pn.viewable.Viewable:
                              f"McNemar p = {d['McNemar p']}")
             parts += [pn.pane.Markdown("### Difference between variants (paired, same test images)\n" + "\n".join(lines)),
                       pn.widgets.Tabulator(diff, show_index=False, disabled=True, sizing_mode="stretch_width",
-                                           css_classes=["wbc-paired-table"],
+                                           css_classes=["wbc-paired-table"], layout="fit_data_table",
                                            formatters={c: {"type": "money", "precision": 4}
                                                        for c in ["accuracy diff", "ci_low", "ci_high"]})]
         elif len(acc) > 1:
@@ -147,7 +158,6 @@ def view(state) -> pn.viewable.Viewable:
             lines = [f"* **{r.variant}** − {base['variant']}: {r.accuracy - base['accuracy']:+.4f} (no paired test stored)"
                      for r in acc.iloc[1:].itertuples()]
             parts.append(pn.pane.Markdown("### Difference between variants\n" + "\n".join(lines)))
-        meta, _ = read_meta(state.run_dir(run_id))
         prov = provenance_table(meta)
         if len(prov):
             clf = (meta.get("weights") or {}).get("classifier") or {}

@@ -11,7 +11,8 @@ import pandas as pd
 from dashboard.data import list_runs, load_table, read_meta
 from dashboard.pages.common import fmt_p, warnings_alert
 
-COLUMNS = ["run_id", "status", "preset", "variants", "classifier", "test_set"]
+COLUMNS = ["run_id", "status", "preset"]  # then accuracy and Δ (the columns read most), then AFTER
+AFTER = ["variants", "classifier", "test_set"]
 
 
 def _acc_cells(state, df: pd.DataFrame, accs: list[str]) -> tuple[pd.DataFrame, list]:
@@ -49,7 +50,7 @@ def _acc_cells(state, df: pd.DataFrame, accs: list[str]) -> tuple[pd.DataFrame, 
 def runs_frame(state):
     df = list_runs(state.runs_dir).copy()
     accs = [c for c in df.columns if c.startswith("acc ")]
-    out = df[COLUMNS + accs + ["date", "duration", "error", "warning"]].copy()
+    out = df[COLUMNS + accs + AFTER + ["date", "duration", "error", "warning"]].copy()
     out[accs] = out[accs].astype(object)
     out, paired = _acc_cells(state, out, accs)
     # one cell per run: each variant's accuracy [95% CI], one per line, in the run's variant order
@@ -65,6 +66,25 @@ def runs_frame(state):
     out["warning"] = out["warning"].fillna("").astype(str).str.slice(0, 120)
     out["status"] = [f'<span style="{_style_status(s)}">{s}</span>' for s in out["status"].astype(str)]
     return out
+
+
+def config_diff(meta_a: dict, meta_b: dict) -> list[tuple[str, str, str]]:
+    """(setting, value in A, value in B) for every setting that differs between two runs' run.json:
+    the config, and for each enhancer its weights (sha256) and precision."""
+    def flat(meta: dict) -> dict:
+        out = {k: v for k, v in (meta.get("config") or {}).items() if k not in ("notes", "preset")}
+        for v, prov in ((meta.get("weights") or {}).get("enhancers") or {}).items():
+            if prov.get("sha256"):
+                out[f"{v} weights"] = prov["sha256"][:16]
+            if prov.get("precision"):
+                out[f"{v} precision"] = prov["precision"]
+        out["device"] = meta.get("device")
+        for k, v in (meta.get("versions") or {}).items():
+            out[f"version: {k}"] = v
+        return out
+
+    a, b = flat(meta_a), flat(meta_b)
+    return [(k, str(a.get(k)), str(b.get(k))) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def _style_status(v):
@@ -83,6 +103,8 @@ def view(state) -> pn.viewable.Viewable:
         sizing_mode="stretch_width", css_classes=["wbc-runs-table"], layout="fit_data_table",
         header_filters=False, frozen_columns=["run_id"],
         titles={"test_set": "test set", "duration": "time"},
+        # the selected row is dark: its coloured status text turns white to stay readable
+        stylesheets=[".tabulator-row.tabulator-selected span { color: #fff !important; }"],
     )
 
     help_md = pn.pane.Markdown(
@@ -149,6 +171,13 @@ def view(state) -> pn.viewable.Viewable:
                     alert_type="danger", css_classes=["wbc-run-error"], sizing_mode="stretch_width"))
             if meta.get("skipped"):
                 items.append(pn.pane.Markdown(f"{len(meta['skipped'])} unreadable image(s) were skipped."))
+        if state.run_id and state.compare_run_id:
+            diff = config_diff(read_meta(state.run_dir(state.run_id))[0], read_meta(state.run_dir(state.compare_run_id))[0])
+            rows = "\n".join(f"| {k} | `{html.escape(a)}` | `{html.escape(b)}` |" for k, a, b in diff)
+            items.append(pn.pane.Markdown(
+                "**What differs between the two runs**\n\n| setting | main | compared |\n|---|---|---|\n" + rows
+                if diff else "**The two runs have the same settings, weights and versions.**",
+                css_classes=["wbc-config-diff"], sizing_mode="stretch_width"))
         detail.objects = items
 
     table.param.watch(on_select, "selection")
