@@ -5,6 +5,33 @@ from __future__ import annotations
 import panel as pn
 
 
+# One colour per variant on every page (bars, curves), so a variant is recognised at a glance.
+VARIANT_COLORS = {"original": "#4c78a8", "realesrgan-x4plus": "#e45756", "realesr-animevideov3": "#f58518",
+                  "realesrgan-x4plus-anime": "#b279a2", "realesr-general-x4v3": "#9d755d", "bicubic-x4": "#54a24b",
+                  "lanczos-x4": "#72b7b2"}
+_SPARE = ["#eeca3b", "#ff9da6", "#bab0ac", "#17becf", "#8c564b"]
+
+
+def variant_color(variant: str) -> str:
+    import zlib
+
+    return VARIANT_COLORS.get(str(variant)) or _SPARE[zlib.crc32(str(variant).encode()) % len(_SPARE)]
+
+
+def variant_colors(variants) -> dict:
+    return {v: variant_color(v) for v in variants}
+
+
+def color_key(variants) -> pn.pane.HTML:
+    """A legend line: a coloured square and the name of each variant."""
+    import html
+
+    spans = "".join(f'<span style="margin-right:14px"><span style="display:inline-block;width:11px;height:11px;'
+                    f'background:{variant_color(v)};margin-right:5px;vertical-align:-1px"></span>{html.escape(str(v))}'
+                    f'</span>' for v in variants)
+    return pn.pane.HTML(f'<div style="font-size:13px">{spans}</div>', css_classes=["wbc-color-key"])
+
+
 def warnings_alert(warnings) -> pn.pane.Alert:
     ws = [w for w in warnings if w]
     return pn.pane.Alert("\n".join(f"* {w}" for w in ws), alert_type="warning", visible=bool(ws),

@@ -11,7 +11,7 @@ from core.config import CLASS_ABBR
 
 from dashboard.data import load_table, run_variants
 from dashboard.gallery import Gallery, gallery_items
-from dashboard.pages.common import gated, no_run, warnings_alert
+from dashboard.pages.common import gated, no_run, variant_colors, warnings_alert
 
 EOS, NEU = "eosinophil", "neutrophil"
 KEY = ["image_id", "seed", "image_size"]
@@ -58,7 +58,8 @@ def view(state) -> pn.viewable.Viewable:
         counts = eos_neu_counts(pred)
         long = counts.melt("variant", ["EOS→NEU", "NEU→EOS"], "error", "count")
         bars = hv.Bars(long, ["error", "variant"], "count").opts(
-            responsive=True, height=260, tools=["hover"], title="EOS/NEU confusions per variant (all seeds)")
+            responsive=True, height=260, tools=["hover"], title="EOS/NEU confusions per variant (all seeds)",
+            color=hv.dim("variant").categorize(variant_colors(long["variant"].unique())))
         parts = [warnings_alert([w]), pn.pane.HoloViews(bars, sizing_mode="stretch_width"),
                  pn.widgets.Tabulator(counts, show_index=False, disabled=True, sizing_mode="stretch_width",
                                       layout="fit_data_stretch", css_classes=["wbc-eos-table"])]

@@ -9,7 +9,7 @@ import panel as pn
 from core.config import CLASSES
 
 from dashboard.data import load_table, run_variants
-from dashboard.pages.common import gated, no_run, warnings_alert
+from dashboard.pages.common import color_key, gated, no_run, variant_color, variant_colors, warnings_alert
 
 METRICS = ["precision", "recall", "f1"]
 
@@ -63,8 +63,9 @@ def view(state) -> pn.viewable.Viewable:
             bars = hv.Bars(cls, ["label", "variant"], metric).opts(
                 multi_level=False, responsive=True, height=320, tools=["hover"], ylim=(0, 1.05),
                 title=f"{metric} per class and variant", xlabel="class", ylabel=metric, legend_position="bottom_right",
-                color=hv.Cycle("Category10"))
-            parts += [pn.pane.HoloViews(bars, sizing_mode="stretch_width", height=340),
+                color=hv.dim("variant").categorize(variant_colors(cls["variant"].unique())))
+            parts += [color_key(list(dict.fromkeys(cls["variant"]))),
+                      pn.pane.HoloViews(bars, sizing_mode="stretch_width", height=340),
                       pn.pane.Markdown("#### Per-class metrics (mean over seeds)"),
                       pn.widgets.Tabulator(paper_table(m), show_index=False, disabled=True,
                                            sizing_mode="stretch_width", css_classes=["wbc-metrics-table"])]
@@ -75,11 +76,13 @@ def view(state) -> pn.viewable.Viewable:
                 .mean().reset_index()
             loss, accp = [], []
             for v, g in h.groupby("variant", sort=False, observed=True):
-                loss += [hv.Curve(g, "epoch", ("train_loss", "loss"), label=f"{v} train"),
-                         hv.Curve(g, "epoch", ("val_loss", "loss"), label=f"{v} val").opts(line_dash="dashed")]
-                accp += [hv.Curve(g, "epoch", ("train_acc", "accuracy"), label=f"{v} train"),
-                         hv.Curve(g, "epoch", ("val_acc", "accuracy"), label=f"{v} val").opts(line_dash="dashed")]
-            opts = dict(responsive=True, height=300, legend_position="top_right", tools=["hover"])
+                c = variant_color(v)
+                loss += [hv.Curve(g, "epoch", ("train_loss", "loss"), label=f"{v} train").opts(color=c),
+                         hv.Curve(g, "epoch", ("val_loss", "loss"), label=f"{v} val").opts(line_dash="dashed", color=c)]
+                accp += [hv.Curve(g, "epoch", ("train_acc", "accuracy"), label=f"{v} train").opts(color=c),
+                         hv.Curve(g, "epoch", ("val_acc", "accuracy"), label=f"{v} val").opts(line_dash="dashed",
+                                                                                                color=c)]
+            opts = dict(responsive=True, height=340, legend_position="bottom", legend_cols=2, tools=["hover"])
             parts += [pn.pane.Markdown("#### Training curves (mean over seeds; dashed = validation)"),
                       pn.Row(pn.pane.HoloViews(hv.Overlay(loss).opts(title="loss", **opts), sizing_mode="stretch_width"),
                              pn.pane.HoloViews(hv.Overlay(accp).opts(title="accuracy", **opts), sizing_mode="stretch_width"),
