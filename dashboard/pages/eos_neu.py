@@ -92,5 +92,10 @@ def view(state) -> pn.viewable.Viewable:
                           Gallery(items=items, sizing_mode="stretch_width", css_classes=["wbc-flip-gallery"])]
         return pn.Column(*parts, sizing_mode="stretch_width")
 
-    return pn.Column(only, gated(state, "EOS/NEU", render, state.param.run_id, only, state.param.refresh), sizing_mode="stretch_width",
+    def main_only(compare_run_id):
+        return pn.pane.Markdown(f"Showing the main run only (not `{compare_run_id}`): verdict flips are between the "
+                                "variants of one run." if compare_run_id else "", css_classes=["wbc-eos-main-only"])
+
+    return pn.Column(pn.Row(only, pn.bind(main_only, state.param.compare_run_id)),
+                     gated(state, "EOS/NEU", render, state.param.run_id, only, state.param.refresh), sizing_mode="stretch_width",
                      css_classes=["wbc-page-eosneu"])
