@@ -120,7 +120,7 @@ def view(state) -> pn.viewable.Viewable:
                                css_classes=["wbc-l-cancel"])
     message = pn.pane.Alert("", alert_type="info", visible=False, css_classes=["wbc-l-message"],
                             sizing_mode="stretch_width")
-    stage = pn.pane.Markdown("No study running.", css_classes=["wbc-l-stage"], sizing_mode="stretch_width")
+    stage = pn.pane.Markdown("No study started from this dashboard.", css_classes=["wbc-l-stage"], sizing_mode="stretch_width")
     bar = pn.indicators.Progress(value=0, max=100, width=420, visible=False, css_classes=["wbc-l-progress"])
     log = pn.pane.HTML("", css_classes=["wbc-l-log"], sizing_mode="stretch_width",
                        styles={"font-family": "monospace", "font-size": "12px", "background": "#f7f7f7"})
