@@ -204,6 +204,11 @@ def cmd_report(args) -> int:
         print(f"validation leakage ({cfg.get('split')} split): {json.dumps(data['leakage'])}")
     for note in meta.get("notes") or []:
         print(f"note: {note}")
+    for v, prov in ((meta.get("weights") or {}).get("enhancers") or {}).items():
+        if prov.get("sha256") or prov.get("method"):  # how each variant's images were made
+            how = prov.get("method") or f"weights {prov.get('source', '?')} sha256 {prov['sha256'][:16]}"
+            extra = f", {prov['precision']} on {prov.get('device', '?')}" if prov.get("precision") else ""
+            print(f"variant {v}: {how}{extra}")
     if meta.get("error"):
         print(f"error: {meta['error'].get('type')}: {meta['error'].get('message')}")
     metrics, confusion = r.read_table("metrics"), r.read_table("confusion")

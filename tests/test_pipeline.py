@@ -192,6 +192,7 @@ def test_cli_runs_and_report(tiny_run):
     p = _wbc("report", run.run_id, "--runs-dir", cfg.runs_dir)
     assert p.returncode == 0, p.stderr
     assert "confusion matrix [bicubic-x4]" in p.stdout and "macro avg" in p.stdout
+    assert "variant bicubic-x4: PIL BICUBIC" in p.stdout  # how the variant's images were made
     assert _wbc("report", "no-such-run", "--runs-dir", cfg.runs_dir).returncode == 2
 
 
