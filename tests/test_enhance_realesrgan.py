@@ -261,6 +261,27 @@ def test_out_of_memory_halves_the_batch_then_tiles(tmp_path):
         assert g.shape == w.shape and psnr(g, w) >= 35.0  # tiles differ from one forward only near seams
 
 
+@needs_data
+def test_cpu_allocation_failure_also_falls_back_to_tiles():
+    enh = create_enhancer("realesr-animevideov3", device="cpu", batch_size=1)
+    crop = _center_crop(load_rgb(REAL[0]), 64)
+    want = enh.enhance_batch([crop])[0]
+    real_model = enh.model
+
+    def small_ram(x):  # what the CPU allocator raises for an allocation it cannot make
+        if max(x.shape[-2:]) > 60:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
+        return real_model(x)
+
+    enh.model = small_ram
+    got = enh.enhance_batch([crop])[0]
+    assert enh.tile == 32 and got.shape == want.shape and psnr(got, want) >= 35.0
+    enh.model = lambda x: (_ for _ in ()).throw(RuntimeError("shape mismatch"))  # other errors are not retried
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        enh.enhance_batch([crop])
+
+
 def test_batch_size_defaults_by_device_and_is_recorded(animev3):
     auto = create_enhancer("realesr-animevideov3", device="cpu")
     assert auto.batch_size == 1 and auto.provenance()["batch_size"] == 1  # fastest on CPU (cache-bound)

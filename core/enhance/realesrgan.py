@@ -235,7 +235,11 @@ def _native_bf16() -> bool:
 def _is_oom(e: Exception) -> bool:
     import torch
 
-    return isinstance(e, getattr(torch, "OutOfMemoryError", ())) or "out of memory" in str(e).lower()
+    msg = str(e).lower()
+    # CUDA raises torch.OutOfMemoryError; the CPU allocator a RuntimeError "DefaultCPUAllocator: can't allocate
+    # memory" (e.g. x4plus on a very large image): both fall back to smaller batches, then tiles.
+    return (isinstance(e, getattr(torch, "OutOfMemoryError", ())) or "out of memory" in msg
+            or "can't allocate memory" in msg)
 
 
 def _empty_cache() -> None:
