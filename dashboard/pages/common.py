@@ -52,6 +52,27 @@ def fmt_p(p) -> str:
     return f"{p:.3g}" if p >= 1e-3 else f"{p:.1e}"
 
 
+def fmt_eta(s) -> str:
+    """Seconds as '2 min 05 s' / '45 s'; '—' when unknown."""
+    try:
+        s = float(s)
+    except (TypeError, ValueError):
+        return "—"
+    if s != s or s < 0:
+        return "—"
+    m, sec = divmod(int(s), 60)
+    return f"{m} min {sec:02d} s" if m else f"{sec} s"
+
+
+def progress_summary(prog: dict, default: str = "starting") -> str:
+    """What a run's progress.json says it is doing, HTML-escaped: 'enhancing with X, 39%'."""
+    import html
+
+    what = html.escape(str(prog.get("message") or prog.get("stage") or default))
+    pct = prog.get("percent")
+    return what + (f", {pct:.0f}%" if isinstance(pct, (int, float)) else "")
+
+
 def run_banner(state, run_id) -> tuple[pn.pane.Alert | None, bool]:
     """(a banner for a run that is not finished, whether its results can be shown at all)."""
     import html
@@ -69,11 +90,9 @@ def run_banner(state, run_id) -> tuple[pn.pane.Alert | None, bool]:
     rid = html.escape(str(run_id))
     if status in ("running", "queued"):
         prog = Run(rd).read_progress()
-        pct = prog.get("percent")
-        where = html.escape(str(prog.get("message") or prog.get("stage") or status))
-        eta = prog.get("eta_s")
-        text = (f"Run <code>{rid}</code> is {status}: {where}" + (f", {pct:.0f}%" if pct is not None else "")
-                + (f", about {int(eta) // 60} min {int(eta) % 60:02d} s left" if eta else "")
+        eta = fmt_eta(prog.get("eta_s")) if prog.get("eta_s") else None
+        text = (f"Run <code>{rid}</code> is {status}: {progress_summary(prog, status)}"
+                + (f", about {eta} left" if eta else "")
                 + ". Its results appear here when it finishes (press Refresh on the Runs page).")
         return pn.pane.Alert(text, alert_type="info", css_classes=["wbc-run-banner"], sizing_mode="stretch_width"), False
     err = html.escape(str(meta.get("error") or ""))[:300]

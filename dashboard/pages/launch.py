@@ -11,6 +11,7 @@ from pathlib import Path
 import panel as pn
 
 from dashboard.jobs import MANAGER, running_elsewhere
+from dashboard.pages.common import fmt_eta, progress_summary
 from dashboard.security import PathNotAllowed, data_roots, resolve_under, safe_data_folder
 
 AUTO_TEST = "(automatic: TEST / TEST_SIMPLE of the data)"
@@ -45,17 +46,6 @@ def test_folders(data_folder: str) -> list[str]:
     except OSError:
         return []
     return [str(p) for k, p in dirs.items() if k != "TRAIN"]
-
-
-def fmt_eta(s) -> str:
-    try:
-        s = float(s)
-    except (TypeError, ValueError):
-        return "—"
-    if s != s or s < 0:
-        return "—"
-    m, sec = divmod(int(s), 60)
-    return f"{m} min {sec:02d} s" if m else f"{sec} s"
 
 
 def build_args(values: dict) -> list[str]:
@@ -200,9 +190,8 @@ def view(state) -> pn.viewable.Viewable:
             others = running_elsewhere(state.runs_dir, exclude=job.run_id if job else None)
             elsewhere.object = "".join(
                 f"A study started elsewhere is running in this store: <code>{html.escape(rid)}</code> — "
-                f"{html.escape(str(pr.get('message') or pr.get('stage') or 'starting'))}"
-                + (f", {pr['percent']:.0f}%" if pr.get("percent") is not None else "")
-                + ". A study started here would share the machine with it.<br>" for rid, pr in others)
+                f"{progress_summary(pr)}. A study started here would share the machine with it.<br>"
+                for rid, pr in others)
             elsewhere.visible = bool(others)
         if job is None:
             cancel.disabled = True
