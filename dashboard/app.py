@@ -7,6 +7,7 @@ import holoviews as hv
 import panel as pn
 
 from dashboard.data import list_runs
+from dashboard.safe import esc
 from dashboard.state import AppState
 
 PAGES = ["Runs", "Overview", "Confusion", "Metrics", "Errors", "EOS/NEU", "Launch"]
@@ -31,27 +32,60 @@ def _extensions():
         _LOADED.append(True)
 
 
-def is_local_client() -> bool:
-    """True if this session's browser connects from this machine (or WBC_DASHBOARD_ALLOW_REMOTE=1)."""
-    import ipaddress
+def is_local_client(served: bool = False) -> bool:
+    """True if this session's browser connects from this machine (or WBC_DASHBOARD_ALLOW_REMOTE=1).
+
+    Fails closed: an address that cannot be read, or a reverse proxy's forwarding header (X-Forwarded-For,
+    X-Real-IP, Forwarded) naming another machine, is a refusal. Outside a served session (tests, notebooks)
+    it is True unless ``served`` says this code only runs in one (main.py)."""
     import os
 
     if os.environ.get("WBC_DASHBOARD_ALLOW_REMOTE") == "1":
         return True
     try:
-        ip = pn.state.curdoc.session_context.request.remote_ip
+        doc = pn.state.curdoc
+        if doc is None or doc.session_context is None:
+            return not served
+        request = doc.session_context.request
+        return _loopback(request.remote_ip) and all(map(_loopback, _forwarded(getattr(request, "headers", None))))
     except Exception:
-        return True  # not served (tests, notebooks)
+        return False
+
+
+def _forwarded(headers) -> list[str]:
+    """The client addresses a proxy put in the request headers."""
+    import re
+
+    out = []
+    for name, value in dict(headers or {}).items():
+        name = str(name).lower()
+        for v in value if isinstance(value, list) else [value]:
+            if name in ("x-forwarded-for", "x-real-ip"):
+                out += str(v).split(",")
+            elif name == "forwarded":
+                out += re.findall(r'for=("[^"]*"|[^;,\s]*)', str(v), flags=re.I) or ["?"]
+    return out
+
+
+def _loopback(addr) -> bool:
+    """'127.0.0.1', '::1', '[::1]:8080', '"127.0.0.1:80"', 'fe80::1%lo' -> is it loopback (unreadable: False)."""
+    import ipaddress
+
+    a = str(addr).strip().strip('"')
+    if a.startswith("["):
+        a = a[1:].split("]")[0]
+    elif a.count(":") == 1:
+        a = a.split(":")[0]
     try:
-        return ipaddress.ip_address(str(ip).split("%")[0]).is_loopback
+        return ipaddress.ip_address(a.split("%")[0]).is_loopback
     except ValueError:
         return False
 
 
 def refused_app():
     return pn.pane.Alert("This dashboard only answers browsers on the machine it runs on (it can launch studies "
-                         "and read the data). Use an SSH tunnel, or set WBC_DASHBOARD_ALLOW_REMOTE=1.",
-                         alert_type="danger")
+                         "and read the data). Use an SSH tunnel, or set WBC_DASHBOARD_ALLOW_REMOTE=1 (also "
+                         "needed behind a reverse proxy).", alert_type="danger")
 
 
 def _run_options(state) -> list[str]:
@@ -73,7 +107,7 @@ def build_app(state: AppState | None = None, template: bool = True, eager: bool 
     run_sel = pn.widgets.Select(name="Run", options=options, value=state.run_id, css_classes=["wbc-run-select"])
     cmp_sel = pn.widgets.Select(name="Compare with", options=["(none)", *options],
                                 value=state.compare_run_id or "(none)", css_classes=["wbc-compare-select"])
-    info = pn.pane.Markdown(f"Run store: `{state.runs_dir}`", css_classes=["wbc-store"])
+    info = pn.pane.Markdown(f"Run store: <code>{esc(state.runs_dir)}</code>", css_classes=["wbc-store"])
 
     def to_state(*_):
         state.param.update(run_id=run_sel.value,

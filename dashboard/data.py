@@ -22,7 +22,7 @@ import pandas as pd
 from core.config import CLASSES, PROB_COLUMNS, default_cache_dir
 from core.store import RUN_JSON, SCHEMAS, RunStore
 
-from dashboard.security import image_roots
+from dashboard.security import is_allowed_image
 
 THUMB_SIZE = 128
 LARGE_SIZE = 384
@@ -148,14 +148,6 @@ def thumbs_dir() -> Path:
     return default_cache_dir() / "thumbs"
 
 
-def _allowed(path: Path, runs_dir=None) -> bool:
-    try:
-        p = path.resolve(strict=True)
-    except (OSError, RuntimeError):
-        return False
-    return any(p == r or r in p.parents for r in image_roots(runs_dir))
-
-
 @lru_cache(maxsize=4096)
 def _thumb_cached(path: str, key, size: int) -> str | None:
     p = Path(path)
@@ -192,7 +184,7 @@ def thumbnail_uri(path, size: int = THUMB_SIZE, runs_dir=None) -> str | None:
         return None
     p = Path(path)
     key = _stat_key(p)
-    if key is None or not _allowed(p, runs_dir):
+    if key is None or not is_allowed_image(p, runs_dir):
         return None
     return _thumb_cached(str(p), key, size)
 

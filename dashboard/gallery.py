@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
@@ -12,10 +11,12 @@ from panel.custom import JSComponent
 from core.config import CLASS_ABBR, CLASSES, PROB_COLUMNS
 
 from dashboard.data import thumbnail_uri
+from dashboard.safe import esc
 
 
 class Gallery(JSComponent):
-    items = param.List(default=[], doc="[{key, orig, enh, title, probs}] (images as data URIs)")
+    items = param.List(default=[], doc="[{key, orig, enh, title, probs}] (images as data URIs; title and probs "
+                                       "are HTML, escaped by gallery_items; key is only used as text)")
     selected = param.Integer(default=-1, doc="Index of the clicked item (-1: none).")
     empty_message = param.String(default="No images match the filters.")
 
@@ -92,7 +93,7 @@ def gallery_items(rows: pd.DataFrame, runs_dir=None, show_enhanced: bool = True,
                 f"{CLASS_ABBR.get(str(r['pred_label']), r['pred_label'])}"
         if label_variant and not r.get("title"):
             title += f" \u00b7 {r['variant']} s{r['seed']}"
-        items.append({"key": html.escape(str(r.get("image_id", ""))), "orig": uris.get(r.get("path")),
-                      "enh": enh, "title": html.escape(title), "probs": probs_text(r),
+        items.append({"key": str(r.get("image_id", "")), "orig": uris.get(r.get("path")),
+                      "enh": enh, "title": esc(title), "probs": esc(probs_text(r)),
                       "correct": bool(r.get("correct", False))})
     return items

@@ -1,14 +1,18 @@
 """The single, process-wide job manager: one study at a time, as a subprocess of ``python -m core study``.
 
 Imported modules are shared by all Panel sessions of a server, so every browser sees the same job.
-A second launch while one runs is refused with a message. Cancelling writes the run's ``CANCEL`` file
-(``Run.request_cancel()``, which the CLI honours between steps) and sends SIGTERM after a grace period.
+A second launch while one runs is refused with a message; so is a launch while another dashboard server
+sharing the store runs one (the store's ``.launch.lock``, see ``acquire_lock``). Cancelling writes the run's
+``CANCEL`` file (``Run.request_cancel()``, which the CLI honours between steps) and sends SIGTERM after a grace
+period.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +24,7 @@ from core.config import REPO_ROOT, default_cache_dir
 from core.store import Run, check_run_id, new_run_id
 
 CANCEL_GRACE_S = 10.0
+LOCK_NAME = ".launch.lock"  # in the run store; a dot name, so never listed as a run
 
 
 @dataclass
@@ -88,23 +93,38 @@ class JobManager:
             run_id = check_run_id(run_id or new_run_id(preset))
             if (runs_dir / run_id).exists():
                 return None, f"run {run_id} already exists"
-            out_dir = default_cache_dir() / "launcher"
-            out_dir.mkdir(parents=True, exist_ok=True)
-            out_path = out_dir / f"{run_id}.out"
-            argv = [sys.executable, "-m", "core", "study", *args, "--run-id", run_id, "--runs-dir", str(runs_dir)]
-            env = dict(os.environ, PYTHONUNBUFFERED="1")
-            with open(out_path, "wb") as out:
-                proc = subprocess.Popen(argv, cwd=str(REPO_ROOT), stdout=out, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            why = acquire_lock(runs_dir, run_id)
+            if why:
+                return None, why
+            try:
+                argv, proc, out_path = self._start(args, runs_dir, run_id)
+            except BaseException:
+                release_lock(runs_dir, os.getpid())
+                raise
+            hand_lock(runs_dir, proc.pid, run_id)
             job = Job(run_id=run_id, runs_dir=runs_dir, argv=argv, proc=proc, out_path=out_path)
             self.current = job
             self.history.append(job)
         threading.Thread(target=self._wait, args=(job,), daemon=True, name=f"job-{run_id}").start()
         return job, f"Started {run_id}"
 
+    @staticmethod
+    def _start(args, runs_dir: Path, run_id: str):
+        out_dir = default_cache_dir() / "launcher"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        out_path = out_dir / f"{run_id}.out"
+        argv = [sys.executable, "-m", "core", "study", *args, "--run-id", run_id, "--runs-dir", str(runs_dir)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(out_path, "wb") as out:
+            proc = subprocess.Popen(argv, cwd=str(REPO_ROOT), stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        return argv, proc, out_path
+
     def _wait(self, job: Job) -> None:
-        job.returncode = job.proc.wait()
+        rc = job.proc.wait()
+        release_lock(job.runs_dir, job.proc.pid, os.getpid())  # before the job reads as ended
         job.ended = time.time()
+        job.returncode = rc
 
     def cancel(self, grace_s: float = CANCEL_GRACE_S) -> str:
         job = self.current
@@ -132,6 +152,87 @@ class JobManager:
 
 #: The one job manager of this server process.
 MANAGER = JobManager()
+
+
+# ----------------------------------------------------------------------------------- the store's launch lock
+def lock_path(runs_dir) -> Path:
+    return Path(runs_dir) / LOCK_NAME
+
+
+def acquire_lock(runs_dir, run_id: str) -> str | None:
+    """Take ``<runs_dir>/.launch.lock`` (O_CREAT|O_EXCL, holding pid, host and run id): None when taken, else
+    why not. A lock whose pid is gone on this host is stale and removed; one from another host, or one that
+    cannot be read, is respected. Fails closed: any error is a refusal."""
+    path = lock_path(runs_dir)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = read_lock(path)
+                if not _stale(holder):
+                    return _held_message(path, holder)
+                _remove_if_unchanged(path, holder)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(_lock_body(os.getpid(), run_id), f)
+            return None
+        return f"could not take the launch lock {path} (it keeps reappearing)"
+    except Exception as e:
+        return f"could not take the launch lock {path} ({type(e).__name__}: {e})"
+
+
+def hand_lock(runs_dir, pid: int, run_id: str) -> None:
+    """The lock now names the study's process (it outlives this server if the server stops)."""
+    path = lock_path(runs_dir)
+    tmp = path.with_name(f"{LOCK_NAME}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(_lock_body(pid, run_id)))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the lock still names this server: released when the study ends (or stale once the server is gone)
+
+
+def release_lock(runs_dir, *pids: int) -> None:
+    """Remove the lock if it is this host's lock for one of ``pids``."""
+    path = lock_path(runs_dir)
+    holder = read_lock(path)
+    if holder and holder.get("host") == socket.gethostname() and holder.get("pid") in pids:
+        _remove_if_unchanged(path, holder)
+
+
+def read_lock(path) -> dict | None:
+    try:
+        holder = json.loads(Path(path).read_text())
+        return holder if isinstance(holder, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _lock_body(pid: int, run_id: str) -> dict:
+    return {"pid": pid, "host": socket.gethostname(), "run_id": run_id, "since": time.time()}
+
+
+def _stale(holder: dict | None) -> bool:
+    return bool(holder) and holder.get("host") == socket.gethostname() and not _alive(holder.get("pid"))
+
+
+def _remove_if_unchanged(path: Path, holder: dict) -> None:
+    if read_lock(path) == holder:  # not a fresh lock another server took meanwhile
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _held_message(path: Path, holder: dict | None) -> str:
+    if not holder:
+        return (f"Another dashboard is starting a study in this store (the launch lock {path} is being written or "
+                "is unreadable). One study at a time: try again shortly, or delete that file if no study runs.")
+    return (f"A study started by another dashboard is running in this store ({holder.get('run_id')}, pid "
+            f"{holder.get('pid')} on {holder.get('host')}). One study at a time: wait for it to finish, or delete "
+            f"{path} if it is not running.")
 
 
 def running_elsewhere(runs_dir, exclude: str | None = None) -> list[tuple[str, dict]]:

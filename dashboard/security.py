@@ -7,7 +7,9 @@
   (and thumbnails) no file outside them.
 
 Paths are resolved (``..`` and symlinks followed) before the check, so ``root/../etc`` or a symlink
-inside a root pointing elsewhere is refused.
+inside a root pointing elsewhere is refused. The roots themselves are resolved real folders, and a run's
+``enhanced/`` that is a symlink is no root at all (a link must never widen them). Every check fails closed:
+an error while computing a root drops that root, an error while checking a path refuses the path.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def _data_roots(env: str | None, _wbc_data: str | None) -> tuple[Path, ...]:
     for r in roots:
         try:
             out.append(r.resolve(strict=True))
-        except OSError:
+        except Exception:
             continue
     return tuple(out)
 
@@ -60,10 +62,10 @@ def image_roots(runs_dir: str | os.PathLike | None = None) -> list[Path]:
 @lru_cache(maxsize=8)
 def _image_roots(_env, _cache, store: str) -> tuple[Path, ...]:
     roots = list(data_roots())
-    for extra in (default_cache_dir(), Path(store)):
+    for extra in (default_cache_dir, lambda: store):
         try:
-            roots.append(Path(extra).resolve())
-        except OSError:
+            roots.append(Path(extra()).resolve())
+        except Exception:
             pass
     return tuple(roots)
 
@@ -71,17 +73,28 @@ def _image_roots(_env, _cache, store: str) -> tuple[Path, ...]:
 @lru_cache(maxsize=8)
 def run_cache_roots(store: str, _key) -> tuple[Path, ...]:
     """``<cache_dir>/enhanced`` of every stored run made with its own ``--cache-dir`` (enhanced images only)."""
+    try:
+        metas = list(Path(store).glob("*/run.json"))
+    except Exception:
+        return ()
+    return tuple(sorted({r for r in map(_enhanced_root, metas) if r is not None}))
+
+
+def _enhanced_root(meta_path: Path) -> Path | None:
+    """The run's ``<cache_dir>/enhanced`` as a resolved real folder; None if there is none, if run.json is
+    damaged, or if ``enhanced`` is a symlink (``enhanced -> /`` would make every file an image)."""
     import json
 
-    out = []
-    for meta in Path(store).glob("*/run.json"):
-        try:
-            cache = (json.loads(meta.read_text()).get("config") or {}).get("cache_dir")
-            if cache:
-                out.append((Path(cache).expanduser() / "enhanced").resolve(strict=True))
-        except (OSError, ValueError, AttributeError):
-            continue
-    return tuple(sorted(set(out)))
+    try:
+        cache = (json.loads(meta_path.read_text()).get("config") or {}).get("cache_dir")
+        if not cache:
+            return None
+        root = Path(cache).expanduser().resolve(strict=True) / "enhanced"
+        if root.is_symlink() or not root.is_dir() or root.resolve(strict=True) != root:
+            return None
+        return root
+    except Exception:
+        return None
 
 
 def _is_under(p: Path, root: Path) -> bool:
@@ -92,12 +105,15 @@ def resolve_under(path: str | os.PathLike, roots: list[Path], what: str = "folde
     """``path`` resolved, if it lies under one of ``roots``; else ``PathNotAllowed`` with a clear message."""
     if path is None or str(path).strip() == "":
         raise PathNotAllowed(f"no {what} given")
-    raw = Path(str(path)).expanduser()
+    try:
+        raw = Path(str(path)).expanduser()
+    except Exception:
+        raise PathNotAllowed(f"{what} {str(path)!r} is not a usable path") from None
     if not raw.is_absolute():
         raise PathNotAllowed(f"{what} {str(path)!r} must be an absolute path")
     try:
         p = raw.resolve(strict=True)
-    except (OSError, RuntimeError):
+    except Exception:  # missing, a symlink loop, a NUL byte: refused
         raise PathNotAllowed(f"{what} {str(path)!r} does not exist") from None
     for r in roots:
         if _is_under(p, r):
@@ -106,6 +122,15 @@ def resolve_under(path: str | os.PathLike, roots: list[Path], what: str = "folde
     if p != raw.absolute():
         raise PathNotAllowed(f"{what} {str(path)!r} resolves to {p}, outside the allowed roots: {shown}")
     raise PathNotAllowed(f"{what} {str(path)!r} is outside the allowed roots: {shown}")
+
+
+def is_allowed_image(path, runs_dir=None) -> bool:
+    """True if ``path`` resolves under an image root; any error is a refusal."""
+    try:
+        p = Path(path).resolve(strict=True)
+        return any(_is_under(p, r) for r in image_roots(runs_dir))
+    except Exception:
+        return False
 
 
 def safe_data_folder(path) -> Path:

@@ -70,29 +70,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def dashboard_server(dashboard_root, request):
-    """``panel serve dashboard`` on a free localhost port over the fixture store; yields the URL.
+def _server_env(root: Path, data_roots: list[Path]) -> dict:
+    return dict(os.environ, WBC_RUNS_DIR=str(root / "runs"), WBC_CACHE_DIR=str(root / "cache"),
+                WBC_DATA_ROOTS=os.pathsep.join(str(d) for d in data_roots),
+                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
-    The server starts first and the store is written while it imports (sessions read the store on demand)."""
+
+def _start_server(root: Path, env: dict):
+    """``panel serve dashboard`` on a free localhost port with ``env``: (process, url, log)."""
     port = _free_port()
-    root = Path(dashboard_root)
-    for sub in ("runs", "cache", "data", "launchdata"):
-        (root / sub).mkdir(exist_ok=True)
-    env = dict(os.environ, WBC_RUNS_DIR=str(root / "runs"), WBC_CACHE_DIR=str(root / "cache"),
-               WBC_DATA_ROOTS=os.pathsep.join([str(root / "data"), str(root / "launchdata")]),
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     log = open(root / "panel-serve.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "panel", "serve", "dashboard", "--port", str(port), "--address", "127.0.0.1",
          "--allow-websocket-origin", f"127.0.0.1:{port}", "--num-procs", "1"],
         cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
-    launch_data = request.getfixturevalue("dashboard_launch_data")
-    store = request.getfixturevalue("dashboard_store")
-    warm = subprocess.Popen([sys.executable, "-c", _WARM_EMBEDDINGS, str(launch_data),
-                             str(store["cache_dir"])], cwd=str(REPO), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/dashboard"
+    return proc, f"http://127.0.0.1:{port}/dashboard", log
+
+
+def _wait_until_up(proc, url: str, log) -> None:
     deadline = time.monotonic() + 60
     while True:
         if proc.poll() is not None:
@@ -100,22 +95,60 @@ def dashboard_server(dashboard_root, request):
         try:
             with urllib.request.urlopen(url, timeout=5) as r:
                 if r.status == 200:
-                    break
+                    return
         except OSError:
             if time.monotonic() > deadline:
                 proc.kill()
                 raise RuntimeError(f"panel serve did not answer on {url}; see {log.name}")
             time.sleep(0.2)  # polling interval of the port check, not a wait for the UI
-    yield url
-    if warm.poll() is None:
-        warm.kill()
-    warm.wait()
+
+
+def _stop_server(proc, log) -> None:
     proc.terminate()
     try:
         proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+@pytest.fixture(scope="session")
+def dashboard_server(dashboard_root, request):
+    """``panel serve dashboard`` on a free localhost port over the fixture store; yields the URL.
+
+    The server starts first and the store is written while it imports (sessions read the store on demand)."""
+    root = Path(dashboard_root)
+    for sub in ("runs", "cache", "data", "launchdata"):
+        (root / sub).mkdir(exist_ok=True)
+    env = _server_env(root, [root / "data", root / "launchdata"])
+    proc, url, log = _start_server(root, env)
+    launch_data = request.getfixturevalue("dashboard_launch_data")
+    store = request.getfixturevalue("dashboard_store")
+    warm = subprocess.Popen([sys.executable, "-c", _WARM_EMBEDDINGS, str(launch_data),
+                             str(store["cache_dir"])], cwd=str(REPO), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_until_up(proc, url, log)
+    yield url
+    if warm.poll() is None:
+        warm.kill()
+    warm.wait()
+    _stop_server(proc, log)
+
+
+@pytest.fixture(scope="session")
+def hostile_server(tmp_path_factory):
+    """A served dashboard over a store full of stored-XSS payloads (fixtures_store.make_hostile_store);
+    yields (url, store info)."""
+    from fixtures_store import make_hostile_store
+
+    root = Path(tmp_path_factory.mktemp("hostile"))
+    for sub in ("runs", "cache", "data"):
+        (root / sub).mkdir(exist_ok=True)
+    proc, url, log = _start_server(root, _server_env(root, [root / "data"]))
+    store = make_hostile_store(root)
+    _wait_until_up(proc, url, log)
+    yield url, store
+    _stop_server(proc, log)
 
 
 @pytest.fixture(scope="session")

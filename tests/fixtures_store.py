@@ -236,3 +236,71 @@ def corrupt_store(runs_dir) -> dict:
     trunc.mkdir(exist_ok=True)
     (trunc / "run.json").write_text('{"run_id": "20261118-050000-quick-truncated", "status": "fini')
     return {"corrupt": bad.name, "no_json": half.name, "truncated": trunc.name}
+
+
+# Stored XSS payloads: what a run store written by someone else (or a damaged one) may hold. Each sets
+# window.__xss, opens a dialog, or links to script if the dashboard ever renders it as markup.
+XSS_IMG = "<img src=x onerror=window.__xss=1>"
+XSS_ALERT = "<img src=x onerror=alert(1)>"
+XSS_SVG = "<svg onload=window.__xss=2>"
+XSS_MD_LINK = "[click me](javascript:window.__xss=3)"
+XSS_MD_CODE = "`<img src=x onerror=window.__xss=4>`"
+XSS_SCRIPT = "<script>window.__xss=5</script>"
+XSS_ALL = [XSS_IMG, XSS_ALERT, XSS_SVG, XSS_MD_LINK, XSS_MD_CODE, XSS_SCRIPT]
+XSS_VARIANT = "<img src=x onerror=window.__xss=6>"
+
+
+def _rename_variant(run_dir: Path, old: str, new: str) -> None:
+    for p in run_dir.glob("*.parquet"):
+        df = pd.read_parquet(p)
+        for col in ("variant", "baseline"):
+            if col in df.columns:
+                df[col] = df[col].astype(object).replace(old, new)
+        df.to_parquet(p)
+
+
+def make_hostile_store(root) -> dict:
+    """A fixture store whose folder names, run.json fields, progress, log lines and variant names are XSS
+    payloads: a finished run, a failed run, a run 'running elsewhere' (this process's pid), an unreadable one."""
+    import os
+    import shutil
+
+    info = make_fixture_store(root, n_runs=1, n_test=40)
+    runs = Path(info["runs_dir"])
+    ok = runs / f"20261121-100000-{XSS_IMG}"
+    shutil.move(str(runs / info["run_ids"][0]), ok)
+    _rename_variant(ok, VARIANTS[1], XSS_VARIANT)
+    meta = json.loads((ok / "run.json").read_text())
+    cfg = meta["config"]
+    cfg.update(variants=[VARIANTS[0], XSS_VARIANT], classifier=XSS_ALERT, notes=XSS_ALL, pretrained=XSS_SVG)
+    weights = json.loads(json.dumps(FIXTURE_WEIGHTS))
+    weights["enhancers"][XSS_VARIANT] = dict(weights["enhancers"].pop(VARIANTS[1]), source=XSS_MD_LINK)
+    weights["classifier"]["source"] = XSS_MD_CODE
+    meta.update(run_id=ok.name, device=XSS_SCRIPT, skipped=[{"path": XSS_IMG, "error": XSS_ALERT}],
+                data=dict(meta["data"], test_source=XSS_MD_CODE, root=f"/data/{XSS_IMG}"), weights=weights,
+                summary={"accuracy": {k.replace(VARIANTS[1], XSS_VARIANT): v
+                                      for k, v in meta["summary"]["accuracy"].items()}})
+    (ok / "run.json").write_text(json.dumps(meta))
+    (ok / "log.txt").write_text("".join(f"{p}\n" for p in XSS_ALL))
+
+    failed = runs / f"20261119-080000-{XSS_MD_CODE}"
+    shutil.move(str(runs / info["failed_run_id"]), failed)
+    meta = json.loads((failed / "run.json").read_text())
+    meta.update(run_id=failed.name, status=XSS_ALERT, device=XSS_SVG,
+                config=dict(meta["config"], classifier=XSS_IMG, **{XSS_SVG: XSS_SCRIPT}),
+                error={"type": XSS_SVG, "message": XSS_IMG, "traceback": "\n".join(XSS_ALL)})
+    (failed / "run.json").write_text(json.dumps(meta))
+
+    running = RunStore(runs).create(make_config("quick").to_dict(), run_id="20261122-090000-quick-live")
+    live = runs / f"20261122-090000-{XSS_MD_LINK}"
+    shutil.move(str(running.path), live)
+    meta = json.loads((live / "run.json").read_text())
+    meta.update(run_id=live.name, status="running", pid=os.getpid())
+    (live / "run.json").write_text(json.dumps(meta))
+    (live / "progress.json").write_text(json.dumps({"stage": XSS_SVG, "message": XSS_IMG, "percent": 12.0}))
+    (live / "log.txt").write_text(XSS_SCRIPT + "\n")
+
+    broken = runs / f"20261118-050000-{XSS_SVG}"
+    broken.mkdir()
+    (broken / "run.json").write_text('{"status": "' + XSS_IMG)
+    return dict(info, ok=ok.name, failed=failed.name, live=live.name, broken=broken.name)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pandas as pd
@@ -370,3 +371,316 @@ def test_launch_args_from_form():
     from core.cli import build_parser
 
     assert build_parser().parse_args(["study", *half]).enhance_precision == "half"  # the CLI accepts what we build
+
+
+# ------------------------------------------------------------------------------------- security (issue 10)
+class _Markup(HTMLParser):
+    """The tags of an HTML fragment, and those that would run script (on* attributes, javascript: URLs,
+    script / svg / iframe tags, images that are not our data URIs, links)."""
+
+    def __init__(self, fragment: str):
+        super().__init__()
+        self.tags, self.bad, self.text = [], [], []
+        self.feed(fragment)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        a = dict(attrs)
+        if any(k.startswith("on") for k in a) or tag in ("script", "svg", "iframe", "object", "embed", "a") or \
+                any(str(a.get(k) or "").strip().lower().startswith("javascript") for k in ("href", "src")) or \
+                (tag == "img" and not str(a.get("src") or "").startswith("data:image/")):
+            self.bad.append((tag, attrs))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _rendered(pane) -> str:
+    """The HTML a Markdown / Alert / HTML pane sends to the browser."""
+    import html
+
+    return html.unescape(pane._transform_object(pane.object)["object"])
+
+
+def _markup_problems(root) -> tuple[list, str]:
+    """(what in the app's HTML would run script, all its text): panes, Tabulator html cells and titles, galleries."""
+    import panel as pn
+    from panel.pane.markup import HTMLBasePane
+
+    from dashboard.gallery import Gallery
+
+    root = pn.Column(*root.sidebar, *root.main) if isinstance(root, pn.template.BaseTemplate) else root
+    bad, text = [], []
+    for pane in root.select(lambda o: isinstance(o, HTMLBasePane)):
+        m = _Markup(_rendered(pane))
+        bad += m.bad
+        text += m.text
+    for t in root.select(pn.widgets.Tabulator):
+        for c, f in t.formatters.items():
+            if f != "html" and not (isinstance(f, dict) and f.get("type") == "html"):
+                continue
+            for v in t.value[c]:
+                m = _Markup(str(v))
+                bad += m.bad
+                text += m.text
+        for c in t.value.columns:
+            m = _Markup(str(t.titles.get(c, c)))
+            bad += [("title", m.tags)] if m.tags else []
+    for g in root.select(Gallery):
+        for it in g.items:
+            for k in ("title", "probs"):
+                m = _Markup(it[k])
+                bad += [("gallery", m.tags)] if m.tags else []
+                text += m.text
+    return bad, " ".join(text)
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    from fixtures_store import make_hostile_store
+
+    return make_hostile_store(tmp_path_factory.mktemp("dash-hostile"))
+
+
+@pytest.fixture
+def hostile_env(hostile, monkeypatch):
+    monkeypatch.setenv("WBC_RUNS_DIR", str(hostile["runs_dir"]))
+    monkeypatch.setenv("WBC_CACHE_DIR", str(hostile["cache_dir"]))
+    monkeypatch.setenv("WBC_DATA_ROOTS", str(hostile["data_dir"]))
+    return hostile
+
+
+def test_esc_neutralises_html_and_markdown():
+    import html
+
+    import panel as pn
+
+    from dashboard.safe import esc
+    from fixtures_store import XSS_ALL
+
+    for payload in [*XSS_ALL, "**bold** _em_ # h | a | ~~s~~ $$x$$ :smile: \\ ' \" & ![i](x)", None, 3]:
+        e = esc(payload)
+        assert html.unescape(e) == str(payload)  # the same text, once decoded
+        assert not set(e) & set("<>\"'`*_[]|~$")
+        out = _Markup(_rendered(pn.pane.Markdown(f"* {e}\n\n<code>{e}</code> | {e}")))
+        assert out.tags == ["ul", "li", "p", "code"] and not out.bad, out.tags
+        assert "".join(out.text).count(str(payload)) == 3
+
+
+def test_pages_escape_everything_read_from_disk(hostile_env):
+    """Every page over a store whose folder names, run.json fields, progress, log lines and variant names are
+    XSS payloads: no pane, Tabulator html cell or title, or gallery caption carries markup from the store."""
+    from dashboard.app import PAGES, build_app
+    from dashboard.state import AppState
+    from fixtures_store import XSS_IMG, XSS_VARIANT
+
+    h = hostile_env
+    state = AppState(run_id=h["ok"], compare_run_id=h["failed"])
+    tpl = build_app(state, eager=True)
+    seen = []
+    for run, compare in ((h["ok"], h["failed"]), (h["failed"], h["ok"]), (h["live"], None), (h["broken"], None)):
+        state.param.update(run_id=run, compare_run_id=compare)
+        for page in PAGES:
+            state.page = page
+            bad, text = _markup_problems(tpl)
+            assert not bad, (run, page, bad[:3])
+            seen.append(text)
+    text = " ".join(seen)
+    assert XSS_IMG in text and XSS_VARIANT in text and h["live"] in text  # shown, as text
+
+
+def test_error_detail_escapes_the_row(hostile_env):
+    import panel as pn
+
+    from dashboard.pages.errors import detail_view
+    from fixtures_store import XSS_ALERT, XSS_IMG, XSS_SVG
+
+    row = {"image_id": XSS_IMG, "variant": XSS_SVG, "seed": XSS_ALERT, "image_size": XSS_IMG,
+           "true_label": XSS_ALERT, "pred_label": XSS_SVG, "path": None, "enhanced_path": "/nope.png",
+           "enhanced_from": XSS_IMG}
+    view = detail_view(row, hostile_env["runs_dir"])
+    texts = []
+    for pane in view.select(pn.pane.HTML):
+        m = _Markup(_rendered(pane))
+        assert not m.bad, m.bad
+        texts += m.text
+    assert XSS_IMG in " ".join(texts)
+
+
+def test_image_roots_never_widened_by_a_symlink(tmp_path):
+    """run.json's cache_dir with ``enhanced -> /``: no root, and nothing outside the roots is thumbnailed."""
+    from PIL import Image
+
+    from core.store import RunStore
+    from dashboard.data import thumbnail_uri
+    from dashboard.security import image_roots, run_cache_roots
+
+    secret = tmp_path / "home" / "secret.jpg"
+    secret.parent.mkdir()
+    Image.new("RGB", (20, 20)).save(secret)
+    cache = tmp_path / "evilcache"
+    cache.mkdir()
+    (cache / "enhanced").symlink_to("/")
+    store = tmp_path / "store"
+    RunStore(store).create({"cache_dir": str(cache), "preset": "quick"}, run_id="r1")
+    assert run_cache_roots(str(store), "k") == ()
+    assert all(r != Path("/") and r.resolve() == r for r in image_roots(store))
+    assert thumbnail_uri(str(cache / "enhanced" / str(secret).lstrip("/")), runs_dir=store) is None
+    assert thumbnail_uri(str(secret), runs_dir=store) is None
+    # a cache_dir that is itself a link is fine: its real enhanced/ folder (and nothing above it) is the root
+    real = tmp_path / "realcache"
+    (real / "enhanced").mkdir(parents=True)
+    (tmp_path / "cachelink").symlink_to(real)
+    RunStore(store).create({"cache_dir": str(tmp_path / "cachelink"), "preset": "quick"}, run_id="r2")
+    assert run_cache_roots(str(store), "k2") == ((real / "enhanced").resolve(),)
+
+
+def test_path_checks_fail_closed(monkeypatch, tmp_path):
+    from PIL import Image
+
+    import dashboard.data as data
+    import dashboard.security as sec
+
+    monkeypatch.setenv("WBC_CACHE_DIR", str(tmp_path / "cache"))  # thumbnails made here go there
+    img = tmp_path / "a.jpg"
+    Image.new("RGB", (8, 8)).save(img)
+
+    def boom(runs_dir=None):
+        raise RuntimeError("cannot list the roots")
+
+    for mod in (sec, data):
+        monkeypatch.setattr(mod, "image_roots", boom, raising=False)
+    assert data.thumbnail_uri(str(img), runs_dir=tmp_path) is None  # an error is a refusal, not a crash
+    with pytest.raises(sec.PathNotAllowed):
+        sec.resolve_under("/tmp/\x00nul", [Path("/")])
+    monkeypatch.setattr(sec, "image_roots", lambda runs_dir=None: [tmp_path.resolve()])
+    assert sec.is_allowed_image(img) and data.thumbnail_uri(str(img), runs_dir=tmp_path)
+
+
+def test_is_local_client_fails_closed(monkeypatch):
+    import panel as pn
+
+    from dashboard import app
+
+    monkeypatch.delenv("WBC_DASHBOARD_ALLOW_REMOTE", raising=False)
+    assert app.is_local_client()  # not served: in-process use
+
+    class Req:
+        remote_ip = "127.0.0.1"
+        headers = {}
+
+    class Ctx:
+        request = Req()
+
+    class Doc:
+        session_context = Ctx()
+
+    monkeypatch.setattr(type(pn.state), "curdoc", property(lambda self: Doc()))
+    assert app.is_local_client()
+    Req.headers = {"X-Forwarded-For": "203.0.113.9, 127.0.0.1"}  # a reverse proxy on this machine
+    assert not app.is_local_client()
+    Req.headers = {"Forwarded": 'for="[::1]:5000";proto=http', "X-Real-IP": "127.0.0.1"}
+    assert app.is_local_client()
+    Req.headers = {"Forwarded": "for=unknown"}
+    assert not app.is_local_client()
+
+    class Broken:
+        @property
+        def remote_ip(self):
+            raise RuntimeError("no address")
+
+    Ctx.request = Broken()
+    assert not app.is_local_client()
+    Ctx.request = None
+    assert not app.is_local_client()
+    def no_doc(self):
+        raise RuntimeError("no document")
+
+    monkeypatch.setattr(type(pn.state), "curdoc", property(no_doc))
+    assert not app.is_local_client()
+    monkeypatch.setattr(type(pn.state), "curdoc", property(lambda self: None))
+    assert app.is_local_client() and not app.is_local_client(served=True)  # main.py: no session, no app
+    monkeypatch.setenv("WBC_DASHBOARD_ALLOW_REMOTE", "1")
+    assert app.is_local_client()
+
+
+def test_launch_checks_a_typed_path_before_scanning_it(env, tmp_path, monkeypatch):
+    import panel as pn
+
+    import dashboard.pages.launch as launch
+    from dashboard.state import AppState
+
+    outside = tmp_path / "elsewhere"
+    (outside / "TEST" / "EOSINOPHIL").mkdir(parents=True)
+    scanned = []
+    real = launch.test_folders
+    monkeypatch.setattr(launch, "test_folders", lambda folder: scanned.append(str(folder)) or real(folder))
+    view = launch.view(AppState(runs_dir=str(tmp_path / "runs")))
+    typed = next(w for w in view.select(pn.widgets.TextInput) if "wbc-l-data-path" in w.css_classes)
+    test = next(w for w in view.select(pn.widgets.Select) if "wbc-l-test" in w.css_classes)
+    note = next((p for p in view.select(pn.pane.Alert) if "wbc-l-path-note" in p.css_classes), None)
+    link = env["data_dir"] / "link-out"  # inside the root, pointing out of it
+    link.symlink_to(outside)
+    try:
+        for path in ("/", str(outside), str(link), str(env["data_dir"] / ".." / "..")):
+            scanned.clear()
+            typed.value = path
+            assert test.options == [launch.AUTO_TEST] and scanned == [], path
+            assert note is not None and note.visible and "outside the allowed roots" in note.object
+    finally:
+        link.unlink()
+    typed.value = str(env["data_dir"])  # under the root: scanned, its TEST folders offered
+    assert scanned and test.options[1:] and all(o.startswith(str(env["data_dir"].resolve())) for o in test.options[1:])
+    assert not note.visible
+    found, why = launch.allowed_test_folders(str(outside))
+    assert found == [] and "outside the allowed roots" in why
+
+
+def _fake_study(monkeypatch):
+    import dashboard.jobs as jobs
+
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(jobs.subprocess, "Popen", lambda argv, **kw: real_popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], **kw))
+
+
+def _end(job):
+    os.killpg(job.proc.pid, 15)
+    job.proc.wait(10)
+    deadline = time.monotonic() + 10
+    while job.running and time.monotonic() < deadline:  # the manager's wait thread releases the lock
+        time.sleep(0.05)
+
+
+def test_one_launch_at_a_time_across_servers_sharing_a_store(env, monkeypatch, tmp_path):
+    import json
+    import socket
+
+    import dashboard.jobs as jobs
+
+    _fake_study(monkeypatch)
+    runs = tmp_path / "runs"
+    a, b = jobs.JobManager(), jobs.JobManager()  # two dashboard servers, one store
+    job, _ = a.launch(["--preset", "quick"], runs, preset="quick")
+    assert job is not None
+    lock = json.loads((runs / ".launch.lock").read_text())
+    assert lock["pid"] == job.proc.pid and lock["host"] == socket.gethostname() and lock["run_id"] == job.run_id
+    refused, why = b.launch(["--preset", "quick"], runs)
+    assert refused is None and "another dashboard" in why and job.run_id in why
+    _end(job)
+    assert not (runs / ".launch.lock").exists()  # released when the study ended
+    job2, _ = b.launch(["--preset", "quick"], runs)
+    assert job2 is not None
+    _end(job2)
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (runs / ".launch.lock").write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "run_id": "old"}))
+    job3, _ = a.launch(["--preset", "quick"], runs)  # its process is gone: stale, removed
+    assert job3 is not None
+    _end(job3)
+    for held in (json.dumps({"pid": gone.pid, "host": "another-host", "run_id": "x"}), "", "{not json"):
+        (runs / ".launch.lock").write_text(held)  # another host's, or being written: respected
+        refused, why = a.launch(["--preset", "quick"], runs)
+        assert refused is None and ".launch.lock" in why

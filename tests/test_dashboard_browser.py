@@ -8,6 +8,7 @@ to test-artifacts/. No sleeps: every wait is an ``expect`` poll.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -168,3 +169,95 @@ def test_launch_tiny_study_shows_progress_and_new_run(dashboard_page, dashboard_
     expect(page.locator(".wbc-runs-table .tabulator-row", has_text=new_id)).to_have_count(1)
     expect(page.locator(".wbc-runs-table .tabulator-row", has_text=new_id)).to_contain_text("finished")
     page.screenshot(path=str(artifacts_dir / "dashboard-12-new-run.png"), full_page=True)
+
+
+# Everything the page shows, shadow roots included: what would run script (on* handlers, javascript: URLs,
+# script / svg elements carrying a payload).
+SCRIPTED_JS = """() => {
+  const bad = [];
+  const walk = (root) => {
+    for (const el of root.querySelectorAll('*')) {
+      for (const a of el.attributes) {
+        if ((a.name.startsWith('on') && /__xss|alert/.test(a.value)) ||
+            (['href', 'src'].includes(a.name) && /^\\s*javascript:/i.test(a.value))) {
+          bad.push(el.outerHTML.slice(0, 160));
+        }
+      }
+      if (['SCRIPT', 'svg'].includes(el.tagName) && /__xss/.test(el.outerHTML)) bad.push(el.outerHTML.slice(0, 160));
+      if (el.shadowRoot) walk(el.shadowRoot);
+    }
+  };
+  walk(document);
+  return bad;
+}"""
+
+
+@pytest.fixture
+def hostile_page(dashboard_browser, hostile_server, request):
+    ctx = dashboard_browser.new_context(viewport={"width": 1500, "height": 1000})
+    page = ctx.new_page()
+    page.set_default_timeout(20_000)
+    dialogs = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    yield page, dialogs
+    if getattr(request.node, "dashboard_failed", False):
+        page.screenshot(path=str(Path(__file__).resolve().parent.parent / "test-artifacts" /
+                                 f"FAILED-{request.node.name}.png"), full_page=True)
+    ctx.close()
+
+
+def assert_no_script_ran(page, dialogs, where: str):
+    assert page.evaluate(SCRIPTED_JS) == [], where
+    assert page.evaluate("() => typeof window.__xss") == "undefined", where
+    assert dialogs == [], where
+
+
+def test_stored_xss_runs_on_no_page(hostile_page, hostile_server, artifacts_dir):
+    """A store whose folder names, run.json fields (status, notes, test_source, device, error, paths, config),
+    progress, log lines and variant names are XSS payloads: every page shows them as text, none runs."""
+    from fixtures_store import XSS_IMG, XSS_VARIANT
+
+    page, dialogs = hostile_page
+    url, store = hostile_server
+    page.goto(url)
+    expect(page.locator(".wbc-runs-table div.tabulator")).to_be_visible()
+    expect(page.locator(".wbc-runs-table .tabulator-row", has_text=XSS_IMG).first).to_be_visible()  # as text
+    expect(page.locator(".wbc-warning div").filter(has_text=store["broken"]).first).to_be_visible()
+    page.locator(".wbc-compare-select select").select_option(store["failed"])
+    expect(page.locator(".wbc-run-error div").filter(has_text=XSS_IMG).first).to_be_visible()
+    expect(page.locator(".wbc-config-diff div").first).to_be_visible()
+    assert_no_script_ran(page, dialogs, "Runs")
+    page.screenshot(path=str(artifacts_dir / "dashboard-xss-01-runs.png"), full_page=True)
+
+    ready = {"Overview": ".wbc-acc-table div.tabulator", "Confusion": ".wbc-confusion canvas",
+             "Metrics": ".wbc-metrics-table div.tabulator", "Errors": ".wbc-gallery-pane .wbc-card",
+             "EOS/NEU": ".wbc-eos-table div.tabulator", "Launch": ".wbc-l-start button"}
+    for tab, sel in ready.items():
+        open_tab(page, tab)
+        expect(page.locator(sel).first).to_be_visible()
+        assert_no_script_ran(page, dialogs, tab)
+    open_tab(page, "Overview")
+    expect(page.locator(".wbc-run-notes div").first).to_contain_text(XSS_IMG)
+    open_tab(page, "Metrics")
+    expect(page.locator(".wbc-metrics-table .tabulator-col-title", has_text=XSS_VARIANT).first).to_be_visible()
+    open_tab(page, "Errors")
+    page.locator(".wbc-gallery-pane .wbc-card").first.click()
+    expect(page.locator(".wbc-detail .wbc-large img").first).to_be_visible()
+    assert_no_script_ran(page, dialogs, "Errors detail")
+
+    open_tab(page, "Launch")  # a study running elsewhere (progress and id are payloads), a typed payload path
+    expect(page.locator(".wbc-l-elsewhere div").first).to_contain_text(XSS_IMG)
+    box = page.locator(".wbc-l-data-path input")
+    box.fill("/" + XSS_IMG)
+    box.press("Enter")
+    expect(page.locator(".wbc-l-path-note div").first).to_contain_text(XSS_IMG)
+    page.locator(".wbc-l-start button").click()
+    expect(page.locator(".wbc-l-message div").first).to_contain_text("Not started")
+    assert_no_script_ran(page, dialogs, "Launch")
+    page.screenshot(path=str(artifacts_dir / "dashboard-xss-02-launch.png"), full_page=True)
+
+    for rid in (store["failed"], store["live"]):  # the banners of a failed (payload status) and a running run
+        page.locator(".wbc-run-select select").select_option(rid)
+        open_tab(page, "Overview")
+        expect(page.locator(".wbc-run-banner div").first).to_be_visible()
+        assert_no_script_ran(page, dialogs, f"Overview of {rid}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import panel as pn
 
+from dashboard.safe import esc
+
 
 # One colour per variant on every page (bars, curves), so a variant is recognised at a glance.
 VARIANT_COLORS = {"original": "#4c78a8", "realesrgan-x4plus": "#e45756", "realesr-animevideov3": "#f58518",
@@ -24,17 +26,25 @@ def variant_colors(variants) -> dict:
 
 def color_key(variants) -> pn.pane.HTML:
     """A legend line: a coloured square and the name of each variant."""
-    import html
-
     spans = "".join(f'<span style="margin-right:14px"><span style="display:inline-block;width:11px;height:11px;'
-                    f'background:{variant_color(v)};margin-right:5px;vertical-align:-1px"></span>{html.escape(str(v))}'
+                    f'background:{variant_color(v)};margin-right:5px;vertical-align:-1px"></span>{esc(v)}'
                     f'</span>' for v in variants)
     return pn.pane.HTML(f'<div style="font-size:13px">{spans}</div>', css_classes=["wbc-color-key"])
 
 
+def escaped_titles(df) -> dict:
+    """Tabulator ``titles`` for a frame whose column names come from the data (Tabulator shows titles as HTML)."""
+    return {c: esc(c) for c in df.columns}
+
+
+def warnings_md(warnings) -> str:
+    """A Markdown list of the warnings (they name run folders and quote errors: escaped)."""
+    return "\n".join(f"* {esc(w)}" for w in warnings if w)
+
+
 def warnings_alert(warnings) -> pn.pane.Alert:
     ws = [w for w in warnings if w]
-    return pn.pane.Alert("\n".join(f"* {w}" for w in ws), alert_type="warning", visible=bool(ws),
+    return pn.pane.Alert(warnings_md(ws), alert_type="warning", visible=bool(ws),
                          css_classes=["wbc-warning"], sizing_mode="stretch_width")
 
 
@@ -65,18 +75,14 @@ def fmt_eta(s) -> str:
 
 
 def progress_summary(prog: dict, default: str = "starting") -> str:
-    """What a run's progress.json says it is doing, HTML-escaped: 'enhancing with X, 39%'."""
-    import html
-
-    what = html.escape(str(prog.get("message") or prog.get("stage") or default))
+    """What a run's progress.json says it is doing, escaped: 'enhancing with X, 39%'."""
+    what = esc(prog.get("message") or prog.get("stage") or default)
     pct = prog.get("percent")
     return what + (f", {pct:.0f}%" if isinstance(pct, (int, float)) else "")
 
 
 def run_banner(state, run_id) -> tuple[pn.pane.Alert | None, bool]:
     """(a banner for a run that is not finished, whether its results can be shown at all)."""
-    import html
-
     from core.store import Run
     from dashboard.data import read_meta
 
@@ -87,7 +93,7 @@ def run_banner(state, run_id) -> tuple[pn.pane.Alert | None, bool]:
     status = meta.get("status", "unknown")
     if status == "finished":
         return None, True
-    rid = html.escape(str(run_id))
+    rid = esc(run_id)
     if status in ("running", "queued"):
         prog = Run(rd).read_progress()
         eta = fmt_eta(prog.get("eta_s")) if prog.get("eta_s") else None
@@ -95,8 +101,8 @@ def run_banner(state, run_id) -> tuple[pn.pane.Alert | None, bool]:
                 + (f", about {eta} left" if eta else "")
                 + ". Its results appear here when it finishes (press Refresh on the Runs page).")
         return pn.pane.Alert(text, alert_type="info", css_classes=["wbc-run-banner"], sizing_mode="stretch_width"), False
-    err = html.escape(str(meta.get("error") or ""))[:300]
-    text = f"Run <code>{rid}</code> is {html.escape(str(status))}" + (f": {err}" if err else "") + \
+    err = esc(str(meta.get("error") or "")[:300])  # cut before escaping: no half entities
+    text = f"Run <code>{rid}</code> is {esc(status)}" + (f": {err}" if err else "") + \
         ". What it stored before stopping is shown below."
     return pn.pane.Alert(text, alert_type="warning", css_classes=["wbc-run-banner"], sizing_mode="stretch_width"), True
 

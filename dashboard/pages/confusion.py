@@ -11,6 +11,7 @@ from core.config import CLASS_ABBR, CLASSES
 
 from dashboard.data import confusion_counts, load_table, run_variants
 from dashboard.pages.common import gated, no_run, warnings_alert
+from dashboard.safe import esc
 
 ABBR_TO_CLASS = {v: k for k, v in CLASS_ABBR.items()}
 
@@ -38,6 +39,13 @@ def heatmap(m: pd.DataFrame, variant: str, normalise: bool) -> hv.Overlay:
     return hm, labels
 
 
+def css_name(variant) -> str:
+    """A variant name as a CSS class token (a stored name may hold spaces or markup)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_-]", "_", str(variant))
+
+
 def view(state) -> pn.viewable.Viewable:
     normalise = pn.widgets.RadioButtonGroup(options=["counts", "row-normalised"], value="counts",
                                             css_classes=["wbc-conf-norm"], button_type="primary",
@@ -55,7 +63,8 @@ def view(state) -> pn.viewable.Viewable:
         variants = [v for v in run_variants(rd) if (not conf.empty and v in set(conf["variant"])) or
                     (not pred.empty and v in set(pred["variant"]))]
         if not variants:
-            return pn.Column(warnings_alert([w1, w2]), pn.pane.Markdown(f"No confusion data in run `{run_id}`."))
+            return pn.Column(warnings_alert([w1, w2]),
+                             pn.pane.Markdown(f"No confusion data in run <code>{esc(run_id)}</code>."))
         plots = []
         for v in variants:
             m = confusion_counts(conf, pred, v)
@@ -73,9 +82,9 @@ def view(state) -> pn.viewable.Viewable:
                     state.show_errors(variant, true_c, pred_c)
 
             tap.add_subscriber(on_tap)
-            css = ["wbc-confusion", f"wbc-confusion-{v}"] if main else ["wbc-confusion-compare"]
+            css = ["wbc-confusion", f"wbc-confusion-{css_name(v)}"] if main else ["wbc-confusion-compare"]
             plots.append(pn.pane.HoloViews(hm * labels, css_classes=css, width=360, height=360, linked_axes=False))
-        title = pn.pane.Markdown(f"#### {'Run' if main else 'Compared with'} `{run_id}`")
+        title = pn.pane.Markdown(f"#### {'Run' if main else 'Compared with'} <code>{esc(run_id)}</code>")
         return pn.Column(warnings_alert([w1, w2]), title, pn.FlexBox(*plots), sizing_mode="stretch_width")
 
     def render(run_id, compare_run_id, norm, _refresh):

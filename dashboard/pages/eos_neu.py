@@ -12,6 +12,7 @@ from core.config import CLASS_ABBR
 from dashboard.data import load_table, run_variants
 from dashboard.gallery import Gallery, gallery_items
 from dashboard.pages.common import gated, no_run, variant_colors, warnings_alert
+from dashboard.safe import esc
 
 EOS, NEU = "eosinophil", "neutrophil"
 KEY = ["image_id", "seed", "image_size"]
@@ -71,9 +72,9 @@ def view(state) -> pn.viewable.Viewable:
                 f = f[f.true_label_base.isin([EOS, NEU])]
             summary = f.groupby("flip").size().to_dict()
             parts.append(pn.pane.Markdown(
-                f"### Verdict flips: {base} vs {other}\n" +
-                "\n".join(f"* {k}: **{n}**" for k, n in summary.items()) if summary else
-                f"### Verdict flips: {base} vs {other}\nNo image changes verdict."))
+                f"### Verdict flips: {esc(base)} vs {esc(other)}\n" +
+                "\n".join(f"* {esc(k)}: **{n}**" for k, n in summary.items()) if summary else
+                f"### Verdict flips: {esc(base)} vs {esc(other)}\nNo image changes verdict."))
             for kind, g in f.groupby("flip", sort=True):
                 g = g.head(24)
                 rows = pd.DataFrame({
@@ -87,13 +88,15 @@ def view(state) -> pn.viewable.Viewable:
                 items = gallery_items(rows, runs_dir=state.runs_dir, label_variant=False)
                 for it, cb, co in zip(items, g.confidence_base, g.confidence_other):
                     it["probs"] = f"confidence {cb:.2f} \u2192 {co:.2f}"
-                parts += [pn.pane.Markdown(f"**{kind}** ({len(f[f.flip == kind])}, first 24 shown; "
-                                           f"captions: true class: prediction with {base} \u2192 with {other})"),
+                parts += [pn.pane.Markdown(f"**{esc(kind)}** ({len(f[f.flip == kind])}, first 24 shown; "
+                                           f"captions: true class: prediction with {esc(base)} \u2192 with "
+                                           f"{esc(other)})"),
                           Gallery(items=items, sizing_mode="stretch_width", css_classes=["wbc-flip-gallery"])]
         return pn.Column(*parts, sizing_mode="stretch_width")
 
     def main_only(compare_run_id):
-        return pn.pane.Markdown(f"Showing the main run only (not `{compare_run_id}`): verdict flips are between the "
+        return pn.pane.Markdown(f"Showing the main run only (not <code>{esc(compare_run_id)}</code>): verdict flips "
+                                "are between the "
                                 "variants of one run." if compare_run_id else "", css_classes=["wbc-eos-main-only"])
 
     return pn.Column(pn.Row(only, pn.bind(main_only, state.param.compare_run_id)),

@@ -3,7 +3,6 @@ original and the enhanced image side by side; a click on a card shows both large
 
 from __future__ import annotations
 
-import html
 import time
 
 import numpy as np
@@ -14,7 +13,8 @@ from core.config import CLASSES, PROB_COLUMNS
 
 from dashboard.data import LARGE_SIZE, load_table, run_variants, thumbnail_uri, warm_thumbnails
 from dashboard.gallery import Gallery, gallery_items
-from dashboard.pages.common import run_banner, warnings_alert
+from dashboard.pages.common import run_banner, warnings_alert, warnings_md
+from dashboard.safe import esc
 from dashboard.state import ANY
 
 PAGE_SIZE = 24
@@ -74,15 +74,16 @@ def detail_view(row: dict, runs_dir) -> pn.viewable.Viewable:
         img = (f'<img src="{uri}" style="width:{LARGE_SIZE}px;height:{LARGE_SIZE * 3 // 4}px;object-fit:contain;'
                f'background:#eee">' if uri
                else '<div style="color:#999">not available</div>')
-        return pn.pane.HTML(f"<div style='margin-right:12px'><b>{label}</b><br>{img}</div>", css_classes=["wbc-large"])
+        return pn.pane.HTML(f"<div style='margin-right:12px'><b>{esc(label)}</b><br>{img}</div>",
+                            css_classes=["wbc-large"])
 
     probs = "".join(
         f"<tr><td>{c}</td><td><div style='background:#4c78a8;height:10px;width:{int(200 * float(row[p]))}px'></div></td>"
         f"<td>{float(row[p]):.3f}</td></tr>" for c, p in zip(CLASSES, PROB_COLUMNS) if p in row)
     info = pn.pane.HTML(
-        f"<b>{html.escape(str(row.get('image_id')))}</b><br>variant <b>{html.escape(str(row['variant']))}</b>, "
-        f"seed {row['seed']}, size {row['image_size']}<br>true <b>{row['true_label']}</b>, predicted "
-        f"<b>{row['pred_label']}</b><table>{probs}</table>", css_classes=["wbc-detail-info"])
+        f"<b>{esc(row.get('image_id'))}</b><br>variant <b>{esc(row['variant'])}</b>, "
+        f"seed {esc(row['seed'])}, size {esc(row['image_size'])}<br>true <b>{esc(row['true_label'])}</b>, predicted "
+        f"<b>{esc(row['pred_label'])}</b><table>{probs}</table>", css_classes=["wbc-detail-info"])
     imgs = [big(row.get("path"), "original")]
     if isinstance(row.get("enhanced_path"), str):
         imgs.append(big(row.get("enhanced_path"), f"enhanced ({row.get('enhanced_from') or row['variant']})"))
@@ -114,7 +115,7 @@ def view(state) -> pn.viewable.Viewable:
         rid = state.run_id
         df, ws = load_errors(state, rid) if rid else (pd.DataFrame(), [])
         cache.update(run=rid, df=df)
-        warn.object = "\n".join(f"* {w}" for w in ws if w)
+        warn.object = warnings_md(ws)
         warn.visible = any(ws)
         b, _ = run_banner(state, rid)
         banner.objects = [b] if b is not None else []

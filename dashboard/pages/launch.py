@@ -3,7 +3,6 @@ progress, ETA and log tail, a cancel button, and the new run when it is done."""
 
 from __future__ import annotations
 
-import html
 import os
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ import panel as pn
 
 from dashboard.jobs import MANAGER, running_elsewhere
 from dashboard.pages.common import fmt_eta, progress_summary
+from dashboard.safe import esc
 from dashboard.security import PathNotAllowed, data_roots, resolve_under, safe_data_folder
 
 AUTO_TEST = "(automatic: TEST / TEST_SIMPLE of the data)"
@@ -46,6 +46,23 @@ def test_folders(data_folder: str) -> list[str]:
     except OSError:
         return []
     return [str(p) for k, p in dirs.items() if k != "TRAIN"]
+
+
+def allowed_test_folders(folder: str) -> tuple[list[str], str | None]:
+    """The test folders of a data folder, which is checked against the data roots before it is scanned (a typed
+    '/' lists nothing): (its test folders under a data root, None), or ([], why the folder is refused)."""
+    try:
+        data = safe_data_folder(folder)
+    except PathNotAllowed as e:
+        return [], str(e)
+    out = []
+    for t in test_folders(str(data)):
+        try:
+            resolve_under(t, data_roots(), "test folder")
+            out.append(t)
+        except PathNotAllowed:
+            continue
+    return out, None
 
 
 def build_args(values: dict) -> list[str]:
@@ -116,10 +133,12 @@ def view(state) -> pn.viewable.Viewable:
                        styles={"font-family": "monospace", "font-size": "12px", "background": "#f7f7f7"})
     open_run = pn.widgets.Button(name="Open the new run", button_type="success", visible=False,
                                  css_classes=["wbc-l-open"])
+    path_note = pn.pane.Alert("", alert_type="warning", visible=False, css_classes=["wbc-l-path-note"],
+                              sizing_mode="stretch_width")
     roots_md = pn.pane.Markdown(
         ("Allowed data roots (from `WBC_DATA_ROOTS`):\n\n" if os.environ.get("WBC_DATA_ROOTS") else
-         "Allowed data roots (the data root found; set `WBC_DATA_ROOTS` to change):\n\n") + (", ".join(f"`{r}`" for r in data_roots()) or
-                                                       "**none** — set `WBC_DATA_ROOTS` to launch studies"),
+         "Allowed data roots (the data root found; set `WBC_DATA_ROOTS` to change):\n\n") + (
+            ", ".join(f"<code>{esc(r)}</code>" for r in data_roots()) or "**none** — set `WBC_DATA_ROOTS` to launch studies"),
         sizing_mode="stretch_width")
 
     def apply_preset(*_):
@@ -137,8 +156,12 @@ def view(state) -> pn.viewable.Viewable:
         w["split"].value = p.get("split", "grouped")
 
     def update_tests(*_):
-        folder = w["data_path"].value.strip() or w["data"].value
-        opts = [AUTO_TEST] + (test_folders(folder) if folder else [])
+        typed = w["data_path"].value.strip()
+        folder = typed or w["data"].value
+        found, why = allowed_test_folders(folder) if folder else ([], None)
+        path_note.object = f"Data folder not usable: {esc(why)}" if typed and why else ""
+        path_note.visible = bool(typed and why)
+        opts = [AUTO_TEST] + found
         w["test"].options = opts
         if w["test"].value not in opts:
             w["test"].value = AUTO_TEST
@@ -162,19 +185,19 @@ def view(state) -> pn.viewable.Viewable:
             if not w["variants"].value:
                 raise ValueError("choose at least one variant")
         except (PathNotAllowed, ValueError) as e:
-            say(f"Not started: {html.escape(str(e))}", "danger")
+            say(f"Not started: {esc(e)}", "danger")
             return
         values = {k: x.value for k, x in w.items()}
         values.update(data=str(data), test_dir=test)
         job, msg = MANAGER.launch(build_args(values), state.runs_dir, preset=values["preset"])
         if job is None:
-            say(msg, "warning")
+            say(esc(msg), "warning")
             return
-        say(f"{msg}: `{' '.join(job.argv[1:])}`", "info")
+        say(f"{esc(msg)}: <code>{esc(' '.join(job.argv[1:]))}</code>", "info")
         poll()
 
     def on_cancel(_):
-        say(MANAGER.cancel(), "warning")
+        say(esc(MANAGER.cancel()), "warning")
         poll()
 
     seen = {"job": None, "done": False, "appeared": False}
@@ -189,7 +212,7 @@ def view(state) -> pn.viewable.Viewable:
         if ticks["n"] % 5 == 1:  # every 5 s: studies in this store that this dashboard did not start
             others = running_elsewhere(state.runs_dir, exclude=job.run_id if job else None)
             elsewhere.object = "".join(
-                f"A study started elsewhere is running in this store: <code>{html.escape(rid)}</code> — "
+                f"A study started elsewhere is running in this store: <code>{esc(rid)}</code> — "
                 f"{progress_summary(pr)}. A study started here would share the machine with it.<br>"
                 for rid, pr in others)
             elsewhere.visible = bool(others)
@@ -212,10 +235,11 @@ def view(state) -> pn.viewable.Viewable:
         elapsed = (job.ended or time.time()) - job.started
         step = f" {prog['stage_index']}/{prog['stages']}" if prog.get("stage_index") and prog.get("stages") else ""
         pct_txt = f" · {pct:.0f}%" if isinstance(pct, (int, float)) else ""
-        stage.object = (f"**{job.run_id}** — **{s}** · stage{step}: {prog.get('stage') or 'starting'} "
-                        f"({prog.get('done', 0)}/{prog.get('total', '?')}){pct_txt} · {prog.get('message', '')} · "
+        stage.object = (f"**{esc(job.run_id)}** — **{esc(s)}** · stage{esc(step)}: "
+                        f"{esc(prog.get('stage') or 'starting')} ({esc(prog.get('done', 0))}/"
+                        f"{esc(prog.get('total', '?'))}){pct_txt} · {esc(prog.get('message', ''))} · "
                         f"ETA {fmt_eta(prog.get('eta_s')) if running else '—'} · elapsed {fmt_eta(elapsed)}")
-        log.object = "<pre style='margin:0;white-space:pre-wrap'>" + html.escape("\n".join(job.log_tail(15))) + "</pre>"
+        log.object = "<pre style='margin:0;white-space:pre-wrap'>" + esc("\n".join(job.log_tail(15))) + "</pre>"
         if not seen["appeared"] and (job.run.path / "run.json").exists():
             seen["appeared"] = True
             state.refresh += 1
@@ -228,10 +252,10 @@ def view(state) -> pn.viewable.Viewable:
             if s == "failed":
                 try:
                     err = job.run.read_meta().get("error") or {}
-                    extra = f": {html.escape(str(err.get('message', '')))}"
+                    extra = f": {esc(err.get('message', ''))}"
                 except Exception:
                     extra = f" (exit code {job.returncode})"
-            say(f"Study {job.run_id} {s}{extra}.", kind)
+            say(f"Study {esc(job.run_id)} {esc(s)}{extra}.", kind)
             open_run.name = f"Open {job.run_id}"
             open_run.visible = (job.run.path / "run.json").exists()
 
@@ -263,7 +287,7 @@ def view(state) -> pn.viewable.Viewable:
     form = pn.Column(
         pn.pane.Markdown("### Start a study"), roots_md,
         pn.Row(w["preset"], w["classifier"], w["pretrained"]),
-        w["data"], w["data_path"], w["test"], w["variants"],
+        w["data"], w["data_path"], path_note, w["test"], w["variants"],
         pn.Row(w["epochs"], w["per_class"], w["test_per_class"]),
         pn.Row(w["image_size"], w["seed"], w["split"], w["device"]),
         pn.Row(w["precision"]),

@@ -9,7 +9,9 @@ import panel as pn
 from core.config import CLASSES
 
 from dashboard.data import load_table, run_variants
-from dashboard.pages.common import color_key, gated, no_run, variant_color, variant_colors, warnings_alert
+from dashboard.pages.common import (color_key, escaped_titles, gated, no_run, variant_color, variant_colors,
+                                    warnings_alert)
+from dashboard.safe import esc
 
 METRICS = ["precision", "recall", "f1"]
 
@@ -46,7 +48,7 @@ def view(state) -> pn.viewable.Viewable:
             return no_run()
         parts = [render_run(run_id, metric)]
         if compare_run_id and compare_run_id != run_id:
-            parts += [pn.layout.Divider(), pn.pane.Markdown(f"### Compared with `{compare_run_id}`"),
+            parts += [pn.layout.Divider(), pn.pane.Markdown(f"### Compared with <code>{esc(compare_run_id)}</code>"),
                       render_run(compare_run_id, metric)]
         return pn.Column(*parts, sizing_mode="stretch_width")
 
@@ -60,6 +62,7 @@ def view(state) -> pn.viewable.Viewable:
             parts.append(pn.pane.Markdown("No metrics.parquet in this run."))
         else:
             cls = m[m["label"].isin(CLASSES)]
+            table = paper_table(m)
             bars = hv.Bars(cls, ["label", "variant"], metric).opts(
                 multi_level=False, responsive=True, height=320, tools=["hover"], ylim=(0, 1.05),
                 title=f"{metric} per class and variant", xlabel="class", ylabel=metric, legend_position="bottom_right",
@@ -67,7 +70,7 @@ def view(state) -> pn.viewable.Viewable:
             parts += [color_key(list(dict.fromkeys(cls["variant"]))),
                       pn.pane.HoloViews(bars, sizing_mode="stretch_width", height=340),
                       pn.pane.Markdown("#### Per-class metrics (mean over seeds)"),
-                      pn.widgets.Tabulator(paper_table(m), show_index=False, disabled=True,
+                      pn.widgets.Tabulator(table, show_index=False, disabled=True, titles=escaped_titles(table),
                                            sizing_mode="stretch_width", css_classes=["wbc-metrics-table"])]
         if hist.empty:
             parts.append(pn.pane.Markdown("No training history in this run."))

@@ -11,6 +11,7 @@ import panel as pn
 
 from dashboard.data import accuracy_from_predictions, load_table, read_meta
 from dashboard.pages.common import gated, fmt_p, no_run, warnings_alert
+from dashboard.safe import esc
 
 
 def accuracy_table(state, run_id) -> tuple[pd.DataFrame, pd.DataFrame, list]:
@@ -135,17 +136,17 @@ def view(state) -> pn.viewable.Viewable:
         meta, _ = read_meta(state.run_dir(run_id))
         notes = list(meta.get("notes") or (meta.get("config") or {}).get("notes") or [])
         parts = [warnings_alert(warnings),
-                 pn.pane.Alert("\n".join(f"* {n}" for n in notes), alert_type="info", visible=bool(notes),
+                 pn.pane.Alert("\n".join(f"* {esc(n)}" for n in notes), alert_type="info", visible=bool(notes),
                                css_classes=["wbc-run-notes"], sizing_mode="stretch_width"),
-                 pn.pane.Markdown(f"### Accuracy — `{run_id}`" + (f" vs `{compare_run_id}`" if compare_run_id else "")),
+                 pn.pane.Markdown(f"### Accuracy — <code>{esc(run_id)}</code>" + (f" vs <code>{esc(compare_run_id)}</code>" if compare_run_id else "")),
                  pn.Row(pn.pane.HoloViews(plot, sizing_mode="stretch_width", height=340), sizing_mode="stretch_width"),
                  table]
         if len(paired):
             diff = paired.copy()
             lines = []
             for d in diff.to_dict("records"):
-                where = f"`{d['run']}`: " if "run" in d else ""
-                lines.append(f"* {where}**{d['variant']}** vs {d['baseline']} (seed {d['seed']}): "
+                where = f"<code>{esc(d['run'])}</code>: " if "run" in d else ""
+                lines.append(f"* {where}**{esc(d['variant'])}** vs {esc(d['baseline'])} (seed {esc(d['seed'])}): "
                              f"{d['accuracy diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], "
                              f"McNemar p = {d['McNemar p']}")
             parts += [pn.pane.Markdown("### Difference between variants (paired, same test images)\n" + "\n".join(lines)),
@@ -155,7 +156,7 @@ def view(state) -> pn.viewable.Viewable:
                                                        for c in ["accuracy diff", "ci_low", "ci_high"]})]
         elif len(acc) > 1:
             base = acc.iloc[0]
-            lines = [f"* **{r.variant}** − {base['variant']}: {r.accuracy - base['accuracy']:+.4f} (no paired test stored)"
+            lines = [f"* **{esc(r.variant)}** − {esc(base['variant'])}: {r.accuracy - base['accuracy']:+.4f} (no paired test stored)"
                      for r in acc.iloc[1:].itertuples()]
             parts.append(pn.pane.Markdown("### Difference between variants\n" + "\n".join(lines)))
         prov = provenance_table(meta)
@@ -163,9 +164,9 @@ def view(state) -> pn.viewable.Viewable:
             clf = (meta.get("weights") or {}).get("classifier") or {}
             cfg = meta.get("config") or {}
             parts += [pn.pane.Markdown(
-                          f"### How each variant was made — `{run_id}`\nClassifier `{cfg.get('classifier', '?')}`, "
-                          f"weights: {clf.get('source', cfg.get('pretrained', '?'))}"
-                          + (f" (sha256 `{clf['sha256'][:16]}`)" if clf.get("sha256") else "")),
+                          f"### How each variant was made — <code>{esc(run_id)}</code>\nClassifier <code>{esc(cfg.get('classifier', '?'))}</code>, "
+                          f"weights: {esc(clf.get('source', cfg.get('pretrained', '?')))}"
+                          + (f" (sha256 <code>{esc(str(clf['sha256'])[:16])}</code>)" if clf.get("sha256") else "")),
                       pn.widgets.Tabulator(prov, show_index=False, disabled=True, sizing_mode="stretch_width",
                                            css_classes=["wbc-provenance-table"])]
         return pn.Column(*parts, sizing_mode="stretch_width")

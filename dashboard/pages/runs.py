@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import html
-
 import panel as pn
 
 import pandas as pd
 
 from dashboard.data import list_runs, load_table, read_meta
-from dashboard.pages.common import fmt_p, warnings_alert
+from dashboard.pages.common import fmt_p, warnings_alert, warnings_md
+from dashboard.safe import esc
 
 COLUMNS = ["run_id", "status", "preset"]  # then accuracy and Δ (the columns read most), then AFTER
 AFTER = ["variants", "classifier", "test_set"]
@@ -32,7 +31,7 @@ def _acc_cells(state, df: pd.DataFrame, accs: list[str]) -> tuple[pd.DataFrame, 
             for v, g in p.groupby("variant", sort=False):
                 pv = g["p_value"].dropna()
                 ptxt_p = fmt_p(pv.iloc[0]) if len(pv) == 1 else f"{fmt_p(pv.min())}\u2013{fmt_p(pv.max())}"
-                parts.append(f"{v}: {g['estimate'].mean():+.3f} (p={ptxt_p})")
+                parts.append(f"{esc(v)}: {g['estimate'].mean():+.3f} (p={ptxt_p})")
             ptxt = "; ".join(parts)
         paired_col.append(ptxt)
         for col in accs:
@@ -58,13 +57,13 @@ def runs_frame(state):
     for i in range(len(out)):
         order = str(out["variants"].iloc[i] or "").split(",")
         vs = sorted(accs, key=lambda c: order.index(c[4:]) if c[4:] in order else len(order))
-        cells.append("<br>".join(f"{html.escape(c[4:])}: {out[c].iloc[i]}" for c in vs if out[c].iloc[i]))
+        cells.append("<br>".join(f"{esc(c[4:])}: {esc(out[c].iloc[i])}" for c in vs if out[c].iloc[i]))
     out = out.drop(columns=accs)
     out.insert(len(COLUMNS), "accuracy [95% CI]", cells)
     out.insert(len(COLUMNS) + 1, "Δ vs baseline (McNemar p)", ["<br>".join(p.split("; ")) for p in paired])
     out["error"] = out["error"].fillna("").astype(str).str.slice(0, 80)
     out["warning"] = out["warning"].fillna("").astype(str).str.slice(0, 120)
-    out["status"] = [f'<span style="{_style_status(s)}">{s}</span>' for s in out["status"].astype(str)]
+    out["status"] = [f'<span style="{_style_status(s)}">{esc(s)}</span>' for s in out["status"].astype(str)]
     return out
 
 
@@ -122,7 +121,7 @@ def view(state) -> pn.viewable.Viewable:
         table.value = df
         bad = df[df["status"].str.contains(">unreadable<", regex=False)]
         ws = [f"{r.run_id}: unreadable run folder ({r.warning})" for r in bad.itertuples()]
-        warn.object = "\n".join(f"* {w}" for w in ws)
+        warn.object = warnings_md(ws)
         warn.visible = bool(ws)
         sync_selection()
 
@@ -154,26 +153,28 @@ def view(state) -> pn.viewable.Viewable:
                 continue
             meta, w = read_meta(state.run_dir(rid))
             if w:
-                items.append(pn.pane.Alert(f"**{role} {rid}**: {w}", alert_type="warning"))
+                items.append(pn.pane.Alert(f"**{role} <code>{esc(rid)}</code>**: {esc(w)}", alert_type="warning"))
                 continue
             cfg = meta.get("config") or {}
-            txt = (f"**{role}: `{rid}`** — status **{meta.get('status')}**, preset {cfg.get('preset')}, "
-                   f"{cfg.get('classifier')} ({cfg.get('pretrained')}), variants {', '.join(cfg.get('variants', []))}, "
-                   f"epochs {cfg.get('epochs')}, seeds {cfg.get('seeds')}, test set "
-                   f"{(meta.get('data') or {}).get('test_source')}, device {meta.get('device')}")
+            txt = (f"**{role}: <code>{esc(rid)}</code>** — status **{esc(meta.get('status'))}**, preset "
+                   f"{esc(cfg.get('preset'))}, {esc(cfg.get('classifier'))} ({esc(cfg.get('pretrained'))}), variants "
+                   f"{esc(', '.join(map(str, cfg.get('variants') or [])))}, epochs {esc(cfg.get('epochs'))}, seeds "
+                   f"{esc(cfg.get('seeds'))}, test set {esc((meta.get('data') or {}).get('test_source'))}, device "
+                   f"{esc(meta.get('device'))}")
             items.append(pn.pane.Markdown(txt, sizing_mode="stretch_width"))
             err = meta.get("error")
             if err:
-                tb = html.escape(str(err.get("traceback") or ""))
+                err = err if isinstance(err, dict) else {"type": "error", "message": err}
+                tb = esc(err.get("traceback") or "")
                 items.append(pn.pane.Alert(
-                    f"**Run failed: {html.escape(str(err.get('type')))}: {html.escape(str(err.get('message')))}**"
+                    f"**Run failed: {esc(err.get('type'))}: {esc(err.get('message'))}**"
                     f"<details><summary>traceback</summary><pre>{tb}</pre></details>",
                     alert_type="danger", css_classes=["wbc-run-error"], sizing_mode="stretch_width"))
             if meta.get("skipped"):
                 items.append(pn.pane.Markdown(f"{len(meta['skipped'])} unreadable image(s) were skipped."))
         if state.run_id and state.compare_run_id:
             diff = config_diff(read_meta(state.run_dir(state.run_id))[0], read_meta(state.run_dir(state.compare_run_id))[0])
-            rows = "\n".join(f"| {k} | `{html.escape(a)}` | `{html.escape(b)}` |" for k, a, b in diff)
+            rows = "\n".join(f"| {esc(k)} | <code>{esc(a)}</code> | <code>{esc(b)}</code> |" for k, a, b in diff)
             items.append(pn.pane.Markdown(
                 "**What differs between the two runs**\n\n| setting | main | compared |\n|---|---|---|\n" + rows
                 if diff else "**The two runs have the same settings, weights and versions.**",

@@ -1,0 +1,27 @@
+"""The one escaping helper: every value read from disk goes through ``esc`` before it reaches HTML.
+
+Run folder names, run.json fields (status, notes, error, paths, device, ...), progress and log lines and the
+strings in the Parquet tables (variant names, labels) are data, not markup: a store written by someone else, or
+a damaged one, must not run script in the browser. ``esc`` HTML-escapes the value (``& < > " '``) and replaces
+the characters Markdown gives a meaning to (emphasis, code, links / images, tables, headings, math) with
+numeric character references, so its result shows as the same plain text in an HTML pane, a Markdown or Alert
+pane, a Tabulator ``html`` cell or column title, and the gallery's captions.
+
+In Markdown, wrap an escaped value in ``<code>…</code>``, not in backticks: a code span would show the
+references themselves. Widgets that take plain text (Select options, Button names) need no escaping and must
+not get it (they would show ``&lt;``).
+"""
+
+from __future__ import annotations
+
+import html
+
+# quotes (html.escape's own would add '#'), then what markdown-it (gfm-like: tables, strikethrough, footnotes,
+# emoji) and MathJax give a meaning to. Applied in one pass after html.escape(quote=False), whose output holds
+# none of these characters.
+_REFS = {ord(c): f"&#{ord(c)};" for c in "\"'\\`*_[]()!#|~$:^{}"}
+
+
+def esc(value) -> str:
+    """``value`` as text that no HTML or Markdown renderer interprets (``None`` is ``'None'``)."""
+    return html.escape(str(value), quote=False).translate(_REFS)
