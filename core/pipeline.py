@@ -25,6 +25,7 @@ from core.engine import Cancelled, TrainSettings, fit, load_images, predict, res
 from core.enhance import create_enhancer, enhance_to_cache, get_enhancer_spec
 from core.metrics import confusion_rows, metrics_rows, predictions_frame
 from core.models import create_classifier, get_classifier_spec
+from core.regions import add_regions, box_of, margin_for
 from core.store import Run, RunStore, now_iso
 
 OnProgress = Callable[[dict], None]
@@ -88,6 +89,12 @@ class StudyData:
     test_source: str
     manifest: D.Manifest
     enhanced: dict[str, dict[str, str]] = field(default_factory=dict)  # variant -> sha1 -> cached path
+    policy: str = "full"  # the input policy the regions were cut for
+
+
+def decoded_size(policy: str, size: int) -> int:
+    """Pixels decoded for a ``size`` view: the region plus the policy's margin for jitter."""
+    return int(round(size * margin_for(policy)))
 
 
 # ---------------------------------------------------------------- stages
@@ -103,12 +110,18 @@ def prepare_data(cfg: StudyConfig, prog: Progress) -> StudyData:
         test, source = man.split("TEST"), "TEST" if cfg.test_dir is None else f"TEST ({cfg.test_dir})"
     elif "TEST_SIMPLE" in man.split_dirs:
         test, source = man.split("TEST_SIMPLE"), "TEST_SIMPLE"
-    else:  # no test folder at all: hold out 20% of TRAIN, by source cell
-        train, test = _split(train, 0.2, seed0 + 10_000, cfg, prog)
-        source = "TRAIN held-out (20%)"
+    else:  # no test folder at all: hold out 20% of TRAIN by source cell, whatever --split says
+        train, test = _grouped_split(train, 0.2, seed0 + 10_000, cfg, prog)
+        source = "TRAIN held-out (20%, by source cell)"
     pool = D.subset_per_class(train, cfg.per_class, seed0)
     test = D.subset_per_class(test, cfg.test_per_class, seed0)
-    return StudyData(pool=pool, test=test, test_source=source, manifest=man)
+    if test.empty:
+        raise ValueError(f"no test images: {source} is empty (each class has a single source group?); "
+                         f"pass --test-dir DIR")
+    pool, test = (add_regions(df, cfg.input_policy, cfg.crop) for df in (pool, test))
+    notes = int((pool["region_note"] != "").sum() + (test["region_note"] != "").sum())
+    prog.run.log(f"input policy {cfg.input_policy}: {notes} of {len(pool) + len(test)} images fell back")
+    return StudyData(pool=pool, test=test, test_source=source, manifest=man, policy=cfg.input_policy)
 
 
 def _groups(df: pd.DataFrame, cfg: StudyConfig, prog: Progress) -> np.ndarray:
@@ -121,6 +134,10 @@ def _groups(df: pd.DataFrame, cfg: StudyConfig, prog: Progress) -> np.ndarray:
 def _split(df: pd.DataFrame, fraction: float, seed: int, cfg: StudyConfig, prog: Progress):
     if cfg.split == "random":
         return D.random_split(df, fraction, seed)
+    return _grouped_split(df, fraction, seed, cfg, prog)
+
+
+def _grouped_split(df: pd.DataFrame, fraction: float, seed: int, cfg: StudyConfig, prog: Progress):
     if "group_id" not in df:
         df = df.assign(group_id=_groups(df, cfg, prog))
     return D.grouped_split(df, df["group_id"].to_numpy(), fraction, seed)
@@ -152,7 +169,8 @@ def enhance_variants(sd: StudyData, cfg: StudyConfig, enhancers: dict, prog: Pro
             continue
         prog.start(f"enhance:{v}", f"{len(images)} images with {v}")
         enh = enhancers[v]
-        res = enhance_to_cache(list(zip(images["path"], images["sha1"])), enh, _cache(cfg),
+        boxes = [None if cfg.input_policy == "full" else box_of(r) for _, r in images.iterrows()]
+        res = enhance_to_cache(list(zip(images["path"], images["sha1"], boxes)), enh, _cache(cfg),
                                batch_size=cfg.enhance_batch_size, fmt=cfg.enhance_format,
                                on_progress=prog.callback(f"enhancing with {v}"))
         prog.run.log(f"{v}: {res.made} made, {res.done_before} from cache, {len(res.errors)} errors")
@@ -168,7 +186,7 @@ class Decoded:
     """Every image of the study for one (variant, size), decoded once and shared by all seeds."""
 
     index: dict[str, int]  # sha1 -> row of x
-    x: torch.Tensor  # uint8 (N, 3, size, size)
+    x: torch.Tensor  # uint8 (N, 3, D, D): the region widened by the policy's margin; models see the centre
     files: list[str]  # the file read for each row
 
     def take(self, df: pd.DataFrame) -> tuple[pd.DataFrame, torch.Tensor, list[str]]:
@@ -179,13 +197,16 @@ class Decoded:
 
 
 def decode_variant(sd: StudyData, variant: str, size: int, prog: Progress) -> Decoded:
+    """Decode the policy's region of every image: cut from the original, or the cached enhanced region."""
     images = pd.concat([sd.pool, sd.test]).drop_duplicates("sha1")
     if variant in sd.enhanced:  # images whose enhancement failed are left out
         images = images[images["sha1"].isin(sd.enhanced[variant].keys())]
-        files = [sd.enhanced[variant][s] for s in images["sha1"]]
+        files, boxes = [sd.enhanced[variant][s] for s in images["sha1"]], None  # the file is the region
     else:
         files = list(images["path"])
-    x = load_images(files, size, on_progress=prog.callback("decoding images"))
+        boxes = None if sd.policy == "full" else [box_of(r) for _, r in images.iterrows()]
+    x = load_images(files, decoded_size(sd.policy, size), on_progress=prog.callback("decoding images"),
+                    boxes=boxes)
     return Decoded(index={s: i for i, s in enumerate(images["sha1"])}, x=x, files=files)
 
 
@@ -194,6 +215,9 @@ def train_and_evaluate(sd: StudyData, cfg: StudyConfig, variant: str, seed: int,
     """One model: split, fit, predict. Returns the tables for this (variant, seed, size)."""
     keys = {"variant": variant, "seed": seed, "image_size": size}
     train, val = _split(sd.pool, cfg.val_fraction, seed, cfg, prog)
+    if val.empty or train.empty:
+        raise ValueError(f"the {cfg.split} validation split left {len(train)} training and {len(val)} validation "
+                         f"images: every class has a single source group; use more images or --split random")
     (train, x_tr, _), (val, x_va, _) = decoded.take(train), decoded.take(val)
     test, x_te, te_files = decoded.take(sd.test)
     y = {name: np.array([CLASSES.index(c) for c in df["label"]]) for name, df in
@@ -203,10 +227,12 @@ def train_and_evaluate(sd: StudyData, cfg: StudyConfig, variant: str, seed: int,
     model, weights = create_classifier(cfg.classifier, len(CLASSES), cfg.pretrained)
     s = TrainSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr,
                       weight_decay=cfg.weight_decay, patience=cfg.patience, augment=cfg.augment,
-                      freeze_backbone=cfg.freeze_backbone, seed=seed)
+                      freeze_backbone=cfg.freeze_backbone, seed=seed, view=size,
+                      label_smoothing=cfg.label_smoothing, select_by=cfg.select_by)
     result = fit(model, spec.mean, spec.std, spec.head, x_tr, y["train"], x_va, y["val"], s, device,
                  on_progress=prog.callback("training"))
-    probs = predict(model, spec.mean, spec.std, x_te, device, batch_size=max(cfg.batch_size, 64))
+    probs = predict(model, spec.mean, spec.std, x_te, device, batch_size=max(cfg.batch_size, 64), view=size,
+                    tta=cfg.tta)
     enhanced = te_files if variant in sd.enhanced else [None] * len(test)
     pred = predictions_frame(keys, test, probs, enhanced)
     ckpt = prog.run.path / "checkpoints" / f"{variant}-s{seed}-{size}.pt"
@@ -215,13 +241,20 @@ def train_and_evaluate(sd: StudyData, cfg: StudyConfig, variant: str, seed: int,
                 "best_epoch": result["best_epoch"], "best_val_loss": result["best_val_loss"],
                 "classes": list(CLASSES)}, ckpt)
     acc = float(pred["correct"].mean()) if len(pred) else float("nan")
-    prog.run.log(f"{variant} seed {seed} {size}px: best epoch {result['best_epoch']}, test accuracy {acc:.3f} "
-                 f"({len(train)} train / {len(val)} val / {len(test)} test, {result['seconds']:.0f} s)")
+    prog.run.log(f"{variant} seed {seed} {size}px: best epoch {result['best_epoch']}, validation accuracy "
+                 f"{result['best_val_acc']:.3f}, test accuracy {acc:.3f} ({len(train)} train / {len(val)} val / "
+                 f"{len(test)} test, {result['seconds']:.0f} s)")
+    validation = pd.DataFrame([{**keys, "split": cfg.split, "leaky": cfg.split == "random",
+                                "best_epoch": result["best_epoch"], "selected_by": cfg.select_by,
+                                "val_accuracy": result["best_val_acc"], "val_macro_f1": result["best_val_macro_f1"],
+                                "val_loss": result["best_val_loss"], "n_val": len(val),
+                                "val_groups_disjoint": _disjoint(train, val)}])
     return {
         "predictions": pred,
         "metrics": metrics_rows(keys, pred["true_label"], pred["pred_label"]),
         "confusion": confusion_rows(keys, pred["true_label"], pred["pred_label"]),
         "history": pd.DataFrame([{**keys, **h} for h in result["history"]]),
+        "validation": validation,
         "splits": pd.concat([df.reindex(columns=["image_id", "label", "group_id"]).assign(**keys, role=role)
                              for role, df in (("train", train), ("val", val), ("test", test))], ignore_index=True),
         "weights": weights, "counts": {"train": len(train), "val": len(val), "test": len(test)},
@@ -236,7 +269,7 @@ def _disjoint(train: pd.DataFrame, val: pd.DataFrame) -> bool | None:
 
 
 def write_tables(run: Run, parts: list[dict]) -> None:
-    for name in ("predictions", "metrics", "confusion", "history", "splits"):
+    for name in ("predictions", "metrics", "confusion", "history", "splits", "validation"):
         run.write_table(name, pd.concat([p[name] for p in parts], ignore_index=True))
     pred = pd.concat([p["predictions"] for p in parts], ignore_index=True)
     run.write_table("misclassified", pred[~pred["correct"]])
@@ -253,11 +286,16 @@ def compute_and_write_stats(run: Run, cfg: StudyConfig) -> pd.DataFrame | None:
 
 
 def summarize(parts: list[dict]) -> dict:
+    """Seed-mean test accuracy per variant, for the first image size (``accuracy``) and for every size
+    (``accuracy_by_size``: {size: {variant: accuracy}})."""
     pred = pd.concat([p["predictions"] for p in parts], ignore_index=True)
-    first_size = pred["image_size"].iloc[0]
-    per = pred[pred["image_size"] == first_size].groupby(["variant", "seed"], sort=False)["correct"].mean()
-    acc = per.groupby(level=0, sort=False).mean()
-    return {"accuracy": {v: round(float(a), 4) for v, a in acc.items()}, "image_size": int(first_size)}
+    per = pred.groupby(["image_size", "variant", "seed"], sort=False)["correct"].mean()
+    acc = per.groupby(level=[0, 1], sort=False).mean()
+    by_size: dict[str, dict[str, float]] = {}
+    for (size, v), a in acc.items():
+        by_size.setdefault(str(int(size)), {})[v] = round(float(a), 4)
+    first = next(iter(by_size))
+    return {"accuracy": by_size[first], "image_size": int(first), "accuracy_by_size": by_size}
 
 
 # ---------------------------------------------------------------- the run

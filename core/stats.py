@@ -17,6 +17,9 @@ Rows by ``kind``:
 - ``seeds`` (``seed`` = -1), when a variant has more than one seed: for every metric above, ``estimate``
   = mean over seeds, ``sd`` = sample sd, ``n`` = number of seeds, ``detail`` = JSON list of per-seed
   values in ascending seed order. ``baseline`` is set for differences, null for plain metrics.
+  ``ci_low``/``ci_high`` are the 95% CI *of the seed-averaged estimate*: in each bootstrap resample of
+  test groups (the same resample for every seed and both variants) the metric is averaged over seeds,
+  and the percentiles are taken of that average. CI bounds are never averaged.
 """
 
 from __future__ import annotations
@@ -177,6 +180,7 @@ def compute_stats(predictions: pd.DataFrame, baseline: str = "original", n_boot:
                                          "resample": detail["resample"]}))
 
     out = pd.DataFrame(rows, columns=STATS_COLUMNS)
+    seed_ci = _seed_mean_cis(p, baseline, code, names, n_boot, seed)
     seeds_rows = []
     per_seed = out[out["kind"].isin(["ci", "paired", "class_diff"])]
     for (variant, bl, size, metric), g in per_seed.groupby(
@@ -185,8 +189,9 @@ def compute_stats(predictions: pd.DataFrame, baseline: str = "original", n_boot:
             continue
         g = g.sort_values("seed")
         vals = g["estimate"].astype(float).tolist()
+        lo, hi = seed_ci.get((variant, bl or None, int(size), metric), (None, None))
         seeds_rows.append(_row("seeds", variant, bl or None, -1, size, metric, float(np.mean(vals)),
-                               sd=float(np.std(vals, ddof=1)), n=len(vals), detail=vals))
+                               sd=float(np.std(vals, ddof=1)), lo=lo, hi=hi, n=len(vals), detail=vals))
     if seeds_rows:
         out = pd.concat([out, pd.DataFrame(seeds_rows, columns=STATS_COLUMNS)], ignore_index=True)
     for c in ("estimate", "sd", "ci_low", "ci_high", "p_value"):
@@ -195,6 +200,73 @@ def compute_stats(predictions: pd.DataFrame, baseline: str = "original", n_boot:
     out["image_size"] = out["image_size"].astype("int64")
     out["n"] = out["n"].astype("Int64")
     return out
+
+
+def _seed_mean_cis(p: pd.DataFrame, baseline: str, code: dict, names: list[str], n_boot: int,
+                   seed: int) -> dict[tuple, tuple[float, float]]:
+    """95% CI of each seed-averaged metric: {(variant, baseline or None, size, metric): (low, high)}.
+
+    One group index per image size over all variants and seeds, so every seed and both sides of a
+    difference see the same resample of test groups; the metric is averaged over seeds inside each resample.
+    """
+    out: dict[tuple, tuple[float, float]] = {}
+    for size, ps in p.groupby("image_size", sort=True):
+        gidx, n_groups, _ = _group_index(ps["group_id"], ps["image_id"])
+        ps = ps.assign(_g=gidx)
+        w = _boot_weights(n_groups, n_boot, seed)
+
+        def boot(rows: pd.DataFrame, pred_col: str = "pred_label") -> dict[str, np.ndarray]:
+            return _Counts(rows["true_label"].map(code).to_numpy(), rows[pred_col].map(code).to_numpy(),
+                           rows["_g"].to_numpy(), n_groups, names).metrics(w)
+
+        for variant, g in ps.groupby("variant", sort=True):
+            seeds = sorted(g["seed"].unique())
+            if len(seeds) < 2:
+                continue
+            per_seed = [boot(g[g["seed"] == s]) for s in seeds]
+            for m in ("accuracy", "macro_f1"):
+                out[(variant, None, int(size), m)] = _ci(np.mean([b[m] for b in per_seed], 0))[1:]
+            base = ps[ps["variant"] == baseline]
+            if variant == baseline or base.empty:
+                continue
+            diffs: dict[str, list[np.ndarray]] = {}
+            for s in seeds:
+                j = g[g["seed"] == s].merge(base[base["seed"] == s][["image_id", "pred_label"]], on="image_id",
+                                             suffixes=("", "_b"))
+                if j.empty:
+                    break
+                bv, bb = boot(j), boot(j, "pred_label_b")
+                for m, name in (("accuracy", "accuracy_diff"), ("macro_f1", "macro_f1_diff"),
+                                *((m, m) for c in CLASS_DIFF_CLASSES for m in (f"recall:{c}", f"f1:{c}"))):
+                    diffs.setdefault(name, []).append(bv[m] - bb[m])
+            else:
+                for name, ds in diffs.items():
+                    out[(variant, baseline, int(size), name)] = _ci(np.mean(ds, 0))[1:]
+    return out
+
+
+def model_summary(stats: pd.DataFrame, metric: str = "accuracy", kind: str = "ci") -> pd.DataFrame:
+    """One row per (variant, [baseline,] image_size): the estimate and its 95% CI, read the honest way.
+
+    One seed: that model's bootstrap CI. Several seeds: the seed mean with the CI of the seed-averaged
+    metric (``seeds`` rows). Never an average of CI bounds; runs stored before seed-mean CIs show none.
+    ``kind`` is "ci" for plain metrics ("accuracy", "macro_f1") and "paired" for differences
+    ("accuracy_diff"). Columns: variant, baseline, image_size, estimate, ci_low, ci_high, sd, n_seeds, p_value.
+    """
+    cols = ["variant", "baseline", "image_size", "estimate", "ci_low", "ci_high", "sd", "n_seeds", "p_value"]
+    if stats is None or stats.empty:
+        return pd.DataFrame(columns=cols)
+    one = stats[(stats["kind"] == kind) & (stats["metric"] == metric)]
+    multi = stats[(stats["kind"] == "seeds") & (stats["metric"] == metric)]
+    rows = []
+    for (v, size), g in one.groupby(["variant", "image_size"], sort=False):
+        m = multi[(multi["variant"] == v) & (multi["image_size"] == size)]
+        src = m.iloc[0] if len(m) else g.iloc[0]
+        rows.append({"variant": v, "baseline": g["baseline"].iloc[0], "image_size": int(size),
+                     "estimate": float(src["estimate"]), "ci_low": src["ci_low"], "ci_high": src["ci_high"],
+                     "sd": src["sd"] if len(m) else np.nan, "n_seeds": int(g["seed"].nunique()),
+                     "p_value": g["p_value"].iloc[0] if len(g) == 1 else np.nan})
+    return pd.DataFrame(rows, columns=cols)
 
 
 def _pts(x: float) -> str:

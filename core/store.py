@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from core.config import CLASSES, PROB_COLUMNS, default_runs_dir
+from core.regions import BOX_COLUMNS
 
 RUN_JSON = "run.json"
 PROGRESS_JSON = "progress.json"
@@ -26,14 +27,20 @@ CANCEL_FILE = "CANCEL"
 
 # Table name -> ordered columns. seed and image_size identify one trained model within a variant.
 KEYS = ["variant", "seed", "image_size"]
+# The region of the original image the model saw (core.regions; null in runs made before input policies),
+# and why the policy was not applied as asked (e.g. "no stained nucleus found: centre crop").
+_PRED = ["image_id", "path", "enhanced_path", "true_label", "pred_label", "correct", *PROB_COLUMNS, "group_id",
+         *BOX_COLUMNS, "region_note"]
 SCHEMAS: dict[str, list[str]] = {
-    "predictions": KEYS + ["image_id", "path", "enhanced_path", "true_label", "pred_label", "correct",
-                           *PROB_COLUMNS, "group_id"],
-    "misclassified": KEYS + ["image_id", "path", "enhanced_path", "true_label", "pred_label", "correct",
-                             *PROB_COLUMNS, "group_id"],
+    "predictions": KEYS + _PRED,
+    "misclassified": KEYS + _PRED,
     "metrics": KEYS + ["label", "precision", "recall", "f1", "support"],
     "confusion": KEYS + ["true_label", "pred_label", "count"],
-    "history": KEYS + ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"],
+    "history": KEYS + ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "lr", "seconds"],
+    # Each model's validation figures at its best (restored) epoch: the number the paper reports. split is
+    # "grouped" (no source cell on both sides) or "random" (leaky: near-copies of training cells).
+    "validation": KEYS + ["split", "leaky", "best_epoch", "selected_by", "val_accuracy", "val_macro_f1",
+                          "val_loss", "n_val", "val_groups_disjoint"],
     # kind: "ci" (per variant/seed: bootstrap CI), "paired" (variant vs baseline on the same images: accuracy
     # difference with CI, exact McNemar p_value, detail = JSON {"b": .., "c": ..}), "seeds" (seed = -1:
     # estimate = mean over seeds, sd = standard deviation, detail = JSON list of per-seed values).

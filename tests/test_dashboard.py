@@ -140,7 +140,15 @@ def test_overview_numbers(env):
     assert set(acc["variant"]) == {"original", "realesrgan-x4plus"}
     assert (acc["ci_low"] <= acc["accuracy"]).all() and (acc["accuracy"] <= acc["ci_high"]).all()
     assert acc["seed_sd"].notna().all()  # two seeds: seed spread shown
-    assert len(paired) == 2 and paired["McNemar p"].str.len().gt(0).all()
+    # two seeds: one seed-averaged difference with the CI of that mean (core.stats), not two per-seed rows
+    assert len(paired) == 1 and paired["seed"].iloc[0] == -1
+    assert (paired["ci_low"] <= paired["accuracy diff"]).all() and (paired["accuracy diff"] <= paired["ci_high"]).all()
+    stats = pd.read_parquet(Path(state.run_dir(env["run_ids"][0])) / "stats.parquet")
+    seeds = stats[(stats["kind"] == "seeds") & (stats["metric"] == "accuracy")].set_index("variant")
+    per_seed = stats[(stats["kind"] == "ci") & (stats["metric"] == "accuracy")].groupby("variant")["ci_low"].mean()
+    for r in acc.itertuples():  # the interval of the seed mean, never the mean of the per-seed bounds
+        assert r.ci_low == pytest.approx(seeds.loc[r.variant, "ci_low"])
+        assert r.ci_low != pytest.approx(per_seed[r.variant], abs=1e-9)
     acc2, _, w2 = accuracy_table(state, env["broken"]["corrupt"])  # stats intact there, predictions not
     assert len(acc2) == 2
 

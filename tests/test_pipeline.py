@@ -223,7 +223,8 @@ def test_seeds_and_sizes_decode_each_variant_once(tiny_run, monkeypatch):
     real = P.load_images
     monkeypatch.setattr(P, "load_images", lambda files, size, **kw: calls.append(size) or real(files, size, **kw))
     r = run_study(replace(cfg, seeds=(0, 1), image_sizes=(32, 40), epochs=1))
-    assert sorted(calls) == [32, 32, 40, 40]  # 2 variants x 2 sizes, not x 2 seeds
+    d32, d40 = P.decoded_size(cfg.input_policy, 32), P.decoded_size(cfg.input_policy, 40)  # region + margin
+    assert sorted(calls) == [d32, d32, d40, d40]  # 2 variants x 2 sizes, not x 2 seeds
     pred = r.read_table("predictions")
     assert pred.groupby(["variant", "seed", "image_size"]).size().eq(16).all() and len(pred) == 2 * 2 * 2 * 16
     stats = r.read_table("stats")

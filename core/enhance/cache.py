@@ -1,4 +1,8 @@
-"""Enhanced-image cache: one file per (enhancer, weights hash, source sha1).
+"""Enhanced-image cache: one file per (enhancer, weights hash, source sha1, region).
+
+A region (a box of the source, see ``core.regions``) is enhanced with a little context around it and
+cut back to the box at the output scale: super-resolution is local, so enhancing only what the
+classifier sees costs the area ratio and gives the same pixels inside the box.
 
 A second run with the same enhancer and weights reuses every image already made; a file is written to
 a temporary name and renamed, so an interrupted run never leaves a half-written image behind.
@@ -29,8 +33,32 @@ def output_id(enhancer: Enhancer) -> str:
     return f() if f else enhancer.weights_id()[:16]
 
 
-def cache_path(cache_dir: Path, enhancer: Enhancer, sha1: str, fmt: str = "png") -> Path:
-    return Path(cache_dir) / "enhanced" / enhancer.name / output_id(enhancer) / sha1[:2] / f"{sha1}.{fmt}"
+Box = tuple[int, int, int, int]  # left, top, right, bottom in source pixels
+CONTEXT = 8  # source pixels enhanced around a box, so that its border sees the model's receptive field
+
+
+def cache_path(cache_dir: Path, enhancer: Enhancer, sha1: str, fmt: str = "png", box: Box | None = None) -> Path:
+    name = sha1 if box is None else f"{sha1}-{'-'.join(str(int(v)) for v in box)}"
+    return Path(cache_dir) / "enhanced" / enhancer.name / output_id(enhancer) / sha1[:2] / f"{name}.{fmt}"
+
+
+def with_context(image: np.ndarray, box: Box | None) -> tuple[np.ndarray, Box | None]:
+    """The box plus :data:`CONTEXT` pixels (inside the image), and where the box lies in that crop."""
+    if box is None:
+        return image, None
+    h, w = image.shape[:2]
+    left, top, right, bottom = box
+    pl, pt, pr, pb = max(left - CONTEXT, 0), max(top - CONTEXT, 0), min(right + CONTEXT, w), min(bottom + CONTEXT, h)
+    return image[pt:pb, pl:pr], (left - pl, top - pt, right - pl, bottom - pt)
+
+
+def cut_box(out: np.ndarray, src: np.ndarray, inner: Box | None) -> np.ndarray:
+    """Cut an enhanced context crop back to its box, at the enhancer's output scale."""
+    if inner is None:
+        return out
+    scale = out.shape[0] // src.shape[0]
+    left, top, right, bottom = inner
+    return np.ascontiguousarray(out[top * scale:bottom * scale, left * scale:right * scale])
 
 
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
@@ -95,7 +123,9 @@ def enhance_files(
     fmt: str = "png",
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[list[tuple], list[dict]]:
-    """Enhance ``(source, destination)`` files, overlapping decode and encode with compute.
+    """Enhance ``(source, destination[, box])`` files, overlapping decode and encode with compute.
+
+    With a box, only that region (plus :data:`CONTEXT`) is enhanced and the box is written.
 
     The next chunk is decoded and finished images are written on a thread pool while the model runs.
     A bad source, or an image the model fails on, goes to the error list; the rest still get done.
@@ -107,19 +137,20 @@ def enhance_files(
         out = []
         for item in chunk:
             try:
-                out.append((item, load_rgb(item[0]), None))
+                out.append((item, with_context(load_rgb(item[0]), item[2] if len(item) > 2 else None), None))
             except Exception as e:  # unreadable: listed, never fatal
                 out.append((item, None, f"{type(e).__name__}: {e}"))
         return out
 
     def enhance(ok):
         try:
-            return list(zip(ok, enhancer.enhance_batch([im for _, im in ok])))
+            outs = enhancer.enhance_batch([im for _, (im, _) in ok])
+            return [(x, cut_box(o, x[1][0], x[1][1])) for x, o in zip(ok, outs)]
         except Exception:  # isolate the failing image(s)
             results = []
-            for item, im in ok:
+            for item, (im, inner) in ok:
                 try:
-                    results.append(((item, im), enhancer.enhance_batch([im])[0]))
+                    results.append(((item, im), cut_box(enhancer.enhance_batch([im])[0], im, inner)))
                 except Exception as e:
                     errors.append({"path": str(item[0]), "error": f"{type(e).__name__}: {e}"})
             return results
@@ -151,24 +182,28 @@ def enhance_files(
 
 
 def enhance_to_cache(
-    sources: Sequence[tuple[str, str]],
+    sources: Sequence[tuple],
     enhancer: Enhancer,
     cache_dir: Path,
     batch_size: int | None = None,
     fmt: str = "png",
     on_progress: ProgressFn | None = None,
 ) -> EnhanceResult:
-    """Enhance ``(path, sha1)`` sources into the cache; returns sha1 -> cached path and per-image errors."""
+    """Enhance ``(path, sha1[, box])`` sources into the cache; returns sha1 -> cached path and per-image errors.
+
+    A box (source pixels) enhances only that region; ``None`` or no box, the whole image.
+    """
     res = EnhanceResult()
-    todo: list[tuple[str, Path]] = []
+    todo: list[tuple] = []
     key: dict[str, str] = {}
-    for path, sha1 in sources:
-        dest = cache_path(cache_dir, enhancer, sha1, fmt)
+    for path, sha1, *rest in sources:
+        box = tuple(int(v) for v in rest[0]) if rest and rest[0] is not None else None
+        dest = cache_path(cache_dir, enhancer, sha1, fmt, box)
         if dest.is_file():
             res.paths[sha1] = str(dest)
             res.done_before += 1
         else:
-            todo.append((path, dest))
+            todo.append((path, dest, box))
             key[str(dest)] = sha1
     total, done = len(sources), res.done_before
     t0 = time.perf_counter()
@@ -182,7 +217,7 @@ def enhance_to_cache(
             on_progress(done, total)
 
     written, res.errors = enhance_files(todo, enhancer, batch_size, fmt, on_batch)
-    for _, dest in written:
+    for _, dest, _ in written:
         res.paths[key[str(dest)]] = str(dest)
     res.made = len(written)
     res.seconds = time.perf_counter() - t0

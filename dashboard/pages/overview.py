@@ -22,18 +22,8 @@ def accuracy_table(state, run_id) -> tuple[pd.DataFrame, pd.DataFrame, list]:
     rows = []
     if not stats.empty:
         ci = stats[(stats["kind"] == "ci") & (stats["metric"] == "accuracy")]
-        seeds = stats[(stats["kind"] == "seeds") & (stats["metric"] == "accuracy")]
-        for v, g in ci.groupby("variant", sort=False):
-            row = {"variant": v, "accuracy": g["estimate"].mean(), "ci_low": g["ci_low"].mean(),
-                   "ci_high": g["ci_high"].mean(), "n_seeds": g["seed"].nunique(), "n": g["n"].max()}
-            s = seeds[seeds["variant"] == v]
-            if len(s):
-                row["seed_mean"] = float(s["estimate"].iloc[0])
-                row["seed_sd"] = float(s["sd"].iloc[0])
-            f1 = stats[(stats["kind"] == "ci") & (stats["metric"] == "macro_f1") & (stats["variant"] == v)]
-            if len(f1):
-                row["macro_f1"] = f1["estimate"].mean()
-            rows.append(row)
+        for (v, size), g in ci.groupby(["variant", "image_size"], sort=False):
+            rows.append(_accuracy_row(stats, v, int(size), g))
     acc = pd.DataFrame(rows)
     if acc.empty:  # no stats.parquet: fall back to the predictions (no CI)
         pred, w2 = load_table(rd, "predictions")
@@ -45,12 +35,15 @@ def accuracy_table(state, run_id) -> tuple[pd.DataFrame, pd.DataFrame, list]:
             acc = pd.DataFrame({"variant": list(a), "accuracy": list(a.values())})
         if not acc.empty:
             warnings.append(f"{run_id}: no stats.parquet — accuracy shown without confidence intervals")
-    for c in ["accuracy", "ci_low", "ci_high", "seed_mean", "seed_sd", "macro_f1", "n", "n_seeds"]:
+    for c in ["image_size", "accuracy", "ci_low", "ci_high", "seed_mean", "seed_sd", "macro_f1", "n", "n_seeds"]:
         if c not in acc.columns:
             acc[c] = np.nan
     paired = pd.DataFrame()
     if not stats.empty:
         p = stats[(stats["kind"] == "paired") & (stats["metric"] == "accuracy_diff")].copy()
+        multi = stats[(stats["kind"] == "seeds") & (stats["metric"] == "accuracy_diff")]
+        if len(multi):  # several seeds: the seed-averaged difference with its own CI, not per-seed rows
+            p = multi.assign(detail=None, p_value=np.nan)
         if len(p):
             bc = p["detail"].apply(lambda d: json.loads(d) if isinstance(d, str) and d.startswith("{") else {})
             p["b: only baseline right"] = bc.apply(lambda d: d.get("b"))
@@ -60,6 +53,69 @@ def accuracy_table(state, run_id) -> tuple[pd.DataFrame, pd.DataFrame, list]:
                         "b: only baseline right", "c: only variant right", "n"]].rename(
                 columns={"estimate": "accuracy diff"})
     return acc, paired, warnings
+
+
+def _accuracy_row(stats: pd.DataFrame, variant: str, size: int, ci: pd.DataFrame) -> dict:
+    """One (variant, image size): one seed -> its bootstrap CI; several -> the seed mean and the CI of the
+    seed-averaged accuracy (``core.stats``). CI bounds are never averaged: runs made before that CI was
+    stored show none."""
+    def pick(kind, metric):
+        return stats[(stats["kind"] == kind) & (stats["metric"] == metric) & (stats["variant"] == variant)
+                     & (stats["image_size"] == size)]
+
+    row = {"variant": variant, "image_size": size, "n_seeds": ci["seed"].nunique(), "n": ci["n"].max()}
+    seeds, f1 = pick("seeds", "accuracy"), pick("ci", "macro_f1")
+    if len(seeds):
+        s = seeds.iloc[0]
+        row.update(accuracy=float(s["estimate"]), ci_low=s["ci_low"], ci_high=s["ci_high"],
+                   seed_mean=float(s["estimate"]), seed_sd=float(s["sd"]))
+    else:
+        c = ci.iloc[0]
+        row.update(accuracy=float(c["estimate"]), ci_low=c["ci_low"], ci_high=c["ci_high"])
+    if len(f1):
+        row["macro_f1"] = f1["estimate"].mean()
+    return row
+
+
+def scorecard_frame(state, run_id) -> pd.DataFrame:
+    """The replication scorecard (core.scorecard) for display: paper vs this run's validation vs test."""
+    from core.scorecard import SPLIT_WORDS, scorecard
+
+    rd = state.run_dir(run_id)
+    (val, _), (stats, _) = load_table(rd, "validation"), load_table(rd, "stats")
+    meta, _ = read_meta(rd)
+    card = scorecard(val, stats, (meta.get("data") or {}).get("test_source"))
+    if card.empty:
+        return card
+    out = pd.DataFrame({
+        "variant": card["variant"], "size px": card["image_size"],
+        "paper validation acc": [f"{x:.2f}" if x is not None and x == x else "-" for x in card["paper_val_accuracy"]],
+        "this run validation acc": card["val_accuracy"].round(3),
+        "validation split": [SPLIT_WORDS.get(s, s) for s in card["val_split"]],
+        "test acc (unseen cells)": card["test_accuracy"].round(3),
+        "test 95% CI": [f"[{a:.3f}, {b:.3f}]" if a is not None and a == a else "" for a, b in
+                        zip(card["test_ci_low"], card["test_ci_high"])],
+        "test set": card["test_source"], "seeds": card["seeds"]})
+    return out
+
+
+def _scorecard_parts(state, run_id) -> list:
+    from core.scorecard import PAPER_CITATION
+
+    card = scorecard_frame(state, run_id)
+    if card.empty:
+        return [pn.pane.Markdown("### Replication scorecard\nThis run stored no validation figures (it was made "
+                                 "before they were).", css_classes=["wbc-scorecard"])]
+    leaky = card["validation split"].str.startswith("random").any()
+    text = (f"### Replication scorecard\nThe paper reports validation accuracy ({esc(PAPER_CITATION)}). "
+            "Beside it: this run's validation accuracy at the restored epoch, and its accuracy on test images of "
+            "source cells it never saw, with the 95% CI (of the seed mean when there are several seeds).")
+    if leaky:
+        text += ("\n\n**The validation split is random, so it is leaky** (near-copies of training cells are in it), "
+                 "like the paper's: read the test column.")
+    return [pn.pane.Markdown(text, css_classes=["wbc-scorecard"]),
+            pn.widgets.Tabulator(card, show_index=False, disabled=True, sizing_mode="stretch_width",
+                                 css_classes=["wbc-scorecard-table"], layout="fit_data_table")]
 
 
 def provenance_table(meta: dict) -> pd.DataFrame:
@@ -82,6 +138,8 @@ def _acc_plot(acc: pd.DataFrame, title: str):
     if acc.empty:
         return hv.Text(0, 0, "no accuracy").opts(xaxis=None, yaxis=None)
     d = acc.copy()
+    if d["image_size"].nunique() > 1:  # every size shown, labelled
+        d["variant"] = [f"{v} @{int(z)}px" for v, z in zip(d["variant"], d["image_size"])]
     two = "run" in d.columns and d["run"].nunique() > 1
     if two:  # short aliases on the axis, full run ids in the legend
         alias = {r: "AB"[i] if i < 2 else str(i) for i, r in enumerate(dict.fromkeys(d["run"]))}
@@ -107,7 +165,8 @@ def _fmt(acc: pd.DataFrame) -> pd.DataFrame:
     out["95% CI"] = [f"[{a:.3f}, {b:.3f}]" if a == a and b == b else "" for a, b in zip(out["ci_low"], out["ci_high"])]
     out["seeds mean ± sd"] = [f"{m:.3f} ± {s:.3f}" if m == m and s == s else "" for m, s in
                               zip(out["seed_mean"], out["seed_sd"])]
-    cols = [c for c in ["run", "variant", "accuracy", "95% CI", "seeds mean ± sd", "macro_f1", "n", "n_seeds"]
+    cols = [c for c in ["run", "variant", "image_size", "accuracy", "95% CI", "seeds mean ± sd", "macro_f1", "n",
+                        "n_seeds"]
             if c in out.columns]
     return out[cols]
 
@@ -140,13 +199,14 @@ def view(state) -> pn.viewable.Viewable:
                                css_classes=["wbc-run-notes"], sizing_mode="stretch_width"),
                  pn.pane.Markdown(f"### Accuracy — <code>{esc(run_id)}</code>" + (f" vs <code>{esc(compare_run_id)}</code>" if compare_run_id else "")),
                  pn.Row(pn.pane.HoloViews(plot, sizing_mode="stretch_width", height=340), sizing_mode="stretch_width"),
-                 table]
+                 table, *_scorecard_parts(state, run_id)]
         if len(paired):
             diff = paired.copy()
             lines = []
             for d in diff.to_dict("records"):
                 where = f"<code>{esc(d['run'])}</code>: " if "run" in d else ""
-                lines.append(f"* {where}**{esc(d['variant'])}** vs {esc(d['baseline'])} (seed {esc(d['seed'])}): "
+                seed = "mean of seeds" if d["seed"] == -1 else f"seed {esc(d['seed'])}"
+                lines.append(f"* {where}**{esc(d['variant'])}** vs {esc(d['baseline'])} ({seed}, {esc(d['image_size'])} px): "
                              f"{d['accuracy diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], "
                              f"McNemar p = {d['McNemar p']}")
             parts += [pn.pane.Markdown("### Difference between variants (paired, same test images)\n" + "\n".join(lines)),

@@ -14,53 +14,53 @@ COLUMNS = ["run_id", "status", "preset"]  # then accuracy and Δ (the columns re
 AFTER = ["variants", "classifier", "test_set"]
 
 
-def _acc_cells(state, df: pd.DataFrame, accs: list[str]) -> tuple[pd.DataFrame, list]:
-    """Accuracy cells as 'acc [CI]' (bootstrap CI from stats.parquet when present) and the paired test."""
-    out = df.copy()
-    paired_col = []
+def _acc_cells(state, df: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """Per run: each (variant, image size)'s accuracy [95% CI] (the seed mean and its own CI with several
+    seeds; core.stats.model_summary), and the paired difference vs the baseline with McNemar's p."""
+    from core.stats import model_summary
+
+    acc_col, paired_col = [], []
     for i, rid in enumerate(df["run_id"]):
-        stats, _ = load_table(state.run_dir(rid), "stats") if df["status"].iloc[i] == "finished" else (None, None)
-        ci = {}
-        ptxt = ""
-        if stats is not None and not stats.empty:
-            c = stats[(stats["kind"] == "ci") & (stats["metric"] == "accuracy")].groupby("variant")[
-                ["ci_low", "ci_high"]].mean()
-            ci = c.to_dict("index")
-            p = stats[(stats["kind"] == "paired") & (stats["metric"] == "accuracy_diff")]
-            parts = []
-            for v, g in p.groupby("variant", sort=False):
-                pv = g["p_value"].dropna()
-                ptxt_p = fmt_p(pv.iloc[0]) if len(pv) == 1 else f"{fmt_p(pv.min())}\u2013{fmt_p(pv.max())}"
-                parts.append(f"{esc(v)}: {g['estimate'].mean():+.3f} (p={ptxt_p})")
-            ptxt = "; ".join(parts)
-        paired_col.append(ptxt)
-        for col in accs:
-            v = col[4:]
-            a = df[col].iloc[i]
-            if a is None or a != a:
-                out.loc[out.index[i], col] = ""
-            elif v in ci:
-                out.loc[out.index[i], col] = f"{a:.3f} [{ci[v]['ci_low']:.3f}, {ci[v]['ci_high']:.3f}]"
-            else:
-                out.loc[out.index[i], col] = f"{a:.3f}"
-    return out, paired_col
+        finished = df["status"].iloc[i] == "finished"
+        stats, _ = load_table(state.run_dir(rid), "stats") if finished else (None, None)
+        acc, paired = model_summary(stats), model_summary(stats, "accuracy_diff", kind="paired")
+        order = str(df["variants"].iloc[i] or "").split(",")
+        acc = acc.assign(_o=[order.index(v) if v in order else len(order) for v in acc["variant"]]).sort_values(
+            ["_o", "image_size"], kind="stable")
+        many = acc["image_size"].nunique() > 1
+        acc_col.append("<br>".join(f"{esc(r.variant)}{f' @{esc(r.image_size)}px' if many else ''}: {_num(r.estimate)}"
+                                   + (f" [{_num(r.ci_low)}, {_num(r.ci_high)}]" if r.ci_low == r.ci_low else "")
+                                   + (f" (mean of {esc(r.n_seeds)} seeds)" if r.n_seeds > 1 else "")
+                                   for r in acc.itertuples()) or _summary_cell(df, i))
+        paired_col.append("<br>".join(
+            f"{esc(r.variant)}{f' @{esc(r.image_size)}px' if many else ''}: {r.estimate:+.3f}"
+            + (f" (p={fmt_p(r.p_value)})" if r.p_value == r.p_value else f" [{_num(r.ci_low)}, {_num(r.ci_high)}]")
+            for r in paired.itertuples()))
+    return acc_col, paired_col
+
+
+def _num(x) -> str:
+    try:
+        return f"{float(x):.3f}" if x is not None and x == x else "?"
+    except (TypeError, ValueError):  # a hand-edited run.json: show it, escaped, never crash
+        return esc(x)
+
+
+def _summary_cell(df: pd.DataFrame, i: int) -> str:
+    """No stats (running, failed, older runs): run.json's summary accuracy, without a CI."""
+    accs = [c for c in df.columns if c.startswith("acc ")]
+    return "<br>".join(f"{esc(c[4:])}: {_num(df[c].iloc[i])}" for c in accs
+                       if df[c].iloc[i] is not None and df[c].iloc[i] == df[c].iloc[i])
 
 
 def runs_frame(state):
     df = list_runs(state.runs_dir).copy()
     accs = [c for c in df.columns if c.startswith("acc ")]
     out = df[COLUMNS + accs + AFTER + ["date", "duration", "error", "warning"]].copy()
-    out[accs] = out[accs].astype(object)
-    out, paired = _acc_cells(state, out, accs)
-    # one cell per run: each variant's accuracy [95% CI], one per line, in the run's variant order
-    cells = []
-    for i in range(len(out)):
-        order = str(out["variants"].iloc[i] or "").split(",")
-        vs = sorted(accs, key=lambda c: order.index(c[4:]) if c[4:] in order else len(order))
-        cells.append("<br>".join(f"{esc(c[4:])}: {esc(out[c].iloc[i])}" for c in vs if out[c].iloc[i]))
+    acc_cells, paired = _acc_cells(state, out)
     out = out.drop(columns=accs)
-    out.insert(len(COLUMNS), "accuracy [95% CI]", cells)
-    out.insert(len(COLUMNS) + 1, "Δ vs baseline (McNemar p)", ["<br>".join(p.split("; ")) for p in paired])
+    out.insert(len(COLUMNS), "accuracy [95% CI]", acc_cells)
+    out.insert(len(COLUMNS) + 1, "Δ vs baseline (McNemar p)", paired)
     out["error"] = out["error"].fillna("").astype(str).str.slice(0, 80)
     out["warning"] = out["warning"].fillna("").astype(str).str.slice(0, 120)
     out["status"] = [f'<span style="{_style_status(s)}">{esc(s)}</span>' for s in out["status"].astype(str)]

@@ -1,0 +1,73 @@
+"""The replication scorecard: the paper's reported metric beside this run's, per variant and image size.
+
+The paper reports *validation* accuracy on a random 80/20 split of TRAIN (Tables 3-4: 0.92 original,
+0.89 RealESRGAN_x4plus). A random split of these images is leaky: near-copies of training cells land in
+validation. So each row shows three numbers: the paper's validation accuracy (where the paper has the
+variant), this run's validation accuracy at the restored epoch (and which split it came from), and this
+run's test accuracy on images of source cells the model never saw, with its 95% CI.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+#: The paper's reported validation accuracy (Tables 3 and 4; ResNet-50, 224 px, random split, 1,989 images).
+PAPER_VAL_ACCURACY: dict[str, float] = {"original": 0.92, "realesrgan-x4plus": 0.89}
+PAPER_CITATION = ("paper, Tables 3-4: ResNet-50, 224 px, validation = random 20% of TRAIN (1,989 images), "
+                  "RealESRGAN_x4plus for the enhanced model")
+SPLIT_WORDS = {"grouped": "grouped (no source cell on both sides)",
+               "random": "random (leaky: near-copies of training cells in validation)"}
+COLUMNS = ["variant", "image_size", "paper_val_accuracy", "val_accuracy", "val_split", "val_leaky", "n_val",
+           "test_source", "test_accuracy", "test_ci_low", "test_ci_high", "seeds"]
+
+
+def scorecard(validation: pd.DataFrame, stats: pd.DataFrame, test_source: str | None) -> pd.DataFrame:
+    """One row per (variant, image size): see :data:`COLUMNS`. Seed means where a run has several seeds;
+    the test CI is then the interval of the seed-averaged accuracy (``core.stats``)."""
+    if validation is None or validation.empty:
+        return pd.DataFrame(columns=COLUMNS)
+    rows = []
+    for (variant, size), v in validation.groupby(["variant", "image_size"], sort=False):
+        acc = _test_accuracy(stats, variant, int(size), v["seed"].nunique())
+        split = str(v["split"].iloc[0])
+        rows.append({"variant": variant, "image_size": int(size),
+                     "paper_val_accuracy": PAPER_VAL_ACCURACY.get(variant),
+                     "val_accuracy": float(v["val_accuracy"].mean()), "val_split": split,
+                     "val_leaky": bool(v["leaky"].any()) or split == "random", "n_val": int(v["n_val"].iloc[0]),
+                     "test_source": test_source, **acc, "seeds": int(v["seed"].nunique())})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _test_accuracy(stats: pd.DataFrame, variant: str, size: int, n_seeds: int) -> dict:
+    from core.stats import model_summary
+
+    s = model_summary(stats)
+    r = s[(s["variant"] == variant) & (s["image_size"] == size)]
+    if r.empty:
+        return {"test_accuracy": None, "test_ci_low": None, "test_ci_high": None}
+    r = r.iloc[0]
+    return {"test_accuracy": float(r["estimate"]), "test_ci_low": _num(r["ci_low"]), "test_ci_high": _num(r["ci_high"])}
+
+
+def _num(x):
+    return None if x is None or pd.isna(x) else float(x)
+
+
+def scorecard_text(card: pd.DataFrame) -> str:
+    """The scorecard as plain text for ``wbc report``."""
+    if card.empty:
+        return "Replication scorecard: no validation figures in this run (made before they were stored)."
+    lines = [f"Replication scorecard (paper's figures: {PAPER_CITATION})"]
+    for r in card.itertuples():
+        paper = f"{r.paper_val_accuracy:.2f}" if r.paper_val_accuracy is not None else "-"
+        test = "-" if r.test_accuracy is None else f"{r.test_accuracy:.3f}"
+        if r.test_ci_low is not None:
+            test += f" [95% CI {r.test_ci_low:.3f}-{r.test_ci_high:.3f}]"
+        seeds = f", mean of {r.seeds} seeds" if r.seeds > 1 else ""
+        lines.append(f"- {r.variant} ({r.image_size} px{seeds}): paper validation {paper} | this run validation "
+                     f"{r.val_accuracy:.3f} on {r.n_val} images, {SPLIT_WORDS.get(r.val_split, r.val_split)} | "
+                     f"test on unseen source cells ({r.test_source}) {test}")
+    if card["val_leaky"].any():
+        lines.append("  The validation split is random, so it is leaky: its accuracy measures recall of near-copies "
+                     "of training cells, as the paper's does. Read the test column.")
+    return "\n".join(lines)

@@ -1,0 +1,269 @@
+"""The classifier recipe: input policies, per-image augmentation, TTA, checkpoint choice, validation table,
+replication scorecard, seed-averaged intervals and the held-out fallback."""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from core import make_config, run_study
+from core.config import CLASSES
+from core.engine import TrainSettings, augment_batch, dihedral_view, fit, macro_f1, predict
+from core.enhance import create_enhancer
+from core.enhance.cache import enhance_to_cache, load_rgb
+from core.regions import BOX_COLUMNS, CELL_CROP, FALLBACK_NOTE, MARGIN, add_regions, find_cell, region_of
+from core.scorecard import PAPER_VAL_ACCURACY, scorecard, scorecard_text
+from core.stats import _boot_weights, _group_index, compute_stats
+from tests.gen_data import make_dataset
+
+TINY = dict(classifier="simple_cnn", pretrained="none", image_sizes=(32,), epochs=2, batch_size=8,
+            variants=("original", "bicubic-x4"))
+
+
+def _smear(w=320, h=240, nucleus=(250, 60), r=18, seed=0) -> np.ndarray:
+    """A pink smear with red cells and one violet nucleus centred at ``nucleus`` (None: no white cell)."""
+    rng = np.random.default_rng(seed)
+    im = Image.fromarray(np.clip(rng.normal(225, 6, (h, w, 3)), 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(im)
+    for _ in range(12):
+        x, y = rng.integers(0, w), rng.integers(0, h)
+        d.ellipse([x - 20, y - 20, x + 20, y + 20], fill=(215, 160, 165))
+    if nucleus:
+        cx, cy = nucleus
+        d.ellipse([cx - 2 * r, cy - 2 * r, cx + 2 * r, cy + 2 * r], fill=(200, 180, 215))  # cytoplasm
+        for ox, oy in ((-r // 2, 0), (r // 2, r // 3)):  # two lobes
+            d.ellipse([cx + ox - r // 2 - 4, cy + oy - r // 2 - 4, cx + ox + r // 2 + 4, cy + oy + r // 2 + 4],
+                      fill=(105, 60, 190))
+    return np.asarray(im)
+
+
+# ---------------------------------------------------------------- input policy
+
+
+def test_cell_policy_finds_an_off_centre_nucleus():
+    rgb = _smear(nucleus=(250, 60))
+    cx, cy = find_cell(rgb)
+    assert abs(cx - 250) < 8 and abs(cy - 64) < 10
+    box = region_of(rgb, "cell").box
+    side = round(CELL_CROP * MARGIN)
+    assert box[2] - box[0] == side == box[3] - box[1]
+    assert box[0] <= 250 <= box[2] and box[1] <= 60 <= box[3]  # the cell is inside, far from the centre
+    assert 0 <= box[0] and box[2] <= 320 and 0 <= box[1] and box[3] <= 240  # shifted inside, not cut
+
+
+def test_cell_policy_falls_back_to_centre_and_notes_it(tmp_path):
+    blank, cell = tmp_path / "blank.png", tmp_path / "cell.png"
+    Image.fromarray(_smear(nucleus=None)).save(blank)
+    Image.fromarray(_smear(nucleus=(100, 120))).save(cell)
+    df = add_regions(pd.DataFrame({"path": [str(blank), str(cell)]}), "cell")
+    assert list(df["region_note"]) == [FALLBACK_NOTE, ""]
+    b = [int(df.loc[0, c]) for c in BOX_COLUMNS]
+    assert (b[0] + b[2]) / 2 == pytest.approx(160, abs=1) and (b[1] + b[3]) / 2 == pytest.approx(120, abs=1)
+    full = add_regions(pd.DataFrame({"path": [str(cell)]}), "full")
+    assert [int(full.loc[0, c]) for c in BOX_COLUMNS] == [0, 0, 320, 240]
+
+
+def test_unknown_policy_is_a_one_line_error(tmp_path):
+    with pytest.raises(ValueError, match="--input-policy: unknown policy 'nucleus'"):
+        make_config("quick", input_policy="nucleus").validate()
+    r = subprocess.run([sys.executable, "-m", "core", "study", "--input-policy", "nucleus", "--data", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "unknown policy 'nucleus'" in r.stderr
+
+
+def test_region_enhancement_is_the_box_at_4x(tmp_path):
+    """Only the region (plus context) is enhanced; inside the box the pixels equal a full-image enhancement."""
+    src = tmp_path / "a.png"
+    Image.fromarray(_smear(nucleus=(250, 60))).save(src)
+    enh = create_enhancer("bicubic-x4")
+    box = (150, 20, 310, 180)
+    part = enhance_to_cache([(str(src), "a" * 40, box)], enh, tmp_path / "cache")
+    whole = enhance_to_cache([(str(src), "a" * 40)], enh, tmp_path / "cache")
+    p, w = part.paths["a" * 40], whole.paths["a" * 40]
+    assert p != w  # the box is part of the cache key
+    crop, full = load_rgb(p), load_rgb(w)
+    assert crop.shape == (640, 640, 3)
+    inner = full[20 * 4:180 * 4, 150 * 4:310 * 4].astype(int)
+    diff = np.abs(crop.astype(int) - inner)
+    assert diff[16:-16, 16:-16].max() <= 1  # away from the image border the region is exact
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+def test_per_image_augmentation_gives_each_image_its_own_transform():
+    x = torch.arange(16.0).view(1, 1, 4, 4).repeat(64, 3, 1, 1)
+    out = augment_batch(x, 4, torch.Generator().manual_seed(0), jitter=False)
+    views = {tuple(o[0].flatten().tolist()) for o in out}
+    assert len(views) == 8  # 64 identical images -> all 8 dihedral views occur in one batch
+    jit = augment_batch(x * 10, 3, torch.Generator().manual_seed(0), jitter=True)
+    assert jit.shape == (64, 3, 3, 3) and 0 <= float(jit.min()) and float(jit.max()) <= 255
+
+
+def test_tta_averages_the_eight_dihedral_views():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 4))
+    x = torch.randint(0, 255, (5, 3, 12, 12), dtype=torch.uint8)
+    mean, std = (0.5,) * 3, (0.5,) * 3
+    tta = predict(model, mean, std, x, torch.device("cpu"), tta=8)
+    each = np.mean([predict(model, mean, std, dihedral_view(x, k), torch.device("cpu")) for k in range(8)], 0)
+    np.testing.assert_allclose(tta, each, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(tta, predict(model, mean, std, x, torch.device("cpu")))
+
+
+def test_best_checkpoint_is_chosen_by_validation_macro_f1():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 12)
+    x = torch.from_numpy(rng.integers(0, 255, (48, 3, 16, 16)).astype(np.uint8))
+    x[:, 0] = torch.from_numpy((y * 60)[:, None, None].repeat(16, 1).repeat(16, 2).astype(np.uint8))
+    from core.models import SimpleCNN
+
+    torch.manual_seed(0)
+    res = fit(SimpleCNN(4, width=8), (0.5,) * 3, (0.5,) * 3, "fc", x, y, x, y,
+              TrainSettings(epochs=4, batch_size=8, lr=3e-3, patience=9, label_smoothing=0.1), torch.device("cpu"))
+    h = pd.DataFrame(res["history"])
+    best = h.sort_values(["val_macro_f1", "val_loss"], ascending=[False, True]).iloc[0]
+    assert res["best_epoch"] == best["epoch"] and res["best_val_acc"] == best["val_acc"]
+    from sklearn.metrics import f1_score
+
+    yt, yp = rng.integers(0, 4, 50), rng.integers(0, 4, 50)
+    assert macro_f1(yt, yp, 4) == pytest.approx(f1_score(yt, yp, average="macro"))
+
+
+# ---------------------------------------------------------------- through run(): default grouped split
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"), train_per_class=12, test_per_class=4)
+
+
+def _source_cells(df, **_):
+    """The generated images' true source cells (``_K_N``: cell K of its class). core.groups is tuned on real
+    cells and sees one group per class in these drawings, so the split logic is tested on the truth."""
+    return np.array([f"{lab}-{Path(p).name.split('_')[1]}" for lab, p in zip(df["label"], df["path"])])
+
+
+@pytest.fixture(scope="module")
+def grouped_run(data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    cfg = make_config(None, data_dir=str(data_dir), runs_dir=str(root / "runs"), cache_dir=str(root / "cache"),
+                      seeds=(0, 1), **TINY)
+    assert cfg.split == "grouped" and cfg.input_policy == "cell" and cfg.tta == 8
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("core.groups.assign_groups", _source_cells)
+        return run_study(cfg), cfg
+
+
+def test_run_stores_validation_accuracy_of_the_restored_epoch(grouped_run):
+    run, cfg = grouped_run
+    val, hist = run.read_table("validation"), run.read_table("history")
+    assert len(val) == 4 and set(val["split"]) == {"grouped"} and not val["leaky"].any()
+    assert (val["n_val"] > 0).all()
+    assert val["val_groups_disjoint"].all()
+    for r in val.itertuples():
+        h = hist[(hist["variant"] == r.variant) & (hist["seed"] == r.seed) & (hist["epoch"] == r.best_epoch)]
+        assert r.val_accuracy == pytest.approx(float(h["val_acc"].iloc[0]))
+        assert r.val_macro_f1 == pytest.approx(float(h["val_macro_f1"].iloc[0]))
+    pred = run.read_table("predictions")
+    assert pred[list(BOX_COLUMNS)].notna().all().all()
+    # the generated eosinophils are red, not violet: no nucleus is found and each such image says so
+    notes = pred.groupby("true_label")["region_note"].agg(set)
+    assert notes["eosinophil"] == {FALLBACK_NOTE} and notes["lymphocyte"] == {""}
+    assert run.read_meta()["config"]["input_policy"] == "cell"
+
+
+def test_scorecard_rows_beside_the_paper(grouped_run):
+    run, cfg = grouped_run
+    card = scorecard(run.read_table("validation"), run.read_table("stats"), "TEST_SIMPLE")
+    assert list(card["variant"]) == ["original", "bicubic-x4"]
+    orig = card.iloc[0]
+    assert orig["paper_val_accuracy"] == PAPER_VAL_ACCURACY["original"] == 0.92
+    assert card.iloc[1]["paper_val_accuracy"] is None or pd.isna(card.iloc[1]["paper_val_accuracy"])
+    assert orig["seeds"] == 2 and orig["val_split"] == "grouped" and not orig["val_leaky"]
+    assert orig["val_accuracy"] == pytest.approx(run.read_table("validation").query("variant == 'original'")
+                                                 ["val_accuracy"].mean())
+    assert orig["test_ci_low"] <= orig["test_accuracy"] <= orig["test_ci_high"]
+    text = scorecard_text(card)
+    assert "paper validation 0.92" in text and "mean of 2 seeds" in text and "leaky" not in text
+    leaky = scorecard_text(card.assign(val_split="random", val_leaky=True))
+    assert "leaky" in leaky
+
+
+def test_seed_averaged_ci_is_computed_not_averaged(grouped_run):
+    run, _ = grouped_run
+    stats = run.read_table("stats")
+    seeds = stats[(stats["kind"] == "seeds") & (stats["metric"] == "accuracy") & (stats["variant"] == "original")]
+    assert len(seeds) == 1
+    r = seeds.iloc[0]
+    assert r["ci_low"] <= r["estimate"] <= r["ci_high"]
+    diff = stats[(stats["kind"] == "seeds") & (stats["metric"] == "accuracy_diff")].iloc[0]
+    assert np.isfinite(diff["ci_low"]) and diff["ci_low"] <= diff["estimate"] <= diff["ci_high"]
+
+
+def test_seed_averaged_ci_matches_a_direct_bootstrap():
+    """2 seeds x 30 images in 10 groups: the stored CI equals a hand-written cluster bootstrap of the seed mean."""
+    rng = np.random.default_rng(3)
+    n, groups = 30, np.repeat(np.arange(10), 3)
+    true = rng.choice(CLASSES, n)
+    rows = []
+    for variant in ("original", "enh"):
+        for seed in (0, 1):
+            wrong = rng.random(n) < (0.3 if variant == "original" else 0.2)
+            pred = np.where(wrong, np.roll(true, 1), true)
+            rows.append(pd.DataFrame({"variant": variant, "seed": seed, "image_size": 64,
+                                      "image_id": [f"i{k}" for k in range(n)], "true_label": true,
+                                      "pred_label": pred, "group_id": groups.astype(str)}))
+    p = pd.concat(rows, ignore_index=True)
+    stats = compute_stats(p, n_boot=500, seed=7)
+    w = _boot_weights(10, 500, 7)  # the resample compute_stats draws (same counts of each group)
+    gidx, _, _ = _group_index(p[p["seed"] == 0]["group_id"].iloc[:n], p["image_id"].iloc[:n])
+
+    def acc(variant, seed):
+        ok = p[(p["variant"] == variant) & (p["seed"] == seed)]["true_label"].to_numpy() == \
+             p[(p["variant"] == variant) & (p["seed"] == seed)]["pred_label"].to_numpy()
+        per_group_ok, per_group_n = np.bincount(gidx, ok, 10), np.bincount(gidx, minlength=10)
+        return (w @ per_group_ok) / (w @ per_group_n)
+
+    direct = (acc("original", 0) + acc("original", 1)) / 2
+    row = stats[(stats["kind"] == "seeds") & (stats["variant"] == "original") & (stats["metric"] == "accuracy")].iloc[0]
+    assert row["ci_low"] == pytest.approx(np.percentile(direct, 2.5), abs=1e-6)
+    assert row["ci_high"] == pytest.approx(np.percentile(direct, 97.5), abs=1e-6)
+    d = (acc("enh", 0) + acc("enh", 1)) / 2 - direct
+    drow = stats[(stats["kind"] == "seeds") & (stats["metric"] == "accuracy_diff")].iloc[0]
+    assert drow["ci_low"] == pytest.approx(np.percentile(d, 2.5), abs=1e-6)
+    per_seed = stats[(stats["kind"] == "ci") & (stats["variant"] == "original") & (stats["metric"] == "accuracy")]
+    assert row["ci_low"] != pytest.approx(per_seed["ci_low"].mean(), abs=1e-9)  # not an average of bounds
+
+
+def test_cli_report_prints_the_scorecard(grouped_run):
+    run, cfg = grouped_run
+    r = subprocess.run([sys.executable, "-m", "core", "report", run.run_id, "--runs-dir", cfg.runs_dir],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Replication scorecard" in r.stdout and "paper validation 0.92" in r.stdout
+    assert "cell region of 144 px" in r.stdout
+
+
+def test_held_out_fallback_is_grouped_whatever_split_says(tmp_path, monkeypatch):
+    monkeypatch.setattr("core.groups.assign_groups", _source_cells)
+    data = make_dataset(tmp_path / "data", train_per_class=16, test_per_class=0, splits=("TRAIN",))
+    cfg = make_config(None, data_dir=str(data), runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"),
+                      **{**TINY, "variants": ("original",), "split": "random", "epochs": 1})
+    run = run_study(cfg)
+    meta = run.read_meta()
+    assert meta["data"]["test_source"] == "TRAIN held-out (20%, by source cell)"
+    sp = run.read_table("splits")
+    test_groups = set(sp[sp["role"] == "test"]["group_id"])
+    pool_groups = set(sp[sp["role"] != "test"]["group_id"])
+    assert test_groups and not test_groups & pool_groups
+    assert run.read_table("validation")["split"].iloc[0] == "random"  # the validation split is still as asked
