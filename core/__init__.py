@@ -6,7 +6,8 @@ Public API (the dashboard uses only this and the run store):
     run = run_study(make_config("quick"), on_progress=print)
 """
 
-from core.config import CLASSES, PRESETS, StudyConfig, default_runs_dir, make_config  # noqa: F401
+from core.config import CLASSES, PRESETS, SPLITS, StudyConfig, default_runs_dir, make_config  # noqa: F401
+from core.regions import POLICIES  # noqa: F401
 from core.enhance import create_enhancer, list_enhancers  # noqa: F401
 from core.models import create_classifier, list_classifiers  # noqa: F401
 from core.store import SCHEMAS, Run, RunStore  # noqa: F401

@@ -187,8 +187,16 @@ def make_fixture_store(root, n_runs: int = 2, n_test: int = 200, seeds=(0,), wit
         preds = pd.concat(preds, ignore_index=True)
         run.write_table("predictions", preds)
         run.write_table("misclassified", preds[~preds["correct"]])
-        for name, df in _tables(preds, rng).items():
+        tables = _tables(preds, rng)
+        for name, df in tables.items():
             run.write_table(name, df)
+        best = tables["history"][tables["history"]["epoch"] == 4]  # the restored epoch, as the pipeline stores it
+        run.write_table("validation", best.assign(
+            split=cfg.split, leaky=cfg.split == "random", best_epoch=4, selected_by="macro_f1",
+            val_accuracy=best["val_acc"], val_macro_f1=best["val_acc"] - 0.01, val_loss=best["val_loss"], n_val=400,
+            val_groups_disjoint=cfg.split == "grouped")[
+            ["variant", "seed", "image_size", "split", "leaky", "best_epoch", "selected_by", "val_accuracy",
+             "val_macro_f1", "val_loss", "n_val", "val_groups_disjoint"]])
         acc = preds.groupby("variant")["correct"].mean().round(4).to_dict()
         start = t0 + dt.timedelta(hours=r)
         run.update_meta(

@@ -379,6 +379,9 @@ def test_launch_args_from_form():
     from core.cli import build_parser
 
     assert build_parser().parse_args(["study", *half]).enhance_precision == "half"  # the CLI accepts what we build
+    cell = build_args(dict(preset="custom", data="/d", test_dir=None, variants=["original"], classifier="simple_cnn",
+                           pretrained="none", epochs=1, image_size=64, seed=0, device="cpu", input_policy="full"))
+    assert build_parser().parse_args(["study", *cell]).input_policy == "full"
 
 
 # ------------------------------------------------------------------------------------- security (issue 10)

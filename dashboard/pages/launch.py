@@ -77,6 +77,8 @@ def build_args(values: dict) -> list[str]:
           "--pretrained", values["pretrained"], "--epochs", str(values["epochs"]),
           "--image-size", str(values["image_size"]), "--seed", str(values["seed"]), "--device", values["device"],
           "--split", values.get("split") or "grouped"]
+    if values.get("input_policy"):
+        a += ["--input-policy", values["input_policy"]]
     if values.get("precision") and values["precision"] != "auto":
         a += ["--enhance-precision", values["precision"]]
     if values.get("per_class"):
@@ -113,8 +115,13 @@ def view(state) -> pn.viewable.Viewable:
         image_size=pn.widgets.IntInput(name="Image size", value=224, start=32, end=1024, width=100,
                                        css_classes=["wbc-l-size"]),
         seed=pn.widgets.IntInput(name="Seed", value=0, start=0, width=80, css_classes=["wbc-l-seed"]),
-        split=pn.widgets.Select(name="Validation split", options=["grouped", "random"], value="grouped", width=130,
+        split=pn.widgets.Select(name="Validation split", options=list(core.SPLITS), value="grouped", width=130,
                                 css_classes=["wbc-l-split"]),
+        input_policy=pn.widgets.Select(name="Classifier input", options=list(core.POLICIES), value="cell", width=120,
+                                       css_classes=["wbc-l-input-policy"],
+                                       description="cell: a square around the stained white cell (default). "
+                                                   "center: a centred square. full: the whole frame squashed "
+                                                   "(the paper's)."),
         device=pn.widgets.Select(name="Device", options=["auto", "cpu", "cuda"], value="auto", width=100,
                                  css_classes=["wbc-l-device"]),
         precision=pn.widgets.Select(name="Real-ESRGAN precision", options=["auto", "fp32", "half"], value="auto",
@@ -154,6 +161,8 @@ def view(state) -> pn.viewable.Viewable:
         w["image_size"].value = int((p.get("image_sizes") or (224,))[0])
         w["seed"].value = int((p.get("seeds") or (0,))[0])
         w["split"].value = p.get("split", "grouped")
+        w["input_policy"].value = p.get("input_policy", "cell")
+        w["precision"].value = {True: "half", False: "fp32"}.get(p.get("enhance_half"), "auto")
 
     def update_tests(*_):
         typed = w["data_path"].value.strip()
@@ -289,7 +298,7 @@ def view(state) -> pn.viewable.Viewable:
         pn.Row(w["preset"], w["classifier"], w["pretrained"]),
         w["data"], w["data_path"], path_note, w["test"], w["variants"],
         pn.Row(w["epochs"], w["per_class"], w["test_per_class"]),
-        pn.Row(w["image_size"], w["seed"], w["split"], w["device"]),
+        pn.Row(w["image_size"], w["input_policy"], w["seed"], w["split"], w["device"]),
         pn.Row(w["precision"]),
         pn.Row(start, cancel), width=540, sizing_mode="fixed")
     status = pn.Column(pn.pane.Markdown("### Progress"), elsewhere, stage, bar, message, open_run,
