@@ -4,6 +4,7 @@ Public API (the dashboard uses only this and the run store):
 
     from core import make_config, run_study, RunStore, PRESETS, CLASSES
     run = run_study(make_config("quick"), on_progress=print)
+    run = resume_study(run.run_id)  # an interrupted, failed or cancelled run: continue it
 """
 
 from core.config import CLASSES, PRESETS, SPLITS, StudyConfig, default_runs_dir, make_config  # noqa: F401
@@ -18,3 +19,10 @@ def run_study(config, on_progress=None, run_id=None, store=None):
     from core.pipeline import run
 
     return run(config, on_progress=on_progress, run_id=run_id, store=store)
+
+
+def resume_study(run_id, store=None, on_progress=None):
+    """Continue an interrupted, failed or cancelled run (see core.pipeline.resume); returns the finished Run."""
+    from core.pipeline import resume
+
+    return resume(run_id, store=store, on_progress=on_progress)

@@ -1,18 +1,25 @@
 """``wbc``: the command line (``python -m core`` too).
 
     wbc study  [--preset quick|paper|study] [--data DIR] [--test-dir DIR] [--variants a,b] ...
+    wbc study  --resume RUN [--runs-dir DIR]
     wbc runs   [--runs-dir DIR]
     wbc report RUN [--runs-dir DIR]
     wbc data fetch [--dest DIR]
     wbc enhance --model NAME IN_DIR OUT_DIR
     wbc audit DATA
+
+Errors: one line on stderr and a non-zero exit (2: a bad argument or value, 1: anything else, 130: cancelled),
+never a traceback; ``wbc --debug ...`` (anywhere on the line) prints the traceback too. All of it is in
+:func:`main`, around every command.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import pandas as pd
@@ -87,6 +94,8 @@ def add_study_parser(sub) -> None:
     p.add_argument("--runs-dir", help="run store (default: runs/ or $WBC_RUNS_DIR)")
     p.add_argument("--cache-dir", help="cache for enhanced images and weights (default: ~/.cache/wbc)")
     p.add_argument("--run-id", help="name the run (default: timestamp-preset-random)")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted, failed or cancelled run with its "
+                                                    "stored config: complete models are kept, the rest trained")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_study)
 
@@ -107,33 +116,13 @@ def config_from_args(args) -> StudyConfig:
                        runs_dir=args.runs_dir, cache_dir=args.cache_dir)
 
 
-def cmd_study(args) -> int:
-    from core.data import DataNotFoundError
-    from core.engine import Cancelled
-    from core.enhance.weights import WeightsError
-    from core.models import PretrainedWeightsUnavailable
-    from core.pipeline import run
+_NOT_CONFIG = {"command", "func", "resume", "runs_dir", "quiet", "debug"}
 
-    try:
-        cfg = config_from_args(args)
-        cfg.validate()
-    except ValueError as e:
-        print(f"wbc study: error: {e}", file=sys.stderr)
-        return 2
-    for note in cfg.notes:
-        print(f"note: {note}", file=sys.stderr)
+
+def cmd_study(args) -> int:
     bar = None if args.quiet else _StageBars()
     try:
-        r = run(cfg, on_progress=bar, run_id=args.run_id)
-    except (DataNotFoundError, PretrainedWeightsUnavailable, WeightsError) as e:
-        print(f"wbc study: error: {e}", file=sys.stderr)
-        return 1
-    except (Cancelled, KeyboardInterrupt):
-        print("wbc study: cancelled", file=sys.stderr)
-        return 130
-    except FileExistsError as e:
-        print(f"wbc study: error: {e}", file=sys.stderr)
-        return 2
+        r = _resume(args, bar) if args.resume else _start(args, bar)
     finally:
         if bar:
             bar.close()
@@ -143,6 +132,27 @@ def cmd_study(args) -> int:
     print(f"report: wbc report {r.run_id}", file=sys.stderr)
     print(r.run_id)
     return 0
+
+
+def _start(args, bar):
+    from core.pipeline import run
+
+    cfg = config_from_args(args)
+    cfg.validate()
+    for note in cfg.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return run(cfg, on_progress=bar, run_id=args.run_id)
+
+
+def _resume(args, bar):
+    """``--resume RUN``: the stored config, so no other study flag."""
+    from core.pipeline import resume
+    from core.store import RunStore
+
+    given = sorted(k for k, v in vars(args).items() if v is not None and k not in _NOT_CONFIG)
+    if given:
+        raise ValueError(f"--resume runs the stored config; drop --{given[0].replace('_', '-')}")
+    return resume(args.resume, RunStore(args.runs_dir), on_progress=bar)
 
 
 class _StageBars:
@@ -179,14 +189,20 @@ def cmd_runs(args) -> int:
     if df.empty:
         print(f"no runs in {store.root}")
         return 0
-    df["accuracy"] = df["accuracy"].map(lambda d: " ".join(f"{k}={v:.3f}" for k, v in (d or {}).items())
-                                        if isinstance(d, dict) else "")
+    df["accuracy"] = df["accuracy"].map(_accuracy_words)
     cols = ["run_id", "status", "preset", "classifier", "test_set", "accuracy", "seconds"]
     with pd.option_context("display.max_colwidth", 60, "display.width", 200):
         print(df[cols].fillna("").to_string(index=False))
     for _, r in df[df["warning"].notna()].iterrows():
         print(f"warning: {r['run_id']}: {r['warning']}", file=sys.stderr)
     return 0
+
+
+def _accuracy_words(acc) -> str:
+    """'original=0.912 bicubic-x4=0.905'; a value that is not a number (a hand-edited run.json) is shown as is."""
+    if not isinstance(acc, dict):
+        return ""
+    return " ".join(f"{k}={v:.3f}" if isinstance(v, (int, float)) else f"{k}={str(v)[:12]}" for k, v in acc.items())
 
 
 def cmd_report(args) -> int:
@@ -198,18 +214,13 @@ def cmd_report(args) -> int:
     if rid == "latest":
         ids = store.run_ids()
         if not ids:
-            print(f"wbc report: error: no runs in {store.root}", file=sys.stderr)
-            return 2
+            raise KeyError(f"no runs in {store.root}")
         rid = ids[0]
-    try:
-        r = store.get(rid)
-        meta = r.read_meta()
-    except (KeyError, ValueError) as e:
-        print(f"wbc report: error: {e.args[0]}", file=sys.stderr)
-        return 2
+    r = store.get(rid)
+    meta = r.read_meta()
     cfg = meta.get("config", {})
     data = meta.get("data", {})
-    print(f"run {r.run_id}: {meta.get('status')} | preset {cfg.get('preset')} | {cfg.get('classifier')} "
+    print(f"run {r.run_id}: {r.status()} | preset {cfg.get('preset')} | {cfg.get('classifier')} "
           f"({cfg.get('pretrained')}) | split {cfg.get('split')} | test {data.get('test_source')} | "
           f"{meta.get('duration_s', '?')} s on {meta.get('device')}")
     if data.get("leakage"):
@@ -278,6 +289,7 @@ def cmd_data_fetch(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="wbc", description="Real-ESRGAN x white-blood-cell classification study")
+    p.add_argument("--debug", action="store_true", help="on an error, also print the traceback (anywhere on the line)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     add_study_parser(sub)
     pr = sub.add_parser("runs", help="list runs")
@@ -301,8 +313,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    """Run one command. Every error ends here: one line on stderr, an exit code, no traceback (unless --debug)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    try:
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:  # wbc report ... | head: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a process killed by the signal
+    except (KeyboardInterrupt, Exception) as e:
+        if debug:
+            traceback.print_exc()
+        if _cancelled(e):
+            print(f"wbc {args.command}: cancelled", file=sys.stderr)
+            return 130
+        print(f"wbc {args.command}: error: {_error_words(e)}", file=sys.stderr)
+        return 2 if isinstance(e, (ValueError, KeyError, FileExistsError)) else 1
+
+
+def _cancelled(e: BaseException) -> bool:
+    engine = sys.modules.get("core.engine")  # not imported: no study ran, nothing was cancelled
+    return isinstance(e, KeyboardInterrupt) or (engine is not None and isinstance(e, engine.Cancelled))
+
+
+def _error_words(e: BaseException) -> str:
+    """What the user reads. Errors raised on purpose (ValueError, KeyError, OSError, core's own classes) as
+    written, on their first line (OSError in full: the data help spans lines); anything else named, on one line."""
+    first = (str(e.args[0] if isinstance(e, KeyError) and e.args else e).strip().splitlines() or [""])[0]
+    if isinstance(e, OSError):
+        return str(e)
+    if isinstance(e, (ValueError, KeyError)) or type(e).__module__.startswith("core."):
+        return first
+    return f"{type(e).__name__}: {first} (wbc --debug ... shows the traceback)"
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ class (``EOSINOPHIL`` ...), possibly nested as ``dataset2-master/dataset2-master
 ImageFolder root (class folders directly inside) works too.
 
 The manifest has one row per readable image: ``image_id, path, split, label, sha1, width, height``.
-Unreadable or non-image files are never fatal: they are returned as ``skipped`` and recorded in the run.
+Unreadable or non-image files, and images above the pixel budget (:data:`MAX_PIXELS`), are never fatal: they
+are returned as ``skipped`` with the reason and recorded in the run, before anything is enhanced.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from core.config import CLASSES, KNOWN_DATA_LOCATIONS
 SPLIT_NAMES = ("TRAIN", "TEST", "TEST_SIMPLE")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 MANIFEST_COLUMNS = ("image_id", "path", "split", "label", "sha1", "width", "height")
+# The pixel budget of one input image: 2048x2048 (4.2 MP; a Kaggle image is 320x240 = 0.08 MP). An x4
+# enhancement of it (67 MP) stays under Pillow's decompression-bomb limits (warning at 89 MP, error at 179 MP),
+# so every enhanced image the cache holds can be read back. Larger images are skipped at scan time.
+MAX_PIXELS = 2048 * 2048
 
 GET_DATA_HELP = (
     "No blood-cell images found. Get them with one of:\n"
@@ -104,9 +109,20 @@ def _inspect(path: Path) -> tuple[str, int, int]:
     from io import BytesIO
 
     with Image.open(BytesIO(data)) as im:
+        w, h = im.size  # from the header: a huge image is refused before it is decoded
+        check_pixels(w, h)
         im.load()  # full decode: catches truncated files now rather than mid-training
-        w, h = im.size
     return hashlib.sha1(data).hexdigest(), w, h
+
+
+class ImageTooLarge(ValueError):
+    pass
+
+
+def check_pixels(width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise ImageTooLarge(f"{width}x{height} = {width * height / 1e6:.1f} MP is above the pixel budget of "
+                            f"{MAX_PIXELS / 1e6:.1f} MP (core.data.MAX_PIXELS)")
 
 
 def scan_class_folders(folder: Path, split: str, id_prefix: str | None = None,

@@ -61,9 +61,14 @@ def create_classifier(name: str, num_classes: int, pretrained: str = "imagenet")
 
 def _load_local(model: nn.Module, path: str, skip_prefix: str) -> dict:
     """Load a local state dict, dropping a classification head of another size."""
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a text file, a truncated download, a pickle of other objects
+        raise ValueError(f"--pretrained {path}: not a PyTorch state dict ({type(e).__name__})") from e
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"--pretrained {path}: not a PyTorch state dict (holds a {type(sd).__name__})")
     own = model.state_dict()
     sd = {k: v for k, v in sd.items() if not (k.startswith(skip_prefix) and own.get(k, v).shape != v.shape)}
     missing, unexpected = model.load_state_dict(sd, strict=False)

@@ -1,13 +1,16 @@
 """A whole study, top to bottom: data -> groups/split -> enhance -> train -> evaluate -> store.
 
-``run(config)`` is the one entry point (CLI and dashboard). Read it from the top: every stage is a
-small function, and every result lands in the run folder as soon as it exists.
+``run(config)`` is the one entry point (CLI and dashboard); ``resume(run_id)`` continues a run that stopped.
+Read it from the top: every stage is a small function, and every result lands in the run folder as soon as it
+exists. A daemon thread keeps the run's heartbeat fresh while it works (``core.store.effective_status``).
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import signal
+import socket
 import threading
 import time
 import traceback
@@ -26,7 +29,8 @@ from core.enhance import create_enhancer, enhance_to_cache, get_enhancer_spec
 from core.metrics import confusion_rows, metrics_rows, predictions_frame
 from core.models import create_classifier, get_classifier_spec
 from core.regions import add_regions, box_of, margin_for
-from core.store import Run, RunStore, now_iso
+from core.store import (CANCEL_FILE, HEARTBEAT_EVERY_S, KEYS, RESUMABLE_STATUSES, Run, RunStore, check_run_id,
+                        check_writable, now_iso)
 
 OnProgress = Callable[[dict], None]
 
@@ -39,6 +43,18 @@ class Progress:
         self.stage, self.t_stage, self._last = "", time.perf_counter(), 0.0
         self.durations: dict[str, float] = {}
         self.cancel_event = threading.Event()
+        self.info: dict = {"stage": "starting", "percent": 0.0}  # the last progress written
+        self._write_lock = threading.Lock()  # the heartbeat thread writes progress.json too
+
+    def _write(self, info: dict) -> None:
+        with self._write_lock:
+            self.info = info
+            self.run.write_progress(**info)
+
+    def beat(self) -> None:
+        """Refresh the heartbeat: the last progress again, with this process's pid, host and the time."""
+        with self._write_lock:
+            self.run.write_progress(**self.info)
 
     def start(self, stage: str, message: str = "") -> None:
         if self.stage:
@@ -56,7 +72,7 @@ class Progress:
         self.finish()
         info = {"stage": "finished", "stage_index": len(self.stages), "stages": len(self.stages), "done": 1,
                 "total": 1, "message": "finished", "eta_s": 0, "percent": 100.0}
-        self.run.write_progress(**info)
+        self._write(info)
         if self.on_progress:
             self.on_progress(info)
 
@@ -74,7 +90,7 @@ class Progress:
         info = {"stage": self.stage, "stage_index": idx + 1, "stages": len(self.stages), "done": done,
                 "total": total, "message": message, "eta_s": None if eta is None else round(eta, 1),
                 "percent": round(100 * (idx + frac) / max(len(self.stages), 1), 1)}
-        self.run.write_progress(**info)
+        self._write(info)
         if self.on_progress:
             self.on_progress(info)
 
@@ -114,6 +130,7 @@ def prepare_data(cfg: StudyConfig, prog: Progress) -> StudyData:
         train, test = _grouped_split(train, 0.2, seed0 + 10_000, cfg, prog)
         source = "TRAIN held-out (20%, by source cell)"
     pool = D.subset_per_class(train, cfg.per_class, seed0)
+    check_every_class(pool, man.split_dirs.get("TRAIN"))
     test = D.subset_per_class(test, cfg.test_per_class, seed0)
     if test.empty:
         raise ValueError(f"no test images: {source} is empty (each class has a single source group?); "
@@ -122,6 +139,14 @@ def prepare_data(cfg: StudyConfig, prog: Progress) -> StudyData:
     notes = int((pool["region_note"] != "").sum() + (test["region_note"] != "").sum())
     prog.run.log(f"input policy {cfg.input_policy}: {notes} of {len(pool) + len(test)} images fell back")
     return StudyData(pool=pool, test=test, test_source=source, manifest=man, policy=cfg.input_policy)
+
+
+def check_every_class(pool: pd.DataFrame, train_dir: str | None) -> None:
+    """A class with no usable training image is an error naming it (it would train a model blind to it)."""
+    empty = [c for c in CLASSES if not (pool["label"] == c).any()]
+    if empty:
+        raise ValueError(f"{', '.join(empty)}: 0 usable images in the training pool ({train_dir}); every class "
+                         f"needs training images (files skipped at scan time are listed in run.json)")
 
 
 def _groups(df: pd.DataFrame, cfg: StudyConfig, prog: Progress) -> np.ndarray:
@@ -268,11 +293,35 @@ def _disjoint(train: pd.DataFrame, val: pd.DataFrame) -> bool | None:
     return not set(train["group_id"]) & set(val["group_id"])
 
 
+PART_TABLES = ("predictions", "metrics", "confusion", "history", "splits", "validation")  # validation last
+
+
 def write_tables(run: Run, parts: list[dict]) -> None:
-    for name in ("predictions", "metrics", "confusion", "history", "splits", "validation"):
+    for name in PART_TABLES:
         run.write_table(name, pd.concat([p[name] for p in parts], ignore_index=True))
     pred = pd.concat([p["predictions"] for p in parts], ignore_index=True)
     run.write_table("misclassified", pred[~pred["correct"]])
+
+
+def _model_keys(df: pd.DataFrame) -> set[tuple]:
+    return {(str(v), int(s), int(z)) for v, s, z in df[KEYS].itertuples(index=False, name=None)}
+
+
+def stored_parts(run: Run) -> dict[tuple, dict]:
+    """The models whose tables are complete in ``run`` (their rows are in predictions, validation and history),
+    as parts like ``train_and_evaluate``'s: (variant, seed, image_size) -> tables."""
+    tables = {name: run.read_table(name) for name in PART_TABLES}
+    done = _model_keys(tables["predictions"]) & _model_keys(tables["validation"]) & _model_keys(tables["history"])
+    weights = (run.read_meta().get("weights") or {}).get("classifier")
+    parts = {}
+    for key in done:
+        rows = {name: df[(df["variant"] == key[0]) & (df["seed"] == key[1]) & (df["image_size"] == key[2])]
+                .reset_index(drop=True) for name, df in tables.items()}
+        disjoint = rows["validation"]["val_groups_disjoint"].iloc[0]
+        counts = rows["splits"]["role"].value_counts()
+        parts[key] = {**rows, "weights": weights, "val_groups_disjoint": None if pd.isna(disjoint) else bool(disjoint),
+                      "counts": {role: int(counts.get(role, 0)) for role in ("train", "val", "test")}}
+    return parts
 
 
 def compute_and_write_stats(run: Run, cfg: StudyConfig) -> pd.DataFrame | None:
@@ -342,66 +391,156 @@ def plan_stages(cfg: StudyConfig) -> list[str]:
 
 
 def run(cfg: StudyConfig, on_progress: OnProgress | None = None, run_id: str | None = None,
-        store: RunStore | None = None) -> Run:
-    """Run a whole study; the run folder records everything, also when it fails or is cancelled."""
+        store: RunStore | None = None, resume: bool = False) -> Run:
+    """Run a whole study; the run folder records everything, also when it fails or is cancelled.
+
+    Config, run id, device and the writability of the store and the cache are checked before any run folder
+    exists. ``resume=True`` continues the existing run ``run_id`` (see :func:`resume`).
+    """
     cfg.validate()
-    store = store or RunStore(cfg.runs_dir)
-    run = store.create(cfg.to_dict(), run_id)
+    if run_id is not None:
+        check_run_id(run_id)
     device = resolve_device(cfg.device)
+    store = store or RunStore(cfg.runs_dir)
+    check_writable(store.root, "--runs-dir")
+    check_writable(_cache(cfg), "--cache-dir")
+    run = _reopen(store.get(run_id)) if resume else store.create(cfg.to_dict(), run_id)
     prog = Progress(run, plan_stages(cfg), on_progress)
+    prog.beat()  # a heartbeat before the status says running
+    kept = stored_parts(run) if resume else {}
     t0 = time.time()
-    run.update_meta(status="running", started_at=now_iso(), device=str(device), versions=_versions(),
-                    pid=__import__("os").getpid(), notes=cfg.notes,
+    run.update_meta(status="running", started_at=run.read_meta().get("started_at") or now_iso(), device=str(device),
+                    versions=_versions(), pid=os.getpid(), host=socket.gethostname(), notes=cfg.notes, error=None,
                     device_name=torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor())
+    stop_heartbeat = _start_heartbeat(prog)
     restore = _install_sigterm(prog)
     try:
-        prog.start("data", "checking weights, scanning images")
-        enhancers = preflight(cfg)
-        sd = prepare_data(cfg, prog)
-        skipped = sd.manifest.skipped
-        run.log(f"test set: {sd.test_source}, {len(sd.test)} images; training pool {len(sd.pool)} images; "
-                f"{len(skipped)} files skipped")
-        prog.start("groups", "source-cell grouping")
-        assign_source_groups(sd, cfg, prog)
-        run.update_meta(data=_data_meta(sd, cfg), skipped=skipped)
-        enh_prov, enh_errors = enhance_variants(sd, cfg, enhancers, prog)
-        skipped = skipped + enh_errors
-        run.update_meta(weights={"enhancers": enh_prov}, skipped=skipped)
-        if skipped:
-            run.write_table("skipped", pd.DataFrame(skipped))
-        parts = []
-        for v in cfg.variants:  # variant and size outside: each image is decoded once for all seeds
-            for size in cfg.image_sizes:
-                decoded = None
-                for seed in cfg.seeds:
-                    prog.start(f"train:{v}:s{seed}:{size}", f"{cfg.classifier} on {v}, seed {seed}, {size}px")
-                    decoded = decoded or decode_variant(sd, v, size, prog)
-                    parts.append(train_and_evaluate(sd, cfg, v, seed, size, decoded, device, prog))
-                    write_tables(run, parts)
-                    run.update_meta(summary=summarize(parts))
-        prog.start("stats", "bootstrap CIs and paired tests")
-        compute_and_write_stats(run, cfg)
-        prog.finish()
-        meta = run.read_meta()
-        run.update_meta(status="finished", ended_at=now_iso(), duration_s=round(time.time() - t0, 1),
-                        stages=prog.durations,
-                        weights={**meta.get("weights", {}), "classifier": parts[0]["weights"]},
-                        data={**meta["data"], "counts_per_model": [p["counts"] for p in parts],
-                              "val_groups_disjoint": all(p["val_groups_disjoint"] is not False for p in parts)})
-        prog.complete()
-        run.log("finished")
+        _study(run, cfg, device, prog, kept, t0)
     except BaseException as e:
-        status = "cancelled" if isinstance(e, (Cancelled, KeyboardInterrupt)) else "failed"
-        prog.finish()
-        run.update_meta(status=status, ended_at=now_iso(), duration_s=round(time.time() - t0, 1),
-                        stages=prog.durations,
-                        error={"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()})
-        run.write_progress(stage=status, message=str(e), percent=None)
-        run.log(f"{status}: {type(e).__name__}: {e}")
+        stop_heartbeat()  # before the last progress is written: the thread must not overwrite it
+        _record_stop(run, prog, e, t0)
         raise
     finally:
+        stop_heartbeat()
         restore()
     return run
+
+
+def resume(run_id: str, store: RunStore | None = None, on_progress: OnProgress | None = None) -> Run:
+    """Continue an interrupted, failed or cancelled run with its stored config and seeds: models whose tables
+    are complete are kept, the others are trained; the final tables and statistics cover them all."""
+    store = store or RunStore()
+    r = store.get(run_id)
+    status = r.status()
+    if status not in RESUMABLE_STATUSES:
+        raise ValueError(f"run {run_id} is {status}; only an interrupted, failed or cancelled run can be resumed")
+    cfg = StudyConfig.from_dict(r.read_meta().get("config") or {})
+    return run(cfg, on_progress, run_id=run_id, store=store, resume=True)
+
+
+def _reopen(run: Run) -> Run:
+    """A stopped run, ready to continue: its cancel request is dropped, the attempt recorded."""
+    (run.path / CANCEL_FILE).unlink(missing_ok=True)
+    meta, status = run.read_meta(), run.status()
+    run.update_meta(resumed=[*(meta.get("resumed") or []), {"at": now_iso(), "from": status, "error": meta.get("error")}])
+    run.log(f"resuming (was {status})")
+    return run
+
+
+def _study(run: Run, cfg: StudyConfig, device: torch.device, prog: Progress, kept: dict, t0: float) -> None:
+    """The stages, top to bottom; models in ``kept`` (a resumed run's complete ones) are not trained again."""
+    prog.start("data", "checking weights, scanning images")
+    enhancers = preflight(cfg)
+    sd = prepare_data(cfg, prog)
+    skipped = sd.manifest.skipped
+    run.log(f"test set: {sd.test_source}, {len(sd.test)} images; training pool {len(sd.pool)} images; "
+            f"{len(skipped)} files skipped")
+    prog.start("groups", "source-cell grouping")
+    assign_source_groups(sd, cfg, prog)
+    data = _data_meta(sd, cfg)
+    if kept:
+        _check_same_data(run, data)
+        run.log(f"resume: {len(kept)} complete model(s) kept: {', '.join(f'{v} s{s} {z}px' for v, s, z in sorted(kept))}")
+    run.update_meta(data=data, skipped=skipped)
+    enh_prov, enh_errors = enhance_variants(sd, cfg, enhancers, prog)
+    skipped = skipped + enh_errors
+    run.update_meta(weights={**(run.read_meta().get("weights") or {}), "enhancers": enh_prov}, skipped=skipped)
+    if skipped:
+        run.write_table("skipped", pd.DataFrame(skipped))
+    parts = []
+    for v in cfg.variants:  # variant and size outside: each image is decoded once for all seeds
+        for size in cfg.image_sizes:
+            decoded = None
+            for seed in cfg.seeds:
+                if (v, seed, size) in kept:
+                    parts.append(kept[(v, seed, size)])
+                    continue
+                prog.start(f"train:{v}:s{seed}:{size}", f"{cfg.classifier} on {v}, seed {seed}, {size}px")
+                decoded = decoded or decode_variant(sd, v, size, prog)
+                parts.append(train_and_evaluate(sd, cfg, v, seed, size, decoded, device, prog))
+                _record_model(run, parts)
+    write_tables(run, parts)  # a resumed run: drops the rows of a model cut short
+    prog.start("stats", "bootstrap CIs and paired tests")
+    compute_and_write_stats(run, cfg)
+    prog.finish()
+    meta = run.read_meta()
+    run.update_meta(status="finished", ended_at=now_iso(), duration_s=round(time.time() - t0, 1),
+                    stages=prog.durations, summary=summarize(parts),
+                    weights={**meta.get("weights", {}), "classifier": _classifier_weights(parts)},
+                    data={**meta["data"], "counts_per_model": [p["counts"] for p in parts],
+                          "val_groups_disjoint": all(p["val_groups_disjoint"] is not False for p in parts)})
+    prog.complete()
+    run.log("finished")
+
+
+def _record_model(run: Run, parts: list[dict]) -> None:
+    """After each model: every table so far, the summary and the classifier's weights (a resume reads them)."""
+    write_tables(run, parts)
+    weights = run.read_meta().get("weights") or {}
+    run.update_meta(summary=summarize(parts), weights={**weights, "classifier": _classifier_weights(parts)})
+
+
+def _classifier_weights(parts: list[dict]) -> dict | None:
+    return next((p["weights"] for p in parts if p.get("weights")), None)
+
+
+def _check_same_data(run: Run, data: dict) -> None:
+    """A resumed run must see the images it started with (the same per-class counts)."""
+    before = (run.read_meta().get("data") or {}).get("counts")
+    if before is not None and before != data["counts"]:
+        raise ValueError(f"run {run.run_id}: the data changed since it started (per-class counts {before} -> "
+                         f"{data['counts']}); start a new run")
+
+
+def _record_stop(run: Run, prog: Progress, e: BaseException, t0: float) -> None:
+    status = "cancelled" if isinstance(e, (Cancelled, KeyboardInterrupt)) else "failed"
+    prog.finish()
+    run.update_meta(status=status, ended_at=now_iso(), duration_s=round(time.time() - t0, 1), stages=prog.durations,
+                    error={"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()})
+    run.write_progress(stage=status, message=str(e), percent=None)
+    run.log(f"{status}: {type(e).__name__}: {e}")
+
+
+def _start_heartbeat(prog: Progress, every: float = HEARTBEAT_EVERY_S):
+    """A daemon thread refreshing the heartbeat every ``every`` s; returns the function that stops it."""
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(every):
+            try:
+                prog.beat()
+            except OSError:  # a full disk: the next beat tries again; staleness shows if it never works
+                pass
+
+    t = threading.Thread(target=beat, name="wbc-heartbeat", daemon=True)
+    t.start()
+
+    def stop_it():
+        stop.set()
+        if t is not threading.current_thread():
+            t.join()
+
+    return stop_it
 
 
 def _data_meta(sd: StudyData, cfg: StudyConfig) -> dict:

@@ -2,6 +2,10 @@
 
 Every write is atomic (temporary file + ``os.replace``), so a reader never sees half a file and a
 crash never damages another run. The schemas below are the contract between ``core`` and the dashboard.
+
+A running study keeps a heartbeat in ``progress.json`` (``pid``, ``host``, ``updated_at``); a run marked
+running whose process is gone or whose heartbeat is stale is *interrupted* (:func:`effective_status`, the one
+rule every reader uses). What the store promises is in docs/RELIABILITY.md.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import json
 import os
 import re
 import secrets
+import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +59,14 @@ SCHEMAS: dict[str, list[str]] = {
 METRIC_LABELS = [*CLASSES, "accuracy", "macro avg", "weighted avg"]
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
+# The run lifecycle. A study refreshes its heartbeat every HEARTBEAT_EVERY_S seconds (and on each progress
+# update); a heartbeat older than HEARTBEAT_STALE_S means the study is gone (killed, machine down, hung).
+HEARTBEAT_EVERY_S = 10.0
+HEARTBEAT_STALE_S = 120.0
+LIVE_STATUSES = ("queued", "running")
+INTERRUPTED = "interrupted"
+RESUMABLE_STATUSES = (INTERRUPTED, "failed", "cancelled")
+
 
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -67,6 +81,71 @@ def check_run_id(run_id: str) -> str:
     if not _RUN_ID_RE.match(run_id or "") or ".." in run_id:
         raise ValueError(f"invalid run id {run_id!r}")
     return run_id
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> Path:
+    """Create ``folder`` if needed and prove a file can be written in it, in milliseconds, before long work.
+
+    Raises ``ValueError`` naming ``what`` (the flag) and the reason.
+    """
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".wbc-write-check-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ValueError(f"{what} {folder}: not writable ({e.strerror or type(e).__name__})") from None
+    return folder
+
+
+def pid_alive(pid) -> bool:
+    """Whether process ``pid`` exists on this machine (another user's counts)."""
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, OverflowError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _parse_time(value) -> dt.datetime | None:
+    try:
+        t = dt.datetime.fromisoformat(str(value))
+    except (TypeError, ValueError):
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+def heartbeat_age(progress: dict, now: dt.datetime | None = None) -> float | None:
+    """Seconds since the heartbeat in ``progress`` (None without a readable ``updated_at``)."""
+    t = _parse_time(progress.get("updated_at")) if isinstance(progress, dict) else None
+    if t is None:
+        return None
+    return ((now or dt.datetime.now(dt.timezone.utc)) - t).total_seconds()
+
+
+def effective_status(meta: dict, progress: dict, now: dt.datetime | None = None) -> str:
+    """The status to show: run.json's, except that a queued or running run is ``interrupted`` when its
+    process is gone (same host, pid not alive) or its heartbeat is older than :data:`HEARTBEAT_STALE_S`.
+
+    The heartbeat's pid and host come from progress.json, else from run.json (runs made before heartbeats;
+    a pid without a host is taken as this machine's). A run with neither a pid nor a heartbeat was last seen
+    alive when it was created.
+    """
+    status = meta.get("status", "unknown")
+    if status not in LIVE_STATUSES:
+        return status
+    progress = progress if isinstance(progress, dict) else {}
+    pid = progress.get("pid", meta.get("pid"))
+    host = progress.get("host", meta.get("host"))
+    if pid is not None and host in (None, socket.gethostname()) and not pid_alive(pid):
+        return INTERRUPTED
+    age = heartbeat_age(progress, now)
+    if age is None and pid is None:
+        age = heartbeat_age({"updated_at": meta.get("created_at")}, now)
+    return INTERRUPTED if age is not None and age > HEARTBEAT_STALE_S else status
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -128,15 +207,22 @@ class Run:
         return p
 
     def read_table(self, name: str, columns: list[str] | None = None) -> pd.DataFrame:
+        """A stored table (empty with the schema's columns if absent); a damaged file raises
+        :class:`DamagedTable` naming it."""
         if name not in SCHEMAS:
             raise ValueError(f"unknown table {name!r}; choose from {', '.join(SCHEMAS)}")
         p = self.path / f"{name}.parquet"
         if not p.exists():
             return pd.DataFrame(columns=columns or SCHEMAS[name])
-        return pd.read_parquet(p, columns=columns)
+        try:
+            return pd.read_parquet(p, columns=columns)
+        except Exception as e:
+            raise DamagedTable(f"{p}: cannot be read ({type(e).__name__}: {_first_line(e)})") from e
 
     def write_progress(self, **progress) -> None:
-        atomic_write_json(self.path / PROGRESS_JSON, {"updated_at": now_iso(), **progress})
+        """progress.json with the heartbeat: this process's pid and host, and the time."""
+        beat = {"updated_at": now_iso(), "pid": os.getpid(), "host": socket.gethostname()}
+        atomic_write_json(self.path / PROGRESS_JSON, {**beat, **progress})
 
     def read_progress(self) -> dict:
         try:
@@ -154,11 +240,23 @@ class Run:
         except OSError:
             return []
 
+    def status(self) -> str:
+        """run.json's status, or ``interrupted`` (see :func:`effective_status`)."""
+        return effective_status(self.read_meta(), self.read_progress())
+
     def request_cancel(self) -> None:
         (self.path / CANCEL_FILE).touch()
 
     def cancel_requested(self) -> bool:
         return (self.path / CANCEL_FILE).exists()
+
+
+class DamagedTable(Exception):
+    """A stored table that exists but cannot be read (truncated, not Parquet)."""
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 class RunStore:
@@ -168,11 +266,15 @@ class RunStore:
         self.root = Path(root) if root else default_runs_dir()
 
     def create(self, config: dict, run_id: str | None = None) -> Run:
+        """A new run folder. Creating the folder is the claim: of two creates of one id, exactly one wins."""
         run_id = check_run_id(run_id or new_run_id(config.get("preset", "custom")))
         path = self.root / run_id
-        if (path / RUN_JSON).exists():
-            raise FileExistsError(f"run {run_id} already exists in {self.root}")
-        path.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            raise FileExistsError(f"run {run_id} already exists in {self.root}; choose another --run-id, or "
+                                  f"continue it with --resume {run_id}") from None
         run = Run(path)
         run.update_meta(run_id=run_id, status="queued", created_at=now_iso(), config=config)
         return run
@@ -199,7 +301,7 @@ class RunStore:
                 cfg = meta.get("config", {})
                 rows.append({
                     "run_id": rid,
-                    "status": meta.get("status", "unknown"),
+                    "status": effective_status(meta, Run(p).read_progress()),
                     "preset": cfg.get("preset"),
                     "variants": ",".join(cfg.get("variants", [])),
                     "classifier": cfg.get("classifier"),

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from core.config import CLASSES, PROB_COLUMNS, default_cache_dir
-from core.store import RUN_JSON, SCHEMAS, RunStore
+from core.store import HEARTBEAT_EVERY_S, PROGRESS_JSON, RUN_JSON, SCHEMAS, RunStore
 
 from dashboard.security import is_allowed_image
 
@@ -64,14 +65,18 @@ def _fmt_duration(s) -> str:
 
 
 def list_runs(root) -> pd.DataFrame:
-    """One row per run folder (core.store.RunStore.list_runs) with one ``acc <variant>`` column per variant."""
+    """One row per run folder (core.store.RunStore.list_runs) with one ``acc <variant>`` column per variant.
+
+    The status is core's effective one (a run whose process is gone shows ``interrupted``). It changes without
+    a file changing (a killed process, a heartbeat growing old), so the listing is re-read at least every
+    HEARTBEAT_EVERY_S seconds; run.json and progress.json changes re-read it at once."""
     root = Path(root)
     try:
         entries = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError:
         entries = []
-    key = tuple((p.name, _stat_key(p / RUN_JSON)) for p in entries)
-    return _runs_cached(str(root), key)
+    key = tuple((p.name, _stat_key(p / RUN_JSON), _stat_key(p / PROGRESS_JSON)) for p in entries)
+    return _runs_cached(str(root), key + (int(time.time() // HEARTBEAT_EVERY_S),))
 
 
 @lru_cache(maxsize=64)

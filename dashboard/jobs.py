@@ -237,7 +237,9 @@ def _held_message(path: Path, holder: dict | None) -> str:
 
 def running_elsewhere(runs_dir, exclude: str | None = None) -> list[tuple[str, dict]]:
     """Studies running in this store that this dashboard did not start (``wbc study`` in a terminal, another
-    dashboard): (run_id, progress) for each run marked running whose process is alive on this machine."""
+    dashboard): (run_id, progress) for each run whose effective status (core.store.effective_status: process
+    alive, heartbeat fresh) is running or queued."""
+    from core.store import LIVE_STATUSES, effective_status
     from dashboard.data import read_meta
 
     out = []
@@ -246,9 +248,9 @@ def running_elsewhere(runs_dir, exclude: str | None = None) -> list[tuple[str, d
         if rid == exclude:
             continue
         meta, _ = read_meta(meta_path.parent)
-        if meta.get("status") not in ("running", "queued") or not _alive(meta.get("pid")):
-            continue
-        out.append((rid, Run(meta_path.parent).read_progress()))
+        progress = Run(meta_path.parent).read_progress()
+        if effective_status(meta, progress) in LIVE_STATUSES:
+            out.append((rid, progress))
     return out
 
 

@@ -2,6 +2,8 @@
 
 Resumable (valid outputs are skipped; files are written atomically), with a progress bar, a duration estimate
 from a short calibration, and a per-image error list (``OUT_DIR/enhance_errors.csv``) instead of a crash.
+OUT_DIR and IN_DIR never overlap (OUT_DIR is not IN_DIR, inside it or above it: the outputs and the error list
+stay out of the inputs), and OUT_DIR must be writable before the first image is enhanced.
 Standalone: ``python -m core.enhance.cli --model NAME IN_DIR OUT_DIR``.
 """
 
@@ -92,6 +94,23 @@ def _validate(args) -> None:
         raise _Usage(f"IN_DIR: {args.in_dir!r} is not a folder")
     if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         raise _Usage(f"OUT_DIR: {args.out_dir!r} exists and is not a folder")
+    _check_folders(Path(args.in_dir), Path(args.out_dir))
+
+
+def _check_folders(in_dir: Path, out_dir: Path) -> None:
+    """OUT_DIR apart from IN_DIR (resolved: links followed) and writable, before any work."""
+    from core.store import check_writable
+
+    src, dest = in_dir.resolve(), out_dir.resolve()
+    if dest == src or dest in src.parents:
+        raise _Usage(f"OUT_DIR: {str(out_dir)!r} is IN_DIR or holds it; choose a folder outside IN_DIR")
+    if src in dest.parents:
+        raise _Usage(f"OUT_DIR: {str(out_dir)!r} is inside IN_DIR; choose a folder outside IN_DIR (the outputs and "
+                     f"{ERRORS_CSV} would become inputs)")
+    try:
+        check_writable(out_dir, "OUT_DIR")
+    except ValueError as e:
+        raise _Usage(str(e)) from None
 
 
 def list_inputs(in_dir: Path, out_dir: Path) -> list[Path]:
@@ -169,17 +188,25 @@ def cmd_enhance(args) -> int:
         made += len(written)
         errors += errs
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ERRORS_CSV, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "error"])
-        w.writeheader()
-        w.writerows(errors)
+    _write_errors(out_dir / ERRORS_CSV, errors)
     print(f"enhanced {made}, skipped {done_before} (already done), errors {len(errors)}", file=sys.stderr)
     if errors:
         print(f"errors (also in {out_dir / ERRORS_CSV}):", file=sys.stderr)
         for e in errors:
             print(f"  {e['path']}: {e['error']}", file=sys.stderr)
     return 1 if errors else 0
+
+
+def _write_errors(path: Path, errors: list[dict]) -> None:
+    import io
+
+    from core.store import atomic_write_bytes
+
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=["path", "error"])
+    w.writeheader()
+    w.writerows(errors)
+    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def main(argv: list[str] | None = None) -> int:

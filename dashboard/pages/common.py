@@ -82,28 +82,30 @@ def progress_summary(prog: dict, default: str = "starting") -> str:
 
 
 def run_banner(state, run_id) -> tuple[pn.pane.Alert | None, bool]:
-    """(a banner for a run that is not finished, whether its results can be shown at all)."""
-    from core.store import Run
+    """(a banner for a run that is not finished, whether its results can be shown at all). A run whose process
+    is gone is ``interrupted`` (core.store.effective_status): what it stored is shown."""
+    from core.store import RESUMABLE_STATUSES, Run, effective_status
     from dashboard.data import read_meta
 
     if not run_id:
         return None, True
     rd = state.run_dir(run_id)
     meta, _ = read_meta(rd)
-    status = meta.get("status", "unknown")
+    prog = Run(rd).read_progress()
+    status = effective_status(meta, prog)
     if status == "finished":
         return None, True
     rid = esc(run_id)
     if status in ("running", "queued"):
-        prog = Run(rd).read_progress()
         eta = fmt_eta(prog.get("eta_s")) if prog.get("eta_s") else None
         text = (f"Run <code>{rid}</code> is {status}: {progress_summary(prog, status)}"
                 + (f", about {eta} left" if eta else "")
                 + ". Its results appear here when it finishes (press Refresh on the Runs page).")
         return pn.pane.Alert(text, alert_type="info", css_classes=["wbc-run-banner"], sizing_mode="stretch_width"), False
     err = esc(str(meta.get("error") or "")[:300])  # cut before escaping: no half entities
+    resume = f" Continue it with <code>wbc study --resume {rid}</code>." if status in RESUMABLE_STATUSES else ""
     text = f"Run <code>{rid}</code> is {esc(status)}" + (f": {err}" if err else "") + \
-        ". What it stored before stopping is shown below."
+        ". What it stored before stopping is shown below." + resume
     return pn.pane.Alert(text, alert_type="warning", css_classes=["wbc-run-banner"], sizing_mode="stretch_width"), True
 
 

@@ -6,6 +6,7 @@ import panel as pn
 
 import pandas as pd
 
+from core.store import Run, effective_status
 from dashboard.data import list_runs, load_table, read_meta
 from dashboard.pages.common import fmt_p, warnings_alert, warnings_md
 from dashboard.safe import esc
@@ -88,7 +89,7 @@ def config_diff(meta_a: dict, meta_b: dict) -> list[tuple[str, str, str]]:
 
 def _style_status(v):
     colors = {"finished": "#2ca02c", "failed": "#d62728", "running": "#1f77b4", "queued": "#7f7f7f",
-              "cancelled": "#ff7f0e", "unreadable": "#d62728"}
+              "cancelled": "#ff7f0e", "interrupted": "#ff7f0e", "unreadable": "#d62728"}
     c = colors.get(v)
     return f"color: {c}; font-weight: 600" if c else ""
 
@@ -156,7 +157,8 @@ def view(state) -> pn.viewable.Viewable:
                 items.append(pn.pane.Alert(f"**{role} <code>{esc(rid)}</code>**: {esc(w)}", alert_type="warning"))
                 continue
             cfg = meta.get("config") or {}
-            txt = (f"**{role}: <code>{esc(rid)}</code>** — status **{esc(meta.get('status'))}**, preset "
+            status = effective_status(meta, Run(state.run_dir(rid)).read_progress())
+            txt = (f"**{role}: <code>{esc(rid)}</code>** — status **{esc(status)}**, preset "
                    f"{esc(cfg.get('preset'))}, {esc(cfg.get('classifier'))} ({esc(cfg.get('pretrained'))}), variants "
                    f"{esc(', '.join(map(str, cfg.get('variants') or [])))}, epochs {esc(cfg.get('epochs'))}, seeds "
                    f"{esc(cfg.get('seeds'))}, test set {esc((meta.get('data') or {}).get('test_source'))}, device "

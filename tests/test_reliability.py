@@ -1,0 +1,409 @@
+"""Reliability of core (issue 10): the run lifecycle (heartbeat, ``interrupted``, ``kill -9`` then ``--resume``),
+atomic run creation, input limits, the CLI's one error path and ``wbc enhance``'s folders.
+
+docs/RELIABILITY.md's bad-input and fault matrix names these tests. Studies are tiny (generated images,
+``simple_cnn``, 32 px): seconds each.
+"""
+
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from core import RunStore, make_config, run_study
+from core import data as D
+from core.config import PROB_COLUMNS
+from core.store import HEARTBEAT_STALE_S, KEYS, effective_status
+from tests.gen_data import cell_image, make_dataset
+
+TINY_ARGS = ["--classifier", "simple_cnn", "--pretrained", "none", "--image-size", "32", "--epochs", "2",
+             "--batch-size", "8", "--variants", "original,bicubic-x4", "--split", "random", "--seeds", "2", "--quiet"]
+TINY = dict(classifier="simple_cnn", pretrained="none", image_sizes=(32,), epochs=2, batch_size=8,
+            variants=("original", "bicubic-x4"), split="random")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"), train_per_class=10, test_per_class=4)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, data_dir):
+    """A store holding one uninterrupted tiny study (2 variants x 2 seeds), made by ``wbc study``: (root, runs,
+    the study's arguments, its run id)."""
+    root = tmp_path_factory.mktemp("store")
+    args = ["study", "--data", data_dir, *TINY_ARGS, "--runs-dir", root / "runs", "--cache-dir", root / "cache"]
+    p = _wbc(*args, "--run-id", "reference")
+    assert p.returncode == 0, p.stderr
+    return root, root / "runs", args, "reference"
+
+
+@pytest.fixture(scope="module")
+def dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+@pytest.fixture
+def unwritable(tmp_path):
+    """A folder no file can be written in: read-only for a user; for root (who ignores modes), under a file."""
+    if os.geteuid() == 0:
+        (tmp_path / "a-file").write_text("x")
+        yield tmp_path / "a-file" / "sub"
+        return
+    d = tmp_path / "read-only"
+    d.mkdir()
+    d.chmod(0o555)
+    yield d
+    d.chmod(0o755)
+
+
+def _wbc(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "core", *map(str, args)], capture_output=True, text=True, **kw)
+
+
+def _main(capsys, *args) -> tuple[int, str, str]:
+    """``wbc ARGS`` in this process (the same ``core.cli.main``): (exit code, stdout, stderr)."""
+    from core.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line(err: str) -> bool:
+    return len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def _models(run_dir: Path) -> set:
+    return {tuple(k) for k in pd.read_parquet(run_dir / "validation.parquet")[KEYS].values.tolist()}
+
+
+# ------------------------------------------------------------------------------------------ run lifecycle
+def test_kill_9_then_resume_matches_an_uninterrupted_run(store):
+    root, runs, args, reference = store
+    proc = subprocess.Popen([sys.executable, "-m", "core", *map(str, args), "--run-id", "killed"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = runs / "killed" / "validation.parquet"  # the last of a model's tables to be written
+    deadline = time.monotonic() + 600
+    while not first.exists():
+        assert proc.poll() is None, "the study ended before its first model's tables were written"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = _models(runs / "killed")
+    assert 1 <= len(kept) < 4  # killed mid-study: some models complete, some not
+    ckpt = runs / "killed" / "checkpoints" / "original-s0-32.pt"
+    mtime = ckpt.stat().st_mtime_ns
+    assert json.loads((runs / "killed" / "run.json").read_text())["status"] == "running"  # as kill -9 left it
+
+    listing = _wbc("runs", "--runs-dir", runs)
+    assert re.search(r"killed\s+interrupted", listing.stdout), listing.stdout
+    report = _wbc("report", "killed", "--runs-dir", runs)
+    assert report.returncode == 0 and "run killed: interrupted" in report.stdout
+    assert "confusion matrix [original]" in report.stdout  # the partial results, read normally
+
+    resumed = _wbc("study", "--resume", "killed", "--runs-dir", runs, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    meta = json.loads((runs / "killed" / "run.json").read_text())
+    assert meta["status"] == "finished" and meta["resumed"][0]["from"] == "interrupted" and not meta["error"]
+    assert json.loads((runs / "killed" / "progress.json").read_text())["stage"] == "finished"
+    assert ckpt.stat().st_mtime_ns == mtime  # a complete model is kept, not trained again
+    assert "complete model(s) kept" in (runs / "killed" / "log.txt").read_text()
+
+    order = [*KEYS, "image_id"]
+    a, b = (pd.read_parquet(runs / rid / "predictions.parquet").sort_values(order).reset_index(drop=True)
+            for rid in ("killed", reference))
+    assert len(a) == 4 * 16 and a[order].equals(b[order])
+    np.testing.assert_allclose(a[list(PROB_COLUMNS)].to_numpy(), b[list(PROB_COLUMNS)].to_numpy(), atol=1e-6)
+    assert (a["pred_label"] == b["pred_label"]).all()
+    assert _models(runs / "killed") == _models(runs / reference)
+    sa, sb = (pd.read_parquet(runs / rid / "stats.parquet") for rid in ("killed", reference))
+    assert len(sa) == len(sb) and set(sa["variant"]) == set(sb["variant"])
+
+
+NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.timezone.utc)
+FRESH, STALE = (NOW - dt.timedelta(seconds=5)).isoformat(), (NOW - dt.timedelta(seconds=HEARTBEAT_STALE_S + 1)).isoformat()
+HOST = socket.gethostname()
+
+
+@pytest.mark.parametrize("status, progress, meta, want", [
+    ("running", {"pid": "ME", "host": HOST, "updated_at": FRESH}, {}, "running"),
+    ("running", {"pid": "DEAD", "host": HOST, "updated_at": FRESH}, {}, "interrupted"),  # process gone
+    ("running", {"pid": "DEAD", "host": "another-host", "updated_at": FRESH}, {}, "running"),  # not ours to check
+    ("running", {"pid": "DEAD", "host": "another-host", "updated_at": STALE}, {}, "interrupted"),  # stale heartbeat
+    ("running", {"pid": "ME", "host": HOST, "updated_at": STALE}, {}, "interrupted"),  # alive but silent: hung
+    ("running", {"stage": "train", "updated_at": FRESH}, {"pid": "DEAD"}, "interrupted"),  # run.json's pid only
+    ("queued", {}, {"created_at": STALE}, "interrupted"),  # never started, no heartbeat at all
+    ("queued", {}, {"created_at": FRESH}, "queued"),
+    ("running", {"pid": "ME", "host": HOST, "updated_at": "not a time"}, {}, "running"),
+    ("finished", {"pid": "DEAD", "host": HOST, "updated_at": STALE}, {}, "finished"),
+    ("failed", {}, {}, "failed"),
+])
+def test_effective_status_marks_gone_and_stale_runs_interrupted(status, progress, meta, want, dead_pid):
+    pids = {"ME": os.getpid(), "DEAD": dead_pid}
+    progress = {k: pids.get(v, v) for k, v in progress.items()}
+    meta = {"status": status, **{k: pids.get(v, v) for k, v in meta.items()}}
+    assert effective_status(meta, progress, now=NOW) == want
+
+
+def test_heartbeat_is_refreshed_during_a_silent_stage(tmp_path):
+    from core.pipeline import Progress, _start_heartbeat
+
+    run = RunStore(tmp_path).create({})
+    prog = Progress(run, ["data"])
+    prog.start("data", "scanning a slow disk")  # then no progress update at all
+    first = run.read_progress()["updated_at"]
+    stop = _start_heartbeat(prog, every=0.05)
+    deadline = time.monotonic() + 10
+    while run.read_progress().get("updated_at") == first and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop()
+    beat = run.read_progress()
+    assert beat["updated_at"] > first and beat["stage"] == "data" and beat["message"] == "scanning a slow disk"
+    assert beat["pid"] == os.getpid() and beat["host"] == socket.gethostname()
+
+
+def test_dashboard_shows_an_interrupted_run_and_its_partial_results(tmp_path, dead_pid):
+    from dashboard.data import list_runs, load_table
+    from dashboard.jobs import running_elsewhere
+    from dashboard.pages.common import run_banner
+    from dashboard.state import AppState
+
+    state = AppState(runs_dir=str(tmp_path / "runs"))
+    run = RunStore(state.runs_dir).create({"preset": "quick"}, run_id="cut-short")
+    run.update_meta(status="running", pid=dead_pid)
+    run.write_progress(stage="train:original:s1:32", percent=40.0, pid=dead_pid)  # its last heartbeat
+    run.write_table("predictions", pd.DataFrame([{"variant": "original", "seed": 0, "image_size": 32,
+                                                  "image_id": "TEST/x.jpeg", "correct": True}]))
+    assert list_runs(state.runs_dir).set_index("run_id").loc["cut-short", "status"] == "interrupted"
+    banner, show = run_banner(state, "cut-short")
+    assert show and "interrupted" in banner.object and "--resume" in banner.object
+    table, warning = load_table(run.path, "predictions")
+    assert len(table) == 1 and warning is None
+    assert running_elsewhere(state.runs_dir) == []
+
+
+def test_resume_refuses_finished_and_live_runs_and_other_flags(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    s = RunStore(runs)
+    s.create({}, run_id="done").update_meta(status="finished")
+    live = s.create({}, run_id="live")
+    live.update_meta(status="running")
+    live.write_progress(stage="train")  # this process's heartbeat: alive and fresh
+    for rid, word in (("done", "finished"), ("live", "running")):
+        code, _, err = _main(capsys, "study", "--resume", rid, "--runs-dir", runs)
+        assert code == 2 and _one_line(err) and f"run {rid} is {word}" in err
+    code, _, err = _main(capsys, "study", "--resume", "done", "--epochs", "3", "--runs-dir", runs)
+    assert code == 2 and _one_line(err) and "drop --epochs" in err
+    code, _, err = _main(capsys, "study", "--resume", "nope", "--runs-dir", runs)
+    assert code == 2 and _one_line(err) and "no run 'nope'" in err
+
+
+def test_resume_retrains_a_model_cut_short_between_its_tables(tmp_path):
+    from core.pipeline import stored_parts
+
+    run = RunStore(tmp_path).create({})
+    keys = [{"variant": "original", "seed": s, "image_size": 32} for s in (0, 1)]
+    run.write_table("predictions", pd.DataFrame([{**k, "image_id": "a", "correct": True} for k in keys]))
+    run.write_table("history", pd.DataFrame([{**k, "epoch": 1} for k in keys]))
+    run.write_table("splits", pd.DataFrame([{**keys[0], "image_id": i, "role": r} for i, r in
+                                            (("a", "test"), ("b", "train"), ("c", "train"), ("d", "val"))]))
+    run.write_table("validation", pd.DataFrame([{**keys[0], "val_groups_disjoint": True}]))  # seed 1: killed before
+    parts = stored_parts(run)
+    assert list(parts) == [("original", 0, 32)]
+    part = parts[("original", 0, 32)]
+    assert len(part["predictions"]) == 1 and part["val_groups_disjoint"] is True
+    assert part["counts"] == {"train": 2, "val": 1, "test": 1}
+
+
+# -------------------------------------------------------------------------------------- run folders
+def test_two_creates_of_one_run_id_exactly_one_wins(tmp_path):
+    s = RunStore(tmp_path)
+    for i in range(20):
+        barrier, results = threading.Barrier(2), []
+
+        def create(tag, rid=f"race-{i}"):
+            barrier.wait()
+            try:
+                s.create({"tag": tag}, run_id=rid)
+                results.append("won")
+            except FileExistsError as e:
+                results.append(str(e))
+
+        threads = [threading.Thread(target=create, args=(t,)) for t in "ab"]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results.count("won") == 1, results
+        lost = next(r for r in results if r != "won")
+        assert "already exists" in lost and "\n" not in lost
+
+
+@pytest.mark.parametrize("existing", ["a run", "a folder without run.json"])
+def test_existing_run_id_is_refused_in_one_line(existing, data_dir, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    if existing == "a run":
+        RunStore(runs).create({}, run_id="taken")
+    else:
+        (runs / "taken").mkdir(parents=True)
+    code, _, err = _main(capsys, "study", "--data", data_dir, *TINY_ARGS, "--runs-dir", runs,
+                         "--cache-dir", tmp_path / "c", "--run-id", "taken")
+    assert code == 2 and _one_line(err) and "run taken already exists" in err and "--resume taken" in err
+    assert not (runs / "taken" / "log.txt").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_fails_before_any_run_folder(data_dir, tmp_path, capsys):
+    code, _, err = _main(capsys, "study", "--data", data_dir, *TINY_ARGS, "--device", "cuda",
+                         "--runs-dir", tmp_path / "runs", "--cache-dir", tmp_path / "c")
+    assert code == 2 and _one_line(err) and "no CUDA device" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_id_outside_the_store_is_refused(data_dir, tmp_path, capsys):
+    runs = tmp_path / "a" / "b" / "runs"
+    code, _, err = _main(capsys, "study", "--data", data_dir, *TINY_ARGS, "--runs-dir", runs,
+                         "--cache-dir", tmp_path / "c", "--run-id", "../../x")
+    assert code == 2 and _one_line(err) and "invalid run id '../../x'" in err
+    assert not (tmp_path / "a" / "x").exists() and not runs.exists()
+
+
+@pytest.mark.parametrize("flag", ["--runs-dir", "--cache-dir"])
+def test_unwritable_store_or_cache_fails_before_any_work(flag, data_dir, tmp_path, unwritable, capsys):
+    dirs = {"--runs-dir": tmp_path / "runs", "--cache-dir": tmp_path / "cache", flag: unwritable}
+    code, _, err = _main(capsys, "study", "--data", data_dir, *TINY_ARGS, *[x for kv in dirs.items() for x in kv],
+                         "--run-id", "r")
+    assert code == 2 and _one_line(err) and f"{flag} {unwritable}: not writable" in err
+    assert not (tmp_path / "runs" / "r").exists()
+
+
+def test_pretrained_text_file_is_one_line(data_dir, tmp_path, capsys):
+    txt = tmp_path / "weights.pth"
+    txt.write_text("these are not weights\n")
+    code, _, err = _main(capsys, "study", "--data", data_dir, *TINY_ARGS, "--pretrained", txt,
+                         "--runs-dir", tmp_path / "runs", "--cache-dir", tmp_path / "c", "--run-id", "r")
+    assert code == 2 and _one_line(err) and f"--pretrained {txt}: not a PyTorch state dict" in err
+    meta = RunStore(tmp_path / "runs").get("r").read_meta()
+    assert meta["status"] == "failed" and not any(k.startswith("enhance") for k in meta["stages"])
+
+
+# ------------------------------------------------------------------------------------------ input limits
+def test_images_above_the_pixel_budget_are_skipped_at_scan_time(tmp_path):
+    root = make_dataset(tmp_path / "d", train_per_class=4, test_per_class=2)
+    Image.new("RGB", (5000, 3750), (215, 215, 215)).save(root / "TRAIN" / "EOSINOPHIL" / "huge.png")
+    m = D.build_manifest(root)
+    skipped = {Path(s["path"]).name: s["error"] for s in m.skipped}
+    assert "5000x3750 = 18.8 MP is above the pixel budget" in skipped["huge.png"]
+    assert "huge.png" not in {Path(p).name for p in m.df["path"]} and len(m.split("TRAIN")) == 16
+
+
+@pytest.mark.parametrize("how", ["an empty folder", "only unreadable files"])
+def test_a_class_with_no_usable_training_image_is_an_error_naming_it(how, tmp_path):
+    root = make_dataset(tmp_path / "d", train_per_class=6, test_per_class=2)
+    mono = root / "TRAIN" / "MONOCYTE"
+    for f in mono.iterdir():
+        f.unlink()
+    if how == "only unreadable files":
+        (mono / "a.jpeg").write_text("not an image")
+    cfg = make_config(None, data_dir=str(root), runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "c"), **TINY)
+    with pytest.raises(ValueError, match="monocyte: 0 usable images in the training pool"):
+        run_study(cfg, run_id="r")
+    meta = RunStore(cfg.runs_dir).get("r").read_meta()
+    assert meta["status"] == "failed" and not any(k.startswith("train:") for k in meta["stages"])
+
+
+@pytest.mark.parametrize("seeds", ["0", "-3", "1,-2", "1,1"])
+def test_bad_seeds_are_one_line_errors(seeds):
+    p = _wbc("study", "--seeds", seeds)
+    assert p.returncode == 2 and _one_line(p.stderr) and "--seeds" in p.stderr
+
+
+# -------------------------------------------------------------------------------------- one error path
+def test_report_on_a_truncated_table_is_one_line_and_debug_shows_the_traceback(store, tmp_path, capsys):
+    _, runs, _, reference = store
+    shutil.copytree(runs / reference, tmp_path / "runs" / reference)
+    metrics = tmp_path / "runs" / reference / "metrics.parquet"
+    metrics.write_bytes(metrics.read_bytes()[: metrics.stat().st_size // 2])
+    code, _, err = _main(capsys, "report", reference, "--runs-dir", tmp_path / "runs")
+    assert code == 1 and _one_line(err) and f"{metrics}: cannot be read" in err
+    code, _, err = _main(capsys, "report", reference, "--runs-dir", tmp_path / "runs", "--debug")
+    assert code == 1 and "Traceback" in err and err.strip().splitlines()[-1].startswith("wbc report: error:")
+
+
+def test_report_into_a_closed_pipe_prints_no_traceback(store):
+    """``wbc report RUN | head -1``: the reader goes away before the report is written."""
+    _, runs, _, reference = store
+    p = subprocess.Popen([sys.executable, "-m", "core", "report", reference, "--runs-dir", str(runs)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    p.wait()
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err, err
+    assert p.returncode == 141
+
+
+def test_runs_lists_a_run_json_with_string_accuracy(tmp_path, capsys):
+    s = RunStore(tmp_path)
+    s.create({}, run_id="a-hand-edited").update_meta(status="finished", summary={"accuracy": {"original": "high"}})
+    s.create({}, run_id="b-odd").update_meta(status="finished", summary={"accuracy": "0.9"})
+    s.create({}, run_id="c-good").update_meta(status="finished", summary={"accuracy": {"original": 0.9}})
+    code, out, err = _main(capsys, "runs", "--runs-dir", tmp_path)
+    assert code == 0 and not err
+    assert "original=high" in out and "original=0.900" in out and "b-odd" in out
+
+
+def test_an_unexpected_error_is_one_line_naming_its_type(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(RunStore, "list_runs", lambda self: 1 / 0)
+    code, _, err = _main(capsys, "runs", "--runs-dir", tmp_path)
+    assert code == 1 and _one_line(err) and "ZeroDivisionError: division by zero" in err and "--debug" in err
+    code, _, err = _main(capsys, "--debug", "runs", "--runs-dir", tmp_path)
+    assert code == 1 and "Traceback" in err and "ZeroDivisionError" in err
+
+
+# ----------------------------------------------------------------------------------------- wbc enhance
+def _images(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        cell_image("lymphocyte", rng).save(folder / f"cell{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize("where", ["IN itself", "IN through a symlink", "the parent of IN", "inside IN"])
+def test_enhance_out_never_overlaps_in(where, tmp_path, capsys):
+    src = _images(tmp_path / "data" / "cells")
+    (tmp_path / "link").symlink_to(src)
+    out = {"IN itself": src, "IN through a symlink": tmp_path / "link", "the parent of IN": src.parent,
+           "inside IN": src / "enhanced"}[where]
+    before = sorted(tmp_path.rglob("*"))
+    code, _, err = _main(capsys, "enhance", "--model", "bicubic-x4", src, out)
+    assert code == 2 and _one_line(err) and "OUT_DIR" in err and "outside IN_DIR" in err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written: no outputs, no enhance_errors.csv in IN
+
+
+def test_enhance_checks_out_is_writable_before_any_image(tmp_path, unwritable, capsys, monkeypatch):
+    import core.enhance
+
+    made = []
+    monkeypatch.setattr(core.enhance, "create_enhancer", lambda *a, **k: made.append(1))
+    src = _images(tmp_path / "cells")
+    code, _, err = _main(capsys, "enhance", "--model", "bicubic-x4", src, unwritable)
+    assert code == 2 and _one_line(err) and f"OUT_DIR {unwritable}: not writable" in err and not made
