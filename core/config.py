@@ -175,23 +175,17 @@ class StudyConfig:
         return cls(**kw)
 
 
+# The CPU recipe shared by `quick` and `cpu`: fine-tuned ImageNet EfficientNet-Lite0 (offline weights) on a
+# 144 px region around the stained cell at 128 px, original vs the compact Real-ESRGAN (docs/BENCHMARKS.md).
+_CPU_RECIPE = dict(variants=("original", "realesr-animevideov3"), classifier="efficientnet_lite0",
+                   pretrained="imagenet", freeze_backbone=False, image_sizes=(128,), seeds=(0,), split="grouped",
+                   batch_size=32, lr=1e-3, input_policy="cell")
+
 # Presets: named overrides of StudyConfig. The CLI applies explicit flags on top of a preset.
 PRESETS: dict[str, dict] = {
     # Real data, both variants, minutes on a 2-core CPU with no GPU and no network.
     "quick": dict(
-        variants=("original", "realesr-animevideov3"),
-        classifier="efficientnet_lite0",
-        pretrained="imagenet",
-        freeze_backbone=False,
-        epochs=6,
-        per_class=300,
-        image_sizes=(128,),
-        seeds=(0,),
-        split="grouped",
-        batch_size=32,
-        lr=1e-3,
-        patience=6,
-        input_policy="cell",
+        _CPU_RECIPE, epochs=6, per_class=300, patience=6,
         enhance_half=True,  # bf16 on CPU (~3x faster with native bf16; 52-54 dB PSNR vs fp32), fp16 on CUDA
         notes=[
             "quick preset: the enhanced variant uses the compact realesr-animevideov3 model "
@@ -203,24 +197,12 @@ PRESETS: dict[str, dict] = {
     ),
     # More data and epochs, still CPU-only: under an hour on 2 cores (docs/BENCHMARKS.md).
     "cpu": dict(
-        variants=("original", "realesr-animevideov3"),
-        classifier="efficientnet_lite0",
-        pretrained="imagenet",
-        freeze_backbone=False,
-        epochs=8,
-        per_class=1000,
-        image_sizes=(128,),
-        seeds=(0,),
-        split="grouped",
-        batch_size=32,
-        lr=1e-3,
-        patience=8,
-        input_policy="cell",
+        _CPU_RECIPE, epochs=8, per_class=1000, patience=8,
         notes=[
             "cpu preset: fine-tunes ImageNet EfficientNet-Lite0 on 1,000 training images per class (a grouped "
             "subset of TRAIN) and a 144 px region around the stained cell; the enhanced variant uses the compact "
-            "realesr-animevideov3 model instead of RealESRGAN_x4plus (~20 s/image on CPU). Use --preset paper or "
-            "study on a GPU for the paper's protocol."
+            "realesr-animevideov3 model (fp32) instead of RealESRGAN_x4plus (~20 s/image on CPU). Use --preset "
+            "paper or study on a GPU for the paper's protocol."
         ],
     ),
     # The seed paper's protocol: ResNet-50 ImageNet, full TRAIN, 224 px, original vs RealESRGAN_x4plus,

@@ -39,19 +39,11 @@ _REGISTRY: Registry[ClassifierSpec] = Registry("classifier")
 
 
 def register_classifier(name: str, description: str, **kw) -> Callable:
-    def deco(build):
-        _REGISTRY.add(name, ClassifierSpec(name=name, build=build, description=description, **kw))
-        return build
-
-    return deco
+    return _REGISTRY.register(name, lambda build: ClassifierSpec(name=name, build=build, description=description, **kw))
 
 
-def list_classifiers(pattern: str = "*") -> list[str]:
-    return _REGISTRY.names(pattern)
-
-
-def get_classifier_spec(name: str) -> ClassifierSpec:
-    return _REGISTRY.get(name)
+list_classifiers = _REGISTRY.names  # (pattern="*") -> names
+get_classifier_spec = _REGISTRY.get  # (name) -> ClassifierSpec; unknown names: ValueError listing the choices
 
 
 def create_classifier(name: str, num_classes: int, pretrained: str = "imagenet") -> tuple[nn.Module, dict]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Generic, TypeVar
+from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -17,6 +17,14 @@ class Registry(Generic[T]):
         if name in self._specs:
             raise ValueError(f"{self.kind} {name!r} registered twice")
         self._specs[name] = spec
+
+    def register(self, name: str, make_spec: Callable[[Callable], T]) -> Callable[[Callable], Callable]:
+        """A decorator that registers ``make_spec(fn)`` under ``name`` and returns ``fn`` unchanged."""
+        def deco(fn: Callable) -> Callable:
+            self.add(name, make_spec(fn))
+            return fn
+
+        return deco
 
     def names(self, pattern: str = "*") -> list[str]:
         return [n for n in self._specs if fnmatch.fnmatch(n, pattern)]

@@ -59,9 +59,9 @@ def scorecard_text(card: pd.DataFrame) -> str:
         return "Replication scorecard: no validation figures in this run (made before they were stored)."
     lines = [f"Replication scorecard (paper's figures: {PAPER_CITATION})"]
     for r in card.itertuples():
-        paper = f"{r.paper_val_accuracy:.2f}" if r.paper_val_accuracy is not None else "-"
-        test = "-" if r.test_accuracy is None else f"{r.test_accuracy:.3f}"
-        if r.test_ci_low is not None:
+        paper = "-" if _num(r.paper_val_accuracy) is None else f"{r.paper_val_accuracy:.2f}"
+        test = "-" if _num(r.test_accuracy) is None else f"{r.test_accuracy:.3f}"
+        if _num(r.test_ci_low) is not None:
             test += f" [95% CI {r.test_ci_low:.3f}-{r.test_ci_high:.3f}]"
         seeds = f", mean of {r.seeds} seeds" if r.seeds > 1 else ""
         lines.append(f"- {r.variant} ({r.image_size} px{seeds}): paper validation {paper} | this run validation "

@@ -259,6 +259,14 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0]
 
 
+def _summary_accuracy(summary: dict) -> dict:
+    """{variant: seed-mean accuracy}; with several image sizes {"variant@SIZEpx": ...} for every size."""
+    by_size = summary.get("accuracy_by_size") or {}
+    if isinstance(by_size, dict) and len(by_size) > 1:
+        return {f"{v}@{z}px": a for z, accs in by_size.items() if isinstance(accs, dict) for v, a in accs.items()}
+    return summary.get("accuracy", {})
+
+
 class RunStore:
     """All runs under one folder (``runs/`` by default, or ``WBC_RUNS_DIR``)."""
 
@@ -306,7 +314,7 @@ class RunStore:
                     "variants": ",".join(cfg.get("variants", [])),
                     "classifier": cfg.get("classifier"),
                     "test_set": (meta.get("data") or {}).get("test_source"),
-                    "accuracy": (meta.get("summary") or {}).get("accuracy", {}),
+                    "accuracy": _summary_accuracy(meta.get("summary") or {}),
                     "created_at": meta.get("created_at"),
                     "seconds": meta.get("duration_s"),
                     "error": (meta.get("error") or {}).get("message") if meta.get("error") else None,

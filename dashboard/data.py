@@ -23,6 +23,7 @@ import pandas as pd
 from core.config import CLASSES, PROB_COLUMNS, default_cache_dir
 from core.store import HEARTBEAT_EVERY_S, PROGRESS_JSON, RUN_JSON, SCHEMAS, RunStore
 
+from dashboard.safe import as_float
 from dashboard.security import is_allowed_image
 
 THUMB_SIZE = 128
@@ -53,11 +54,8 @@ def _runs_cached(root: str, key: tuple) -> pd.DataFrame:
 
 
 def _fmt_duration(s) -> str:
-    try:
-        s = float(s)
-    except (TypeError, ValueError):
-        return ""
-    if s != s:
+    s = as_float(s)
+    if s is None:
         return ""
     m, sec = divmod(int(round(s)), 60)
     h, m = divmod(m, 60)

@@ -25,3 +25,12 @@ _REFS = {ord(c): f"&#{ord(c)};" for c in "\"'\\`*_[]()!#|~$:^{}"}
 def esc(value) -> str:
     """``value`` as text that no HTML or Markdown renderer interprets (``None`` is ``'None'``)."""
     return html.escape(str(value), quote=False).translate(_REFS)
+
+
+def as_float(value) -> float | None:
+    """A number read from disk as a float, or None when it is missing, NaN or not a number (never raises)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if x != x else x

@@ -195,6 +195,7 @@ def test_scorecard_rows_beside_the_paper(grouped_run):
     assert orig["test_ci_low"] <= orig["test_accuracy"] <= orig["test_ci_high"]
     text = scorecard_text(card)
     assert "paper validation 0.92" in text and "mean of 2 seeds" in text and "leaky" not in text
+    assert "bicubic-x4 (32 px, mean of 2 seeds): paper validation - |" in text and "nan" not in text
     leaky = scorecard_text(card.assign(val_split="random", val_leaky=True))
     assert "leaky" in leaky
 

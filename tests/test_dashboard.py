@@ -23,12 +23,17 @@ def store(tmp_path_factory):
     return info
 
 
+def _serve_store(info: dict, monkeypatch) -> dict:
+    """Point the dashboard (run store, cache, data roots) at a fixture store."""
+    monkeypatch.setenv("WBC_RUNS_DIR", str(info["runs_dir"]))
+    monkeypatch.setenv("WBC_CACHE_DIR", str(info["cache_dir"]))
+    monkeypatch.setenv("WBC_DATA_ROOTS", str(info["data_dir"]))
+    return info
+
+
 @pytest.fixture
 def env(store, monkeypatch):
-    monkeypatch.setenv("WBC_RUNS_DIR", str(store["runs_dir"]))
-    monkeypatch.setenv("WBC_CACHE_DIR", str(store["cache_dir"]))
-    monkeypatch.setenv("WBC_DATA_ROOTS", str(store["data_dir"]))
-    return store
+    return _serve_store(store, monkeypatch)
 
 
 def test_fixture_store_is_realistic(store):
@@ -456,10 +461,7 @@ def hostile(tmp_path_factory):
 
 @pytest.fixture
 def hostile_env(hostile, monkeypatch):
-    monkeypatch.setenv("WBC_RUNS_DIR", str(hostile["runs_dir"]))
-    monkeypatch.setenv("WBC_CACHE_DIR", str(hostile["cache_dir"]))
-    monkeypatch.setenv("WBC_DATA_ROOTS", str(hostile["data_dir"]))
-    return hostile
+    return _serve_store(hostile, monkeypatch)
 
 
 def test_esc_neutralises_html_and_markdown():

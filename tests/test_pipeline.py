@@ -231,3 +231,8 @@ def test_seeds_and_sizes_decode_each_variant_once(tiny_run, monkeypatch):
     seeds = stats[stats["kind"] == "seeds"]
     assert set(seeds["seed"]) == {-1} and seeds["sd"].notna().all()
     assert {"original", "bicubic-x4"} <= set(seeds["variant"])
+    # every image size is reported, labelled (wbc runs, the dashboard's run list), not only the first
+    by_size = r.read_meta()["summary"]["accuracy_by_size"]
+    assert set(by_size) == {"32", "40"} and set(by_size["40"]) == {"original", "bicubic-x4"}
+    listed = RunStore(cfg.runs_dir).list_runs().set_index("run_id").loc[r.run_id, "accuracy"]
+    assert set(listed) == {"original@32px", "bicubic-x4@32px", "original@40px", "bicubic-x4@40px"}

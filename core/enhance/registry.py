@@ -47,19 +47,12 @@ _REGISTRY: Registry[EnhancerSpec] = Registry("enhancer")
 
 
 def register_enhancer(name: str, description: str, scale: int, **kw) -> Callable:
-    def deco(factory: Callable[..., Enhancer]) -> Callable[..., Enhancer]:
-        _REGISTRY.add(name, EnhancerSpec(name=name, factory=factory, description=description, scale=scale, **kw))
-        return factory
-
-    return deco
+    return _REGISTRY.register(name, lambda factory: EnhancerSpec(name=name, factory=factory, description=description,
+                                                                 scale=scale, **kw))
 
 
-def list_enhancers(pattern: str = "*") -> list[str]:
-    return _REGISTRY.names(pattern)
-
-
-def get_enhancer_spec(name: str) -> EnhancerSpec:
-    return _REGISTRY.get(name)
+list_enhancers = _REGISTRY.names  # (pattern="*") -> names
+get_enhancer_spec = _REGISTRY.get  # (name) -> EnhancerSpec; unknown names: ValueError listing the choices
 
 
 def create_enhancer(name: str, **kwargs) -> Enhancer:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import panel as pn
 
-from dashboard.safe import esc
+from dashboard.safe import as_float, esc
 
 
 # One colour per variant on every page (bars, curves), so a variant is recognised at a glance.
@@ -53,11 +53,8 @@ def no_run() -> pn.pane.Markdown:
 
 
 def fmt_p(p) -> str:
-    try:
-        p = float(p)
-    except (TypeError, ValueError):
-        return ""
-    if p != p:
+    p = as_float(p)
+    if p is None:
         return ""
     return f"{p:.3g}" if p >= 1e-3 else f"{p:.1e}"
 
