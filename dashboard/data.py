@@ -152,10 +152,11 @@ def thumbs_dir() -> Path:
 
 
 @lru_cache(maxsize=4096)
-def _thumb_cached(path: str, key, size: int) -> str | None:
+def _thumb_cached(path: str, key, size: int, box: tuple | None = None) -> str | None:
     p = Path(path)
     h = hashlib.sha1(path.encode()).hexdigest()
-    cache = thumbs_dir() / h[:2] / f"{h}-{key[0]}-{size}.jpg"
+    region = "" if box is None else "-" + "_".join(map(str, box))
+    cache = thumbs_dir() / h[:2] / f"{h}-{key[0]}-{size}{region}.jpg"
     try:
         data = cache.read_bytes()
     except OSError:
@@ -163,8 +164,11 @@ def _thumb_cached(path: str, key, size: int) -> str | None:
 
         try:
             with Image.open(p) as im:
-                im.draft("RGB", (size, size))
+                if box is None:
+                    im.draft("RGB", (size, size))
                 im = im.convert("RGB")
+                if box is not None:  # the region the classifier saw (core.regions), enlarged like the enhanced one
+                    im = im.crop(box).resize((size, size), Image.BICUBIC)
                 im.thumbnail((size, size), Image.LANCZOS if size > THUMB_SIZE else Image.BILINEAR)
                 buf = io.BytesIO()
                 im.save(buf, "JPEG", quality=85)
@@ -181,15 +185,27 @@ def _thumb_cached(path: str, key, size: int) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(data).decode()
 
 
-def thumbnail_uri(path, size: int = THUMB_SIZE, runs_dir=None) -> str | None:
-    """A small JPEG data URI of an image under the allowed roots (None if missing, unreadable or outside)."""
+def thumbnail_uri(path, size: int = THUMB_SIZE, runs_dir=None, box=None) -> str | None:
+    """A small JPEG data URI of an image under the allowed roots (None if missing, unreadable or outside).
+
+    ``box`` (left, top, right, bottom in the image's pixels) shows only that region, as the classifier saw it.
+    """
     if not path or not isinstance(path, str):
         return None
     p = Path(path)
     key = _stat_key(p)
     if key is None or not is_allowed_image(p, runs_dir):
         return None
-    return _thumb_cached(str(p), key, size)
+    return _thumb_cached(str(p), key, size, region_box(box))
+
+
+def region_box(box) -> tuple[int, int, int, int] | None:
+    """A row's stored region as four non-negative ints with positive size, or None (older runs, bad values)."""
+    try:
+        b = tuple(int(v) for v in box)
+    except (TypeError, ValueError):
+        return None
+    return b if len(b) == 4 and min(b) >= 0 and b[2] > b[0] and b[3] > b[1] else None
 
 
 _warm_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="thumbs")

@@ -9,6 +9,7 @@ import param
 from panel.custom import JSComponent
 
 from core.config import CLASS_ABBR, CLASSES, PROB_COLUMNS
+from core.regions import BOX_COLUMNS
 
 from dashboard.data import thumbnail_uri
 from dashboard.safe import esc
@@ -68,6 +69,12 @@ class Gallery(JSComponent):
     """]
 
 
+def region_of_row(row) -> tuple | None:
+    """The region of the original the model saw (None for runs made before input policies)."""
+    vals = [row.get(c) for c in BOX_COLUMNS]
+    return None if any(pd.isna(v) for v in vals) else tuple(vals)
+
+
 def probs_text(row) -> str:
     return " ".join(f"{CLASS_ABBR[c]} {float(row[p]):.2f}" for c, p in zip(CLASSES, PROB_COLUMNS)
                     if p in row and row[p] == row[p])
@@ -78,22 +85,24 @@ _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gallery-thumbs")
 
 def gallery_items(rows: pd.DataFrame, runs_dir=None, show_enhanced: bool = True, label_variant: bool = True) -> list:
     records = rows.to_dict("records")
-    # thumbnails not cached yet are made in parallel (PIL releases the GIL while decoding)
-    paths = [r.get("path") for r in records]
+    # thumbnails not cached yet are made in parallel (PIL releases the GIL while decoding). The original shows
+    # the region the classifier saw (the enhanced file already is that region, at 4x), so the pair compares
+    # like with like.
+    jobs = [(r.get("path"), region_of_row(r)) for r in records]
     if show_enhanced:
-        paths += [r.get("enhanced_path") for r in records]
-    uris = dict(zip(paths, _pool.map(lambda p: thumbnail_uri(p, runs_dir=runs_dir), paths)))
+        jobs += [(r.get("enhanced_path"), None) for r in records]
+    uris = dict(zip(jobs, _pool.map(lambda j: thumbnail_uri(j[0], runs_dir=runs_dir, box=j[1]), jobs)))
     items = []
     for r in records:
         enh = None
         ep = r.get("enhanced_path")
         if show_enhanced and isinstance(ep, str) and ep:
-            enh = uris.get(ep) or ""
+            enh = uris.get((ep, None)) or ""
         title = r.get("title") or f"{CLASS_ABBR.get(str(r['true_label']), r['true_label'])} \u2192 " \
                 f"{CLASS_ABBR.get(str(r['pred_label']), r['pred_label'])}"
         if label_variant and not r.get("title"):
             title += f" \u00b7 {r['variant']} s{r['seed']}"
-        items.append({"key": str(r.get("image_id", "")), "orig": uris.get(r.get("path")),
+        items.append({"key": str(r.get("image_id", "")), "orig": uris.get((r.get("path"), region_of_row(r))),
                       "enh": enh, "title": esc(title), "probs": esc(probs_text(r)),
                       "correct": bool(r.get("correct", False))})
     return items

@@ -369,6 +369,39 @@ def test_studies_running_elsewhere_are_seen(tmp_path):
     assert running_elsewhere(tmp_path / "runs", exclude="cli-run") == []
 
 
+def test_gallery_shows_the_region_the_model_saw(tmp_path, monkeypatch):
+    """With a stored region (core.regions), the original thumbnail is that region, like the enhanced crop."""
+    import numpy as np
+    from PIL import Image
+
+    from dashboard.data import region_box
+    from dashboard.gallery import gallery_items
+
+    monkeypatch.setenv("WBC_DATA_ROOTS", str(tmp_path))
+    monkeypatch.setenv("WBC_CACHE_DIR", str(tmp_path / "cache"))
+    arr = np.zeros((240, 320, 3), np.uint8)
+    arr[:, 160:] = 255  # left half black, right half white
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    row = {"image_id": "a", "variant": "original", "seed": 0, "path": str(tmp_path / "a.png"), "enhanced_path": None,
+           "true_label": "eosinophil", "pred_label": "neutrophil", "correct": False}
+    whole = gallery_items(pd.DataFrame([row]))[0]["orig"]
+    right = gallery_items(pd.DataFrame([{**row, "box_left": 170, "box_top": 40, "box_right": 314,
+                                         "box_bottom": 184}]))[0]["orig"]
+    old = gallery_items(pd.DataFrame([{**row, "box_left": None, "box_top": None, "box_right": None,
+                                       "box_bottom": None}]))[0]["orig"]
+    assert whole and right and whole != right and old == whole
+
+    def mean(uri):
+        import base64
+        import io
+
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))).mean()
+
+    assert mean(right) > 240 and 100 < mean(whole) < 160  # the crop is all white; the frame half and half
+    assert region_box(("1", 2, 3, 4)) == (1, 2, 3, 4) and region_box((5, 0, 1, 1)) is None
+    assert region_box(None) is None and region_box(("x", 0, 1, 1)) is None
+
+
 def test_launch_args_from_form():
     from dashboard.pages.launch import build_args
 
@@ -387,6 +420,15 @@ def test_launch_args_from_form():
     cell = build_args(dict(preset="custom", data="/d", test_dir=None, variants=["original"], classifier="simple_cnn",
                            pretrained="none", epochs=1, image_size=64, seed=0, device="cpu", input_policy="full"))
     assert build_parser().parse_args(["study", *cell]).input_policy == "full"
+    three = build_args(dict(preset="study", data="/d", test_dir=None, variants=["original"], classifier="simple_cnn",
+                            pretrained="none", epochs=1, image_size=64, seeds="0,1,2", device="cpu"))
+    assert build_parser().parse_args(["study", *three]).seeds == (0, 1, 2)  # the study preset keeps its 3 seeds
+    from dashboard.pages.launch import seed_args
+
+    assert seed_args("4") == ["--seed", "4"]
+    for bad in ("x", "-1", "0,0", ""):
+        with pytest.raises(ValueError, match="seeds"):
+            seed_args(bad)
 
 
 # ------------------------------------------------------------------------------------- security (issue 10)

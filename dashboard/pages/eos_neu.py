@@ -70,11 +70,11 @@ def view(state) -> pn.viewable.Viewable:
             f = flips(pred, base, other)
             if only_eos_neu:
                 f = f[f.true_label_base.isin([EOS, NEU])]
-            summary = f.groupby("flip").size().to_dict()
+            counts = f.groupby("flip").size()
+            both = (f"right in {base}, wrong in {other}", f"wrong in {base}, right in {other}")  # both directions
             parts.append(pn.pane.Markdown(
                 f"### Verdict flips: {esc(base)} vs {esc(other)}\n" +
-                "\n".join(f"* {esc(k)}: **{n}**" for k, n in summary.items()) if summary else
-                f"### Verdict flips: {esc(base)} vs {esc(other)}\nNo image changes verdict."))
+                "\n".join(f"* {esc(k)}: **{int(counts.get(k, 0))}**" for k in both)))
             for kind, g in f.groupby("flip", sort=True):
                 g = g.head(24)
                 rows = pd.DataFrame({

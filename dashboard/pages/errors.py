@@ -12,7 +12,7 @@ import panel as pn
 from core.config import CLASSES, PROB_COLUMNS
 
 from dashboard.data import LARGE_SIZE, load_table, run_variants, thumbnail_uri, warm_thumbnails
-from dashboard.gallery import Gallery, gallery_items
+from dashboard.gallery import Gallery, gallery_items, region_of_row
 from dashboard.pages.common import run_banner, warnings_alert, warnings_md
 from dashboard.safe import esc
 from dashboard.state import ANY
@@ -69,8 +69,8 @@ def filter_errors(df: pd.DataFrame, variant, true_label, pred_label, conf) -> pd
 
 
 def detail_view(row: dict, runs_dir) -> pn.viewable.Viewable:
-    def big(path, label):
-        uri = thumbnail_uri(path, size=LARGE_SIZE, runs_dir=runs_dir) if path else None
+    def big(path, label, box=None):
+        uri = thumbnail_uri(path, size=LARGE_SIZE, runs_dir=runs_dir, box=box) if path else None
         img = (f'<img src="{uri}" style="width:{LARGE_SIZE}px;height:{LARGE_SIZE * 3 // 4}px;object-fit:contain;'
                f'background:#eee">' if uri
                else '<div style="color:#999">not available</div>')
@@ -84,9 +84,11 @@ def detail_view(row: dict, runs_dir) -> pn.viewable.Viewable:
         f"<b>{esc(row.get('image_id'))}</b><br>variant <b>{esc(row['variant'])}</b>, "
         f"seed {esc(row['seed'])}, size {esc(row['image_size'])}<br>true <b>{esc(row['true_label'])}</b>, predicted "
         f"<b>{esc(row['pred_label'])}</b><table>{probs}</table>", css_classes=["wbc-detail-info"])
-    imgs = [big(row.get("path"), "original")]
+    box = region_of_row(row)
+    region = "" if box is None else ", the region the model saw"
+    imgs = [big(row.get("path"), f"original{region}", box)]
     if isinstance(row.get("enhanced_path"), str):
-        imgs.append(big(row.get("enhanced_path"), f"enhanced ({row.get('enhanced_from') or row['variant']})"))
+        imgs.append(big(row.get("enhanced_path"), f"enhanced ({row.get('enhanced_from') or row['variant']}){region}"))
     return pn.Row(*imgs, info)
 
 

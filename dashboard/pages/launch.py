@@ -65,6 +65,17 @@ def allowed_test_folders(folder: str) -> tuple[list[str], str | None]:
     return out, None
 
 
+def seed_args(seeds) -> list[str]:
+    """``--seed N`` for one seed, ``--seeds a,b,c`` for several (the form's text "0,1,2" or an int)."""
+    try:
+        vals = [int(x) for x in str(seeds).replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise ValueError(f"seeds: {seeds!r} is not a comma-separated list of whole numbers") from None
+    if not vals or min(vals) < 0 or len(set(vals)) != len(vals):
+        raise ValueError(f"seeds: give distinct whole numbers >= 0, e.g. 0 or 0,1,2 (got {seeds!r})")
+    return ["--seed", str(vals[0])] if len(vals) == 1 else ["--seeds", ",".join(map(str, vals))]
+
+
 def build_args(values: dict) -> list[str]:
     """CLI arguments from the form (paths already validated)."""
     a = []
@@ -75,7 +86,8 @@ def build_args(values: dict) -> list[str]:
         a += ["--test-dir", values["test_dir"]]
     a += ["--variants", ",".join(values["variants"]), "--classifier", values["classifier"],
           "--pretrained", values["pretrained"], "--epochs", str(values["epochs"]),
-          "--image-size", str(values["image_size"]), "--seed", str(values["seed"]), "--device", values["device"],
+          "--image-size", str(values["image_size"]), *seed_args(values.get("seeds", values.get("seed", 0))),
+          "--device", values["device"],
           "--split", values.get("split") or "grouped"]
     if values.get("input_policy"):
         a += ["--input-policy", values["input_policy"]]
@@ -114,7 +126,8 @@ def view(state) -> pn.viewable.Viewable:
                                            css_classes=["wbc-l-test-per-class"]),
         image_size=pn.widgets.IntInput(name="Image size", value=224, start=32, end=1024, width=100,
                                        css_classes=["wbc-l-size"]),
-        seed=pn.widgets.IntInput(name="Seed", value=0, start=0, width=80, css_classes=["wbc-l-seed"]),
+        seeds=pn.widgets.TextInput(name="Seeds", value="0", width=90, css_classes=["wbc-l-seed"],
+                                   description="one seed (0) or several, comma-separated (0,1,2)"),
         split=pn.widgets.Select(name="Validation split", options=list(core.SPLITS), value="grouped", width=130,
                                 css_classes=["wbc-l-split"]),
         input_policy=pn.widgets.Select(name="Classifier input", options=list(core.POLICIES), value="cell", width=120,
@@ -159,7 +172,8 @@ def view(state) -> pn.viewable.Viewable:
         w["epochs"].value = int(p.get("epochs", 3))
         w["per_class"].value = int(p.get("per_class") or 0)
         w["image_size"].value = int((p.get("image_sizes") or (224,))[0])
-        w["seed"].value = int((p.get("seeds") or (0,))[0])
+        w["seeds"].value = ",".join(str(x) for x in (p.get("seeds") or (0,)))
+        w["test_per_class"].value = int(p.get("test_per_class") or 0)
         w["split"].value = p.get("split", "grouped")
         w["input_policy"].value = p.get("input_policy", "cell")
         w["precision"].value = {True: "half", False: "fp32"}.get(p.get("enhance_half"), "auto")
@@ -193,6 +207,7 @@ def view(state) -> pn.viewable.Viewable:
                 test = str(resolve_under(w["test"].value, data_roots(), "test folder"))
             if not w["variants"].value:
                 raise ValueError("choose at least one variant")
+            seed_args(w["seeds"].value)
         except (PathNotAllowed, ValueError) as e:
             say(f"Not started: {esc(e)}", "danger")
             return
@@ -298,7 +313,7 @@ def view(state) -> pn.viewable.Viewable:
         pn.Row(w["preset"], w["classifier"], w["pretrained"]),
         w["data"], w["data_path"], path_note, w["test"], w["variants"],
         pn.Row(w["epochs"], w["per_class"], w["test_per_class"]),
-        pn.Row(w["image_size"], w["input_policy"], w["seed"], w["split"], w["device"]),
+        pn.Row(w["image_size"], w["input_policy"], w["seeds"], w["split"], w["device"]),
         pn.Row(w["precision"]),
         pn.Row(start, cancel), width=540, sizing_mode="fixed")
     status = pn.Column(pn.pane.Markdown("### Progress"), elsewhere, stage, bar, message, open_run,

@@ -89,7 +89,9 @@ def scorecard_frame(state, run_id) -> pd.DataFrame:
         return card
     out = pd.DataFrame({
         "variant": card["variant"], "size px": card["image_size"],
-        "paper validation acc": [f"{x:.2f}" if x is not None and x == x else "-" for x in card["paper_val_accuracy"]],
+        "paper validation acc": [f"{x:.2f}" if x is not None and x == x else
+                                 "n/a (the paper enhanced with x4plus only)" if v != "original" else "n/a"
+                                 for v, x in zip(card["variant"], card["paper_val_accuracy"])],
         "this run validation acc": card["val_accuracy"].round(3),
         "validation split": [SPLIT_WORDS.get(s, s) for s in card["val_split"]],
         "test acc (unseen cells)": card["test_accuracy"].round(3),
@@ -152,7 +154,7 @@ def _acc_plot(acc: pd.DataFrame, title: str):
     hi = (d["ci_high"] - d["accuracy"]).fillna(0)
     # the axis starts at 0: a few points of difference must not look like a landslide
     bars = hv.Bars(d, "bar", ["accuracy", "run"]).opts(
-        ylim=(0.0, 1.0), tools=["hover"], responsive=True, height=320, title=title,
+        ylim=(0.0, 1.0), tools=["hover"], responsive=True, height=320, title=title, alpha=0.6,
         color="run" if two else "#4c78a8", cmap=["#4c78a8", "#f58518"], show_legend=two, legend_position="top",
         xlabel="variant (run)" if two else "variant", ylabel="accuracy (95% CI)")
     err = hv.ErrorBars((d["bar"], d["accuracy"], lo, hi), kdims=["bar"], vdims=["accuracy", "yerrneg", "yerrpos"]).opts(
