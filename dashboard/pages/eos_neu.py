@@ -8,6 +8,7 @@ import pandas as pd
 import panel as pn
 
 from core.config import CLASS_ABBR
+from core.regions import BOX_COLUMNS
 
 from dashboard.data import load_table, run_variants
 from dashboard.gallery import Gallery, gallery_items
@@ -37,7 +38,8 @@ def eos_neu_counts(pred: pd.DataFrame) -> pd.DataFrame:
 def flips(pred: pd.DataFrame, base: str, other: str) -> pd.DataFrame:
     """One row per image (and seed, size) with both verdicts; ``flip`` says which way it changed."""
     cols = KEY + ["path", "true_label", "pred_label", "correct", "confidence"]
-    a = pred.loc[pred.variant == base, cols]
+    boxes = [c for c in BOX_COLUMNS if c in pred.columns]  # the region the models saw (same for both variants)
+    a = pred.loc[pred.variant == base, cols + boxes]
     b = pred.loc[pred.variant == other, cols + ["enhanced_path"]]
     j = a.merge(b, on=KEY, suffixes=("_base", "_other"))
     j["flip"] = None
@@ -82,6 +84,7 @@ def view(state) -> pn.viewable.Viewable:
                     "true_label": g.true_label_base,
                     "pred_label": [f"{pb}/{po}" for pb, po in zip(g.pred_label_base, g.pred_label_other)],
                     "path": g.path_base, "enhanced_path": g.enhanced_path, "correct": g.correct_other,
+                    **{c: g[c] for c in BOX_COLUMNS if c in g},
                     # true: prediction with `base` -> with `other` (the variants are named in the header above)
                     "title": [f"{ab(t)}: {ab(pb)} \u2192 {ab(po)} \u00b7 seed {sd}" for t, pb, po, sd in
                               zip(g.true_label_base, g.pred_label_base, g.pred_label_other, g.seed)]})
