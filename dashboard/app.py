@@ -105,7 +105,7 @@ def build_app(state: AppState | None = None, template: bool = True, eager: bool 
         state.run_id = fin["run_id"].iloc[0] if len(fin) else options[0]
 
     run_sel = pn.widgets.Select(name="Run", options=options, value=state.run_id, css_classes=["wbc-run-select"])
-    cmp_sel = pn.widgets.Select(name="Compare with", options=["(none)", *options],
+    cmp_sel = pn.widgets.Select(name="Compare with", options=["(none)", *(o for o in options if o != state.run_id)],
                                 value=state.compare_run_id or "(none)", css_classes=["wbc-compare-select"])
     info = pn.pane.Markdown(f"Run store: <code>{esc(state.runs_dir)}</code>", css_classes=["wbc-store"])
 
@@ -116,10 +116,10 @@ def build_app(state: AppState | None = None, template: bool = True, eager: bool 
     def from_state(*_):
         opts = _run_options(state)
         run_sel.options = opts
-        cmp_sel.options = ["(none)", *opts]
+        cmp_sel.options = ["(none)", *(o for o in opts if o != state.run_id)]  # never the main run itself
         if state.run_id in opts:
             run_sel.value = state.run_id
-        cmp_sel.value = state.compare_run_id if state.compare_run_id in opts else "(none)"
+        cmp_sel.value = state.compare_run_id if state.compare_run_id in cmp_sel.options else "(none)"
 
     run_sel.param.watch(to_state, "value")
     cmp_sel.param.watch(to_state, "value")

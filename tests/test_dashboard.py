@@ -109,6 +109,10 @@ def test_app_builds_and_switches_runs_over_damaged_store(env):
     for page in ["Overview", "Confusion", "Metrics", "Runs"]:
         state.page = page
     assert tpl is not None
+    cmp_sel = [w for w in tpl.sidebar.objects if "wbc-compare-select" in (w.css_classes or [])][0]
+    assert env["run_ids"][0] not in cmp_sel.options and env["run_ids"][1] in cmp_sel.options  # never itself
+    state.run_id = env["run_ids"][1]  # the compared run becomes the main run: the comparison is dropped
+    assert state.compare_run_id is None and env["run_ids"][1] not in cmp_sel.options
 
 
 def test_sessions_only_from_this_machine(monkeypatch):

@@ -49,8 +49,10 @@ def accuracy_table(state, run_id) -> tuple[pd.DataFrame, pd.DataFrame, list]:
             p["b: only baseline right"] = bc.apply(lambda d: d.get("b"))
             p["c: only variant right"] = bc.apply(lambda d: d.get("c"))
             p["McNemar p"] = p["p_value"].apply(fmt_p)
+            # McNemar counts images as independent; copies of one source cell are not: the group bootstrap's p
+            p["group-bootstrap p"] = bc.apply(lambda d: fmt_p(d.get("p_cluster_boot")))
             paired = p[["variant", "baseline", "seed", "image_size", "estimate", "ci_low", "ci_high", "McNemar p",
-                        "b: only baseline right", "c: only variant right", "n"]].rename(
+                        "group-bootstrap p", "b: only baseline right", "c: only variant right", "n"]].rename(
                 columns={"estimate": "accuracy diff"})
     return acc, paired, warnings
 
@@ -208,9 +210,13 @@ def view(state) -> pn.viewable.Viewable:
             for d in diff.to_dict("records"):
                 where = f"<code>{esc(d['run'])}</code>: " if "run" in d else ""
                 seed = "mean of seeds" if d["seed"] == -1 else f"seed {esc(d['seed'])}"
-                lines.append(f"* {where}**{esc(d['variant'])}** vs {esc(d['baseline'])} ({seed}, {esc(d['image_size'])} px): "
-                             f"{d['accuracy diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], "
-                             f"McNemar p = {d['McNemar p']}")
+                pts = (f"{100 * d['accuracy diff']:+.1f} points (95% CI {100 * d['ci_low']:+.1f} to "
+                       f"{100 * d['ci_high']:+.1f})")
+                ps = "" if not d["McNemar p"] else (f", McNemar p = {d['McNemar p']}" + (
+                    f", group-bootstrap p = {d['group-bootstrap p']} (copies of one cell are not independent)"
+                    if d["group-bootstrap p"] else ""))
+                lines.append(f"* {where}**{esc(d['variant'])}** vs {esc(d['baseline'])} ({seed}, "
+                             f"{esc(d['image_size'])} px): accuracy {pts}{ps}")
             parts += [pn.pane.Markdown("### Difference between variants (paired, same test images)\n" + "\n".join(lines)),
                       pn.widgets.Tabulator(diff, show_index=False, disabled=True, sizing_mode="stretch_width",
                                            css_classes=["wbc-paired-table"], layout="fit_data_table",
