@@ -28,7 +28,7 @@ from core.engine import Cancelled, TrainSettings, fit, load_images, predict, res
 from core.enhance import create_enhancer, enhance_to_cache, get_enhancer_spec
 from core.metrics import confusion_rows, metrics_rows, predictions_frame
 from core.models import create_classifier, get_classifier_spec
-from core.regions import add_regions, box_of, margin_for
+from core.regions import add_regions, boxes_of, margin_for
 from core.store import (CANCEL_FILE, HEARTBEAT_EVERY_S, KEYS, RESUMABLE_STATUSES, Run, RunStore, check_run_id,
                         check_writable, now_iso)
 
@@ -194,7 +194,7 @@ def enhance_variants(sd: StudyData, cfg: StudyConfig, enhancers: dict, prog: Pro
             continue
         prog.start(f"enhance:{v}", f"{len(images)} images with {v}")
         enh = enhancers[v]
-        boxes = [None if cfg.input_policy == "full" else box_of(r) for _, r in images.iterrows()]
+        boxes = [None] * len(images) if cfg.input_policy == "full" else boxes_of(images)
         res = enhance_to_cache(list(zip(images["path"], images["sha1"], boxes)), enh, _cache(cfg),
                                batch_size=cfg.enhance_batch_size, fmt=cfg.enhance_format,
                                on_progress=prog.callback(f"enhancing with {v}"))
@@ -229,7 +229,7 @@ def decode_variant(sd: StudyData, variant: str, size: int, prog: Progress) -> De
         files, boxes = [sd.enhanced[variant][s] for s in images["sha1"]], None  # the file is the region
     else:
         files = list(images["path"])
-        boxes = None if sd.policy == "full" else [box_of(r) for _, r in images.iterrows()]
+        boxes = None if sd.policy == "full" else boxes_of(images)
     x = load_images(files, decoded_size(sd.policy, size), on_progress=prog.callback("decoding images"),
                     boxes=boxes)
     return Decoded(index={s: i for i, s in enumerate(images["sha1"])}, x=x, files=files)

@@ -102,8 +102,11 @@ def _region_of_file(path: str, policy: str, crop: int | None) -> Region:
 def add_regions(df: pd.DataFrame, policy: str, crop: int | None = None, workers: int = 4) -> pd.DataFrame:
     """``df`` with the decoded box (:data:`BOX_COLUMNS`) and ``region_note`` of every image."""
     check_policy(policy)
-    with ThreadPoolExecutor(max_workers=workers) as ex:
-        regions = list(ex.map(lambda p: _region_of_file(p, policy, crop), df["path"]))
+    if policy == "full" and {"width", "height"} <= set(df.columns):  # the manifest knows the frame: no decode
+        regions = [Region((0, 0, int(w), int(h))) for w, h in zip(df["width"], df["height"])]
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as ex:
+            regions = list(ex.map(lambda p: _region_of_file(p, policy, crop), df["path"]))
     boxes = np.array([r.box for r in regions], dtype=np.int64).reshape(-1, 4)
     out = df.copy()
     for i, col in enumerate(BOX_COLUMNS):
@@ -112,5 +115,6 @@ def add_regions(df: pd.DataFrame, policy: str, crop: int | None = None, workers:
     return out
 
 
-def box_of(row) -> tuple[int, int, int, int]:
-    return tuple(int(row[c]) for c in BOX_COLUMNS)
+def boxes_of(df: pd.DataFrame) -> list[tuple[int, int, int, int]]:
+    """The decoded box of every row of a frame made by :func:`add_regions`."""
+    return [tuple(map(int, b)) for b in df[list(BOX_COLUMNS)].to_numpy()]

@@ -26,9 +26,12 @@ def scorecard(validation: pd.DataFrame, stats: pd.DataFrame, test_source: str | 
     the test CI is then the interval of the seed-averaged accuracy (``core.stats``)."""
     if validation is None or validation.empty:
         return pd.DataFrame(columns=COLUMNS)
+    from core.stats import model_summary
+
+    tests = model_summary(stats).set_index(["variant", "image_size"])
     rows = []
     for (variant, size), v in validation.groupby(["variant", "image_size"], sort=False):
-        acc = _test_accuracy(stats, variant, int(size), v["seed"].nunique())
+        acc = _test_accuracy(tests, variant, int(size))
         split = str(v["split"].iloc[0])
         rows.append({"variant": variant, "image_size": int(size),
                      "paper_val_accuracy": PAPER_VAL_ACCURACY.get(variant),
@@ -38,14 +41,11 @@ def scorecard(validation: pd.DataFrame, stats: pd.DataFrame, test_source: str | 
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def _test_accuracy(stats: pd.DataFrame, variant: str, size: int, n_seeds: int) -> dict:
-    from core.stats import model_summary
-
-    s = model_summary(stats)
-    r = s[(s["variant"] == variant) & (s["image_size"] == size)]
-    if r.empty:
+def _test_accuracy(tests: pd.DataFrame, variant: str, size: int) -> dict:
+    """The test accuracy and CI of one model set, from ``core.stats.model_summary`` indexed by (variant, size)."""
+    if (variant, size) not in tests.index:
         return {"test_accuracy": None, "test_ci_low": None, "test_ci_high": None}
-    r = r.iloc[0]
+    r = tests.loc[(variant, size)]
     return {"test_accuracy": float(r["estimate"]), "test_ci_low": _num(r["ci_low"]), "test_ci_high": _num(r["ci_high"])}
 
 

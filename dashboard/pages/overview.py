@@ -19,12 +19,7 @@ def accuracy_table(state, run_id) -> tuple[pd.DataFrame, pd.DataFrame, list]:
     rd = state.run_dir(run_id)
     stats, w1 = load_table(rd, "stats")
     warnings = [w1]
-    rows = []
-    if not stats.empty:
-        ci = stats[(stats["kind"] == "ci") & (stats["metric"] == "accuracy")]
-        for (v, size), g in ci.groupby(["variant", "image_size"], sort=False):
-            rows.append(_accuracy_row(stats, v, int(size), g))
-    acc = pd.DataFrame(rows)
+    acc = _accuracy_rows(stats) if not stats.empty else pd.DataFrame()
     if acc.empty:  # no stats.parquet: fall back to the predictions (no CI)
         pred, w2 = load_table(rd, "predictions")
         warnings.append(w2)
@@ -57,26 +52,22 @@ def accuracy_table(state, run_id) -> tuple[pd.DataFrame, pd.DataFrame, list]:
     return acc, paired, warnings
 
 
-def _accuracy_row(stats: pd.DataFrame, variant: str, size: int, ci: pd.DataFrame) -> dict:
-    """One (variant, image size): one seed -> its bootstrap CI; several -> the seed mean and the CI of the
-    seed-averaged accuracy (``core.stats``). CI bounds are never averaged: runs made before that CI was
-    stored show none."""
-    def pick(kind, metric):
-        return stats[(stats["kind"] == kind) & (stats["metric"] == metric) & (stats["variant"] == variant)
-                     & (stats["image_size"] == size)]
+def _accuracy_rows(stats: pd.DataFrame) -> pd.DataFrame:
+    """One row per (variant, image size) from core.stats.model_summary: one seed -> its bootstrap CI; several
+    -> the seed mean with the CI of the seed-averaged accuracy, and the seed sd. Never averaged CI bounds."""
+    from core.stats import model_summary
 
-    row = {"variant": variant, "image_size": size, "n_seeds": ci["seed"].nunique(), "n": ci["n"].max()}
-    seeds, f1 = pick("seeds", "accuracy"), pick("ci", "macro_f1")
-    if len(seeds):
-        s = seeds.iloc[0]
-        row.update(accuracy=float(s["estimate"]), ci_low=s["ci_low"], ci_high=s["ci_high"],
-                   seed_mean=float(s["estimate"]), seed_sd=float(s["sd"]))
-    else:
-        c = ci.iloc[0]
-        row.update(accuracy=float(c["estimate"]), ci_low=c["ci_low"], ci_high=c["ci_high"])
-    if len(f1):
-        row["macro_f1"] = f1["estimate"].mean()
-    return row
+    f1 = model_summary(stats, "macro_f1").set_index(["variant", "image_size"])["estimate"]
+    n = stats[(stats["kind"] == "ci") & (stats["metric"] == "accuracy")].groupby(["variant", "image_size"])["n"].max()
+    rows = []
+    for r in model_summary(stats).itertuples():
+        key = (r.variant, r.image_size)
+        row = {"variant": r.variant, "image_size": r.image_size, "n_seeds": r.n_seeds, "n": n.get(key),
+               "accuracy": r.estimate, "ci_low": r.ci_low, "ci_high": r.ci_high, "macro_f1": f1.get(key)}
+        if r.n_seeds > 1 and r.sd == r.sd:  # a seeds row: its mean and spread
+            row.update(seed_mean=r.estimate, seed_sd=float(r.sd))
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def scorecard_frame(state, run_id) -> pd.DataFrame:
