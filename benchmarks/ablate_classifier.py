@@ -43,7 +43,7 @@ KEYS = {"base": "base", "full": "policy=full (the paper's squashed frame)",
 
 
 def row_metrics(r) -> dict:
-    pred, val = r.read_table("predictions"), r.read_table("validation")
+    pred, val = r.table("predictions"), r.table("validation")
     rec = pred.groupby("true_label")["correct"].mean().reindex(list(CLASSES))
     meta = r.read_meta()
     return {"val_acc": float(val["val_accuracy"].mean()), "val_f1": float(val["val_macro_f1"].mean()),

@@ -15,22 +15,22 @@ import time
 import numpy as np
 import torch
 
-from core.engine import TrainSettings, fit, predict, resolve_device
-from core.models import create_classifier, get_classifier_spec
+from core.devices import resolve_device
+from core.engine import TrainSettings, fit, predict
+from core.models import create_classifier
 
 
 def bench(name: str, size: int, n: int, batch: int, device: torch.device) -> dict:
-    spec = get_classifier_spec(name)
     model, _ = create_classifier(name, 4, "none")
     x = torch.randint(0, 255, (n, 3, size, size), dtype=torch.uint8)
     y = np.arange(n) % 4
     s = TrainSettings(epochs=1, batch_size=batch, patience=1)
-    fit(model, spec.mean, spec.std, spec.head, x[:batch], y[:batch], x[:batch], y[:batch], s, device)  # warm-up
+    fit(model, (x[:batch], y[:batch]), (x[:batch], y[:batch]), s, device)  # warm-up
     t = time.perf_counter()
-    fit(model, spec.mean, spec.std, spec.head, x, y, x[:batch], y[:batch], s, device)
+    fit(model, (x, y), (x[:batch], y[:batch]), s, device)
     train = n / (time.perf_counter() - t - 0)  # includes one small validation pass
     t = time.perf_counter()
-    predict(model, spec.mean, spec.std, x, device, batch_size=64)
+    predict(model, x, device, batch_size=64)
     infer = n / (time.perf_counter() - t)
     return {"classifier": name, "size": size, "train_img_s": train, "predict_img_s": infer}
 
@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="auto")
     a = ap.parse_args()
-    device = resolve_device(a.device)
+    device = torch.device(resolve_device(a.device))
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"device: {device} ({name}), torch {torch.__version__}")
     print(f"{'classifier':20}{'size':>6}{'train img/s':>14}{'s/img':>8}{'predict img/s':>16}{'s/img':>8}")

@@ -83,7 +83,7 @@ def format_table(t: pd.DataFrame) -> str:
 def cmd_audit(args) -> int:
     from core.data import DataNotFoundError, build_manifest, subset_per_class
     from core.groups import GROUP_THRESHOLD, NEAR_COPY_THRESHOLD, centre, embed_images, groups_from_embeddings
-    from core.store import atomic_write_parquet
+    from core.fsio import atomic_write_parquet
 
     if not Path(args.data).is_dir():
         print(f"wbc audit: error: {args.data}: not a folder", file=sys.stderr)

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from core.audit_cli import add_audit_parser
 from core.config import PRESETS, StudyConfig, make_config
+from core.enhance.cli import add_enhance_parser
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -136,9 +138,10 @@ def cmd_study(args) -> int:
 
 def _start(args, bar):
     from core.pipeline import run
+    from core.registries import validate_config
 
     cfg = config_from_args(args)
-    cfg.validate()
+    validate_config(cfg)
     for note in cfg.notes:
         print(f"note: {note}", file=sys.stderr)
     return run(cfg, on_progress=bar, run_id=args.run_id)
@@ -235,11 +238,11 @@ def cmd_report(args) -> int:
     if meta.get("error"):
         print(f"error: {meta['error'].get('type')}: {meta['error'].get('message')}")
     print(f"input: {_input_words(cfg)}")
-    stats = r.read_table("stats")
+    stats = r.table("stats")
     from core.scorecard import scorecard, scorecard_text
 
-    print(scorecard_text(scorecard(r.read_table("validation"), stats, data.get("test_source"))))
-    metrics, confusion = r.read_table("metrics"), r.read_table("confusion")
+    print(scorecard_text(scorecard(r.table("validation"), stats, data.get("test_source"))))
+    metrics, confusion = r.table("metrics"), r.table("confusion")
     if not metrics.empty:
         print()
         print(format_report(metrics, confusion))
@@ -304,11 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     pf = dsub.add_parser("fetch", help="download the Kaggle dataset (needs network and kagglehub)")
     pf.add_argument("--dest", help="copy the files here")
     pf.set_defaults(func=cmd_data_fetch)
-    for mod, fn in (("core.enhance.cli", "add_enhance_parser"), ("core.audit_cli", "add_audit_parser")):
-        try:
-            getattr(__import__(mod, fromlist=[fn]), fn)(sub)
-        except ImportError:
-            pass
+    add_enhance_parser(sub)
+    add_audit_parser(sub)
     return p
 
 

@@ -7,9 +7,13 @@ Everything a run needs is in :class:`StudyConfig`; the resolved config is writte
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from core.devices import DEVICES
+# Paths live in the leaf module core.paths; re-exported here for callers that know them from config.
+from core.paths import KNOWN_DATA_LOCATIONS, REPO_ROOT, default_cache_dir, default_runs_dir  # noqa: F401
+from core.regions import POLICIES, check_policy  # noqa: F401  (POLICIES: the input-policy option list)
 
 # The four classes, in the order used for probabilities, confusion matrices and tables.
 CLASSES: tuple[str, ...] = ("eosinophil", "lymphocyte", "monocyte", "neutrophil")
@@ -17,36 +21,15 @@ CLASSES: tuple[str, ...] = ("eosinophil", "lymphocyte", "monocyte", "neutrophil"
 CLASS_ABBR: dict[str, str] = {c: c[:3].upper() for c in CLASSES}
 PROB_COLUMNS: tuple[str, ...] = tuple(f"prob_{c}" for c in CLASSES)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def default_runs_dir() -> Path:
-    """``WBC_RUNS_DIR`` if set, else ``runs/`` at the repository root."""
-    return Path(os.environ.get("WBC_RUNS_DIR") or REPO_ROOT / "runs")
-
-
-def default_cache_dir() -> Path:
-    """Where enhanced images, converted weights, embeddings and thumbnails are cached.
-
-    ``WBC_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/wbc`` (``~/.cache/wbc``).
-    """
-    if os.environ.get("WBC_CACHE_DIR"):
-        return Path(os.environ["WBC_CACHE_DIR"])
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "wbc"
-
-
-# Known places where the team keeps the real images, tried after --data and WBC_DATA.
-KNOWN_DATA_LOCATIONS: tuple[Path, ...] = (
-    REPO_ROOT / "data" / "blood-cells",
-    REPO_ROOT.parent / "shared" / "data" / "blood-cells",
-    Path.home() / ".cache" / "wbc" / "data" / "blood-cells",
-)
-
 SPLITS = ("grouped", "random")
 OPTIMIZERS = ("adamw", "sgd")
-DEVICES = ("auto", "cpu", "cuda")
-RUN_STATUSES = ("queued", "running", "finished", "failed", "cancelled")
+PRETRAINED = ("imagenet", "none")  # or a path to a state dict
+ENHANCE_PRECISIONS = ("auto", "fp32", "half")  # the CLI's --enhance-precision -> enhance_half None/False/True
+# The training recipe's choices (core.engine): augment none | dihedral-batch (one flip/quarter turn per batch,
+# the old recipe) | dihedral (per image) | dihedral+jitter (also zoom, shift, stain jitter); checkpoint rule.
+AUGMENTS = ("none", "dihedral-batch", "dihedral", "dihedral+jitter")
+SELECT_BY = ("macro_f1", "val_loss")
+TTA_VIEWS = (1, 2, 4, 8)
 
 
 @dataclass
@@ -92,22 +75,13 @@ class StudyConfig:
     notes: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first bad value."""
-        from core.enhance import list_enhancers
-        from core.models import list_classifiers
-
+        """Raise ``ValueError`` naming the first bad value. Names that live in the registries (variants,
+        classifier) are checked by :func:`core.registries.validate_config`, which calls this first."""
         if not self.variants:
             raise ValueError("--variants: at least one variant is needed")
-        for v in self.variants:
-            if v not in list_enhancers():
-                raise ValueError(f"--variants: unknown variant {v!r}; choose from {', '.join(list_enhancers())}")
         if len(set(self.variants)) != len(self.variants):
             raise ValueError(f"--variants: duplicate variant in {','.join(self.variants)}")
-        if self.classifier not in list_classifiers():
-            raise ValueError(
-                f"--classifier: unknown classifier {self.classifier!r}; choose from {', '.join(list_classifiers())}"
-            )
-        if self.pretrained not in ("imagenet", "none") and not Path(self.pretrained).is_file():
+        if self.pretrained not in PRETRAINED and not Path(self.pretrained).is_file():
             raise ValueError(f"--pretrained: {self.pretrained!r} is not 'imagenet', 'none' or an existing file")
         if self.epochs < 1:
             raise ValueError(f"--epochs: must be >= 1, got {self.epochs}")
@@ -132,15 +106,12 @@ class StudyConfig:
             raise ValueError(f"--batch-size: must be >= 1, got {self.batch_size}")
         if self.enhance_batch_size is not None and self.enhance_batch_size < 1:
             raise ValueError(f"--enhance-batch-size: must be >= 1, got {self.enhance_batch_size}")
-        from core.engine import AUGMENTS, SELECT_BY
-        from core.regions import check_policy
-
         check_policy(self.input_policy)
         if self.augment not in AUGMENTS:
             raise ValueError(f"--augment: unknown augmentation {self.augment!r}; choose from {', '.join(AUGMENTS)}")
         if self.select_by not in SELECT_BY:
             raise ValueError(f"--select-by: unknown criterion {self.select_by!r}; choose from {', '.join(SELECT_BY)}")
-        if self.tta not in (1, 2, 4, 8):
+        if self.tta not in TTA_VIEWS:
             raise ValueError(f"--tta: must be 1, 2, 4 or 8 dihedral views, got {self.tta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"--label-smoothing: must be in [0, 0.5), got {self.label_smoothing}")

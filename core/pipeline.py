@@ -24,10 +24,12 @@ import torch
 
 from core import data as D
 from core.config import CLASSES, StudyConfig, default_cache_dir
-from core.engine import Cancelled, TrainSettings, fit, load_images, predict, resolve_device, seed_everything
+from core.devices import resolve_device
+from core.engine import Cancelled, TrainSettings, fit, load_images, predict, seed_everything
 from core.enhance import create_enhancer, enhance_to_cache, get_enhancer_spec
 from core.metrics import confusion_rows, metrics_rows, predictions_frame
-from core.models import create_classifier, get_classifier_spec
+from core.models import create_classifier
+from core.registries import validate_config
 from core.regions import add_regions, boxes_of, margin_for
 from core.store import (CANCEL_FILE, HEARTBEAT_EVERY_S, KEYS, RESUMABLE_STATUSES, Run, RunStore, check_run_id,
                         check_writable, now_iso)
@@ -152,7 +154,7 @@ def check_every_class(pool: pd.DataFrame, train_dir: str | None) -> None:
 def _groups(df: pd.DataFrame, cfg: StudyConfig, prog: Progress) -> np.ndarray:
     from core.groups import assign_groups
 
-    return assign_groups(df, cache_dir=_cache(cfg), device=str(resolve_device(cfg.device)),
+    return assign_groups(df, cache_dir=_cache(cfg), device=resolve_device(cfg.device),
                          on_progress=prog.callback("embedding images for source grouping"))
 
 
@@ -247,16 +249,14 @@ def train_and_evaluate(sd: StudyData, cfg: StudyConfig, variant: str, seed: int,
     test, x_te, te_files = decoded.take(sd.test)
     y = {name: np.array([CLASSES.index(c) for c in df["label"]]) for name, df in
          (("train", train), ("val", val))}
-    spec = get_classifier_spec(cfg.classifier)
     seed_everything(seed)  # the new head's initialisation depends on the seed alone
     model, weights = create_classifier(cfg.classifier, len(CLASSES), cfg.pretrained)
     s = TrainSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr,
                       weight_decay=cfg.weight_decay, patience=cfg.patience, augment=cfg.augment,
                       freeze_backbone=cfg.freeze_backbone, seed=seed, view=size,
                       label_smoothing=cfg.label_smoothing, select_by=cfg.select_by)
-    result = fit(model, spec.mean, spec.std, spec.head, x_tr, y["train"], x_va, y["val"], s, device,
-                 on_progress=prog.callback("training"))
-    probs = predict(model, spec.mean, spec.std, x_te, device, batch_size=max(cfg.batch_size, 64), view=size,
+    result = fit(model, (x_tr, y["train"]), (x_va, y["val"]), s, device, on_progress=prog.callback("training"))
+    probs = predict(model, x_te, device, batch_size=max(cfg.batch_size, 64), view=size,
                     tta=cfg.tta)
     enhanced = te_files if variant in sd.enhanced else [None] * len(test)
     pred = predictions_frame(keys, test, probs, enhanced)
@@ -310,7 +310,7 @@ def _model_keys(df: pd.DataFrame) -> set[tuple]:
 def stored_parts(run: Run) -> dict[tuple, dict]:
     """The models whose tables are complete in ``run`` (their rows are in predictions, validation and history),
     as parts like ``train_and_evaluate``'s: (variant, seed, image_size) -> tables."""
-    tables = {name: run.read_table(name) for name in PART_TABLES}
+    tables = {name: run.table(name) for name in PART_TABLES}
     done = _model_keys(tables["predictions"]) & _model_keys(tables["validation"]) & _model_keys(tables["history"])
     weights = (run.read_meta().get("weights") or {}).get("classifier")
     parts = {}
@@ -327,7 +327,7 @@ def stored_parts(run: Run) -> dict[tuple, dict]:
 def compute_and_write_stats(run: Run, cfg: StudyConfig) -> pd.DataFrame | None:
     from core.stats import compute_stats
 
-    pred = run.read_table("predictions")
+    pred = run.table("predictions")
     baseline = "original" if "original" in cfg.variants else cfg.variants[0]
     stats = compute_stats(pred, baseline=baseline)
     run.write_table("stats", stats)
@@ -397,10 +397,10 @@ def run(cfg: StudyConfig, on_progress: OnProgress | None = None, run_id: str | N
     Config, run id, device and the writability of the store and the cache are checked before any run folder
     exists. ``resume=True`` continues the existing run ``run_id`` (see :func:`resume`).
     """
-    cfg.validate()
+    validate_config(cfg)
     if run_id is not None:
         check_run_id(run_id)
-    device = resolve_device(cfg.device)
+    device = torch.device(resolve_device(cfg.device))
     store = store or RunStore(cfg.runs_dir)
     check_writable(store.root, "--runs-dir")
     check_writable(_cache(cfg), "--cache-dir")
@@ -562,7 +562,7 @@ def _leakage(sd: StudyData, cfg: StudyConfig) -> dict:
 
     train, val = (D.random_split(sd.pool, cfg.val_fraction, cfg.seeds[0]) if cfg.split == "random" else
                   D.grouped_split(sd.pool, sd.pool["group_id"].to_numpy(), cfg.val_fraction, cfg.seeds[0]))
-    return leakage(train, val, cache_dir=_cache(cfg), device=str(resolve_device(cfg.device)))
+    return leakage(train, val, cache_dir=_cache(cfg), device=resolve_device(cfg.device))
 
 
 def _install_sigterm(prog: Progress):

@@ -1,28 +1,37 @@
-"""A named table of specs, as in timm's model registry: register once, look up loudly, list for UIs."""
+"""A named table of specs, as in timm's model registry: register once, look up loudly, list for UIs, create.
+
+A spec is a frozen dataclass with at least ``name`` and ``factory`` (core.enhance.registry.EnhancerSpec,
+core.models.ClassifierSpec). ``create`` builds by name and lets the registry attach the spec to what it built,
+so the spec travels with the object (``core.models.spec_of``).
+"""
 
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, spec_type: Callable[..., T], attach: Callable[[Any, T], Any] | None = None):
         self.kind = kind
+        self.spec_type = spec_type
+        self.attach = attach  # (built object, spec) -> the object handed to the caller
         self._specs: dict[str, T] = {}
 
-    def add(self, name: str, spec: T) -> None:
+    def add(self, spec: T) -> T:
+        name = spec.name
         if name in self._specs:
             raise ValueError(f"{self.kind} {name!r} registered twice")
         self._specs[name] = spec
+        return spec
 
-    def register(self, name: str, make_spec: Callable[[Callable], T]) -> Callable[[Callable], Callable]:
-        """A decorator that registers ``make_spec(fn)`` under ``name`` and returns ``fn`` unchanged."""
-        def deco(fn: Callable) -> Callable:
-            self.add(name, make_spec(fn))
-            return fn
+    def register(self, name: str, description: str, **spec_fields) -> Callable[[Callable], Callable]:
+        """A decorator: ``@registry.register(name, description, ...)`` over the factory; returns it unchanged."""
+        def deco(factory: Callable) -> Callable:
+            self.add(self.spec_type(name=name, factory=factory, description=description, **spec_fields))
+            return factory
 
         return deco
 
@@ -34,3 +43,9 @@ class Registry(Generic[T]):
             return self._specs[name]
         except KeyError:
             raise ValueError(f"unknown {self.kind} {name!r}; choose from {', '.join(self._specs)}") from None
+
+    def create(self, name: str, *args, **kwargs):
+        """Build ``name`` with its factory (``None`` keyword arguments are dropped, so defaults apply)."""
+        spec = self.get(name)
+        built = spec.factory(*args, **{k: v for k, v in kwargs.items() if v is not None})
+        return self.attach(built, spec) if self.attach else built

@@ -32,10 +32,11 @@ import numpy as np
 import pandas as pd
 
 from core.config import CLASSES
+from core.store import (DETAIL_B, DETAIL_C, DETAIL_N_BOOT, DETAIL_N_GROUPS, DETAIL_P_CLUSTER_BOOT, DETAIL_RESAMPLE,
+                        SCHEMAS, Metric, StatKind, class_metric, parse_detail)
 
 CLASS_DIFF_CLASSES = ("eosinophil", "neutrophil")
-STATS_COLUMNS = ["kind", "variant", "baseline", "seed", "image_size", "metric", "estimate", "sd", "ci_low",
-                 "ci_high", "p_value", "n", "detail"]
+CI_METRICS = (Metric.ACCURACY, Metric.MACRO_F1, Metric.BALANCED_ACCURACY)  # "ci" rows per model
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -87,6 +88,7 @@ class _Counts:
         self.fp = per_group(~onehot_t & onehot_p)
         self.fn = per_group(onehot_t & ~onehot_p)
         self.present = (onehot_t | onehot_p).any(0)  # sklearn's macro average: labels in y_true or y_pred
+        self.true_present = onehot_t.any(0)  # sklearn's balanced accuracy: the classes in y_true
 
     def metrics(self, w: np.ndarray | None) -> dict[str, np.ndarray]:
         """Metrics for weights ``w`` (n_boot, G), or the point estimate (shape (1,)) when None."""
@@ -100,11 +102,12 @@ class _Counts:
             recall = tp / (tp + fn)
             # a class absent from a resample (0/0) drops out, as sklearn does with the labels it sees
             macro = np.nanmean(f1[:, self.present], 1)
+            balanced = np.nanmean(recall[:, self.true_present], 1)
             acc = correct / n
-        out = {"accuracy": acc, "macro_f1": macro}
+        out = {Metric.ACCURACY: acc, Metric.MACRO_F1: macro, Metric.BALANCED_ACCURACY: balanced}
         for c, name in enumerate(self.class_names):
-            out[f"recall:{name}"] = recall[:, c]
-            out[f"f1:{name}"] = f1[:, c]
+            out[class_metric("recall", name)] = recall[:, c]
+            out[class_metric("f1", name)] = f1[:, c]
         return out
 
 
@@ -117,8 +120,8 @@ def _ci(boot: np.ndarray) -> tuple[float, float, float]:
 
 
 def _row(kind, variant, baseline, seed, size, metric, est, sd=None, lo=None, hi=None, p=None, n=None, detail=None):
-    return {"kind": kind, "variant": variant, "baseline": baseline, "seed": int(seed), "image_size": int(size),
-            "metric": metric, "estimate": float(est), "sd": sd, "ci_low": lo, "ci_high": hi, "p_value": p,
+    return {"kind": str(kind), "variant": variant, "baseline": baseline, "seed": int(seed), "image_size": int(size),
+            "metric": str(metric), "estimate": float(est), "sd": sd, "ci_low": lo, "ci_high": hi, "p_value": p,
             "n": None if n is None else int(n), "detail": None if detail is None else json.dumps(detail)}
 
 
@@ -139,9 +142,9 @@ def compute_stats(predictions: pd.DataFrame, baseline: str = "original", n_boot:
         cnt = _Counts(g["true_label"].map(code).to_numpy(), g["pred_label"].map(code).to_numpy(),
                       gidx, n_groups, names)
         point, boot = cnt.metrics(None), cnt.metrics(_boot_weights(n_groups, n_boot, seed))
-        detail = {"resample": "groups" if grouped else "images", "n_groups": n_groups, "n_boot": n_boot}
-        for m in ("accuracy", "macro_f1"):
-            rows.append(_row("ci", variant, None, s, size, m, point[m][0], *_ci(boot[m]), n=len(g), detail=detail))
+        detail = {DETAIL_RESAMPLE: "groups" if grouped else "images", DETAIL_N_GROUPS: n_groups, DETAIL_N_BOOT: n_boot}
+        for m in CI_METRICS:
+            rows.append(_row(StatKind.CI, variant, None, s, size, m, point[m][0], *_ci(boot[m]), n=len(g), detail=detail))
 
     base = p[p["variant"] == baseline]
     for (variant, s, size), g in p[p["variant"] != baseline].groupby(keys, sort=True):
@@ -160,29 +163,30 @@ def compute_stats(predictions: pd.DataFrame, baseline: str = "original", n_boot:
         pv, pb, bv, bb = cv.metrics(None), cb.metrics(None), cv.metrics(w), cb.metrics(w)
         ok_v, ok_b = (j["true_label"] == j["pred_label"]).to_numpy(), (j["true_label"] == j["pred_label_b"]).to_numpy()
         nb, nc = int((ok_b & ~ok_v).sum()), int((~ok_b & ok_v).sum())
-        d_acc = bv["accuracy"] - bb["accuracy"]
+        d_acc = bv[Metric.ACCURACY] - bb[Metric.ACCURACY]
         p_boot = float(min(1.0, 2 * min((d_acc <= 0).mean(), (d_acc >= 0).mean()))) if nb + nc else 1.0
-        detail = {"b": nb, "c": nc, "resample": "groups" if grouped else "images", "n_groups": n_groups,
-                  "p_cluster_boot": p_boot}
-        est = pv["accuracy"][0] - pb["accuracy"][0]
-        rows.append(_row("paired", variant, baseline, s, size, "accuracy_diff", est, *_ci(d_acc),
+        detail = {DETAIL_B: nb, DETAIL_C: nc, DETAIL_RESAMPLE: "groups" if grouped else "images",
+                  DETAIL_N_GROUPS: n_groups, DETAIL_P_CLUSTER_BOOT: p_boot}
+        est = pv[Metric.ACCURACY][0] - pb[Metric.ACCURACY][0]
+        rows.append(_row(StatKind.PAIRED, variant, baseline, s, size, Metric.ACCURACY_DIFF, est, *_ci(d_acc),
                          p=mcnemar_exact(nb, nc), n=len(j), detail=detail))
-        rows.append(_row("paired", variant, baseline, s, size, "macro_f1_diff", pv["macro_f1"][0] - pb["macro_f1"][0],
-                         *_ci(bv["macro_f1"] - bb["macro_f1"]), n=len(j), detail={"resample": detail["resample"]}))
+        rows.append(_row(StatKind.PAIRED, variant, baseline, s, size, Metric.MACRO_F1_DIFF,
+                         pv[Metric.MACRO_F1][0] - pb[Metric.MACRO_F1][0], *_ci(bv[Metric.MACRO_F1] - bb[Metric.MACRO_F1]),
+                         n=len(j), detail={DETAIL_RESAMPLE: detail[DETAIL_RESAMPLE]}))
         for cls in CLASS_DIFF_CLASSES:
             support = int((j["true_label"] == cls).sum())
-            for m in (f"recall:{cls}", f"f1:{cls}"):
+            for m in (class_metric("recall", cls), class_metric("f1", cls)):
                 est = pv[m][0] - pb[m][0]
                 if math.isnan(est):
                     continue
-                rows.append(_row("class_diff", variant, baseline, s, size, m, est, *_ci(bv[m] - bb[m]), n=support,
+                rows.append(_row(StatKind.CLASS_DIFF, variant, baseline, s, size, m, est, *_ci(bv[m] - bb[m]), n=support,
                                  detail={"variant": float(pv[m][0]), "baseline": float(pb[m][0]),
-                                         "resample": detail["resample"]}))
+                                         DETAIL_RESAMPLE: detail[DETAIL_RESAMPLE]}))
 
-    out = pd.DataFrame(rows, columns=STATS_COLUMNS)
+    out = pd.DataFrame(rows, columns=SCHEMAS["stats"])
     seed_ci = _seed_mean_cis(p, baseline, code, names, n_boot, seed)
     seeds_rows = []
-    per_seed = out[out["kind"].isin(["ci", "paired", "class_diff"])]
+    per_seed = out[out["kind"].isin([StatKind.CI, StatKind.PAIRED, StatKind.CLASS_DIFF])]
     for (variant, bl, size, metric), g in per_seed.groupby(
             ["variant", per_seed["baseline"].fillna(""), "image_size", "metric"], sort=True):
         if g["seed"].nunique() < 2:
@@ -190,10 +194,10 @@ def compute_stats(predictions: pd.DataFrame, baseline: str = "original", n_boot:
         g = g.sort_values("seed")
         vals = g["estimate"].astype(float).tolist()
         lo, hi = seed_ci.get((variant, bl or None, int(size), metric), (None, None))
-        seeds_rows.append(_row("seeds", variant, bl or None, -1, size, metric, float(np.mean(vals)),
+        seeds_rows.append(_row(StatKind.SEEDS, variant, bl or None, -1, size, metric, float(np.mean(vals)),
                                sd=float(np.std(vals, ddof=1)), lo=lo, hi=hi, n=len(vals), detail=vals))
     if seeds_rows:
-        out = pd.concat([out, pd.DataFrame(seeds_rows, columns=STATS_COLUMNS)], ignore_index=True)
+        out = pd.concat([out, pd.DataFrame(seeds_rows, columns=SCHEMAS["stats"])], ignore_index=True)
     for c in ("estimate", "sd", "ci_low", "ci_high", "p_value"):
         out[c] = pd.to_numeric(out[c], errors="coerce").astype(float)
     out["seed"] = out["seed"].astype("int64")
@@ -224,7 +228,7 @@ def _seed_mean_cis(p: pd.DataFrame, baseline: str, code: dict, names: list[str],
             if len(seeds) < 2:
                 continue
             per_seed = [boot(g[g["seed"] == s]) for s in seeds]
-            for m in ("accuracy", "macro_f1"):
+            for m in CI_METRICS:
                 out[(variant, None, int(size), m)] = _ci(np.mean([b[m] for b in per_seed], 0))[1:]
             base = ps[ps["variant"] == baseline]
             if variant == baseline or base.empty:
@@ -236,8 +240,9 @@ def _seed_mean_cis(p: pd.DataFrame, baseline: str, code: dict, names: list[str],
                 if j.empty:
                     break
                 bv, bb = boot(j), boot(j, "pred_label_b")
-                for m, name in (("accuracy", "accuracy_diff"), ("macro_f1", "macro_f1_diff"),
-                                *((m, m) for c in CLASS_DIFF_CLASSES for m in (f"recall:{c}", f"f1:{c}"))):
+                for m, name in ((Metric.ACCURACY, Metric.ACCURACY_DIFF), (Metric.MACRO_F1, Metric.MACRO_F1_DIFF),
+                                *((m, m) for c in CLASS_DIFF_CLASSES
+                                  for m in (class_metric("recall", c), class_metric("f1", c)))):
                     diffs.setdefault(name, []).append(bv[m] - bb[m])
             else:
                 for name, ds in diffs.items():
@@ -245,7 +250,7 @@ def _seed_mean_cis(p: pd.DataFrame, baseline: str, code: dict, names: list[str],
     return out
 
 
-def model_summary(stats: pd.DataFrame, metric: str = "accuracy", kind: str = "ci") -> pd.DataFrame:
+def model_summary(stats: pd.DataFrame, metric: str = Metric.ACCURACY, kind: str = StatKind.CI) -> pd.DataFrame:
     """One row per (variant, [baseline,] image_size): the estimate and its 95% CI, read the honest way.
 
     One seed: that model's bootstrap CI. Several seeds: the seed mean with the CI of the seed-averaged
@@ -257,7 +262,7 @@ def model_summary(stats: pd.DataFrame, metric: str = "accuracy", kind: str = "ci
     if stats is None or stats.empty:
         return pd.DataFrame(columns=cols)
     one = stats[(stats["kind"] == kind) & (stats["metric"] == metric)]
-    multi = stats[(stats["kind"] == "seeds") & (stats["metric"] == metric)]
+    multi = stats[(stats["kind"] == StatKind.SEEDS) & (stats["metric"] == metric)]
     rows = []
     for (v, size), g in one.groupby(["variant", "image_size"], sort=False):
         m = multi[(multi["variant"] == v) & (multi["image_size"] == size)]
@@ -278,39 +283,39 @@ def summary_text(stats: pd.DataFrame) -> str:
     if stats is None or stats.empty:
         return "No statistics available."
     lines: list[str] = []
-    ci = stats[stats["kind"] == "ci"]
+    ci = stats[stats["kind"] == StatKind.CI]
     if not ci.empty:
-        d = json.loads(ci["detail"].iloc[0]) if isinstance(ci["detail"].iloc[0], str) else {}
-        how = ("whole source-cell groups (cluster bootstrap)" if d.get("resample") == "groups"
+        d = parse_detail(ci["detail"].iloc[0])
+        how = ("whole source-cell groups (cluster bootstrap)" if d.get(DETAIL_RESAMPLE) == "groups"
                else "individual images (no source groups known)")
         lines.append(f"95% confidence intervals are percentile bootstrap intervals resampling {how}; "
                      "differences are in percentage points, variant minus baseline.")
-    for r in ci[ci["metric"] == "accuracy"].itertuples():
+    for r in ci[ci["metric"] == Metric.ACCURACY].itertuples():
         lines.append(f"- {r.variant} (seed {r.seed}, {r.image_size} px): accuracy {r.estimate:.3f} "
                      f"(95% CI {r.ci_low:.3f}-{r.ci_high:.3f}, n = {r.n}).")
-    paired = stats[(stats["kind"] == "paired") & (stats["metric"] == "accuracy_diff")]
+    paired = stats[(stats["kind"] == StatKind.PAIRED) & (stats["metric"] == Metric.ACCURACY_DIFF)]
     for r in paired.itertuples():
-        d = json.loads(r.detail)
+        d = parse_detail(r.detail)
         verdict = ("no evidence of a difference (the CI includes 0)" if r.ci_low <= 0 <= r.ci_high else
                    f"the CI excludes 0: {r.variant} is {'better' if r.estimate > 0 else 'worse'} on these test images")
         lines.append(
             f"- {r.variant} vs {r.baseline} (seed {r.seed}, {r.image_size} px): accuracy {_pts(r.estimate)} points "
             f"(95% CI {_pts(r.ci_low)} to {_pts(r.ci_high)}); exact McNemar p = {r.p_value:.3g} "
             f"({d['b']} images right only with {r.baseline}, {d['c']} right only with {r.variant}); {verdict}.")
-        if d.get("resample") == "groups" and d.get("n_groups", r.n) < r.n:
+        if d.get(DETAIL_RESAMPLE) == "groups" and d.get(DETAIL_N_GROUPS, r.n) < r.n:
             lines.append(f"  McNemar counts {r.n} images as independent but they come from {d['n_groups']} source "
                          f"groups; the group-bootstrap p = {d['p_cluster_boot']:.3g} is the more honest figure.")
-    seeds = stats[stats["kind"] == "seeds"]
+    seeds = stats[stats["kind"] == StatKind.SEEDS]
     if not seeds.empty:
         lines.append("Spread over training seeds (mean, sample sd). Each CI above covers test-set sampling for "
                      "one trained model only; the seed spread shows how much retraining alone moves the result.")
-        for r in seeds[seeds["metric"].isin(["accuracy", "accuracy_diff"])].itertuples():
-            what = f"{r.variant} accuracy" if r.metric == "accuracy" else f"{r.variant} minus {r.baseline} accuracy"
-            scale = 100 if r.metric == "accuracy_diff" else 1
+        for r in seeds[seeds["metric"].isin([Metric.ACCURACY, Metric.ACCURACY_DIFF])].itertuples():
+            what = f"{r.variant} accuracy" if r.metric == Metric.ACCURACY else f"{r.variant} minus {r.baseline} accuracy"
+            scale = 100 if r.metric == Metric.ACCURACY_DIFF else 1
             fmt = (lambda x: f"{x:+.1f} points") if scale == 100 else (lambda x: f"{x:.3f}")
             lines.append(f"- {what} ({r.image_size} px, {r.n} seeds): {fmt(scale * r.estimate)} "
                          f"(sd {scale * r.sd:.{1 if scale == 100 else 3}f}).")
-    cd = stats[stats["kind"] == "class_diff"]
+    cd = stats[stats["kind"] == StatKind.CLASS_DIFF]
     if not cd.empty:
         lines.append("Per-class changes (variant minus baseline):")
         multi = seeds[seeds["metric"].isin(cd["metric"].unique()) & seeds["baseline"].notna()]

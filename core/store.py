@@ -1,7 +1,13 @@
-"""The run store: ``runs/<run_id>/`` with ``run.json``, ``progress.json``, ``log.txt`` and Parquet tables.
+"""The run store, and the contract between ``core`` and everything that reads it (the dashboard, ``wbc runs``).
 
-Every write is atomic (temporary file + ``os.replace``), so a reader never sees half a file and a
-crash never damages another run. The schemas below are the contract between ``core`` and the dashboard.
+``runs/<run_id>/`` holds ``run.json`` (:class:`RunInfo`), ``progress.json`` (:class:`Progress`), ``log.txt`` and
+one Parquet file per :class:`Table`, each with its :class:`TableSchema` (column names and dtypes). Readers use
+:class:`RunStore` / :class:`Run` only: ``RunStore.list()``, ``Run.info``, ``Run.progress``, ``Run.table(name)``.
+Every write is atomic (``core.fsio``), so a reader never sees half a file and a crash never damages another run.
+
+``run.json`` carries ``schema_version`` (:data:`SCHEMA_VERSION`). Runs made before it (version 1: no version
+key, a boolean ``augment``, predictions without the region columns, no ``validation`` table) are read through
+the same API: missing columns come back as nulls, and the config migrates in ``StudyConfig.from_dict``.
 
 A running study keeps a heartbeat in ``progress.json`` (``pid``, ``host``, ``updated_at``); a run marked
 running whose process is gone or whose heartbeat is stale is *interrupted* (:func:`effective_status`, the one
@@ -17,55 +23,197 @@ import re
 import secrets
 import socket
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
-from core.config import CLASSES, PROB_COLUMNS, default_runs_dir
+from core.config import PROB_COLUMNS, default_runs_dir
+from core.fsio import atomic_write_json, atomic_write_parquet, stat_key
 from core.regions import BOX_COLUMNS
 
 RUN_JSON = "run.json"
 PROGRESS_JSON = "progress.json"
 LOG_TXT = "log.txt"
 CANCEL_FILE = "CANCEL"
+# 2: schema_version in run.json, input policies (region columns, validation table). 1: everything before.
+SCHEMA_VERSION = 2
 
-# Table name -> ordered columns. seed and image_size identify one trained model within a variant.
+
+# ------------------------------------------------------------------------------------------ names
+class Table(StrEnum):
+    PREDICTIONS = "predictions"
+    MISCLASSIFIED = "misclassified"
+    METRICS = "metrics"
+    CONFUSION = "confusion"
+    HISTORY = "history"
+    VALIDATION = "validation"
+    STATS = "stats"
+    SPLITS = "splits"
+    SKIPPED = "skipped"
+
+
+class Status(StrEnum):
+    """A run's lifecycle. INTERRUPTED is never written: readers derive it (:func:`effective_status`)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+    UNREADABLE = "unreadable"  # a listed folder whose run.json cannot be read
+
+
+class StatKind(StrEnum):
+    """Rows of the stats table by ``kind`` (core.stats has what each holds)."""
+
+    CI = "ci"  # per model: a metric with its bootstrap CI
+    PAIRED = "paired"  # variant minus baseline on the same images
+    CLASS_DIFF = "class_diff"  # per-class recall/F1 differences (eosinophil, neutrophil)
+    SEEDS = "seeds"  # seed = -1: the seed mean, with the CI of the seed-averaged metric
+
+
+class Metric(StrEnum):
+    ACCURACY = "accuracy"
+    MACRO_F1 = "macro_f1"
+    BALANCED_ACCURACY = "balanced_accuracy"  # mean recall over the classes in the test set
+    ACCURACY_DIFF = "accuracy_diff"
+    MACRO_F1_DIFF = "macro_f1_diff"
+
+
+def class_metric(measure: str, cls: str) -> str:
+    """The stats ``metric`` of a per-class difference: ``recall:eosinophil``, ``f1:neutrophil``."""
+    return f"{measure}:{cls}"
+
+
+# Keys inside the stats table's ``detail`` JSON (a dict for ci/paired/class_diff rows, a list for seeds rows).
+DETAIL_RESAMPLE = "resample"  # "groups" (cluster bootstrap over source cells) | "images"
+DETAIL_N_GROUPS = "n_groups"
+DETAIL_N_BOOT = "n_boot"
+DETAIL_B = "b"  # paired: baseline right, variant wrong
+DETAIL_C = "c"  # paired: baseline wrong, variant right
+DETAIL_P_CLUSTER_BOOT = "p_cluster_boot"  # paired: two-sided group-bootstrap p
+
+
+def parse_detail(value) -> dict:
+    """A stats row's ``detail`` as a dict ({} for none, a seeds list, or unreadable JSON)."""
+    if not isinstance(value, str) or not value.startswith("{"):
+        return {}
+    try:
+        d = json.loads(value)
+    except ValueError:
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+# ----------------------------------------------------------------------------------------- tables
+@dataclass(frozen=True)
+class Col:
+    name: str
+    dtype: str  # "str" | "int" | "float" | "bool" | "json" (a JSON string)
+
+
+@dataclass(frozen=True)
+class TableSchema:
+    """One table's columns, in order, with their dtypes. Writes and reads go through :meth:`conform`."""
+
+    name: str
+    columns: tuple[Col, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    def empty(self) -> pd.DataFrame:
+        return pd.DataFrame(columns=self.names)
+
+    def conform(self, df: pd.DataFrame, strict: bool = True) -> pd.DataFrame:
+        """Columns in the schema's order with the schema's dtypes; missing columns become nulls (older runs).
+        ``strict`` (writes) refuses columns that are not in the schema; reads drop them."""
+        extra = [c for c in df.columns if c not in self.names]
+        if extra and strict:
+            raise ValueError(f"{self.name}: columns not in the schema: {extra}")
+        out = df.copy()
+        for c in self.columns:
+            out[c.name] = _cast(out[c.name], c.dtype) if c.name in out.columns else \
+                pd.Series([None] * len(out), dtype="object", index=out.index)
+        return out[self.names].reset_index(drop=True)
+
+
+def _cast(s: pd.Series, dtype: str) -> pd.Series:
+    """Numbers and flags to their dtype (nullable when a value is missing); text is left as it is."""
+    if s.empty or dtype in ("str", "json"):
+        return s
+    try:
+        if dtype == "float":
+            return pd.to_numeric(s, errors="raise").astype("float64")
+        nulls = bool(s.isna().any())
+        if dtype == "int":
+            return s.astype("Int64" if nulls else "int64")
+        if dtype == "bool":
+            return s.astype("boolean" if nulls else "bool")
+    except (TypeError, ValueError):
+        return s  # a hand-edited or damaged column: shown as stored
+    return s
+
+
+def _cols(spec: str) -> tuple[Col, ...]:
+    """'name:dtype name:dtype ...' -> columns."""
+    return tuple(Col(*item.split(":")) for item in spec.split())
+
+
+# seed and image_size identify one trained model within a variant.
 KEYS = ["variant", "seed", "image_size"]
+_KEYS = "variant:str seed:int image_size:int "
 # The region of the original image the model saw (core.regions; null in runs made before input policies),
 # and why the policy was not applied as asked (e.g. "no stained nucleus found: centre crop").
-_PRED = ["image_id", "path", "enhanced_path", "true_label", "pred_label", "correct", *PROB_COLUMNS, "group_id",
-         *BOX_COLUMNS, "region_note"]
-SCHEMAS: dict[str, list[str]] = {
-    "predictions": KEYS + _PRED,
-    "misclassified": KEYS + _PRED,
-    "metrics": KEYS + ["label", "precision", "recall", "f1", "support"],
-    "confusion": KEYS + ["true_label", "pred_label", "count"],
-    "history": KEYS + ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "lr", "seconds"],
+_PRED = ("image_id:str path:str enhanced_path:str true_label:str pred_label:str correct:bool "
+         + " ".join(f"{c}:float" for c in PROB_COLUMNS) + " group_id:str "
+         + " ".join(f"{c}:int" for c in BOX_COLUMNS) + " region_note:str")
+TABLES: dict[Table, TableSchema] = {t: TableSchema(t.value, _cols(spec)) for t, spec in {
+    Table.PREDICTIONS: _KEYS + _PRED,
+    Table.MISCLASSIFIED: _KEYS + _PRED,
+    Table.METRICS: _KEYS + "label:str precision:float recall:float f1:float support:int",
+    Table.CONFUSION: _KEYS + "true_label:str pred_label:str count:int",
+    Table.HISTORY: _KEYS + "epoch:int train_loss:float train_acc:float val_loss:float val_acc:float "
+                           "val_macro_f1:float lr:float seconds:float",
     # Each model's validation figures at its best (restored) epoch: the number the paper reports. split is
     # "grouped" (no source cell on both sides) or "random" (leaky: near-copies of training cells).
-    "validation": KEYS + ["split", "leaky", "best_epoch", "selected_by", "val_accuracy", "val_macro_f1",
-                          "val_loss", "n_val", "val_groups_disjoint"],
-    # kind: "ci" (per variant/seed: bootstrap CI), "paired" (variant vs baseline on the same images: accuracy
-    # difference with CI, exact McNemar p_value, detail = JSON {"b": .., "c": ..}), "seeds" (seed = -1:
-    # estimate = mean over seeds, sd = standard deviation, detail = JSON list of per-seed values).
-    "stats": ["kind", "variant", "baseline", "seed", "image_size", "metric", "estimate", "sd", "ci_low",
-              "ci_high", "p_value", "n", "detail"],
+    Table.VALIDATION: _KEYS + "split:str leaky:bool best_epoch:int selected_by:str val_accuracy:float "
+                              "val_macro_f1:float val_loss:float n_val:int val_groups_disjoint:bool",
+    # kind: StatKind; metric: Metric or class_metric(); detail: JSON (see DETAIL_* and core.stats).
+    Table.STATS: "kind:str variant:str baseline:str seed:int image_size:int metric:str estimate:float sd:float "
+                 "ci_low:float ci_high:float p_value:float n:int detail:json",
     # Which images trained, validated and tested each model (role: train | val | test).
-    "splits": KEYS + ["image_id", "role", "label", "group_id"],
-    "skipped": ["path", "split", "error"],
-}
-METRIC_LABELS = [*CLASSES, "accuracy", "macro avg", "weighted avg"]
+    Table.SPLITS: _KEYS + "image_id:str role:str label:str group_id:str",
+    Table.SKIPPED: "path:str split:str error:str",
+}.items()}
+SCHEMAS: dict[str, list[str]] = {t.value: s.names for t, s in TABLES.items()}  # name -> column names
+
+
+def schema(name: str | Table) -> TableSchema:
+    try:
+        return TABLES[Table(name)]
+    except ValueError:
+        raise ValueError(f"unknown table {name!r}; choose from {', '.join(SCHEMAS)}") from None
+
+
+def conform(name: str | Table, df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` in table ``name``'s columns and dtypes; columns not in the schema are refused (a write)."""
+    return schema(name).conform(df)
+
+
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 # The run lifecycle. A study refreshes its heartbeat every HEARTBEAT_EVERY_S seconds (and on each progress
 # update); a heartbeat older than HEARTBEAT_STALE_S means the study is gone (killed, machine down, hung).
 HEARTBEAT_EVERY_S = 10.0
 HEARTBEAT_STALE_S = 120.0
-LIVE_STATUSES = ("queued", "running")
-INTERRUPTED = "interrupted"
-RESUMABLE_STATUSES = (INTERRUPTED, "failed", "cancelled")
+LIVE_STATUSES = (Status.QUEUED, Status.RUNNING)
+INTERRUPTED = Status.INTERRUPTED
+RESUMABLE_STATUSES = (Status.INTERRUPTED, Status.FAILED, Status.CANCELLED)
 
 
 def now_iso() -> str:
@@ -141,114 +289,16 @@ def effective_status(meta: dict, progress: dict, now: dt.datetime | None = None)
     pid = progress.get("pid", meta.get("pid"))
     host = progress.get("host", meta.get("host"))
     if pid is not None and host in (None, socket.gethostname()) and not pid_alive(pid):
-        return INTERRUPTED
+        return INTERRUPTED.value
     age = heartbeat_age(progress, now)
     if age is None and pid is None:
         age = heartbeat_age({"updated_at": meta.get("created_at")}, now)
-    return INTERRUPTED if age is not None and age > HEARTBEAT_STALE_S else status
+    return INTERRUPTED.value if age is not None and age > HEARTBEAT_STALE_S else status
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(3)}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2, default=str).encode())
-
-
-def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(3)}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def conform(name: str, df: pd.DataFrame) -> pd.DataFrame:
-    """Columns of ``df`` in the schema's order; missing columns are added as nulls, extras are refused."""
-    cols = SCHEMAS[name]
-    extra = [c for c in df.columns if c not in cols]
-    if extra:
-        raise ValueError(f"{name}: columns not in the schema: {extra}")
-    out = df.copy()
-    for c in cols:
-        if c not in out.columns:
-            out[c] = pd.Series([None] * len(out), dtype="object")
-    return out[cols].reset_index(drop=True)
-
-
-@dataclass
-class Run:
-    """A handle on one run folder."""
-
-    path: Path
-
-    @property
-    def run_id(self) -> str:
-        return self.path.name
-
-    def read_meta(self) -> dict:
-        return json.loads((self.path / RUN_JSON).read_text())
-
-    def update_meta(self, **changes) -> dict:
-        meta = self.read_meta() if (self.path / RUN_JSON).exists() else {}
-        meta.update(changes)
-        atomic_write_json(self.path / RUN_JSON, meta)
-        return meta
-
-    def write_table(self, name: str, df: pd.DataFrame) -> Path:
-        p = self.path / f"{name}.parquet"
-        atomic_write_parquet(p, conform(name, df))
-        return p
-
-    def read_table(self, name: str, columns: list[str] | None = None) -> pd.DataFrame:
-        """A stored table (empty with the schema's columns if absent); a damaged file raises
-        :class:`DamagedTable` naming it."""
-        if name not in SCHEMAS:
-            raise ValueError(f"unknown table {name!r}; choose from {', '.join(SCHEMAS)}")
-        p = self.path / f"{name}.parquet"
-        if not p.exists():
-            return pd.DataFrame(columns=columns or SCHEMAS[name])
-        try:
-            return pd.read_parquet(p, columns=columns)
-        except Exception as e:
-            raise DamagedTable(f"{p}: cannot be read ({type(e).__name__}: {_first_line(e)})") from e
-
-    def write_progress(self, **progress) -> None:
-        """progress.json with the heartbeat: this process's pid and host, and the time."""
-        beat = {"updated_at": now_iso(), "pid": os.getpid(), "host": socket.gethostname()}
-        atomic_write_json(self.path / PROGRESS_JSON, {**beat, **progress})
-
-    def read_progress(self) -> dict:
-        try:
-            return json.loads((self.path / PROGRESS_JSON).read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def log(self, line: str) -> None:
-        with open(self.path / LOG_TXT, "a") as f:
-            f.write(f"{dt.datetime.now().strftime('%H:%M:%S')} {line}\n")
-
-    def log_tail(self, n: int = 20) -> list[str]:
-        try:
-            return (self.path / LOG_TXT).read_text().splitlines()[-n:]
-        except OSError:
-            return []
-
-    def status(self) -> str:
-        """run.json's status, or ``interrupted`` (see :func:`effective_status`)."""
-        return effective_status(self.read_meta(), self.read_progress())
-
-    def request_cancel(self) -> None:
-        (self.path / CANCEL_FILE).touch()
-
-    def cancel_requested(self) -> bool:
-        return (self.path / CANCEL_FILE).exists()
+# ------------------------------------------------------------------------------------- typed records
+class DamagedRun(Exception):
+    """A run folder whose run.json is missing, unreadable, not an object, or from a newer layout."""
 
 
 class DamagedTable(Exception):
@@ -259,12 +309,235 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0]
 
 
-def _summary_accuracy(summary: dict) -> dict:
-    """{variant: seed-mean accuracy}; with several image sizes {"variant@SIZEpx": ...} for every size."""
-    by_size = summary.get("accuracy_by_size") or {}
-    if isinstance(by_size, dict) and len(by_size) > 1:
-        return {f"{v}@{z}px": a for z, accs in by_size.items() if isinstance(accs, dict) for v, a in accs.items()}
-    return summary.get("accuracy", {})
+def _dict(v) -> dict:
+    return v if isinstance(v, dict) else {}
+
+
+def _num(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v else None
+
+
+def _text(v) -> str | None:
+    return None if v is None else str(v)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """``run.json``, typed. Values of the wrong type read as absent (a hand-edited file still lists); the
+    whole document stays in ``raw`` for what only some readers need (versions, stages, resumed, ...)."""
+
+    run_id: str
+    status: str = "unknown"  # as stored; the status to show is Run.status() (interrupted runs)
+    schema_version: int = 1
+    created_at: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    duration_s: float | None = None
+    device: str | None = None
+    config: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    weights: dict = field(default_factory=dict)
+    error: dict | None = None
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_json(cls, doc, run_id: str) -> "RunInfo":
+        if not isinstance(doc, dict):
+            raise DamagedRun(f"{run_id}/{RUN_JSON} is not an object")
+        version = doc.get("schema_version", 1)
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise DamagedRun(f"{run_id}/{RUN_JSON}: schema_version {version!r} is newer than this code reads "
+                             f"({SCHEMA_VERSION}); update wbc")
+        err = doc.get("error")
+        return cls(run_id=run_id, status=str(doc.get("status", "unknown")), schema_version=version,
+                   created_at=_text(doc.get("created_at")), started_at=_text(doc.get("started_at")),
+                   ended_at=_text(doc.get("ended_at")), duration_s=_num(doc.get("duration_s")),
+                   device=_text(doc.get("device")), config=_dict(doc.get("config")), data=_dict(doc.get("data")),
+                   summary=_dict(doc.get("summary")), weights=_dict(doc.get("weights")),
+                   error=err if isinstance(err, dict) else ({"message": str(err)} if err else None), raw=doc)
+
+    @property
+    def preset(self) -> str | None:
+        return _text(self.config.get("preset"))
+
+    @property
+    def variants(self) -> list[str]:
+        v = self.config.get("variants")
+        return [str(x) for x in v] if isinstance(v, (list, tuple)) else []
+
+    @property
+    def test_source(self) -> str | None:
+        return _text(self.data.get("test_source"))
+
+    @property
+    def cache_dir(self) -> str | None:
+        return _text(self.config.get("cache_dir"))
+
+    @property
+    def error_message(self) -> str | None:
+        return _text((self.error or {}).get("message")) if self.error else None
+
+    def accuracy(self) -> dict:
+        """{variant: seed-mean test accuracy}; with several image sizes {"variant@SIZEpx": ...} for every size."""
+        by_size = self.summary.get("accuracy_by_size") or {}
+        if isinstance(by_size, dict) and len(by_size) > 1:
+            return {f"{v}@{z}px": a for z, accs in by_size.items() if isinstance(accs, dict) for v, a in accs.items()}
+        acc = self.summary.get("accuracy", {})
+        return acc if isinstance(acc, dict) else {}
+
+
+@dataclass(frozen=True)
+class Progress:
+    """``progress.json``, typed: what a study is doing now, and its heartbeat."""
+
+    stage: str | None = None
+    stage_index: int | None = None
+    stages: int | None = None
+    done: float | None = None
+    total: float | None = None
+    percent: float | None = None
+    message: str | None = None
+    eta_s: float | None = None
+    updated_at: str | None = None
+    pid: int | None = None
+    host: str | None = None
+
+    @classmethod
+    def from_json(cls, doc) -> "Progress":
+        doc = _dict(doc)
+        ints = {"stage_index", "stages", "pid"}
+        nums = {"done", "total", "percent", "eta_s"}
+        kw = {}
+        for f in fields(cls):
+            v = doc.get(f.name)
+            kw[f.name] = (int(v) if _num(v) is not None else None) if f.name in ints else \
+                _num(v) if f.name in nums else _text(v)
+        return cls(**kw)
+
+    def fraction_percent(self) -> float | None:
+        """The percentage done: ``percent`` when given, else done/total."""
+        if self.percent is not None:
+            return self.percent
+        return 100.0 * (self.done or 0) / self.total if self.total else None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+# -------------------------------------------------------------------------------------------- a run
+@dataclass
+class Run:
+    """A handle on one run folder: typed reads (``info``, ``progress``, ``table``) and the writers a study uses."""
+
+    path: Path
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    def exists(self) -> bool:
+        """Whether the run has written its run.json (a launched study's folder appears a moment later)."""
+        return (self.path / RUN_JSON).is_file()
+
+    # reads -------------------------------------------------------------------------------------------
+    @property
+    def info(self) -> RunInfo:
+        """run.json, typed; :class:`DamagedRun` if it is missing or unreadable."""
+        try:
+            doc = json.loads((self.path / RUN_JSON).read_text())
+        except (OSError, ValueError) as e:
+            raise DamagedRun(f"{self.run_id}/{RUN_JSON} unreadable ({type(e).__name__}: {_first_line(e)})") from e
+        return RunInfo.from_json(doc, self.run_id)
+
+    @property
+    def progress(self) -> Progress:
+        return Progress.from_json(self.read_progress())
+
+    def table(self, name: str | Table, columns: list[str] | None = None) -> pd.DataFrame:
+        """A stored table in its schema's columns and dtypes (empty if absent; older runs' missing columns are
+        nulls); a damaged file raises :class:`DamagedTable` naming it."""
+        sch = schema(name)
+        p = self.path / f"{sch.name}.parquet"
+        if not p.exists():
+            return sch.empty() if columns is None else sch.empty()[columns]
+        try:
+            df = pd.read_parquet(p)
+        except Exception as e:
+            raise DamagedTable(f"{p.parent.name}/{p.name} could not be read ({type(e).__name__}: "
+                               f"{_first_line(e)[:160]})") from e
+        df = sch.conform(df, strict=False)
+        return df if columns is None else df[columns]
+
+    def fingerprint(self, *names: str) -> tuple:
+        """(mtime, size) of run.json/progress.json/``<table>.parquet`` files: a cache key that changes when they do."""
+        files = [n if n in (RUN_JSON, PROGRESS_JSON) else f"{schema(n).name}.parquet" for n in names]
+        return tuple(stat_key(self.path / f) for f in files)
+
+    def status(self) -> str:
+        """run.json's status, or ``interrupted`` (see :func:`effective_status`)."""
+        return effective_status(self.read_meta(), self.read_progress())
+
+    def log_tail(self, n: int = 20) -> list[str]:
+        try:
+            return (self.path / LOG_TXT).read_text().splitlines()[-n:]
+        except OSError:
+            return []
+
+    def cancel_requested(self) -> bool:
+        return (self.path / CANCEL_FILE).exists()
+
+    # the raw documents (writers, and effective_status) -----------------------------------------------------
+    def read_meta(self) -> dict:
+        return json.loads((self.path / RUN_JSON).read_text())
+
+    def read_progress(self) -> dict:
+        try:
+            doc = json.loads((self.path / PROGRESS_JSON).read_text())
+        except (OSError, ValueError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    # writes ------------------------------------------------------------------------------------------
+    def update_meta(self, **changes) -> dict:
+        meta = self.read_meta() if (self.path / RUN_JSON).exists() else {}
+        meta.update(changes)
+        atomic_write_json(self.path / RUN_JSON, meta)
+        return meta
+
+    def write_table(self, name: str | Table, df: pd.DataFrame) -> Path:
+        sch = schema(name)
+        return atomic_write_parquet(self.path / f"{sch.name}.parquet", sch.conform(df))
+
+    def write_progress(self, **progress) -> None:
+        """progress.json with the heartbeat: this process's pid and host, and the time."""
+        beat = {"updated_at": now_iso(), "pid": os.getpid(), "host": socket.gethostname()}
+        atomic_write_json(self.path / PROGRESS_JSON, {**beat, **progress})
+
+    def log(self, line: str) -> None:
+        with open(self.path / LOG_TXT, "a") as f:
+            f.write(f"{dt.datetime.now().strftime('%H:%M:%S')} {line}\n")
+
+    def request_cancel(self) -> None:
+        (self.path / CANCEL_FILE).touch()
+
+
+@dataclass(frozen=True)
+class RunEntry:
+    """One folder of the store as listed: its run, typed info and effective status, or why it is unreadable."""
+
+    run: Run
+    info: RunInfo | None
+    status: str
+    warning: str | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+
+LIST_COLUMNS = ["run_id", "status", "preset", "variants", "classifier", "test_set", "accuracy", "created_at",
+                "seconds", "error", "warning"]
 
 
 class RunStore:
@@ -284,7 +557,8 @@ class RunStore:
             raise FileExistsError(f"run {run_id} already exists in {self.root}; choose another --run-id, or "
                                   f"continue it with --resume {run_id}") from None
         run = Run(path)
-        run.update_meta(run_id=run_id, status="queued", created_at=now_iso(), config=config)
+        run.update_meta(run_id=run_id, schema_version=SCHEMA_VERSION, status=Status.QUEUED.value,
+                        created_at=now_iso(), config=config)
         return run
 
     def get(self, run_id: str) -> Run:
@@ -294,33 +568,39 @@ class RunStore:
         return Run(path)
 
     def run_ids(self) -> list[str]:
+        """Run folder names, newest first (hidden folders, like the launch lock's, are not runs)."""
         if not self.root.is_dir():
             return []
         return sorted((p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")),
                       reverse=True)
 
-    def list_runs(self) -> pd.DataFrame:
-        """One row per run folder; an unreadable folder gives a row with status 'unreadable' and a warning."""
-        rows = []
+    def fingerprint(self) -> tuple:
+        """A cache key of the whole listing: folder names and their run.json/progress.json (mtime, size)."""
+        return tuple((rid, Run(self.root / rid).fingerprint(RUN_JSON, PROGRESS_JSON)) for rid in self.run_ids())
+
+    def list(self) -> list[RunEntry]:
+        """Every run folder, newest first; an unreadable one is listed with status ``unreadable`` and why."""
+        out = []
         for rid in self.run_ids():
-            p = self.root / rid
+            run = Run(self.root / rid)
             try:
-                meta = json.loads((p / RUN_JSON).read_text())
-                cfg = meta.get("config", {})
-                rows.append({
-                    "run_id": rid,
-                    "status": effective_status(meta, Run(p).read_progress()),
-                    "preset": cfg.get("preset"),
-                    "variants": ",".join(cfg.get("variants", [])),
-                    "classifier": cfg.get("classifier"),
-                    "test_set": (meta.get("data") or {}).get("test_source"),
-                    "accuracy": _summary_accuracy(meta.get("summary") or {}),
-                    "created_at": meta.get("created_at"),
-                    "seconds": meta.get("duration_s"),
-                    "error": (meta.get("error") or {}).get("message") if meta.get("error") else None,
-                    "warning": None,
-                })
-            except Exception as e:
-                rows.append({"run_id": rid, "status": "unreadable", "warning": f"{type(e).__name__}: {e}"})
-        return pd.DataFrame(rows, columns=["run_id", "status", "preset", "variants", "classifier", "test_set",
-                                           "accuracy", "created_at", "seconds", "error", "warning"])
+                info = run.info
+                out.append(RunEntry(run, info, effective_status(info.raw, run.read_progress())))
+            except Exception as e:  # DamagedRun, or anything else a hand-edited folder throws: listed, not fatal
+                why = str(e) if isinstance(e, DamagedRun) else f"{rid}: {type(e).__name__}: {_first_line(e)}"
+                out.append(RunEntry(run, None, Status.UNREADABLE.value, why))
+        return out
+
+    def list_runs(self) -> pd.DataFrame:
+        """:meth:`list` as a frame (``wbc runs``, the dashboard's run table): one row per run folder."""
+        rows = []
+        for e in self.list():
+            i = e.info
+            if i is None:
+                rows.append({"run_id": e.run_id, "status": e.status, "warning": e.warning})
+                continue
+            rows.append({"run_id": e.run_id, "status": e.status, "preset": i.preset, "variants": ",".join(i.variants),
+                         "classifier": _text(i.config.get("classifier")), "test_set": i.test_source,
+                         "accuracy": i.accuracy(), "created_at": i.created_at, "seconds": i.duration_s,
+                         "error": i.error_message, "warning": None})
+        return pd.DataFrame(rows, columns=LIST_COLUMNS)

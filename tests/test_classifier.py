@@ -1,10 +1,8 @@
 """The classifier recipe: input policies, per-image augmentation, TTA, checkpoint choice, validation table,
 replication scorecard, seed-averaged intervals and the held-out fallback."""
 
-import json
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ from PIL import Image, ImageDraw
 from core import make_config, run_study
 from core.config import CLASSES
 from core.engine import TrainSettings, augment_batch, dihedral_view, fit, macro_f1, predict
+from core.models import ClassifierSpec, with_spec
 from core.enhance import create_enhancer
 from core.enhance.cache import enhance_to_cache, load_rgb
 from core.regions import BOX_COLUMNS, CELL_CROP, FALLBACK_NOTE, MARGIN, add_regions, find_cell, region_of
@@ -113,11 +112,11 @@ def test_tta_averages_the_eight_dihedral_views():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                                 torch.nn.Linear(4, 4))
     x = torch.randint(0, 255, (5, 3, 12, 12), dtype=torch.uint8)
-    mean, std = (0.5,) * 3, (0.5,) * 3
-    tta = predict(model, mean, std, x, torch.device("cpu"), tta=8)
-    each = np.mean([predict(model, mean, std, dihedral_view(x, k), torch.device("cpu")) for k in range(8)], 0)
+    with_spec(model, ClassifierSpec("toy", None, "a toy", mean=(0.5,) * 3, std=(0.5,) * 3, head="3"))
+    tta = predict(model, x, torch.device("cpu"), tta=8)
+    each = np.mean([predict(model, dihedral_view(x, k), torch.device("cpu")) for k in range(8)], 0)
     np.testing.assert_allclose(tta, each, rtol=1e-5, atol=1e-6)
-    assert not np.allclose(tta, predict(model, mean, std, x, torch.device("cpu")))
+    assert not np.allclose(tta, predict(model, x, torch.device("cpu")))
 
 
 def test_best_checkpoint_is_chosen_by_validation_macro_f1():
@@ -125,11 +124,11 @@ def test_best_checkpoint_is_chosen_by_validation_macro_f1():
     y = np.repeat(np.arange(4), 12)
     x = torch.from_numpy(rng.integers(0, 255, (48, 3, 16, 16)).astype(np.uint8))
     x[:, 0] = torch.from_numpy((y * 60)[:, None, None].repeat(16, 1).repeat(16, 2).astype(np.uint8))
-    from core.models import SimpleCNN
+    from core.models import SimpleCNN, get_classifier_spec
 
     torch.manual_seed(0)
-    res = fit(SimpleCNN(4, width=8), (0.5,) * 3, (0.5,) * 3, "fc", x, y, x, y,
-              TrainSettings(epochs=4, batch_size=8, lr=3e-3, patience=9, label_smoothing=0.1), torch.device("cpu"))
+    model = with_spec(SimpleCNN(4, width=8), get_classifier_spec("simple_cnn"))
+    res = fit(model, (x, y), (x, y), TrainSettings(epochs=4, batch_size=8, lr=3e-3, patience=9, label_smoothing=0.1), torch.device("cpu"))
     h = pd.DataFrame(res["history"])
     best = h.sort_values(["val_macro_f1", "val_loss"], ascending=[False, True]).iloc[0]
     assert res["best_epoch"] == best["epoch"] and res["best_val_acc"] == best["val_acc"]
@@ -166,7 +165,7 @@ def grouped_run(data_dir, tmp_path_factory):
 
 def test_run_stores_validation_accuracy_of_the_restored_epoch(grouped_run):
     run, cfg = grouped_run
-    val, hist = run.read_table("validation"), run.read_table("history")
+    val, hist = run.table("validation"), run.table("history")
     assert len(val) == 4 and set(val["split"]) == {"grouped"} and not val["leaky"].any()
     assert (val["n_val"] > 0).all()
     assert val["val_groups_disjoint"].all()
@@ -174,7 +173,7 @@ def test_run_stores_validation_accuracy_of_the_restored_epoch(grouped_run):
         h = hist[(hist["variant"] == r.variant) & (hist["seed"] == r.seed) & (hist["epoch"] == r.best_epoch)]
         assert r.val_accuracy == pytest.approx(float(h["val_acc"].iloc[0]))
         assert r.val_macro_f1 == pytest.approx(float(h["val_macro_f1"].iloc[0]))
-    pred = run.read_table("predictions")
+    pred = run.table("predictions")
     assert pred[list(BOX_COLUMNS)].notna().all().all()
     # the generated eosinophils are red, not violet: no nucleus is found and each such image says so
     notes = pred.groupby("true_label")["region_note"].agg(set)
@@ -184,13 +183,13 @@ def test_run_stores_validation_accuracy_of_the_restored_epoch(grouped_run):
 
 def test_scorecard_rows_beside_the_paper(grouped_run):
     run, cfg = grouped_run
-    card = scorecard(run.read_table("validation"), run.read_table("stats"), "TEST_SIMPLE")
+    card = scorecard(run.table("validation"), run.table("stats"), "TEST_SIMPLE")
     assert list(card["variant"]) == ["original", "bicubic-x4"]
     orig = card.iloc[0]
     assert orig["paper_val_accuracy"] == PAPER_VAL_ACCURACY["original"] == 0.92
     assert card.iloc[1]["paper_val_accuracy"] is None or pd.isna(card.iloc[1]["paper_val_accuracy"])
     assert orig["seeds"] == 2 and orig["val_split"] == "grouped" and not orig["val_leaky"]
-    assert orig["val_accuracy"] == pytest.approx(run.read_table("validation").query("variant == 'original'")
+    assert orig["val_accuracy"] == pytest.approx(run.table("validation").query("variant == 'original'")
                                                  ["val_accuracy"].mean())
     assert orig["test_ci_low"] <= orig["test_accuracy"] <= orig["test_ci_high"]
     text = scorecard_text(card)
@@ -202,7 +201,7 @@ def test_scorecard_rows_beside_the_paper(grouped_run):
 
 def test_seed_averaged_ci_is_computed_not_averaged(grouped_run):
     run, _ = grouped_run
-    stats = run.read_table("stats")
+    stats = run.table("stats")
     seeds = stats[(stats["kind"] == "seeds") & (stats["metric"] == "accuracy") & (stats["variant"] == "original")]
     assert len(seeds) == 1
     r = seeds.iloc[0]
@@ -263,8 +262,62 @@ def test_held_out_fallback_is_grouped_whatever_split_says(tmp_path, monkeypatch)
     run = run_study(cfg)
     meta = run.read_meta()
     assert meta["data"]["test_source"] == "TRAIN held-out (20%, by source cell)"
-    sp = run.read_table("splits")
+    sp = run.table("splits")
     test_groups = set(sp[sp["role"] == "test"]["group_id"])
     pool_groups = set(sp[sp["role"] != "test"]["group_id"])
     assert test_groups and not test_groups & pool_groups
-    assert run.read_table("validation")["split"].iloc[0] == "random"  # the validation split is still as asked
+    assert run.table("validation")["split"].iloc[0] == "random"  # the validation split is still as asked
+
+
+# ---------------------------------------------------------------- fit(): stopping, restoring, freezing, SGD
+def _toy(n=32, seed=0):
+    """Separable 16x16 images: class k has a channel-0 level of 60k."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(4), n // 4)
+    x = torch.from_numpy(rng.integers(0, 255, (n, 3, 16, 16)).astype(np.uint8))
+    x[:, 0] = torch.from_numpy((y * 60)[:, None, None].repeat(16, 1).repeat(16, 2).astype(np.uint8))
+    return x, y
+
+
+def _cnn(seed=0):
+    from core.models import SimpleCNN, get_classifier_spec
+
+    torch.manual_seed(seed)
+    return with_spec(SimpleCNN(4, width=8), get_classifier_spec("simple_cnn"))
+
+
+def test_fit_stops_early_and_restores_the_best_weights():
+    x, y = _toy()
+    y_wrong = (y + 1) % 4  # validation labels the training makes ever more wrong: the best epoch is the first
+    model = _cnn()
+    s = TrainSettings(epochs=8, batch_size=8, lr=3e-3, patience=2, select_by="val_loss", augment="none")
+    res = fit(model, (x, y), (x, y_wrong), s, torch.device("cpu"))
+    h = pd.DataFrame(res["history"])
+    assert len(h) < s.epochs and len(h) == res["best_epoch"] + s.patience  # stopped `patience` epochs after it
+    assert res["best_val_loss"] == pytest.approx(h["val_loss"].min())
+    restored = model.state_dict()
+    assert all(torch.equal(restored[k].cpu(), v) for k, v in res["best_state"].items())  # weights restored
+
+
+def test_frozen_backbone_trains_only_the_head():
+    x, y = _toy()
+    model = _cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit(model, (x, y), (x, y), TrainSettings(epochs=2, batch_size=8, freeze_backbone=True, augment="none"),
+        torch.device("cpu"))
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("fc.") for k in changed)  # BatchNorm statistics included: unchanged
+
+
+def test_sgd_is_used_and_learns():
+    from core.engine import _make_optimizer
+
+    model = _cnn()
+    assert isinstance(_make_optimizer(model, TrainSettings(optimizer="sgd"), "fc"), torch.optim.SGD)
+    assert isinstance(_make_optimizer(model, TrainSettings(), "fc"), torch.optim.AdamW)
+    x, y = _toy(64)
+    res = fit(model, (x, y), (x, y), TrainSettings(epochs=6, batch_size=8, optimizer="sgd", lr=0.05, patience=9,
+                                                   augment="none"), torch.device("cpu"))
+    h = pd.DataFrame(res["history"])
+    assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0] and res["best_val_acc"] > 0.5

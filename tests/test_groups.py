@@ -71,7 +71,7 @@ def test_embeddings_normalised_and_cached(synth, monkeypatch):
     assert list((cache / "embeddings" / G.model_id()).glob("part-*.npz"))
     monkeypatch.setattr(G, "_get_model", lambda device: pytest.fail("recomputed despite the cache"))
     calls = []
-    again = G.embed_images(df["path"].tolist(), df["sha1"].tolist(), cache, on_progress=lambda d, t: calls.append(t))
+    again = G.embed_images(df["path"].tolist(), df["sha1"].tolist(), cache, on_progress=lambda d, t, m: calls.append(t))
     assert np.array_equal(again, emb) and calls == [len(df)]
 
 

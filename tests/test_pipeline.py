@@ -76,16 +76,16 @@ def test_run_json_says_how_each_variant_was_made(tiny_run):
 
 def test_tables_match_schema_and_sklearn(tiny_run):
     run, cfg, _ = tiny_run
-    pred = run.read_table("predictions")
+    pred = run.table("predictions")
     assert list(pred.columns) == SCHEMAS["predictions"]
     assert len(pred) == 2 * 16 and pred.groupby("variant").size().eq(16).all()
     assert pred[list(PROB_COLUMNS)].sum(axis=1).round(6).eq(1).all()
     assert pred.loc[pred["variant"] == "original", "enhanced_path"].isna().all()
     enh = pred.loc[pred["variant"] == "bicubic-x4", "enhanced_path"]
     assert enh.map(lambda p: Path(p).is_file()).all()
-    mis = run.read_table("misclassified")
+    mis = run.table("misclassified")
     assert len(mis) == (~pred["correct"]).sum() and not mis["correct"].any()
-    metrics, confusion = run.read_table("metrics"), run.read_table("confusion")
+    metrics, confusion = run.table("metrics"), run.table("confusion")
     for v, g in pred.groupby("variant"):
         rep = classification_report(g["true_label"], g["pred_label"], labels=list(CLASSES), output_dict=True,
                                     zero_division=0)
@@ -99,10 +99,10 @@ def test_tables_match_schema_and_sklearn(tiny_run):
         cm = confusion_matrix(g["true_label"], g["pred_label"], labels=list(CLASSES))
         c = confusion[confusion["variant"] == v].pivot(index="true_label", columns="pred_label", values="count")
         assert (c.loc[list(CLASSES), list(CLASSES)].to_numpy() == cm).all()
-    hist = run.read_table("history")
+    hist = run.table("history")
     assert set(hist["variant"]) == {"original", "bicubic-x4"} and hist["epoch"].max() <= cfg.epochs
     assert (run.path / "checkpoints" / "original-s0-32.pt").is_file()
-    splits = run.read_table("splits")
+    splits = run.table("splits")
     assert list(splits.columns) == SCHEMAS["splits"]
     for v, g in splits.groupby("variant"):
         roles = g.groupby("role")["image_id"].apply(set)
@@ -117,8 +117,8 @@ def test_second_run_reuses_enhanced_cache(tiny_run, data_dir):
     prov = r2.read_meta()["weights"]["enhancers"]["bicubic-x4"]
     assert prov["made"] == 0 and prov["from_cache"] == _distinct_images(cfg.data_dir)
     # same seed, same data: the same model, whatever ran before it in the process
-    a = run.read_table("predictions").query("variant == 'bicubic-x4'").reset_index(drop=True)
-    b = r2.read_table("predictions").reset_index(drop=True)
+    a = run.table("predictions").query("variant == 'bicubic-x4'").reset_index(drop=True)
+    b = r2.table("predictions").reset_index(drop=True)
     assert a["image_id"].tolist() == b["image_id"].tolist()
     assert (a[list(PROB_COLUMNS)].to_numpy() == b[list(PROB_COLUMNS)].to_numpy()).all()
 
@@ -204,7 +204,7 @@ def test_missing_pretrained_weights_fail_before_any_long_stage(data_dir, tmp_pat
         raise M.PretrainedWeightsUnavailable("resnet50: ImageNet weights could not be loaded (offline)")
 
     spec = M.get_classifier_spec("resnet50")
-    monkeypatch.setitem(M._REGISTRY._specs, "resnet50", replace(spec, build=unavailable))
+    monkeypatch.setitem(M._REGISTRY._specs, "resnet50", replace(spec, factory=unavailable))
     cfg = make_config(None, data_dir=str(data_dir), runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "c"),
                       **{**TINY, "classifier": "resnet50", "pretrained": "imagenet"})
     with pytest.raises(M.PretrainedWeightsUnavailable):
@@ -225,9 +225,9 @@ def test_seeds_and_sizes_decode_each_variant_once(tiny_run, monkeypatch):
     r = run_study(replace(cfg, seeds=(0, 1), image_sizes=(32, 40), epochs=1))
     d32, d40 = P.decoded_size(cfg.input_policy, 32), P.decoded_size(cfg.input_policy, 40)  # region + margin
     assert sorted(calls) == [d32, d32, d40, d40]  # 2 variants x 2 sizes, not x 2 seeds
-    pred = r.read_table("predictions")
+    pred = r.table("predictions")
     assert pred.groupby(["variant", "seed", "image_size"]).size().eq(16).all() and len(pred) == 2 * 2 * 2 * 16
-    stats = r.read_table("stats")
+    stats = r.table("stats")
     seeds = stats[stats["kind"] == "seeds"]
     assert set(seeds["seed"]) == {-1} and seeds["sd"].notna().all()
     assert {"original", "bicubic-x4"} <= set(seeds["variant"])
@@ -236,3 +236,32 @@ def test_seeds_and_sizes_decode_each_variant_once(tiny_run, monkeypatch):
     assert set(by_size) == {"32", "40"} and set(by_size["40"]) == {"original", "bicubic-x4"}
     listed = RunStore(cfg.runs_dir).list_runs().set_index("run_id").loc[r.run_id, "accuracy"]
     assert set(listed) == {"original@32px", "bicubic-x4@32px", "original@40px", "bicubic-x4@40px"}
+
+
+def test_sigterm_cancels_a_real_study(data_dir, tmp_path):
+    """The dashboard's cancel: SIGTERM to a `wbc study` process mid-training stops it cleanly as cancelled."""
+    import os
+    import signal
+    import time
+
+    runs = tmp_path / "runs"
+    argv = [sys.executable, "-m", "core", "study", "--data", str(data_dir), "--variants", "original",
+            "--classifier", "simple_cnn", "--pretrained", "none", "--image-size", "32", "--epochs", "200",
+            "--split", "random", "--runs-dir", str(runs), "--cache-dir", str(tmp_path / "cache"),
+            "--run-id", "to-term"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    store, deadline = RunStore(runs), time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if (store.get("to-term").progress.stage or "").startswith("train"):
+                break
+        except KeyError:
+            pass
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().endswith("wbc study: cancelled"), err[-300:]
+    info = store.get("to-term").info
+    assert info.status == "cancelled" and info.ended_at
+    assert store.get("to-term").status() == "cancelled"  # not 'interrupted': the process ended it itself

@@ -1,11 +1,13 @@
 """Run store: schemas, atomic writes, listing with unreadable folders."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from core.store import SCHEMAS, Run, RunStore, atomic_write_json, conform
+from core.fsio import atomic_write_json
+from core.store import SCHEMAS, Run, RunStore, conform
 
 
 def test_create_get_and_list(tmp_path):
@@ -44,14 +46,14 @@ def test_tables_conform_to_schema(tmp_path):
     df = pd.DataFrame({"variant": ["original"], "seed": [0], "image_size": [224], "label": ["accuracy"],
                        "f1": [0.9], "support": [10]})
     r.write_table("metrics", df)
-    back = r.read_table("metrics")
+    back = r.table("metrics")
     assert list(back.columns) == SCHEMAS["metrics"]
     assert back.loc[0, "f1"] == 0.9 and pd.isna(back.loc[0, "precision"])
     with pytest.raises(ValueError, match="not in the schema"):
         conform("metrics", df.assign(bogus=1))
-    assert list(r.read_table("stats").columns) == SCHEMAS["stats"]  # absent table: empty, right columns
+    assert list(r.table("stats").columns) == SCHEMAS["stats"]  # absent table: empty, right columns
     with pytest.raises(ValueError, match="unknown table"):
-        r.read_table("nope")
+        r.table("nope")
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):
@@ -71,3 +73,73 @@ def test_progress_log_and_cancel(tmp_path):
     assert not r.cancel_requested()
     r.request_cancel()
     assert Run(r.path).cancel_requested()
+
+
+# ------------------------------------------------------------------ the typed contract and older layouts
+V1 = Path(__file__).parent / "fixtures" / "store-v1"  # a run made by the code before schema versions (1d87421~1)
+
+
+def test_a_stored_version_1_run_reads_through_the_api(tmp_path):
+    import shutil
+
+    from core.config import StudyConfig
+    from core.store import SCHEMA_VERSION, Table
+
+    shutil.copytree(V1, tmp_path / "runs")
+    store = RunStore(tmp_path / "runs")
+    [entry] = store.list()
+    info = entry.info
+    assert entry.status == "finished" and info.schema_version == 1 < SCHEMA_VERSION
+    assert info.variants == ["original", "bicubic-x4"] and set(info.accuracy()) == {"original", "bicubic-x4"}
+    cfg = StudyConfig.from_dict(info.config)  # augment=True (bool) of the old layout migrates
+    assert (cfg.input_policy, cfg.augment, cfg.tta, cfg.select_by) == ("full", "dihedral-batch", 1, "val_loss")
+    run = entry.run
+    pred = run.table(Table.PREDICTIONS)
+    assert list(pred.columns) == SCHEMAS["predictions"] and len(pred) == 24
+    assert pred["box_left"].isna().all() and pred["region_note"].isna().all()  # columns added later: nulls
+    assert pred["correct"].dtype == bool and pred["prob_eosinophil"].dtype == "float64"
+    hist = run.table("history")
+    assert hist["val_macro_f1"].isna().all() and hist["epoch"].dtype == "int64"
+    assert run.table("validation").empty  # a table added later: empty, with its columns
+    assert run.progress.stage == "finished" and run.progress.fraction_percent() is not None
+
+
+def test_a_newer_layout_is_unreadable_with_a_clear_reason(tmp_path):
+    from core.store import DamagedRun
+
+    store = RunStore(tmp_path)
+    r = store.create({"preset": "quick"})
+    assert r.info.schema_version >= 2
+    r.update_meta(schema_version=99)
+    with pytest.raises(DamagedRun, match="schema_version 99 is newer"):
+        r.info
+    [entry] = store.list()
+    assert entry.status == "unreadable" and "newer" in entry.warning
+
+
+def test_typed_records_tolerate_hand_edited_values(tmp_path):
+    from core.store import Progress, RunInfo
+
+    info = RunInfo.from_json({"status": "finished", "config": "nope", "duration_s": "long", "error": "boom",
+                              "summary": {"accuracy": "high"}}, "r")
+    assert info.config == {} and info.duration_s is None and info.error_message == "boom" and info.accuracy() == {}
+    p = Progress.from_json({"done": "3", "total": 10, "percent": None, "pid": 12.0, "stage": 5})
+    assert (p.done, p.total, p.pid, p.stage, p.fraction_percent()) == (None, 10.0, 12, "5", 0.0)
+
+
+def test_stats_names_are_typed_constants():
+    from core.store import Metric, StatKind, class_metric
+
+    assert StatKind.PAIRED == "paired" and Metric.ACCURACY_DIFF == "accuracy_diff"
+    assert class_metric("recall", "eosinophil") == "recall:eosinophil"
+    df = pd.DataFrame({"kind": ["ci", "paired"]})
+    assert (df["kind"] == StatKind.CI).tolist() == [True, False]  # enum members compare as their strings
+
+
+def test_writes_cast_to_the_schema_dtypes(tmp_path):
+    r = RunStore(tmp_path).create({})
+    r.write_table("confusion", pd.DataFrame({"variant": ["original"], "seed": [0.0], "image_size": [224.0],
+                                             "true_label": ["eosinophil"], "pred_label": ["eosinophil"],
+                                             "count": [3.0]}))
+    back = r.table("confusion")
+    assert back["count"].dtype == "int64" and back["seed"].dtype == "int64"

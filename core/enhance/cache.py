@@ -11,7 +11,6 @@ a temporary name and renamed, so an interrupted run never leaves a half-written 
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,11 +19,12 @@ import numpy as np
 from PIL import Image
 
 from core.enhance.registry import Enhancer
+from core.fsio import atomic_write, atomic_write_bytes
+from core.progress import ProgressFn
 
 FORMATS = {"png": {"format": "PNG", "compress_level": 1}, "jpeg": {"format": "JPEG", "quality": 95},
            "webp": {"format": "WEBP", "lossless": True}}
 
-ProgressFn = Callable[[int, int], None]  # (done, total)
 
 
 def output_id(enhancer: Enhancer) -> str:
@@ -71,13 +71,10 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
 def save_image_atomic(arr: np.ndarray, dest: Path, fmt: str = "png") -> None:
     if fmt not in FORMATS:
         raise ValueError(f"unknown image format {fmt!r}; choose from {', '.join(FORMATS)}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     if fmt == "png":
-        tmp.write_bytes(encode_png(arr))
+        atomic_write_bytes(dest, encode_png(arr))
     else:
-        Image.fromarray(arr).save(tmp, **FORMATS[fmt])
-    os.replace(tmp, dest)
+        atomic_write(dest, lambda tmp: Image.fromarray(arr).save(tmp, **FORMATS[fmt]))
 
 
 def encode_png(arr: np.ndarray) -> bytes:
@@ -113,7 +110,6 @@ class EnhanceResult:
     errors: list[dict] = field(default_factory=list)  # {"path", "error"}
     done_before: int = 0  # found valid in the cache
     made: int = 0
-    seconds: float = 0.0
 
 
 def enhance_files(
@@ -206,19 +202,17 @@ def enhance_to_cache(
             todo.append((path, dest, box))
             key[str(dest)] = sha1
     total, done = len(sources), res.done_before
-    t0 = time.perf_counter()
     if on_progress:
-        on_progress(done, total)
+        on_progress(done, total, "")
 
     def on_batch(n):
         nonlocal done
         done += n
         if on_progress:
-            on_progress(done, total)
+            on_progress(done, total, "")
 
     written, res.errors = enhance_files(todo, enhancer, batch_size, fmt, on_batch)
     for _, dest, _ in written:
         res.paths[key[str(dest)]] = str(dest)
     res.made = len(written)
-    res.seconds = time.perf_counter() - t0
     return res

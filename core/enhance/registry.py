@@ -6,7 +6,7 @@ new one with ``@register_enhancer(name, ...)``; the study then accepts it as ``-
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -38,24 +38,11 @@ class EnhancerSpec:
     description: str
     scale: int
     identity: bool = False  # True only for 'original': no files are written
-    # Rough CPU seconds per 320x240 image, used for estimates before a run starts.
-    cpu_seconds_per_image: float = 0.01
-    tags: tuple[str, ...] = field(default_factory=tuple)
 
 
-_REGISTRY: Registry[EnhancerSpec] = Registry("enhancer")
-
-
-def register_enhancer(name: str, description: str, scale: int, **kw) -> Callable:
-    return _REGISTRY.register(name, lambda factory: EnhancerSpec(name=name, factory=factory, description=description,
-                                                                 scale=scale, **kw))
-
-
+_REGISTRY: Registry[EnhancerSpec] = Registry("enhancer", EnhancerSpec)
+# @register_enhancer(name, description, scale=4[, identity=True]) over a factory(**kwargs) -> Enhancer
+register_enhancer = _REGISTRY.register
 list_enhancers = _REGISTRY.names  # (pattern="*") -> names
 get_enhancer_spec = _REGISTRY.get  # (name) -> EnhancerSpec; unknown names: ValueError listing the choices
-
-
-def create_enhancer(name: str, **kwargs) -> Enhancer:
-    """Build an enhancer by name; ``None`` kwargs are dropped so defaults apply."""
-    spec = get_enhancer_spec(name)
-    return spec.factory(**{k: v for k, v in kwargs.items() if v is not None})
+create_enhancer = _REGISTRY.create  # (name, **kwargs) -> Enhancer; None kwargs are dropped so defaults apply

