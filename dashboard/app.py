@@ -1,23 +1,33 @@
-"""Builds the dashboard (one per browser session): a FastListTemplate with a sidebar (run choice) and one
-tab per page. Pages other than Runs are built the first time they are shown, so the first paint is cheap."""
+"""The app shell (one per browser session): a FastListTemplate with a sidebar (run choice) and one tab per page.
+
+It only wires pages to the session's shared :class:`AppState`. A page is a ``dashboard.pages.base.Page``
+(a ``pn.viewable.Viewer``), imported and built the first time its tab is shown, so the first paint is cheap
+(the Launch page imports torch for the registries)."""
 
 from __future__ import annotations
+
+import importlib
 
 import holoviews as hv
 import panel as pn
 
+from core.store import Status
 from dashboard.data import list_runs
 from dashboard.safe import esc
 from dashboard.state import AppState
 
-PAGES = ["Runs", "Overview", "Confusion", "Metrics", "Errors", "EOS/NEU", "Launch"]
+# Tab title -> "module:Page class" under dashboard.pages. Add a page: one line here and its module.
+PAGE_CLASSES = {
+    "Runs": "runs:RunsPage", "Overview": "overview:OverviewPage", "Confusion": "confusion:ConfusionPage",
+    "Metrics": "metrics:MetricsPage", "Errors": "errors:ErrorsPage", "EOS/NEU": "eos_neu:EosNeuPage",
+    "Launch": "launch:LaunchPage",
+}
+PAGES = list(PAGE_CLASSES)
 
 
-def _builder(name):
-    from dashboard.pages import confusion, eos_neu, errors, launch, metrics, overview, runs
-
-    return {"Runs": runs.view, "Overview": overview.view, "Confusion": confusion.view, "Metrics": metrics.view,
-            "Errors": errors.view, "EOS/NEU": eos_neu.view, "Launch": launch.view}[name]
+def page_class(title: str):
+    module, cls = PAGE_CLASSES[title].split(":")
+    return getattr(importlib.import_module(f"dashboard.pages.{module}"), cls)
 
 
 _LOADED = []
@@ -90,7 +100,7 @@ def refused_app():
 
 def _run_options(state) -> list[str]:
     df = list_runs(state.runs_dir)
-    return list(df.loc[df["status"] != "unreadable", "run_id"])
+    return list(df.loc[df["status"] != Status.UNREADABLE, "run_id"])
 
 
 def build_app(state: AppState | None = None, template: bool = True, eager: bool = False):
@@ -98,16 +108,27 @@ def build_app(state: AppState | None = None, template: bool = True, eager: bool 
     _extensions()
     state = state or AppState()
     options = _run_options(state)
-    if state.run_id is None and options:
-        # the newest finished run is the default
+    if state.run_id is None and options:  # the newest finished run is the default
         df = list_runs(state.runs_dir)
-        fin = df[df["status"] == "finished"]
+        fin = df[df["status"] == Status.FINISHED]
         state.run_id = fin["run_id"].iloc[0] if len(fin) else options[0]
+    run_sel, cmp_sel = _run_selects(state, options)
+    tabs = _tabs(state, eager)
+    if not template:
+        return pn.Column(pn.Row(run_sel, cmp_sel), tabs, sizing_mode="stretch_width"), state
+    info = pn.pane.Markdown(f"Run store: <code>{esc(state.runs_dir)}</code>", css_classes=["wbc-store"])
+    tpl = pn.template.FastListTemplate(
+        title="WBC super-resolution study", sidebar=[run_sel, cmp_sel, info], main=[tabs],
+        sidebar_width=300, header_background="#5b3a8c", accent_base_color="#5b3a8c", main_layout=None)
+    tpl.state = state  # for tests and the benchmark
+    return tpl
 
+
+def _run_selects(state: AppState, options: list[str]):
+    """The sidebar's run and compare-with selects, kept in step with the state both ways."""
     run_sel = pn.widgets.Select(name="Run", options=options, value=state.run_id, css_classes=["wbc-run-select"])
     cmp_sel = pn.widgets.Select(name="Compare with", options=["(none)", *(o for o in options if o != state.run_id)],
                                 value=state.compare_run_id or "(none)", css_classes=["wbc-compare-select"])
-    info = pn.pane.Markdown(f"Run store: <code>{esc(state.runs_dir)}</code>", css_classes=["wbc-store"])
 
     def to_state(*_):
         state.param.update(run_id=run_sel.value,
@@ -124,13 +145,16 @@ def build_app(state: AppState | None = None, template: bool = True, eager: bool 
     run_sel.param.watch(to_state, "value")
     cmp_sel.param.watch(to_state, "value")
     state.param.watch(from_state, ["run_id", "compare_run_id", "refresh"])
+    return run_sel, cmp_sel
 
+
+def _tabs(state: AppState, eager: bool) -> pn.Tabs:
+    """One tab per page; a page is built the first time it is shown (all now with ``eager``)."""
     holders = {name: pn.Column(sizing_mode="stretch_width", name=name) for name in PAGES}
 
     def ensure(name):
-        h = holders[name]
-        if not h.objects:
-            h.objects = [_builder(name)(state)]
+        if not holders[name].objects:
+            holders[name].objects = [page_class(name)(state)]
 
     tabs = pn.Tabs(*holders.values(), dynamic=False, css_classes=["wbc-tabs"], sizing_mode="stretch_width")
     for name in (PAGES if eager else [state.page if state.page in PAGES else "Runs"]):
@@ -138,10 +162,9 @@ def build_app(state: AppState | None = None, template: bool = True, eager: bool 
     tabs.active = PAGES.index(state.page) if state.page in PAGES else 0
 
     def on_tab(e):
-        name = PAGES[e.new]
-        ensure(name)
-        if state.page != name:
-            state.page = name
+        ensure(PAGES[e.new])
+        if state.page != PAGES[e.new]:
+            state.page = PAGES[e.new]
 
     def on_page(e):
         if e.new in PAGES:
@@ -150,11 +173,4 @@ def build_app(state: AppState | None = None, template: bool = True, eager: bool 
 
     tabs.param.watch(on_tab, "active")
     state.param.watch(on_page, "page")
-
-    if not template:
-        return pn.Column(pn.Row(run_sel, cmp_sel), tabs, sizing_mode="stretch_width"), state
-    tpl = pn.template.FastListTemplate(
-        title="WBC super-resolution study", sidebar=[run_sel, cmp_sel, info], main=[tabs],
-        sidebar_width=300, header_background="#5b3a8c", accent_base_color="#5b3a8c", main_layout=None)
-    tpl.state = state  # for tests and the benchmark
-    return tpl
+    return tabs

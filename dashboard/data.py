@@ -1,8 +1,10 @@
-"""Cached, failure-tolerant readers of the run store, and thumbnails.
+"""Cached, failure-tolerant readers of the run store (through ``core.store``'s read API only), and thumbnails.
 
-Every loader is keyed by the file's (mtime, size), so a rewritten file is re-read and an unchanged one
-costs a dictionary lookup. Readers never raise for a damaged run: they return an empty frame and a
-warning string the page shows.
+The dashboard never opens run.json or a Parquet file itself: it asks ``RunStore`` / ``Run`` and caches the
+answer under the file's fingerprint (mtime, size) that core reports, so a rewritten file is re-read and an
+unchanged one costs a dictionary lookup. Readers never raise for a damaged run: they return an empty frame
+and a warning string the page shows. Cached frames are shared by every session of the server, so each caller
+gets its own copy: one session's column added or sorted in place never reaches another.
 """
 
 from __future__ import annotations
@@ -10,9 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import json
-import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -21,21 +20,15 @@ from pathlib import Path
 import pandas as pd
 
 from core.config import CLASSES, PROB_COLUMNS, default_cache_dir
-from core.store import HEARTBEAT_EVERY_S, PROGRESS_JSON, RUN_JSON, SCHEMAS, RunStore
+from core.fsio import atomic_write_bytes, stat_key
+from core.progress import fmt_duration
+from core.store import (HEARTBEAT_EVERY_S, RUN_JSON, DamagedRun, DamagedTable, Progress, Run, RunInfo, RunStore,
+                        Table, schema)
 
-from dashboard.safe import as_float
 from dashboard.security import is_allowed_image
 
 THUMB_SIZE = 128
 LARGE_SIZE = 384
-
-
-def _stat_key(p: Path):
-    try:
-        st = p.stat()
-        return (st.st_mtime_ns, st.st_size)
-    except OSError:
-        return None
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -49,17 +42,8 @@ def _runs_cached(root: str, key: tuple) -> pd.DataFrame:
     for v in variants:
         df[f"acc {v}"] = acc.apply(lambda a, v=v: a.get(v))
     df["date"] = pd.to_datetime(df["created_at"], errors="coerce", utc=True).dt.strftime("%Y-%m-%d %H:%M")
-    df["duration"] = df["seconds"].apply(_fmt_duration)
+    df["duration"] = df["seconds"].apply(lambda s: fmt_duration(s, unknown=""))
     return df.drop(columns=["accuracy"])
-
-
-def _fmt_duration(s) -> str:
-    s = as_float(s)
-    if s is None:
-        return ""
-    m, sec = divmod(int(round(s)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
 
 
 def list_runs(root) -> pd.DataFrame:
@@ -68,49 +52,54 @@ def list_runs(root) -> pd.DataFrame:
     The status is core's effective one (a run whose process is gone shows ``interrupted``). It changes without
     a file changing (a killed process, a heartbeat growing old), so the listing is re-read at least every
     HEARTBEAT_EVERY_S seconds; run.json and progress.json changes re-read it at once."""
-    root = Path(root)
-    try:
-        entries = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    except OSError:
-        entries = []
-    key = tuple((p.name, _stat_key(p / RUN_JSON), _stat_key(p / PROGRESS_JSON)) for p in entries)
-    return _runs_cached(str(root), key + (int(time.time() // HEARTBEAT_EVERY_S),))
+    store = RunStore(root)
+    return _runs_cached(str(store.root), store.fingerprint() + (int(time.time() // HEARTBEAT_EVERY_S),)).copy()
 
 
 @lru_cache(maxsize=64)
-def _meta_cached(path: str, key) -> tuple[dict, str | None]:
+def _info_cached(run_dir: str, key) -> tuple[RunInfo | None, str | None]:
     try:
-        meta = json.loads(Path(path).read_text())
-        if not isinstance(meta, dict):
-            raise ValueError("run.json is not an object")
-        return meta, None
-    except Exception as e:
-        return {}, f"{Path(path).parent.name}/run.json unreadable ({type(e).__name__}: {e})"
+        return Run(Path(run_dir)).info, None
+    except DamagedRun as e:
+        return None, str(e)
+
+
+def read_info(run_dir) -> tuple[RunInfo | None, str | None]:
+    """(the run's typed run.json, None) or (None, why it cannot be read)."""
+    run = Run(Path(run_dir))
+    return _info_cached(str(run.path), run.fingerprint(RUN_JSON))
 
 
 def read_meta(run_dir) -> tuple[dict, str | None]:
-    p = Path(run_dir) / RUN_JSON
-    return _meta_cached(str(p), _stat_key(p))
+    """The run.json document as read by core (a fresh dict per call), and a warning if it is unreadable."""
+    info, why = read_info(run_dir)
+    return (dict(info.raw) if info else {}), why
 
 
 def run_variants(run_dir) -> list[str]:
-    meta, _ = read_meta(run_dir)
-    return list((meta.get("config") or {}).get("variants") or [])
+    info, _ = read_info(run_dir)
+    return info.variants if info else []
+
+
+def run_state(run_dir) -> tuple[str, Progress, RunInfo | None]:
+    """(effective status, progress, info) of a run: what a banner or the launcher shows."""
+    run = Run(Path(run_dir))
+    info, _ = read_info(run_dir)
+    try:
+        status = run.status()
+    except Exception:  # run.json unreadable: nothing to show as running
+        status = "unreadable"
+    return status, run.progress, info
 
 
 # -------------------------------------------------------------------------------------------- tables
 @lru_cache(maxsize=128)
-def _table_cached(path: str, key, name: str) -> tuple[pd.DataFrame, str | None]:
-    p = Path(path)
-    if key is None:
-        return pd.DataFrame(columns=SCHEMAS[name]), None
+def _table_cached(run_dir: str, key, name: str) -> tuple[pd.DataFrame, str | None]:
     try:
-        df = pd.read_parquet(p)
-    except Exception as e:
-        return (pd.DataFrame(columns=SCHEMAS[name]),
-                f"{p.parent.name}/{p.name} could not be read ({type(e).__name__}: {str(e)[:160]})")
-    if name in ("predictions", "misclassified") and len(df):
-        df = df.copy()
+        df = Run(Path(run_dir)).table(name)
+    except DamagedTable as e:
+        return schema(name).empty(), str(e)
+    if name in (Table.PREDICTIONS, Table.MISCLASSIFIED) and len(df):
         probs = df[[c for c in PROB_COLUMNS if c in df.columns]].to_numpy(dtype="float32")
         df["confidence"] = probs.max(axis=1) if probs.size else 0.0
         for col in ("variant", "true_label", "pred_label"):
@@ -119,11 +108,13 @@ def _table_cached(path: str, key, name: str) -> tuple[pd.DataFrame, str | None]:
 
 
 def load_table(run_dir, name: str) -> tuple[pd.DataFrame, str | None]:
-    """(table, warning). A missing table is an empty frame and no warning; a corrupt one, a warning."""
+    """(table, warning): the session's own copy. A missing table is an empty frame and no warning; a corrupt
+    one, a warning."""
     if not run_dir:
-        return pd.DataFrame(columns=SCHEMAS[name]), None
-    p = Path(run_dir) / f"{name}.parquet"
-    return _table_cached(str(p), _stat_key(p), name)
+        return schema(name).empty(), None
+    run = Run(Path(run_dir))
+    df, warning = _table_cached(str(run.path), run.fingerprint(name), str(name))
+    return df.copy(), warning
 
 
 def accuracy_from_predictions(pred: pd.DataFrame) -> pd.DataFrame:
@@ -176,10 +167,7 @@ def _thumb_cached(path: str, key, size: int, box: tuple | None = None) -> str | 
             return None
         data = buf.getvalue()
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, cache)
+            atomic_write_bytes(cache, data)
         except OSError:
             pass
     return "data:image/jpeg;base64," + base64.b64encode(data).decode()
@@ -193,7 +181,7 @@ def thumbnail_uri(path, size: int = THUMB_SIZE, runs_dir=None, box=None) -> str 
     if not path or not isinstance(path, str):
         return None
     p = Path(path)
-    key = _stat_key(p)
+    key = stat_key(p)
     if key is None or not is_allowed_image(p, runs_dir):
         return None
     return _thumb_cached(str(p), key, size, region_box(box))

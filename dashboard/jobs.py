@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.config import REPO_ROOT, default_cache_dir
-from core.store import Run, check_run_id, new_run_id
+from core.fsio import atomic_write_json
+from core.store import LIVE_STATUSES, Run, RunStore, check_run_id, new_run_id
 
 CANCEL_GRACE_S = 10.0
 LOCK_NAME = ".launch.lock"  # in the run store; a dot name, so never listed as a run
@@ -51,8 +52,8 @@ class Job:
         if self.running:
             return "cancelling" if self.cancel_requested else "running"
         try:
-            status = self.run.read_meta().get("status")
-        except Exception:
+            status = self.run.info.status
+        except Exception:  # no or damaged run.json: the exit code decides
             status = None
         if status in ("finished", "failed", "cancelled"):
             return status
@@ -78,7 +79,6 @@ class JobManager:
     def __init__(self):
         self._lock = threading.Lock()
         self.current: Job | None = None
-        self.history: list[Job] = []
 
     def busy(self) -> bool:
         return self.current is not None and self.current.running
@@ -104,7 +104,6 @@ class JobManager:
             hand_lock(runs_dir, proc.pid, run_id)
             job = Job(run_id=run_id, runs_dir=runs_dir, argv=argv, proc=proc, out_path=out_path)
             self.current = job
-            self.history.append(job)
         threading.Thread(target=self._wait, args=(job,), daemon=True, name=f"job-{run_id}").start()
         return job, f"Started {run_id}"
 
@@ -185,11 +184,8 @@ def acquire_lock(runs_dir, run_id: str) -> str | None:
 
 def hand_lock(runs_dir, pid: int, run_id: str) -> None:
     """The lock now names the study's process (it outlives this server if the server stops)."""
-    path = lock_path(runs_dir)
-    tmp = path.with_name(f"{LOCK_NAME}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(_lock_body(pid, run_id)))
-        os.replace(tmp, path)
+        atomic_write_json(lock_path(runs_dir), _lock_body(pid, run_id), indent=None)
     except OSError:
         pass  # the lock still names this server: released when the study ends (or stale once the server is gone)
 
@@ -239,19 +235,8 @@ def running_elsewhere(runs_dir, exclude: str | None = None) -> list[tuple[str, d
     """Studies running in this store that this dashboard did not start (``wbc study`` in a terminal, another
     dashboard): (run_id, progress) for each run whose effective status (core.store.effective_status: process
     alive, heartbeat fresh) is running or queued."""
-    from core.store import LIVE_STATUSES, effective_status
-    from dashboard.data import read_meta
-
-    out = []
-    for meta_path in sorted(Path(runs_dir).glob("*/run.json")):
-        rid = meta_path.parent.name
-        if rid == exclude:
-            continue
-        meta, _ = read_meta(meta_path.parent)
-        progress = Run(meta_path.parent).read_progress()
-        if effective_status(meta, progress) in LIVE_STATUSES:
-            out.append((rid, progress))
-    return out
+    return [(e.run_id, e.run.progress) for e in RunStore(runs_dir).list()
+            if e.run_id != exclude and e.status in LIVE_STATUSES]
 
 
 def _alive(pid) -> bool:

@@ -19,6 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from core.config import default_cache_dir, default_runs_dir
+from core.store import RunStore
 
 
 class PathNotAllowed(ValueError):
@@ -74,19 +75,16 @@ def _image_roots(_env, _cache, store: str) -> tuple[Path, ...]:
 def run_cache_roots(store: str, _key) -> tuple[Path, ...]:
     """``<cache_dir>/enhanced`` of every stored run made with its own ``--cache-dir`` (enhanced images only)."""
     try:
-        metas = list(Path(store).glob("*/run.json"))
+        caches = [e.info.cache_dir for e in RunStore(store).list() if e.info is not None]
     except Exception:
         return ()
-    return tuple(sorted({r for r in map(_enhanced_root, metas) if r is not None}))
+    return tuple(sorted({r for r in map(_enhanced_root, caches) if r is not None}))
 
 
-def _enhanced_root(meta_path: Path) -> Path | None:
-    """The run's ``<cache_dir>/enhanced`` as a resolved real folder; None if there is none, if run.json is
-    damaged, or if ``enhanced`` is a symlink (``enhanced -> /`` would make every file an image)."""
-    import json
-
+def _enhanced_root(cache: str | None) -> Path | None:
+    """A run's ``<cache_dir>/enhanced`` as a resolved real folder; None if there is none, or if ``enhanced`` is
+    a symlink (``enhanced -> /`` would make every file an image)."""
     try:
-        cache = (json.loads(meta_path.read_text()).get("config") or {}).get("cache_dir")
         if not cache:
             return None
         root = Path(cache).expanduser().resolve(strict=True) / "enhanced"

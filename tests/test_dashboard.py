@@ -41,12 +41,12 @@ def test_fixture_store_is_realistic(store):
 
     rs = RunStore(store["runs_dir"])
     run = rs.get(store["run_ids"][0])
-    pred = run.read_table("predictions")
+    pred = run.table("predictions")
     assert list(pred.columns) == SCHEMAS["predictions"]
     assert set(pred["variant"]) == {"original", "realesrgan-x4plus"} and set(pred["seed"]) == {0, 1}
     assert pred.loc[pred.variant == "original", "enhanced_path"].isna().all()
     assert all(Path(p).exists() for p in pred["enhanced_path"].dropna().head(5))
-    stats = run.read_table("stats")
+    stats = run.table("stats")
     assert {"ci", "paired", "seeds"} <= set(stats["kind"])
     assert run.read_meta()["summary"]["accuracy"]["original"] > 0.5
     failed = rs.get(store["failed_run_id"]).read_meta()
@@ -76,16 +76,22 @@ def test_corrupt_parquet_gives_warning_not_error(env):
     assert df.empty and warning is None
 
 
-def test_loader_cache_follows_mtime(env, tmp_path):
+def test_loader_cache_follows_mtime(env, tmp_path, monkeypatch):
     import shutil
 
+    from core.store import Run
     from dashboard.data import load_table
 
     rd = tmp_path / "run"
     shutil.copytree(env["runs_dir"] / env["run_ids"][0], rd)
+    reads = []
+    real = Run.table
+    monkeypatch.setattr(Run, "table", lambda self, name, columns=None: reads.append(name) or real(self, name))
     a, _ = load_table(rd, "metrics")
-    assert load_table(rd, "metrics")[0] is a  # cached
-    from core.store import Run
+    a["support"] = -1  # one session changes its frame in place...
+    again, _ = load_table(rd, "metrics")
+    assert reads == ["metrics"] and again is not a  # cached: read once, a copy per caller
+    assert (again["support"] >= 0).all()  # ...and no other session sees it
 
     time.sleep(0.01)
     Run(rd).write_table("metrics", a.head(3).drop(columns=[]))
@@ -369,7 +375,7 @@ def test_studies_running_elsewhere_are_seen(tmp_path):
     dead.update_meta(status="running", pid=gone.pid)
     store.create({"preset": "quick"}, run_id="done-run").update_meta(status="finished", pid=os.getpid())
     found = running_elsewhere(tmp_path / "runs")
-    assert [rid for rid, _ in found] == ["cli-run"] and found[0][1]["percent"] == 40.0
+    assert [rid for rid, _ in found] == ["cli-run"] and found[0][1].percent == 40.0
     assert running_elsewhere(tmp_path / "runs", exclude="cli-run") == []
 
 
@@ -675,7 +681,7 @@ def test_launch_checks_a_typed_path_before_scanning_it(env, tmp_path, monkeypatc
     scanned = []
     real = launch.test_folders
     monkeypatch.setattr(launch, "test_folders", lambda folder: scanned.append(str(folder)) or real(folder))
-    view = launch.view(AppState(runs_dir=str(tmp_path / "runs")))
+    view = launch.LaunchPage(AppState(runs_dir=str(tmp_path / "runs"))).__panel__()
     typed = next(w for w in view.select(pn.widgets.TextInput) if "wbc-l-data-path" in w.css_classes)
     test = next(w for w in view.select(pn.widgets.Select) if "wbc-l-test" in w.css_classes)
     note = next((p for p in view.select(pn.pane.Alert) if "wbc-l-path-note" in p.css_classes), None)
@@ -685,12 +691,12 @@ def test_launch_checks_a_typed_path_before_scanning_it(env, tmp_path, monkeypatc
         for path in ("/", str(outside), str(link), str(env["data_dir"] / ".." / "..")):
             scanned.clear()
             typed.value = path
-            assert test.options == [launch.AUTO_TEST] and scanned == [], path
+            assert list(test.options) == [launch.AUTO_TEST] and scanned == [], path
             assert note is not None and note.visible and "outside the allowed roots" in note.object
     finally:
         link.unlink()
     typed.value = str(env["data_dir"])  # under the root: scanned, its TEST folders offered
-    assert scanned and test.options[1:] and all(o.startswith(str(env["data_dir"].resolve())) for o in test.options[1:])
+    assert scanned and list(test.options)[1:] and all(o.startswith(str(env["data_dir"].resolve())) for o in list(test.options)[1:])
     assert not note.visible
     found, why = launch.allowed_test_folders(str(outside))
     assert found == [] and "outside the allowed roots" in why
@@ -743,3 +749,45 @@ def test_one_launch_at_a_time_across_servers_sharing_a_store(env, monkeypatch, t
         (runs / ".launch.lock").write_text(held)  # another host's, or being written: respected
         refused, why = a.launch(["--preset", "quick"], runs)
         assert refused is None and ".launch.lock" in why
+
+
+def test_launch_form_takes_each_preset(tmp_path):
+    """Choosing a preset fills the form from core.PRESETS; the option lists are core's."""
+    from core.config import POLICIES, PRESETS
+    from core.enhance import list_enhancers
+    from dashboard.pages.launch import LaunchPage
+    from dashboard.state import AppState
+
+    page = LaunchPage(AppState(runs_dir=str(tmp_path / "runs")))
+    assert page.param.variants.objects == list_enhancers() and page.param.input_policy.objects == list(POLICIES)
+    for name, p in PRESETS.items():
+        page.preset = name
+        assert page.variants == list(p["variants"]) and page.classifier == p["classifier"]
+        assert page.epochs == p["epochs"] and page.per_class == (p.get("per_class") or 0)
+        assert page.image_size == p["image_sizes"][0] and page.seeds == ",".join(map(str, p["seeds"]))
+        assert page.input_policy == p.get("input_policy", "cell") and page.split == p["split"]
+        assert page.precision == {True: "half", False: "fp32"}.get(p.get("enhance_half"), "auto")
+    page.epochs = 7
+    page.preset = "custom"  # keeps what the form holds
+    assert page.epochs == 7 and page.preset == "custom"
+
+
+def test_pages_render_a_version_1_run(tmp_path):
+    """A run stored before schema versions (tests/fixtures/store-v1) shows on every page, without warnings."""
+    import shutil
+
+    import panel as pn
+
+    from dashboard.app import PAGES, build_app
+    from dashboard.state import AppState
+
+    shutil.copytree(Path(__file__).parent / "fixtures" / "store-v1", tmp_path / "runs")
+    state = AppState(runs_dir=str(tmp_path / "runs"))
+    tpl = build_app(state, eager=True)
+    assert state.run_id == "20251120-120000-custom-v1aa"
+    for page in PAGES:
+        state.page = page
+    alerts = [a for a in tpl.main[0].select(pn.pane.Alert) if a.visible and a.object and a.alert_type == "warning"]
+    assert not alerts, [a.object for a in alerts]
+    tables = [t for t in tpl.main[0].select(pn.widgets.Tabulator) if "wbc-acc-table" in t.css_classes]
+    assert tables and set(tables[0].value["variant"]) == {"original", "bicubic-x4"}

@@ -1,1 +1,1 @@
-"""One module per dashboard page; each exposes ``view(state) -> Panel viewable``."""
+"""One module per dashboard page; each holds one ``dashboard.pages.base.Page`` (a ``pn.viewable.Viewer``)."""

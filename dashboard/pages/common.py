@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import panel as pn
 
+from core.progress import fmt_duration
+from core.store import LIVE_STATUSES, RESUMABLE_STATUSES, Progress, Status
+from dashboard.data import run_state
 from dashboard.safe import as_float, esc
 
 
@@ -60,72 +63,33 @@ def fmt_p(p) -> str:
 
 
 def fmt_eta(s) -> str:
-    """Seconds as '2 min 05 s' / '45 s'; '—' when unknown."""
-    try:
-        s = float(s)
-    except (TypeError, ValueError):
-        return "—"
-    if s != s or s < 0:
-        return "—"
-    m, sec = divmod(int(s), 60)
-    return f"{m} min {sec:02d} s" if m else f"{sec} s"
+    """Seconds as '2 min 05 s' / '45 s'; '—' when unknown (core.progress.fmt_duration)."""
+    return fmt_duration(s)
 
 
-def progress_summary(prog: dict, default: str = "starting") -> str:
-    """What a run's progress.json says it is doing, escaped: 'enhancing with X, 39%'."""
-    what = esc(prog.get("message") or prog.get("stage") or default)
-    pct = prog.get("percent")
-    return what + (f", {pct:.0f}%" if isinstance(pct, (int, float)) else "")
+def progress_summary(prog: Progress, default: str = "starting") -> str:
+    """What a run's progress says it is doing, escaped: 'enhancing with X, 39%'."""
+    what = esc(prog.message or prog.stage or default)
+    return what + (f", {prog.percent:.0f}%" if prog.percent is not None else "")
 
 
 def run_banner(state, run_id) -> tuple[pn.pane.Alert | None, bool]:
     """(a banner for a run that is not finished, whether its results can be shown at all). A run whose process
     is gone is ``interrupted`` (core.store.effective_status): what it stored is shown."""
-    from core.store import RESUMABLE_STATUSES, Run, effective_status
-    from dashboard.data import read_meta
-
     if not run_id:
         return None, True
-    rd = state.run_dir(run_id)
-    meta, _ = read_meta(rd)
-    prog = Run(rd).read_progress()
-    status = effective_status(meta, prog)
-    if status == "finished":
+    status, prog, info = run_state(state.run_dir(run_id))
+    if status == Status.FINISHED:
         return None, True
     rid = esc(run_id)
-    if status in ("running", "queued"):
-        eta = fmt_eta(prog.get("eta_s")) if prog.get("eta_s") else None
+    if status in LIVE_STATUSES:
+        eta = fmt_eta(prog.eta_s) if prog.eta_s else None
         text = (f"Run <code>{rid}</code> is {status}: {progress_summary(prog, status)}"
                 + (f", about {eta} left" if eta else "")
                 + ". Its results appear here when it finishes (press Refresh on the Runs page).")
         return pn.pane.Alert(text, alert_type="info", css_classes=["wbc-run-banner"], sizing_mode="stretch_width"), False
-    err = esc(str(meta.get("error") or "")[:300])  # cut before escaping: no half entities
+    err = esc(str((info.raw.get("error") if info else None) or "")[:300])  # cut before escaping: no half entities
     resume = f" Continue it with <code>wbc study --resume {rid}</code>." if status in RESUMABLE_STATUSES else ""
     text = f"Run <code>{rid}</code> is {esc(status)}" + (f": {err}" if err else "") + \
         ". What it stored before stopping is shown below." + resume
     return pn.pane.Alert(text, alert_type="warning", css_classes=["wbc-run-banner"], sizing_mode="stretch_width"), True
-
-
-def gated(state, name: str, render, *deps):
-    """``pn.bind(render, *deps)`` that only re-renders while page ``name`` is shown.
-
-    While the page is hidden, changes are skipped (the old content stays); showing the page renders once
-    if the inputs changed meanwhile. This keeps run switches and filter changes cheap: only the visible
-    page does any work.
-    """
-    from param.parameterized import Skip
-
-    memo = {"key": None, "done": False}
-
-    def fn(page, *vals):
-        key = tuple(repr(v) for v in vals)
-        if memo["done"] and (page != name or key == memo["key"]):
-            raise Skip()
-        memo.update(key=key, done=True)
-        if deps and getattr(deps[0], "name", None) == "run_id":  # a run that is not finished says so
-            banner, show = run_banner(state, vals[0])
-            if banner is not None:
-                return pn.Column(banner, render(*vals), sizing_mode="stretch_width") if show else banner
-        return render(*vals)
-
-    return pn.panel(pn.bind(fn, state.param.page, *deps), sizing_mode="stretch_width")

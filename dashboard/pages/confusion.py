@@ -5,12 +5,14 @@ from __future__ import annotations
 import holoviews as hv
 import pandas as pd
 import panel as pn
+import param
 from holoviews import streams
 
 from core.config import CLASS_ABBR, CLASSES
 
 from dashboard.data import confusion_counts, load_table, run_variants
-from dashboard.pages.common import gated, no_run, warnings_alert
+from dashboard.pages.base import Page
+from dashboard.pages.common import no_run, warnings_alert
 from dashboard.safe import esc
 
 ABBR_TO_CLASS = {v: k for k, v in CLASS_ABBR.items()}
@@ -46,15 +48,31 @@ def css_name(variant) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", str(variant))
 
 
-def view(state) -> pn.viewable.Viewable:
-    normalise = pn.widgets.RadioButtonGroup(options=["counts", "row-normalised"], value="counts",
-                                            css_classes=["wbc-conf-norm"], button_type="primary",
-                                            button_style="outline")
-    hint = pn.pane.Markdown("Rows are the true class, columns the prediction (summed over seeds). "
-                            "**Click a cell** to browse those images.")
+class ConfusionPage(Page):
+    title = "Confusion"
+    css = "wbc-page-confusion"
+    normalise = param.Selector(default="counts", objects=["counts", "row-normalised"])
 
-    def render_run(run_id, norm, main: bool):
-        rd = state.run_dir(run_id)
+    def layout(self) -> list:
+        norm = pn.widgets.RadioButtonGroup.from_param(self.param.normalise, name="", css_classes=["wbc-conf-norm"],
+                                                      button_type="primary", button_style="outline")
+        hint = pn.pane.Markdown("Rows are the true class, columns the prediction (summed over seeds). "
+                                "**Click a cell** to browse those images.")
+        body = self.live(self.render, (self.state, ["run_id", "compare_run_id", "refresh"]),
+                         (self, ["normalise"]), banner=True)
+        return [pn.Row(norm, hint), body]
+
+    def render(self):
+        run_id, compare = self.state.run_id, self.state.compare_run_id
+        if not run_id:
+            return no_run()
+        parts = [self.render_run(run_id, True)]
+        if compare and compare != run_id:
+            parts.append(self.render_run(compare, False))
+        return pn.Column(*parts, sizing_mode="stretch_width")
+
+    def render_run(self, run_id: str, main: bool):
+        rd = self.state.run_dir(run_id)
         conf, w1 = load_table(rd, "confusion")
         w2 = None
         pred = pd.DataFrame()
@@ -65,36 +83,24 @@ def view(state) -> pn.viewable.Viewable:
         if not variants:
             return pn.Column(warnings_alert([w1, w2]),
                              pn.pane.Markdown(f"No confusion data in run <code>{esc(run_id)}</code>."))
-        plots = []
-        for v in variants:
-            m = confusion_counts(conf, pred, v)
-            hm, labels = heatmap(m, v, norm == "row-normalised")
-            tap = streams.Tap(source=hm, x=None, y=None)
-
-            def on_tap(x=None, y=None, variant=v, rid=run_id):
-                if x is None or y is None:
-                    return
-                pred_c = ABBR_TO_CLASS.get(str(x), str(x))
-                true_c = ABBR_TO_CLASS.get(str(y), str(y))
-                if pred_c in CLASSES and true_c in CLASSES:
-                    if rid != state.run_id:  # a cell of the compared run: browse that run (swap the two)
-                        state.param.update(run_id=rid, compare_run_id=state.run_id)
-                    state.show_errors(variant, true_c, pred_c)
-
-            tap.add_subscriber(on_tap)
-            css = ["wbc-confusion", f"wbc-confusion-{css_name(v)}"] if main else ["wbc-confusion-compare"]
-            plots.append(pn.pane.HoloViews(hm * labels, css_classes=css, width=360, height=360, linked_axes=False))
+        plots = [self.matrix(run_id, v, confusion_counts(conf, pred, v), main) for v in variants]
         title = pn.pane.Markdown(f"#### {'Run' if main else 'Compared with'} <code>{esc(run_id)}</code>")
         return pn.Column(warnings_alert([w1, w2]), title, pn.FlexBox(*plots), sizing_mode="stretch_width")
 
-    def render(run_id, compare_run_id, norm, _refresh):
-        if not run_id:
-            return no_run()
-        parts = [render_run(run_id, norm, True)]
-        if compare_run_id and compare_run_id != run_id:
-            parts.append(render_run(compare_run_id, norm, False))
-        return pn.Column(*parts, sizing_mode="stretch_width")
+    def matrix(self, run_id: str, variant: str, counts: pd.DataFrame, main: bool) -> pn.pane.HoloViews:
+        """One variant's matrix; tapping a cell opens the error browser filtered to it."""
+        hm, labels = heatmap(counts, variant, self.normalise == "row-normalised")
+        streams.Tap(source=hm, x=None, y=None).add_subscriber(
+            lambda x=None, y=None: self.open_cell(run_id, variant, x, y))
+        css = ["wbc-confusion", f"wbc-confusion-{css_name(variant)}"] if main else ["wbc-confusion-compare"]
+        return pn.pane.HoloViews(hm * labels, css_classes=css, width=360, height=360, linked_axes=False)
 
-    return pn.Column(pn.Row(normalise, hint), gated(state, "Confusion", render, state.param.run_id, state.param.compare_run_id, normalise,
-                           state.param.refresh),
-                     sizing_mode="stretch_width", css_classes=["wbc-page-confusion"])
+    def open_cell(self, run_id: str, variant: str, x, y) -> None:
+        if x is None or y is None:
+            return
+        pred_c = ABBR_TO_CLASS.get(str(x), str(x))
+        true_c = ABBR_TO_CLASS.get(str(y), str(y))
+        if pred_c in CLASSES and true_c in CLASSES:
+            if run_id != self.state.run_id:  # a cell of the compared run: browse that run (swap the two)
+                self.state.param.update(run_id=run_id, compare_run_id=self.state.run_id)
+            self.state.show_errors(variant, true_c, pred_c)

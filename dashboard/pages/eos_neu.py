@@ -6,13 +6,15 @@ from __future__ import annotations
 import holoviews as hv
 import pandas as pd
 import panel as pn
+import param
 
 from core.config import CLASS_ABBR
 from core.regions import BOX_COLUMNS
 
 from dashboard.data import load_table, run_variants
 from dashboard.gallery import Gallery, gallery_items
-from dashboard.pages.common import gated, no_run, variant_colors, warnings_alert
+from dashboard.pages.base import Page
+from dashboard.pages.common import no_run, variant_colors, warnings_alert
 from dashboard.safe import esc
 
 EOS, NEU = "eosinophil", "neutrophil"
@@ -48,13 +50,29 @@ def flips(pred: pd.DataFrame, base: str, other: str) -> pd.DataFrame:
     return j[j["flip"].notna()]
 
 
-def view(state) -> pn.viewable.Viewable:
-    only = pn.widgets.Checkbox(name="only eosinophils and neutrophils", value=True, css_classes=["wbc-eos-only"])
+class EosNeuPage(Page):
+    title = "EOS/NEU"
+    css = "wbc-page-eosneu"
+    only_eos_neu = param.Boolean(default=True, doc="Verdict flips of eosinophils and neutrophils only.")
 
-    def render(run_id, only_eos_neu, _refresh):
+    def layout(self) -> list:
+        only = pn.widgets.Checkbox.from_param(self.param.only_eos_neu, name="only eosinophils and neutrophils",
+                                              css_classes=["wbc-eos-only"])
+        main_only = pn.bind(self.main_only_note, self.state.param.compare_run_id)
+        body = self.live(self.render, (self.state, ["run_id", "refresh"]), (self, ["only_eos_neu"]), banner=True)
+        return [pn.Row(only, main_only), body]
+
+    @staticmethod
+    def main_only_note(compare_run_id):
+        return pn.pane.Markdown(f"Showing the main run only (not <code>{esc(compare_run_id)}</code>): verdict flips "
+                                "are between the variants of one run." if compare_run_id else "",
+                                css_classes=["wbc-eos-main-only"])
+
+    def render(self):
+        run_id = self.state.run_id
         if not run_id:
             return no_run()
-        rd = state.run_dir(run_id)
+        rd = self.state.run_dir(run_id)
         pred, w = load_table(rd, "predictions")
         if pred.empty:
             return pn.Column(warnings_alert([w]), pn.pane.Markdown("No predictions in this run."))
@@ -67,41 +85,37 @@ def view(state) -> pn.viewable.Viewable:
                  pn.widgets.Tabulator(counts, show_index=False, disabled=True, sizing_mode="stretch_width",
                                       layout="fit_data_stretch", css_classes=["wbc-eos-table"])]
         variants = [v for v in run_variants(rd) if v in set(pred["variant"])] or list(pred["variant"].unique())
-        base = variants[0]
         for other in variants[1:]:
-            f = flips(pred, base, other)
-            if only_eos_neu:
-                f = f[f.true_label_base.isin([EOS, NEU])]
-            counts = f.groupby("flip").size()
-            both = (f"right in {base}, wrong in {other}", f"wrong in {base}, right in {other}")  # both directions
-            parts.append(pn.pane.Markdown(
-                f"### Verdict flips: {esc(base)} vs {esc(other)}\n" +
-                "\n".join(f"* {esc(k)}: **{int(counts.get(k, 0))}**" for k in both)))
-            for kind, g in f.groupby("flip", sort=True):
-                g = g.head(24)
-                rows = pd.DataFrame({
-                    "image_id": g.image_id, "variant": f"{base}\u2192{other}", "seed": g.seed,
-                    "true_label": g.true_label_base,
-                    "pred_label": [f"{pb}/{po}" for pb, po in zip(g.pred_label_base, g.pred_label_other)],
-                    "path": g.path_base, "enhanced_path": g.enhanced_path, "correct": g.correct_other,
-                    **{c: g[c] for c in BOX_COLUMNS if c in g},
-                    # true: prediction with `base` -> with `other` (the variants are named in the header above)
-                    "title": [f"{ab(t)}: {ab(pb)} \u2192 {ab(po)} \u00b7 seed {sd}" for t, pb, po, sd in
-                              zip(g.true_label_base, g.pred_label_base, g.pred_label_other, g.seed)]})
-                items = gallery_items(rows, runs_dir=state.runs_dir, label_variant=False)
-                for it, cb, co in zip(items, g.confidence_base, g.confidence_other):
-                    it["probs"] = f"confidence {cb:.2f} \u2192 {co:.2f}"
-                parts += [pn.pane.Markdown(f"**{esc(kind)}** ({len(f[f.flip == kind])}, first 24 shown; "
-                                           f"captions: true class: prediction with {esc(base)} \u2192 with "
-                                           f"{esc(other)})"),
-                          Gallery(items=items, sizing_mode="stretch_width", css_classes=["wbc-flip-gallery"])]
+            parts += self.flip_parts(pred, variants[0], other)
         return pn.Column(*parts, sizing_mode="stretch_width")
 
-    def main_only(compare_run_id):
-        return pn.pane.Markdown(f"Showing the main run only (not <code>{esc(compare_run_id)}</code>): verdict flips "
-                                "are between the "
-                                "variants of one run." if compare_run_id else "", css_classes=["wbc-eos-main-only"])
+    def flip_parts(self, pred: pd.DataFrame, base: str, other: str) -> list:
+        """The images whose verdict flips between ``base`` and ``other``, both directions, as galleries."""
+        f = flips(pred, base, other)
+        if self.only_eos_neu:
+            f = f[f.true_label_base.isin([EOS, NEU])]
+        counts = f.groupby("flip").size()
+        both = (f"right in {base}, wrong in {other}", f"wrong in {base}, right in {other}")  # both directions
+        parts = [pn.pane.Markdown(f"### Verdict flips: {esc(base)} vs {esc(other)}\n" +
+                                  "\n".join(f"* {esc(k)}: **{int(counts.get(k, 0))}**" for k in both))]
+        for kind, g in f.groupby("flip", sort=True):
+            parts += [pn.pane.Markdown(f"**{esc(kind)}** ({len(g)}, first 24 shown; captions: true class: prediction "
+                                       f"with {esc(base)} \u2192 with {esc(other)})"),
+                      Gallery(items=self.flip_items(g.head(24), base, other), sizing_mode="stretch_width",
+                              css_classes=["wbc-flip-gallery"])]
+        return parts
 
-    return pn.Column(pn.Row(only, pn.bind(main_only, state.param.compare_run_id)),
-                     gated(state, "EOS/NEU", render, state.param.run_id, only, state.param.refresh), sizing_mode="stretch_width",
-                     css_classes=["wbc-page-eosneu"])
+    def flip_items(self, g: pd.DataFrame, base: str, other: str) -> list[dict]:
+        rows = pd.DataFrame({
+            "image_id": g.image_id, "variant": f"{base}\u2192{other}", "seed": g.seed,
+            "true_label": g.true_label_base,
+            "pred_label": [f"{pb}/{po}" for pb, po in zip(g.pred_label_base, g.pred_label_other)],
+            "path": g.path_base, "enhanced_path": g.enhanced_path, "correct": g.correct_other,
+            **{c: g[c] for c in BOX_COLUMNS if c in g},
+            # true: prediction with `base` -> with `other` (the variants are named in the header above)
+            "title": [f"{ab(t)}: {ab(pb)} \u2192 {ab(po)} \u00b7 seed {sd}" for t, pb, po, sd in
+                      zip(g.true_label_base, g.pred_label_base, g.pred_label_other, g.seed)]})
+        items = gallery_items(rows, runs_dir=self.state.runs_dir, label_variant=False)
+        for it, cb, co in zip(items, g.confidence_base, g.confidence_other):
+            it["probs"] = f"confidence {cb:.2f} \u2192 {co:.2f}"
+        return items

@@ -8,11 +8,13 @@ import time
 import numpy as np
 import pandas as pd
 import panel as pn
+import param
 
 from core.config import CLASSES, PROB_COLUMNS
 
 from dashboard.data import LARGE_SIZE, load_table, run_variants, thumbnail_uri, warm_thumbnails
 from dashboard.gallery import Gallery, gallery_items, region_of_row
+from dashboard.pages.base import Page
 from dashboard.pages.common import run_banner, warnings_alert, warnings_md
 from dashboard.safe import esc
 from dashboard.state import ANY
@@ -92,106 +94,100 @@ def detail_view(row: dict, runs_dir) -> pn.viewable.Viewable:
     return pn.Row(*imgs, info)
 
 
-def view(state) -> pn.viewable.Viewable:
-    variant = pn.widgets.Select(name="Variant", options=[ANY], value=ANY, width=200, css_classes=["wbc-f-variant"])
-    true_w = pn.widgets.Select.from_param(state.param.true_label, name="True class", width=160,
-                                          css_classes=["wbc-f-true"])
-    pred_w = pn.widgets.Select.from_param(state.param.pred_label, name="Predicted class", width=160,
-                                          css_classes=["wbc-f-pred"])
-    conf_w = pn.widgets.RangeSlider.from_param(state.param.confidence, name="Confidence (max probability)",
-                                               step=0.01, width=240, css_classes=["wbc-f-conf"])
-    reset = pn.widgets.Button(name="Clear filters", width=110, css_classes=["wbc-f-reset"])
-    page = pn.widgets.IntInput(name="Page", value=1, start=1, width=90, css_classes=["wbc-f-page"])
-    count = pn.pane.Markdown("", css_classes=["wbc-error-count"])
-    warn = warnings_alert([])
-    gallery = Gallery(sizing_mode="stretch_width", css_classes=["wbc-gallery-pane"], min_height=120)
-    detail = pn.Column(sizing_mode="stretch_width", css_classes=["wbc-detail"])
-    banner = pn.Column(sizing_mode="stretch_width")  # says so when the run is running, failed or cancelled
-    cache = {"dirty": False, "run": None, "df": pd.DataFrame(), "rows": pd.DataFrame(), "key": None}
+class ErrorsPage(Page):
+    """The browser's filters live in the shared state (the Confusion page sets them); the page number here."""
 
-    def load(*_):
-        if state.page != "Errors" and cache["run"] is not None:
-            cache["dirty"] = True  # re-read when the page is shown
-            return
-        cache["dirty"] = False
-        rid = state.run_id
-        df, ws = load_errors(state, rid) if rid else (pd.DataFrame(), [])
-        cache.update(run=rid, df=df)
-        warn.object = warnings_md(ws)
-        warn.visible = any(ws)
-        b, _ = run_banner(state, rid)
-        banner.objects = [b] if b is not None else []
-        variants = run_variants(state.run_dir(rid)) if rid else []
-        if not df.empty:
-            variants = [v for v in variants if v in set(df["variant"])] or sorted(df["variant"].astype(str).unique())
-        variant.options = [ANY, *variants]
-        if state.variant not in variant.options:
-            state.variant = ANY
-        variant.value = state.variant
-        if not df.empty:
-            first = df.sort_values("confidence", ascending=False, kind="stable")  # the gallery's order
+    title = "Errors"
+    css = "wbc-page-errors"
+    page_number = param.Integer(default=1, bounds=(1, None), doc="The gallery page shown.")
+
+    def layout(self) -> list:
+        st = self.state
+        self.variant_w = pn.widgets.Select(name="Variant", options=[ANY], value=ANY, width=200,
+                                           css_classes=["wbc-f-variant"])
+        filters = pn.Row(
+            self.variant_w,
+            pn.widgets.Select.from_param(st.param.true_label, name="True class", width=160, css_classes=["wbc-f-true"]),
+            pn.widgets.Select.from_param(st.param.pred_label, name="Predicted class", width=160,
+                                         css_classes=["wbc-f-pred"]),
+            pn.widgets.RangeSlider.from_param(st.param.confidence, name="Confidence (max probability)", step=0.01,
+                                              width=240, css_classes=["wbc-f-conf"]),
+            self._page_widget(), self._reset_button(), sizing_mode="stretch_width", css_classes=["wbc-filters"])
+        self.count = pn.pane.Markdown("", css_classes=["wbc-error-count"])
+        self.warn = warnings_alert([])
+        self.gallery = Gallery(sizing_mode="stretch_width", css_classes=["wbc-gallery-pane"], min_height=120)
+        self.detail = pn.Column(sizing_mode="stretch_width", css_classes=["wbc-detail"])
+        self.banner = pn.Column(sizing_mode="stretch_width")  # says so when the run is running, failed or cancelled
+        self.df, self.shown_rows = pd.DataFrame(), pd.DataFrame()
+        self.variant_w.param.watch(lambda e: setattr(st, "variant", e.new), "value")
+        st.param.watch(lambda e: setattr(self.variant_w, "value", e.new) if e.new in self.variant_w.options else None,
+                       "variant")
+        st.param.watch(lambda *_: self.when_shown(self.load), ["run_id", "refresh"])
+        st.param.watch(lambda *_: self.when_shown(self.first_page), ["variant", "true_label", "pred_label", "confidence"])
+        self.param.watch(lambda *_: self.update(), "page_number")
+        self.gallery.param.watch(self.on_click, "selected")
+        self.load()
+        return [filters, self.banner, self.warn, self.count, self.detail, self.gallery]
+
+    def _page_widget(self):
+        self.page_w = pn.widgets.IntInput.from_param(self.param.page_number, name="Page", start=1, width=90,
+                                                     css_classes=["wbc-f-page"])
+        return self.page_w
+
+    def _reset_button(self):
+        reset = pn.widgets.Button(name="Clear filters", width=110, css_classes=["wbc-f-reset"])
+        reset.on_click(lambda e: self.state.param.update(variant=ANY, true_label=ANY, pred_label=ANY,
+                                                         confidence=(0.0, 1.0)))
+        return reset
+
+    def load(self) -> None:
+        """Read the run's errors, offer its variants, warm the first thumbnails, show page 1."""
+        st, rid = self.state, self.state.run_id
+        self.df, ws = load_errors(st, rid) if rid else (pd.DataFrame(), [])
+        self.warn.object = warnings_md(ws)
+        self.warn.visible = any(ws)
+        b, _ = run_banner(st, rid)
+        self.banner.objects = [b] if b is not None else []
+        variants = run_variants(st.run_dir(rid)) if rid else []
+        if not self.df.empty:
+            present = set(self.df["variant"])
+            variants = [v for v in variants if v in present] or sorted(self.df["variant"].astype(str).unique())
+            first = self.df.sort_values("confidence", ascending=False, kind="stable")  # the gallery's order
             warm_thumbnails([p for pair in zip(first["path"], first["enhanced_path"]) for p in pair],
-                            runs_dir=state.runs_dir)
-        update()
+                            runs_dir=st.runs_dir)
+        self.variant_w.options = [ANY, *variants]
+        if st.variant not in self.variant_w.options:
+            st.variant = ANY
+        self.variant_w.value = st.variant
+        self.update()
 
-    def update(*_):
-        t0 = time.perf_counter()
-        df = cache["df"]
-        if not state.run_id:
-            count.object = "Choose a run on the **Runs** page."
-            gallery.items = []
-            return
-        rows = filter_errors(df, state.variant, state.true_label, state.pred_label, state.confidence)
-        cache["rows"] = rows
-        n_pages = max(1, int(np.ceil(len(rows) / PAGE_SIZE)))
-        page.end = n_pages
-        if page.value > n_pages:
-            page.value = 1
-        start = (page.value - 1) * PAGE_SIZE
-        shown = rows.iloc[start:start + PAGE_SIZE]
-        cache["shown"] = shown
-        gallery.items = gallery_items(shown, runs_dir=state.runs_dir)
-        count.object = (f"**{len(rows)}** misclassified image(s) match (of {len(df)}); page {page.value}/{n_pages}"
-                        f" <span style='color:#999'>({1000 * (time.perf_counter() - t0):.0f} ms)</span>")
-        detail.objects = []
-
-    def on_variant(e):
-        state.variant = e.new
-
-    def on_state_variant(e):
-        if e.new in variant.options:
-            variant.value = e.new
-
-    def on_page(e):
-        if e.new == "Errors" and cache.get("dirty"):
-            load()
-
-    def on_filter(*_):
-        if state.page != "Errors" and cache["run"] is not None:
-            cache["dirty"] = True
-            return
-        if page.value != 1:
-            page.value = 1  # triggers update
+    def first_page(self) -> None:
+        if self.page_number != 1:
+            self.page_number = 1  # triggers update
         else:
-            update()
+            self.update()
 
-    def on_click(e):
-        if e.new is None or e.new < 0:
+    def update(self) -> None:
+        t0 = time.perf_counter()
+        st = self.state
+        if not st.run_id:
+            self.count.object = "Choose a run on the **Runs** page."
+            self.gallery.items = []
             return
-        shown = cache.get("shown")
-        if shown is not None and e.new < len(shown):
-            detail.objects = [pn.pane.Markdown("#### Larger view"), detail_view(shown.iloc[e.new].to_dict(), state.runs_dir)]
+        rows = filter_errors(self.df, st.variant, st.true_label, st.pred_label, st.confidence)
+        n_pages = max(1, int(np.ceil(len(rows) / PAGE_SIZE)))
+        self.page_w.end = n_pages
+        if self.page_number > n_pages:
+            self.page_number = 1
+        start = (self.page_number - 1) * PAGE_SIZE
+        self.shown_rows = rows.iloc[start:start + PAGE_SIZE]
+        self.gallery.items = gallery_items(self.shown_rows, runs_dir=st.runs_dir)
+        self.count.object = (f"**{len(rows)}** misclassified image(s) match (of {len(self.df)}); page "
+                             f"{self.page_number}/{n_pages} <span style='color:#999'>"
+                             f"({1000 * (time.perf_counter() - t0):.0f} ms)</span>")
+        self.detail.objects = []
 
-    variant.param.watch(on_variant, "value")
-    state.param.watch(on_state_variant, "variant")
-    state.param.watch(load, ["run_id", "refresh"])
-    state.param.watch(on_page, "page")
-    state.param.watch(on_filter, ["variant", "true_label", "pred_label", "confidence"])
-    page.param.watch(update, "value")
-    gallery.param.watch(on_click, "selected")
-    reset.on_click(lambda e: state.param.update(variant=ANY, true_label=ANY, pred_label=ANY, confidence=(0.0, 1.0)))
-    load()
-    filters = pn.Row(variant, true_w, pred_w, conf_w, page, reset, sizing_mode="stretch_width",
-                     css_classes=["wbc-filters"])
-    return pn.Column(filters, banner, warn, count, detail, gallery, sizing_mode="stretch_width",
-                     css_classes=["wbc-page-errors"])
+    def on_click(self, e) -> None:
+        if e.new is not None and 0 <= e.new < len(self.shown_rows):
+            self.detail.objects = [pn.pane.Markdown("#### Larger view"),
+                                   detail_view(self.shown_rows.iloc[e.new].to_dict(), self.state.runs_dir)]

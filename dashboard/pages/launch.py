@@ -8,8 +8,14 @@ import time
 from pathlib import Path
 
 import panel as pn
+import param
 
+from core.config import DEVICES, ENHANCE_PRECISIONS, POLICIES, PRESETS, PRETRAINED, SPLITS
+from core.enhance.registry import list_enhancers
+from core.models import list_classifiers
+from core.store import Status
 from dashboard.jobs import MANAGER, running_elsewhere
+from dashboard.pages.base import Page
 from dashboard.pages.common import fmt_eta, progress_summary
 from dashboard.safe import esc
 from dashboard.security import PathNotAllowed, data_roots, resolve_under, safe_data_folder
@@ -100,205 +106,188 @@ def build_args(values: dict) -> list[str]:
     return a
 
 
-def view(state) -> pn.viewable.Viewable:
-    import core  # the registries (imports torch: done lazily, and warmed by app_hooks at server start)
+# The form's fields (LaunchPage parameters), in the order build_args reads them.
+FORM_FIELDS = ("preset", "variants", "classifier", "pretrained", "epochs", "per_class", "test_per_class", "image_size",
+               "seeds", "split", "input_policy", "device", "precision")
 
-    presets = ["custom", *core.PRESETS]
-    folders = candidate_data_folders()
-    w = dict(
-        preset=pn.widgets.Select(name="Preset", options=presets, value="quick", width=150, css_classes=["wbc-l-preset"]),
-        data=pn.widgets.Select(name="Data folder (under the allowed roots)", options=folders,
-                               value=folders[0] if folders else None, width=500, css_classes=["wbc-l-data"]),
-        data_path=pn.widgets.TextInput(name="…or type a data folder path", placeholder="/path/under/a/data/root",
-                                       width=420, css_classes=["wbc-l-data-path"]),
-        test=pn.widgets.Select(name="Test folder", options=[AUTO_TEST], value=AUTO_TEST, width=420,
-                               css_classes=["wbc-l-test"]),
-        variants=pn.widgets.MultiChoice(name="Variants", options=core.list_enhancers(), width=420,
-                                        css_classes=["wbc-l-variants"]),
-        classifier=pn.widgets.Select(name="Classifier", options=core.list_classifiers(), width=200,
-                                     css_classes=["wbc-l-classifier"]),
-        pretrained=pn.widgets.Select(name="Pretrained", options=["imagenet", "none"], width=120,
-                                     css_classes=["wbc-l-pretrained"]),
-        epochs=pn.widgets.IntInput(name="Epochs", value=3, start=1, end=200, width=90, css_classes=["wbc-l-epochs"]),
-        per_class=pn.widgets.IntInput(name="Train imgs/class (0=all)", value=40, start=0, width=170,
-                                      css_classes=["wbc-l-per-class"]),
-        test_per_class=pn.widgets.IntInput(name="Test imgs/class (0=all)", value=0, start=0, width=170,
-                                           css_classes=["wbc-l-test-per-class"]),
-        image_size=pn.widgets.IntInput(name="Image size", value=224, start=32, end=1024, width=100,
-                                       css_classes=["wbc-l-size"]),
-        seeds=pn.widgets.TextInput(name="Seeds", value="0", width=90, css_classes=["wbc-l-seed"],
-                                   description="one seed (0) or several, comma-separated (0,1,2)"),
-        split=pn.widgets.Select(name="Validation split", options=list(core.SPLITS), value="grouped", width=130,
-                                css_classes=["wbc-l-split"]),
-        input_policy=pn.widgets.Select(name="Classifier input", options=list(core.POLICIES), value="cell", width=120,
-                                       css_classes=["wbc-l-input-policy"],
-                                       description="cell: a square around the stained white cell (default). "
-                                                   "center: a centred square. full: the whole frame squashed "
-                                                   "(the paper's)."),
-        device=pn.widgets.Select(name="Device", options=["auto", "cpu", "cuda"], value="auto", width=100,
-                                 css_classes=["wbc-l-device"]),
-        precision=pn.widgets.Select(name="Real-ESRGAN precision", options=["auto", "fp32", "half"], value="auto",
-                                    width=150, css_classes=["wbc-l-precision"],
-                                    description="auto: fp16 on CUDA, fp32 on CPU. half: also bf16 on CPU "
-                                                "(~2x faster on AVX512-BF16 CPUs, 52-54 dB PSNR vs fp32)."),
-    )
-    start = pn.widgets.Button(name="Start study", button_type="primary", width=140, css_classes=["wbc-l-start"])
-    cancel = pn.widgets.Button(name="Cancel", button_type="danger", width=100, disabled=True,
-                               css_classes=["wbc-l-cancel"])
-    message = pn.pane.Alert("", alert_type="info", visible=False, css_classes=["wbc-l-message"],
-                            sizing_mode="stretch_width")
-    stage = pn.pane.Markdown("No study started from this dashboard.", css_classes=["wbc-l-stage"], sizing_mode="stretch_width")
-    bar = pn.indicators.Progress(value=0, max=100, width=420, visible=False, css_classes=["wbc-l-progress"])
-    log = pn.pane.HTML("", css_classes=["wbc-l-log"], sizing_mode="stretch_width",
-                       styles={"font-family": "monospace", "font-size": "12px", "background": "#f7f7f7"})
-    open_run = pn.widgets.Button(name="Open the new run", button_type="success", visible=False,
-                                 css_classes=["wbc-l-open"])
-    path_note = pn.pane.Alert("", alert_type="warning", visible=False, css_classes=["wbc-l-path-note"],
-                              sizing_mode="stretch_width")
-    roots_md = pn.pane.Markdown(
-        ("Allowed data roots (from `WBC_DATA_ROOTS`):\n\n" if os.environ.get("WBC_DATA_ROOTS") else
-         "Allowed data roots (the data root found; set `WBC_DATA_ROOTS` to change):\n\n") + (
-            ", ".join(f"<code>{esc(r)}</code>" for r in data_roots()) or "**none** — set `WBC_DATA_ROOTS` to launch studies"),
-        sizing_mode="stretch_width")
 
-    def apply_preset(*_):
-        p = core.PRESETS.get(w["preset"].value)
+class LaunchPage(Page):
+    """A form whose option lists come from core (presets, registries, config choices), the running job's
+    progress polled once a second, and the one-study-at-a-time job manager."""
+
+    title = "Launch"
+    css = "wbc-page-launch"
+    preset = param.Selector(default="quick", objects=["custom", *PRESETS])
+    data = param.Selector(default=None, objects=[], allow_None=True, doc="A data folder under the allowed roots.")
+    data_path = param.String(default="", doc="A typed data folder (checked against the roots before a scan).")
+    test = param.Selector(default=AUTO_TEST, objects=[AUTO_TEST])
+    variants = param.ListSelector(default=[], objects=list_enhancers())
+    classifier = param.Selector(default="efficientnet_lite0", objects=list_classifiers())
+    pretrained = param.Selector(default="imagenet", objects=list(PRETRAINED))
+    epochs = param.Integer(default=3, bounds=(1, 200))
+    per_class = param.Integer(default=40, bounds=(0, None))
+    test_per_class = param.Integer(default=0, bounds=(0, None))
+    image_size = param.Integer(default=224, bounds=(32, 1024))
+    seeds = param.String(default="0")
+    split = param.Selector(default="grouped", objects=list(SPLITS))
+    input_policy = param.Selector(default="cell", objects=list(POLICIES))
+    device = param.Selector(default="auto", objects=list(DEVICES))
+    precision = param.Selector(default="auto", objects=list(ENHANCE_PRECISIONS))
+
+    def __init__(self, state, **params):
+        super().__init__(state, **params)
+        folders = candidate_data_folders()
+        self.param.data.objects = folders
+        self.data = folders[0] if folders else None
+        self._job, self._job_done, self._run_appeared, self._ticks = None, False, False, 0
+        self.apply_preset()
+        self.update_tests()
+
+    # ---------------------------------------------------------------------------------------- the form
+    @param.depends("preset", watch=True)
+    def apply_preset(self) -> None:
+        """The form takes the preset's settings (custom keeps what is there)."""
+        p = PRESETS.get(self.preset)
         if not p:
             return
-        w["variants"].value = [v for v in p.get("variants", ()) if v in w["variants"].options]
-        if p.get("classifier") in w["classifier"].options:
-            w["classifier"].value = p["classifier"]
-        w["pretrained"].value = p.get("pretrained", "imagenet") if p.get("pretrained") in ("imagenet", "none") else "imagenet"
-        w["epochs"].value = int(p.get("epochs", 3))
-        w["per_class"].value = int(p.get("per_class") or 0)
-        w["image_size"].value = int((p.get("image_sizes") or (224,))[0])
-        w["seeds"].value = ",".join(str(x) for x in (p.get("seeds") or (0,)))
-        w["test_per_class"].value = int(p.get("test_per_class") or 0)
-        w["split"].value = p.get("split", "grouped")
-        w["input_policy"].value = p.get("input_policy", "cell")
-        w["precision"].value = {True: "half", False: "fp32"}.get(p.get("enhance_half"), "auto")
+        self.param.update(
+            variants=[v for v in p.get("variants", ()) if v in self.param.variants.objects],
+            classifier=p["classifier"] if p.get("classifier") in self.param.classifier.objects else self.classifier,
+            pretrained=p.get("pretrained") if p.get("pretrained") in PRETRAINED else "imagenet",
+            epochs=int(p.get("epochs", 3)), per_class=int(p.get("per_class") or 0),
+            image_size=int((p.get("image_sizes") or (224,))[0]),
+            seeds=",".join(str(x) for x in (p.get("seeds") or (0,))),
+            test_per_class=int(p.get("test_per_class") or 0), split=p.get("split", "grouped"),
+            input_policy=p.get("input_policy", "cell"),
+            precision={True: "half", False: "fp32"}.get(p.get("enhance_half"), "auto"))
 
-    def update_tests(*_):
-        typed = w["data_path"].value.strip()
-        folder = typed or w["data"].value
+    @param.depends("data", "data_path", watch=True)
+    def update_tests(self) -> None:
+        """The test folders of the chosen data folder; a typed folder outside the roots is refused unscanned."""
+        typed = self.data_path.strip()
+        folder = typed or self.data
         found, why = allowed_test_folders(folder) if folder else ([], None)
-        path_note.object = f"Data folder not usable: {esc(why)}" if typed and why else ""
-        path_note.visible = bool(typed and why)
-        opts = [AUTO_TEST] + found
-        w["test"].options = opts
-        if w["test"].value not in opts:
-            w["test"].value = AUTO_TEST
+        self.path_note = f"Data folder not usable: {esc(why)}" if typed and why else ""
+        if hasattr(self, "note"):
+            self.note.object, self.note.visible = self.path_note, bool(self.path_note)
+        self.param.test.objects = [AUTO_TEST] + found
+        if self.test not in self.param.test.objects:
+            self.test = AUTO_TEST
 
-    def say(text, kind="info"):
-        message.object = text
-        message.alert_type = kind
-        message.visible = bool(text)
+    def checked_values(self) -> dict:
+        """The form as build_args wants it, every path checked; ValueError / PathNotAllowed says what is wrong."""
+        from core.data import find_split_dirs
 
-    def on_start(_):
+        data = safe_data_folder(self.data_path.strip() or self.data)
+        if "TRAIN" not in find_split_dirs(data):
+            raise PathNotAllowed(f"data folder {data} has no TRAIN/ class folders")
+        test = None
+        if self.test and self.test != AUTO_TEST:
+            test = str(resolve_under(self.test, data_roots(), "test folder"))
+        if not self.variants:
+            raise ValueError("choose at least one variant")
+        seed_args(self.seeds)
+        return {**{k: getattr(self, k) for k in FORM_FIELDS}, "data": str(data), "test_dir": test}
+
+    def start(self, _=None) -> None:
         try:
-            typed = w["data_path"].value.strip()
-            data = safe_data_folder(typed or w["data"].value)
-            from core.data import find_split_dirs
-
-            if "TRAIN" not in find_split_dirs(data):
-                raise PathNotAllowed(f"data folder {data} has no TRAIN/ class folders")
-            test = None
-            if w["test"].value and w["test"].value != AUTO_TEST:
-                test = str(resolve_under(w["test"].value, data_roots(), "test folder"))
-            if not w["variants"].value:
-                raise ValueError("choose at least one variant")
-            seed_args(w["seeds"].value)
+            values = self.checked_values()
         except (PathNotAllowed, ValueError) as e:
-            say(f"Not started: {esc(e)}", "danger")
+            self.say(f"Not started: {esc(e)}", "danger")
             return
-        values = {k: x.value for k, x in w.items()}
-        values.update(data=str(data), test_dir=test)
-        job, msg = MANAGER.launch(build_args(values), state.runs_dir, preset=values["preset"])
+        job, msg = MANAGER.launch(build_args(values), self.state.runs_dir, preset=values["preset"])
         if job is None:
-            say(esc(msg), "warning")
+            self.say(esc(msg), "warning")
             return
-        say(f"{esc(msg)}: <code>{esc(' '.join(job.argv[1:]))}</code>", "info")
-        poll()
+        self.say(f"{esc(msg)}: <code>{esc(' '.join(job.argv[1:]))}</code>", "info")
+        self.poll()
 
-    def on_cancel(_):
-        say(esc(MANAGER.cancel()), "warning")
-        poll()
+    def cancel(self, _=None) -> None:
+        self.say(esc(MANAGER.cancel()), "warning")
+        self.poll()
 
-    seen = {"job": None, "done": False, "appeared": False}
+    def open_run(self, _=None) -> None:
+        if MANAGER.current is not None:
+            self.state.param.update(run_id=MANAGER.current.run_id, page="Overview")
 
-    elsewhere = pn.pane.Alert("", alert_type="warning", visible=False, css_classes=["wbc-l-elsewhere"],
-                              sizing_mode="stretch_width")
-    ticks = {"n": 0}
+    def say(self, text: str, kind: str = "info") -> None:
+        self.message.object, self.message.alert_type, self.message.visible = text, kind, bool(text)
 
-    def poll():
-        job = MANAGER.current
-        ticks["n"] += 1
-        if ticks["n"] % 5 == 1:  # every 5 s: studies in this store that this dashboard did not start
-            others = running_elsewhere(state.runs_dir, exclude=job.run_id if job else None)
-            elsewhere.object = "".join(
-                f"A study started elsewhere is running in this store: <code>{esc(rid)}</code> — "
-                f"{progress_summary(pr)}. A study started here would share the machine with it.<br>"
-                for rid, pr in others)
-            elsewhere.visible = bool(others)
-        if job is None:
-            cancel.disabled = True
+    # ------------------------------------------------------------------------------------------ layout
+    def layout(self) -> list:
+        return [pn.Row(self.form(), pn.Spacer(width=20), self.progress_column(), sizing_mode="stretch_width")]
+
+    def form(self) -> pn.Column:
+        w = self.widgets()
+        self.start_b = pn.widgets.Button(name="Start study", button_type="primary", width=140,
+                                         css_classes=["wbc-l-start"])
+        self.cancel_b = pn.widgets.Button(name="Cancel", button_type="danger", width=100, disabled=True,
+                                          css_classes=["wbc-l-cancel"])
+        self.note = pn.pane.Alert(self.path_note, alert_type="warning", visible=bool(self.path_note),
+                                  css_classes=["wbc-l-path-note"], sizing_mode="stretch_width")
+        self.start_b.on_click(self.start)
+        self.cancel_b.on_click(self.cancel)
+        return pn.Column(
+            pn.pane.Markdown("### Start a study"), roots_markdown(), pn.Row(w["preset"], w["classifier"], w["pretrained"]),
+            w["data"], w["data_path"], self.note, w["test"], w["variants"],
+            pn.Row(w["epochs"], w["per_class"], w["test_per_class"]),
+            pn.Row(w["image_size"], w["input_policy"], w["seeds"], w["split"], w["device"]),
+            pn.Row(w["precision"]), pn.Row(self.start_b, self.cancel_b), width=540, sizing_mode="fixed")
+
+    def widgets(self) -> dict:
+        """One widget per form parameter: (widget class, label, width, description)."""
+        W = pn.widgets
+        spec = {
+            "preset": (W.Select, "Preset", 150, None), "classifier": (W.Select, "Classifier", 200, None),
+            "pretrained": (W.Select, "Pretrained", 120, None),
+            "data": (W.Select, "Data folder (under the allowed roots)", 500, None),
+            "data_path": (W.TextInput, "…or type a data folder path", 420, None),
+            "test": (W.Select, "Test folder", 420, None), "variants": (W.MultiChoice, "Variants", 420, None),
+            "epochs": (W.IntInput, "Epochs", 90, None), "per_class": (W.IntInput, "Train imgs/class (0=all)", 170, None),
+            "test_per_class": (W.IntInput, "Test imgs/class (0=all)", 170, None),
+            "image_size": (W.IntInput, "Image size", 100, None),
+            "seeds": (W.TextInput, "Seeds", 90, "one seed (0) or several, comma-separated (0,1,2)"),
+            "split": (W.Select, "Validation split", 130, None),
+            "input_policy": (W.Select, "Classifier input", 120, "cell: a square around the stained white cell "
+                             "(default). center: a centred square. full: the whole frame squashed (the paper's)."),
+            "device": (W.Select, "Device", 100, None),
+            "precision": (W.Select, "Real-ESRGAN precision", 150, "auto: fp16 on CUDA, fp32 on CPU. half: also "
+                          "bf16 on CPU (~2x faster on AVX512-BF16 CPUs, 52-54 dB PSNR vs fp32)."),
+        }
+        css = {"image_size": "size", "seeds": "seed"}
+        out = {}
+        for name, (cls, label, width, desc) in spec.items():
+            kw = {"description": desc} if desc else {}
+            if name == "data_path":
+                kw["placeholder"] = "/path/under/a/data/root"
+            out[name] = cls.from_param(self.param[name], name=label, width=width,
+                                       css_classes=[f"wbc-l-{css.get(name, name).replace('_', '-')}"], **kw)
+        return out
+
+    def progress_column(self) -> pn.Column:
+        self.message = pn.pane.Alert("", alert_type="info", visible=False, css_classes=["wbc-l-message"],
+                                     sizing_mode="stretch_width")
+        self.stage = pn.pane.Markdown("No study started from this dashboard.", css_classes=["wbc-l-stage"],
+                                      sizing_mode="stretch_width")
+        self.bar = pn.indicators.Progress(value=0, max=100, width=420, visible=False, css_classes=["wbc-l-progress"])
+        self.log = pn.pane.HTML("", css_classes=["wbc-l-log"], sizing_mode="stretch_width",
+                                styles={"font-family": "monospace", "font-size": "12px", "background": "#f7f7f7"})
+        self.open_b = pn.widgets.Button(name="Open the new run", button_type="success", visible=False,
+                                        css_classes=["wbc-l-open"])
+        self.open_b.on_click(self.open_run)
+        self.elsewhere = pn.pane.Alert("", alert_type="warning", visible=False, css_classes=["wbc-l-elsewhere"],
+                                       sizing_mode="stretch_width")
+        self.poll()
+        self.start_polling()
+        return pn.Column(pn.pane.Markdown("### Progress"), self.elsewhere, self.stage, self.bar, self.message,
+                         self.open_b, pn.pane.Markdown("**Log (tail)**"), self.log, sizing_mode="stretch_width")
+
+    # ------------------------------------------------------------------------------------ the job's progress
+    def start_polling(self) -> None:
+        """Poll once a second while the browser session lives (not outside a served session: tests)."""
+        if pn.state.curdoc is None or pn.state.curdoc.session_context is None:
             return
-        if seen["job"] is not job:
-            seen.update(job=job, done=False, appeared=False)
-            open_run.visible = False
-        s = job.state()
-        running = job.running
-        cancel.disabled = not running or job.cancel_requested
-        start.disabled = running
-        prog = job.run.read_progress()
-        pct = prog.get("percent")
-        if pct is None and prog.get("total"):
-            pct = 100.0 * (prog.get("done") or 0) / max(1, prog["total"])
-        bar.visible = True
-        bar.value = int(pct) if isinstance(pct, (int, float)) and running else (100 if s == "finished" else 0)
-        elapsed = (job.ended or time.time()) - job.started
-        step = f" {prog['stage_index']}/{prog['stages']}" if prog.get("stage_index") and prog.get("stages") else ""
-        pct_txt = f" · {pct:.0f}%" if isinstance(pct, (int, float)) else ""
-        stage.object = (f"**{esc(job.run_id)}** — **{esc(s)}** · stage{esc(step)}: "
-                        f"{esc(prog.get('stage') or 'starting')} ({esc(prog.get('done', 0))}/"
-                        f"{esc(prog.get('total', '?'))}){pct_txt} · {esc(prog.get('message', ''))} · "
-                        f"ETA {fmt_eta(prog.get('eta_s')) if running else '—'} · elapsed {fmt_eta(elapsed)}")
-        log.object = "<pre style='margin:0;white-space:pre-wrap'>" + esc("\n".join(job.log_tail(15))) + "</pre>"
-        if not seen["appeared"] and (job.run.path / "run.json").exists():
-            seen["appeared"] = True
-            state.refresh += 1
-        if not running and not seen["done"]:
-            seen["done"] = True
-            state.refresh += 1
-            start.disabled = False
-            kind = {"finished": "success", "cancelled": "warning"}.get(s, "danger")
-            extra = ""
-            if s == "failed":
-                try:
-                    err = job.run.read_meta().get("error") or {}
-                    extra = f": {esc(err.get('message', ''))}"
-                except Exception:
-                    extra = f" (exit code {job.returncode})"
-            say(f"Study {esc(job.run_id)} {esc(s)}{extra}.", kind)
-            open_run.name = f"Open {job.run_id}"
-            open_run.visible = (job.run.path / "run.json").exists()
-
-    def on_open(_):
-        job = MANAGER.current
-        if job is not None:
-            state.param.update(run_id=job.run_id, page="Overview")
-
-    w["preset"].param.watch(apply_preset, "value")
-    w["data"].param.watch(update_tests, "value")
-    w["data_path"].param.watch(update_tests, "value")
-    start.on_click(on_start)
-    cancel.on_click(on_cancel)
-    open_run.on_click(on_open)
-    apply_preset()
-    update_tests()
-    poll()
-    if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
-        cb = pn.state.add_periodic_callback(poll, period=1000)
+        cb = pn.state.add_periodic_callback(self.poll, period=1000)
 
         def stop(_ctx):
             try:
@@ -308,14 +297,75 @@ def view(state) -> pn.viewable.Viewable:
 
         pn.state.on_session_destroyed(stop)
 
-    form = pn.Column(
-        pn.pane.Markdown("### Start a study"), roots_md,
-        pn.Row(w["preset"], w["classifier"], w["pretrained"]),
-        w["data"], w["data_path"], path_note, w["test"], w["variants"],
-        pn.Row(w["epochs"], w["per_class"], w["test_per_class"]),
-        pn.Row(w["image_size"], w["input_policy"], w["seeds"], w["split"], w["device"]),
-        pn.Row(w["precision"]),
-        pn.Row(start, cancel), width=540, sizing_mode="fixed")
-    status = pn.Column(pn.pane.Markdown("### Progress"), elsewhere, stage, bar, message, open_run,
-                       pn.pane.Markdown("**Log (tail)**"), log, sizing_mode="stretch_width")
-    return pn.Row(form, pn.Spacer(width=20), status, sizing_mode="stretch_width", css_classes=["wbc-page-launch"])
+    def poll(self) -> None:
+        job = MANAGER.current
+        self._ticks += 1
+        if self._ticks % 5 == 1:  # every 5 s: studies in this store that this dashboard did not start
+            self.show_elsewhere(job.run_id if job else None)
+        if job is None:
+            self.cancel_b.disabled = True
+            return
+        if self._job is not job:
+            self._job, self._job_done, self._run_appeared = job, False, False
+            self.open_b.visible = False
+        self.show_job(job)
+        if not self._run_appeared and job.run.exists():
+            self._run_appeared = True
+            self.state.refresh += 1
+        if not job.running and not self._job_done:
+            self.job_ended(job)
+
+    def show_elsewhere(self, exclude: str | None) -> None:
+        others = running_elsewhere(self.state.runs_dir, exclude=exclude)
+        self.elsewhere.object = "".join(
+            f"A study started elsewhere is running in this store: <code>{esc(rid)}</code> — "
+            f"{progress_summary(pr)}. A study started here would share the machine with it.<br>" for rid, pr in others)
+        self.elsewhere.visible = bool(others)
+
+    def show_job(self, job) -> None:
+        s, running = job.state(), job.running
+        self.cancel_b.disabled = not running or job.cancel_requested
+        self.start_b.disabled = running
+        prog = job.run.progress
+        pct = prog.fraction_percent()
+        self.bar.visible = True
+        self.bar.value = int(pct) if pct is not None and running else (100 if s == Status.FINISHED else 0)
+        elapsed = (job.ended or time.time()) - job.started
+        step = f" {prog.stage_index}/{prog.stages}" if prog.stage_index and prog.stages else ""
+        pct_txt = f" · {pct:.0f}%" if pct is not None else ""
+        done = prog.done if prog.done is not None else 0
+        total = prog.total if prog.total is not None else "?"
+        self.stage.object = (f"**{esc(job.run_id)}** — **{esc(s)}** · stage{esc(step)}: "
+                             f"{esc(prog.stage or 'starting')} ({esc(_count(done))}/{esc(_count(total))}){pct_txt} · "
+                             f"{esc(prog.message or '')} · ETA {fmt_eta(prog.eta_s) if running else '—'} · "
+                             f"elapsed {fmt_eta(elapsed)}")
+        self.log.object = "<pre style='margin:0;white-space:pre-wrap'>" + esc("\n".join(job.log_tail(15))) + "</pre>"
+
+    def job_ended(self, job) -> None:
+        self._job_done = True
+        self.state.refresh += 1
+        self.start_b.disabled = False
+        s = job.state()
+        kind = {Status.FINISHED: "success", Status.CANCELLED: "warning"}.get(s, "danger")
+        extra = ""
+        if s == Status.FAILED:
+            try:
+                extra = f": {esc(job.run.info.error_message or '')}"
+            except Exception:
+                extra = f" (exit code {job.returncode})"
+        self.say(f"Study {esc(job.run_id)} {esc(s)}{extra}.", kind)
+        self.open_b.name = f"Open {job.run_id}"
+        self.open_b.visible = job.run.exists()
+
+
+def _count(x) -> str:
+    """A progress count as written (3, not 3.0)."""
+    return str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
+
+
+def roots_markdown() -> pn.pane.Markdown:
+    roots = ", ".join(f"<code>{esc(r)}</code>" for r in data_roots())
+    head = ("Allowed data roots (from `WBC_DATA_ROOTS`):\n\n" if os.environ.get("WBC_DATA_ROOTS") else
+            "Allowed data roots (the data root found; set `WBC_DATA_ROOTS` to change):\n\n")
+    return pn.pane.Markdown(head + (roots or "**none** — set `WBC_DATA_ROOTS` to launch studies"),
+                            sizing_mode="stretch_width")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import holoviews as hv
 import pandas as pd
 import panel as pn
+import param
 
 from core.config import CLASSES
 
 from dashboard.data import load_table, run_variants
-from dashboard.pages.common import (color_key, escaped_titles, gated, no_run, variant_color, variant_colors,
+from dashboard.pages.base import Page
+from dashboard.pages.common import (color_key, escaped_titles, no_run, variant_color, variant_colors,
                                     warnings_alert)
 from dashboard.safe import esc
 
@@ -39,59 +41,66 @@ def paper_table(m: pd.DataFrame) -> pd.DataFrame:
     return wide
 
 
-def view(state) -> pn.viewable.Viewable:
-    which = pn.widgets.RadioButtonGroup(options=METRICS, value="f1", css_classes=["wbc-metric-choice"],
-                                        button_type="primary", button_style="outline")
+class MetricsPage(Page):
+    title = "Metrics"
+    css = "wbc-page-metrics"
+    metric = param.Selector(default="f1", objects=METRICS)
 
-    def render(run_id, compare_run_id, metric, _refresh):
+    def layout(self) -> list:
+        which = pn.widgets.RadioButtonGroup.from_param(self.param.metric, name="", css_classes=["wbc-metric-choice"],
+                                                       button_type="primary", button_style="outline")
+        return [which, self.live(self.render, (self.state, ["run_id", "compare_run_id", "refresh"]),
+                                 (self, ["metric"]), banner=True)]
+
+    def render(self):
+        run_id, compare = self.state.run_id, self.state.compare_run_id
         if not run_id:
             return no_run()
-        parts = [render_run(run_id, metric)]
-        if compare_run_id and compare_run_id != run_id:
-            parts += [pn.layout.Divider(), pn.pane.Markdown(f"### Compared with <code>{esc(compare_run_id)}</code>"),
-                      render_run(compare_run_id, metric)]
+        parts = [self.render_run(run_id)]
+        if compare and compare != run_id:
+            parts += [pn.layout.Divider(), pn.pane.Markdown(f"### Compared with <code>{esc(compare)}</code>"),
+                      self.render_run(compare)]
         return pn.Column(*parts, sizing_mode="stretch_width")
 
-    def render_run(run_id, metric):
-        rd = state.run_dir(run_id)
+    def render_run(self, run_id: str):
+        rd = self.state.run_dir(run_id)
         metrics, w1 = load_table(rd, "metrics")
         hist, w2 = load_table(rd, "history")
-        parts = [warnings_alert([w1, w2])]
         m = per_class(metrics, run_variants(rd))
-        if m.empty:
-            parts.append(pn.pane.Markdown("No metrics.parquet in this run."))
-        else:
-            cls = m[m["label"].isin(CLASSES)]
-            table = paper_table(m)
-            bars = hv.Bars(cls, ["label", "variant"], metric).opts(
-                multi_level=False, responsive=True, height=320, tools=["hover"], ylim=(0, 1.05),
-                title=f"{metric} per class and variant", xlabel="class", ylabel=metric, legend_position="bottom_right",
-                color=hv.dim("variant").categorize(variant_colors(cls["variant"].unique())))
-            parts += [color_key(list(dict.fromkeys(cls["variant"]))),
-                      pn.pane.HoloViews(bars, sizing_mode="stretch_width", height=340),
-                      pn.pane.Markdown("#### Per-class metrics (mean over seeds)"),
-                      pn.widgets.Tabulator(table, show_index=False, disabled=True, titles=escaped_titles(table),
-                                           sizing_mode="stretch_width", css_classes=["wbc-metrics-table"])]
-        if hist.empty:
-            parts.append(pn.pane.Markdown("No training history in this run."))
-        else:
-            h = hist.groupby(["variant", "epoch"], observed=True)[["train_loss", "val_loss", "train_acc", "val_acc"]] \
-                .mean().reset_index()
-            loss, accp = [], []
-            for v, g in h.groupby("variant", sort=False, observed=True):
-                c = variant_color(v)
-                loss += [hv.Curve(g, "epoch", ("train_loss", "loss"), label=f"{v} train").opts(color=c),
-                         hv.Curve(g, "epoch", ("val_loss", "loss"), label=f"{v} val").opts(line_dash="dashed", color=c)]
-                accp += [hv.Curve(g, "epoch", ("train_acc", "accuracy"), label=f"{v} train").opts(color=c),
-                         hv.Curve(g, "epoch", ("val_acc", "accuracy"), label=f"{v} val").opts(line_dash="dashed",
-                                                                                                color=c)]
-            opts = dict(responsive=True, height=340, legend_position="bottom", legend_cols=2, tools=["hover"])
-            parts += [pn.pane.Markdown("#### Training curves (mean over seeds; dashed = validation)"),
-                      pn.Row(pn.pane.HoloViews(hv.Overlay(loss).opts(title="loss", **opts), sizing_mode="stretch_width"),
-                             pn.pane.HoloViews(hv.Overlay(accp).opts(title="accuracy", **opts), sizing_mode="stretch_width"),
-                             sizing_mode="stretch_width")]
+        parts = [warnings_alert([w1, w2])]
+        parts += [pn.pane.Markdown("No metrics.parquet in this run.")] if m.empty else self.class_parts(m)
+        parts += [pn.pane.Markdown("No training history in this run.")] if hist.empty else curves(hist)
         return pn.Column(*parts, sizing_mode="stretch_width")
 
-    return pn.Column(which, gated(state, "Metrics", render, state.param.run_id, state.param.compare_run_id, which,
-                           state.param.refresh),
-                     sizing_mode="stretch_width", css_classes=["wbc-page-metrics"])
+    def class_parts(self, m: pd.DataFrame) -> list:
+        """Bars of the chosen metric per class and variant, and the paper-style table."""
+        metric = self.metric
+        cls = m[m["label"].isin(CLASSES)]
+        table = paper_table(m)
+        bars = hv.Bars(cls, ["label", "variant"], metric).opts(
+            multi_level=False, responsive=True, height=320, tools=["hover"], ylim=(0, 1.05),
+            title=f"{metric} per class and variant", xlabel="class", ylabel=metric, legend_position="bottom_right",
+            color=hv.dim("variant").categorize(variant_colors(cls["variant"].unique())))
+        return [color_key(list(dict.fromkeys(cls["variant"]))),
+                pn.pane.HoloViews(bars, sizing_mode="stretch_width", height=340),
+                pn.pane.Markdown("#### Per-class metrics (mean over seeds)"),
+                pn.widgets.Tabulator(table, show_index=False, disabled=True, titles=escaped_titles(table),
+                                     sizing_mode="stretch_width", css_classes=["wbc-metrics-table"])]
+
+
+def curves(hist: pd.DataFrame) -> list:
+    """Loss and accuracy per epoch, mean over seeds; dashed = validation."""
+    h = hist.groupby(["variant", "epoch"], observed=True)[["train_loss", "val_loss", "train_acc", "val_acc"]] \
+        .mean().reset_index()
+    loss, accp = [], []
+    for v, g in h.groupby("variant", sort=False, observed=True):
+        c = variant_color(v)
+        loss += [hv.Curve(g, "epoch", ("train_loss", "loss"), label=f"{v} train").opts(color=c),
+                 hv.Curve(g, "epoch", ("val_loss", "loss"), label=f"{v} val").opts(line_dash="dashed", color=c)]
+        accp += [hv.Curve(g, "epoch", ("train_acc", "accuracy"), label=f"{v} train").opts(color=c),
+                 hv.Curve(g, "epoch", ("val_acc", "accuracy"), label=f"{v} val").opts(line_dash="dashed", color=c)]
+    opts = dict(responsive=True, height=340, legend_position="bottom", legend_cols=2, tools=["hover"])
+    return [pn.pane.Markdown("#### Training curves (mean over seeds; dashed = validation)"),
+            pn.Row(pn.pane.HoloViews(hv.Overlay(loss).opts(title="loss", **opts), sizing_mode="stretch_width"),
+                   pn.pane.HoloViews(hv.Overlay(accp).opts(title="accuracy", **opts), sizing_mode="stretch_width"),
+                   sizing_mode="stretch_width")]

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
-
 import holoviews as hv
 import numpy as np
 import pandas as pd
 import panel as pn
 
+from core.store import DETAIL_B, DETAIL_C, DETAIL_P_CLUSTER_BOOT, Metric, StatKind, parse_detail
 from dashboard.data import accuracy_from_predictions, load_table, read_meta
-from dashboard.pages.common import gated, fmt_p, no_run, warnings_alert
+from dashboard.pages.base import Page
+from dashboard.pages.common import fmt_p, no_run, warnings_alert
 from dashboard.safe import esc
 
 
@@ -30,22 +30,23 @@ def accuracy_table(state, run_id) -> tuple[pd.DataFrame, pd.DataFrame, list]:
             acc = pd.DataFrame({"variant": list(a), "accuracy": list(a.values())})
         if not acc.empty:
             warnings.append(f"{run_id}: no stats.parquet — accuracy shown without confidence intervals")
-    for c in ["image_size", "accuracy", "ci_low", "ci_high", "seed_mean", "seed_sd", "macro_f1", "n", "n_seeds"]:
+    for c in ["image_size", "accuracy", "ci_low", "ci_high", "seed_mean", "seed_sd", "macro_f1", "balanced_acc", "n",
+              "n_seeds"]:
         if c not in acc.columns:
             acc[c] = np.nan
     paired = pd.DataFrame()
     if not stats.empty:
-        p = stats[(stats["kind"] == "paired") & (stats["metric"] == "accuracy_diff")].copy()
-        multi = stats[(stats["kind"] == "seeds") & (stats["metric"] == "accuracy_diff")]
+        p = stats[(stats["kind"] == StatKind.PAIRED) & (stats["metric"] == Metric.ACCURACY_DIFF)].copy()
+        multi = stats[(stats["kind"] == StatKind.SEEDS) & (stats["metric"] == Metric.ACCURACY_DIFF)]
         if len(multi):  # several seeds: the seed-averaged difference with its own CI, not per-seed rows
             p = multi.assign(detail=None, p_value=np.nan)
         if len(p):
-            bc = p["detail"].apply(lambda d: json.loads(d) if isinstance(d, str) and d.startswith("{") else {})
-            p["b: only baseline right"] = bc.apply(lambda d: d.get("b"))
-            p["c: only variant right"] = bc.apply(lambda d: d.get("c"))
+            bc = p["detail"].apply(parse_detail)
+            p["b: only baseline right"] = bc.apply(lambda d: d.get(DETAIL_B))
+            p["c: only variant right"] = bc.apply(lambda d: d.get(DETAIL_C))
             p["McNemar p"] = p["p_value"].apply(fmt_p)
             # McNemar counts images as independent; copies of one source cell are not: the group bootstrap's p
-            p["group-bootstrap p"] = bc.apply(lambda d: fmt_p(d.get("p_cluster_boot")))
+            p["group-bootstrap p"] = bc.apply(lambda d: fmt_p(d.get(DETAIL_P_CLUSTER_BOOT)))
             paired = p[["variant", "baseline", "seed", "image_size", "estimate", "ci_low", "ci_high", "McNemar p",
                         "group-bootstrap p", "b: only baseline right", "c: only variant right", "n"]].rename(
                 columns={"estimate": "accuracy diff"})
@@ -57,13 +58,15 @@ def _accuracy_rows(stats: pd.DataFrame) -> pd.DataFrame:
     -> the seed mean with the CI of the seed-averaged accuracy, and the seed sd. Never averaged CI bounds."""
     from core.stats import model_summary
 
-    f1 = model_summary(stats, "macro_f1").set_index(["variant", "image_size"])["estimate"]
-    n = stats[(stats["kind"] == "ci") & (stats["metric"] == "accuracy")].groupby(["variant", "image_size"])["n"].max()
+    f1 = model_summary(stats, Metric.MACRO_F1).set_index(["variant", "image_size"])["estimate"]
+    bal = model_summary(stats, Metric.BALANCED_ACCURACY).set_index(["variant", "image_size"])["estimate"]
+    n = stats[(stats["kind"] == StatKind.CI) & (stats["metric"] == Metric.ACCURACY)].groupby(["variant", "image_size"])["n"].max()
     rows = []
     for r in model_summary(stats).itertuples():
         key = (r.variant, r.image_size)
         row = {"variant": r.variant, "image_size": r.image_size, "n_seeds": r.n_seeds, "n": n.get(key),
-               "accuracy": r.estimate, "ci_low": r.ci_low, "ci_high": r.ci_high, "macro_f1": f1.get(key)}
+               "accuracy": r.estimate, "ci_low": r.ci_low, "ci_high": r.ci_high, "macro_f1": f1.get(key),
+               "balanced_acc": bal.get(key)}
         if r.n_seeds > 1 and r.sd == r.sd:  # a seeds row: its mean and spread
             row.update(seed_mean=r.estimate, seed_sd=float(r.sd))
         rows.append(row)
@@ -160,75 +163,94 @@ def _fmt(acc: pd.DataFrame) -> pd.DataFrame:
     out["95% CI"] = [f"[{a:.3f}, {b:.3f}]" if a == a and b == b else "" for a, b in zip(out["ci_low"], out["ci_high"])]
     out["seeds mean ± sd"] = [f"{m:.3f} ± {s:.3f}" if m == m and s == s else "" for m, s in
                               zip(out["seed_mean"], out["seed_sd"])]
-    cols = [c for c in ["run", "variant", "image_size", "accuracy", "95% CI", "seeds mean ± sd", "macro_f1", "n",
-                        "n_seeds"]
+    cols = [c for c in ["run", "variant", "image_size", "accuracy", "95% CI", "seeds mean ± sd", "macro_f1",
+                        "balanced_acc", "n", "n_seeds"]
             if c in out.columns]
     return out[cols]
 
 
-def view(state) -> pn.viewable.Viewable:
-    def render(run_id, compare_run_id, _refresh):
+class OverviewPage(Page):
+    title = "Overview"
+    css = "wbc-page-overview"
+
+    def layout(self) -> list:
+        return [self.live(self.render, (self.state, ["run_id", "compare_run_id", "refresh"]), banner=True)]
+
+    def render(self):
+        run_id, compare = self.state.run_id, self.state.compare_run_id
         if not run_id:
             return no_run()
-        acc, paired, warnings = accuracy_table(state, run_id)
-        accs = [acc.assign(run=run_id)]
-        if compare_run_id:
-            acc2, paired2, w2 = accuracy_table(state, compare_run_id)
+        acc, paired, warnings = accuracy_table(self.state, run_id)
+        both = acc.assign(run=run_id)
+        if compare:
+            acc2, paired2, w2 = accuracy_table(self.state, compare)
             warnings += w2
-            accs.append(acc2.assign(run=compare_run_id))
-            parts_p = [p.assign(run=r) for p, r in ((paired, run_id), (paired2, compare_run_id)) if len(p)]
+            both = pd.concat([both, acc2.assign(run=compare)], ignore_index=True)
+            parts_p = [p.assign(run=r) for p, r in ((paired, run_id), (paired2, compare)) if len(p)]
             if parts_p:
                 paired = pd.concat(parts_p, ignore_index=True)
                 paired = paired[["run"] + [c for c in paired.columns if c != "run"]]
-        both = pd.concat(accs, ignore_index=True)
-        plot = _acc_plot(both if compare_run_id else acc.assign(run=run_id),
-                         "Accuracy per variant" + (" (two runs)" if compare_run_id else ""))
-        table = pn.widgets.Tabulator(_fmt(both if compare_run_id else acc), show_index=False, disabled=True,
-                                     sizing_mode="stretch_width", css_classes=["wbc-acc-table"],
-                                     formatters={"accuracy": {"type": "money", "precision": 4},
-                                                 "macro_f1": {"type": "money", "precision": 4}})
-        meta, _ = read_meta(state.run_dir(run_id))
-        notes = list(meta.get("notes") or (meta.get("config") or {}).get("notes") or [])
-        parts = [warnings_alert(warnings),
-                 pn.pane.Alert("\n".join(f"* {esc(n)}" for n in notes), alert_type="info", visible=bool(notes),
-                               css_classes=["wbc-run-notes"], sizing_mode="stretch_width"),
-                 pn.pane.Markdown(f"### Accuracy — <code>{esc(run_id)}</code>" + (f" vs <code>{esc(compare_run_id)}</code>" if compare_run_id else "")),
-                 pn.Row(pn.pane.HoloViews(plot, sizing_mode="stretch_width", height=340), sizing_mode="stretch_width"),
-                 table, *_scorecard_parts(state, run_id)]
-        if len(paired):
-            diff = paired.copy()
-            lines = []
-            for d in diff.to_dict("records"):
-                where = f"<code>{esc(d['run'])}</code>: " if "run" in d else ""
-                seed = "mean of seeds" if d["seed"] == -1 else f"seed {esc(d['seed'])}"
-                pts = (f"{100 * d['accuracy diff']:+.1f} points (95% CI {100 * d['ci_low']:+.1f} to "
-                       f"{100 * d['ci_high']:+.1f})")
-                ps = "" if not d["McNemar p"] else (f", McNemar p = {d['McNemar p']}" + (
-                    f", group-bootstrap p = {d['group-bootstrap p']} (copies of one cell are not independent)"
-                    if d["group-bootstrap p"] else ""))
-                lines.append(f"* {where}**{esc(d['variant'])}** vs {esc(d['baseline'])} ({seed}, "
-                             f"{esc(d['image_size'])} px): accuracy {pts}{ps}")
-            parts += [pn.pane.Markdown("### Difference between variants (paired, same test images)\n" + "\n".join(lines)),
-                      pn.widgets.Tabulator(diff, show_index=False, disabled=True, sizing_mode="stretch_width",
-                                           css_classes=["wbc-paired-table"], layout="fit_data_table",
-                                           formatters={c: {"type": "money", "precision": 4}
-                                                       for c in ["accuracy diff", "ci_low", "ci_high"]})]
-        elif len(acc) > 1:
-            base = acc.iloc[0]
-            lines = [f"* **{esc(r.variant)}** − {esc(base['variant'])}: {r.accuracy - base['accuracy']:+.4f} (no paired test stored)"
-                     for r in acc.iloc[1:].itertuples()]
-            parts.append(pn.pane.Markdown("### Difference between variants\n" + "\n".join(lines)))
-        prov = provenance_table(meta)
-        if len(prov):
-            clf = (meta.get("weights") or {}).get("classifier") or {}
-            cfg = meta.get("config") or {}
-            parts += [pn.pane.Markdown(
-                          f"### How each variant was made — <code>{esc(run_id)}</code>\nClassifier <code>{esc(cfg.get('classifier', '?'))}</code>, "
-                          f"weights: {esc(clf.get('source', cfg.get('pretrained', '?')))}"
-                          + (f" (sha256 <code>{esc(str(clf['sha256'])[:16])}</code>)" if clf.get("sha256") else "")),
-                      pn.widgets.Tabulator(prov, show_index=False, disabled=True, sizing_mode="stretch_width",
-                                           css_classes=["wbc-provenance-table"])]
+        meta, _ = read_meta(self.state.run_dir(run_id))
+        parts = [warnings_alert(warnings), notes_alert(meta), *self.accuracy_parts(acc, both, run_id, compare),
+                 *_scorecard_parts(self.state, run_id), *difference_parts(acc, paired), *provenance_parts(meta, run_id)]
         return pn.Column(*parts, sizing_mode="stretch_width")
 
-    return pn.Column(gated(state, "Overview", render, state.param.run_id, state.param.compare_run_id, state.param.refresh),
-                     sizing_mode="stretch_width", css_classes=["wbc-page-overview"])
+    @staticmethod
+    def accuracy_parts(acc: pd.DataFrame, both: pd.DataFrame, run_id: str, compare: str | None) -> list:
+        plot = _acc_plot(both, "Accuracy per variant" + (" (two runs)" if compare else ""))
+        table = pn.widgets.Tabulator(_fmt(both if compare else acc), show_index=False, disabled=True,
+                                     sizing_mode="stretch_width", css_classes=["wbc-acc-table"],
+                                     formatters={c: {"type": "money", "precision": 4}
+                                                 for c in ("accuracy", "macro_f1", "balanced_acc")})
+        title = f"### Accuracy — <code>{esc(run_id)}</code>" + (f" vs <code>{esc(compare)}</code>" if compare else "")
+        return [pn.pane.Markdown(title),
+                pn.Row(pn.pane.HoloViews(plot, sizing_mode="stretch_width", height=340), sizing_mode="stretch_width"),
+                table]
+
+
+def notes_alert(meta: dict) -> pn.pane.Alert:
+    notes = list(meta.get("notes") or (meta.get("config") or {}).get("notes") or [])
+    return pn.pane.Alert("\n".join(f"* {esc(n)}" for n in notes), alert_type="info", visible=bool(notes),
+                         css_classes=["wbc-run-notes"], sizing_mode="stretch_width")
+
+
+def difference_parts(acc: pd.DataFrame, paired: pd.DataFrame) -> list:
+    """The paired differences in words and as a table (or plain differences when no paired test is stored)."""
+    if not len(paired):
+        if len(acc) <= 1:
+            return []
+        base = acc.iloc[0]
+        lines = [f"* **{esc(r.variant)}** − {esc(base['variant'])}: {r.accuracy - base['accuracy']:+.4f} (no paired "
+                 f"test stored)" for r in acc.iloc[1:].itertuples()]
+        return [pn.pane.Markdown("### Difference between variants\n" + "\n".join(lines))]
+    lines = [_difference_line(d) for d in paired.to_dict("records")]
+    return [pn.pane.Markdown("### Difference between variants (paired, same test images)\n" + "\n".join(lines)),
+            pn.widgets.Tabulator(paired.copy(), show_index=False, disabled=True, sizing_mode="stretch_width",
+                                 css_classes=["wbc-paired-table"], layout="fit_data_table",
+                                 formatters={c: {"type": "money", "precision": 4}
+                                             for c in ["accuracy diff", "ci_low", "ci_high"]})]
+
+
+def _difference_line(d: dict) -> str:
+    where = f"<code>{esc(d['run'])}</code>: " if "run" in d else ""
+    seed = "mean of seeds" if d["seed"] == -1 else f"seed {esc(d['seed'])}"
+    pts = f"{100 * d['accuracy diff']:+.1f} points (95% CI {100 * d['ci_low']:+.1f} to {100 * d['ci_high']:+.1f})"
+    ps = "" if not d["McNemar p"] else (f", McNemar p = {d['McNemar p']}" + (
+        f", group-bootstrap p = {d['group-bootstrap p']} (copies of one cell are not independent)"
+        if d["group-bootstrap p"] else ""))
+    return (f"* {where}**{esc(d['variant'])}** vs {esc(d['baseline'])} ({seed}, {esc(d['image_size'])} px): "
+            f"accuracy {pts}{ps}")
+
+
+def provenance_parts(meta: dict, run_id: str) -> list:
+    prov = provenance_table(meta)
+    if not len(prov):
+        return []
+    clf = (meta.get("weights") or {}).get("classifier") or {}
+    cfg = meta.get("config") or {}
+    head = (f"### How each variant was made — <code>{esc(run_id)}</code>\nClassifier "
+            f"<code>{esc(cfg.get('classifier', '?'))}</code>, weights: {esc(clf.get('source', cfg.get('pretrained', '?')))}"
+            + (f" (sha256 <code>{esc(str(clf['sha256'])[:16])}</code>)" if clf.get("sha256") else ""))
+    return [pn.pane.Markdown(head),
+            pn.widgets.Tabulator(prov, show_index=False, disabled=True, sizing_mode="stretch_width",
+                                 css_classes=["wbc-provenance-table"])]

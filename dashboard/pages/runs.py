@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import panel as pn
 
-import pandas as pd
-
-from core.store import Run, effective_status
-from dashboard.data import list_runs, load_table, read_meta
+from core.store import Metric, StatKind, Status
+from dashboard.data import list_runs, load_table, read_meta, run_state
+from dashboard.pages.base import Page
 from dashboard.pages.common import fmt_p, warnings_alert, warnings_md
 from dashboard.safe import esc
 
@@ -22,9 +22,9 @@ def _acc_cells(state, df: pd.DataFrame) -> tuple[list[str], list[str]]:
 
     acc_col, paired_col = [], []
     for i, rid in enumerate(df["run_id"]):
-        finished = df["status"].iloc[i] == "finished"
+        finished = df["status"].iloc[i] == Status.FINISHED
         stats, _ = load_table(state.run_dir(rid), "stats") if finished else (None, None)
-        acc, paired = model_summary(stats), model_summary(stats, "accuracy_diff", kind="paired")
+        acc, paired = model_summary(stats), model_summary(stats, Metric.ACCURACY_DIFF, kind=StatKind.PAIRED)
         order = str(df["variants"].iloc[i] or "").split(",")
         acc = acc.assign(_o=[order.index(v) if v in order else len(order) for v in acc["variant"]]).sort_values(
             ["_o", "image_size"], kind="stable")
@@ -88,105 +88,112 @@ def config_diff(meta_a: dict, meta_b: dict) -> list[tuple[str, str, str]]:
 
 
 def _style_status(v):
-    colors = {"finished": "#2ca02c", "failed": "#d62728", "running": "#1f77b4", "queued": "#7f7f7f",
-              "cancelled": "#ff7f0e", "interrupted": "#ff7f0e", "unreadable": "#d62728"}
+    colors = {Status.FINISHED: "#2ca02c", Status.FAILED: "#d62728", Status.RUNNING: "#1f77b4",
+              Status.QUEUED: "#7f7f7f", Status.CANCELLED: "#ff7f0e", Status.INTERRUPTED: "#ff7f0e",
+              Status.UNREADABLE: "#d62728"}
     c = colors.get(v)
     return f"color: {c}; font-weight: 600" if c else ""
 
 
-def view(state) -> pn.viewable.Viewable:
-    df0 = runs_frame(state)
-    formatters = {"status": {"type": "html"}, "accuracy [95% CI]": {"type": "html"},
-                  "Δ vs baseline (McNemar p)": {"type": "html"}}
-    table = pn.widgets.Tabulator(
-        df0, show_index=False, formatters=formatters, selectable=2, disabled=True, pagination="local", page_size=15,
-        sizing_mode="stretch_width", css_classes=["wbc-runs-table"], layout="fit_data_table",
-        header_filters=False, frozen_columns=["run_id"],
-        titles={"test_set": "test set", "duration": "time"},
-        # the selected row is dark: its coloured status text turns white to stay readable
-        stylesheets=[".tabulator-row.tabulator-selected span { color: #fff !important; }"],
-    )
+class RunsPage(Page):
+    title = "Runs"
+    css = "wbc-page-runs"
 
-    help_md = pn.pane.Markdown(
-        "Click a row to analyse that run; click a second row to compare the two (the first stays the main "
-        "run). Unreadable folders (no or damaged `run.json`) are listed with a warning and ignored.",
-        sizing_mode="stretch_width")
-    warn = warnings_alert([])
-    detail = pn.Column(sizing_mode="stretch_width", css_classes=["wbc-run-detail"])
-    refresh = pn.widgets.Button(name="Refresh", button_type="default", width=100, css_classes=["wbc-refresh"])
+    def layout(self) -> list:
+        formatters = {"status": {"type": "html"}, "accuracy [95% CI]": {"type": "html"},
+                      "Δ vs baseline (McNemar p)": {"type": "html"}}
+        self.table = pn.widgets.Tabulator(
+            runs_frame(self.state), show_index=False, formatters=formatters, selectable=2, disabled=True,
+            pagination="local", page_size=15, sizing_mode="stretch_width", css_classes=["wbc-runs-table"],
+            layout="fit_data_table", header_filters=False, frozen_columns=["run_id"],
+            titles={"test_set": "test set", "duration": "time"},
+            # the selected row is dark: its coloured status text turns white to stay readable
+            stylesheets=[".tabulator-row.tabulator-selected span { color: #fff !important; }"])
+        help_md = pn.pane.Markdown(
+            "Click a row to analyse that run; click a second row to compare the two (the first stays the main "
+            "run). Unreadable folders (no or damaged `run.json`) are listed with a warning and ignored.",
+            sizing_mode="stretch_width")
+        self.warn = warnings_alert([])
+        self.detail = pn.Column(sizing_mode="stretch_width", css_classes=["wbc-run-detail"])
+        refresh = pn.widgets.Button(name="Refresh", button_type="default", width=100, css_classes=["wbc-refresh"])
+        refresh.on_click(lambda e: self.state.param.update(refresh=self.state.refresh + 1))
+        self._syncing = False
+        self.table.param.watch(self.on_select, "selection")
+        self.state.param.watch(lambda *_: self.when_shown(self.update_table), "refresh")
+        self.state.param.watch(lambda *_: self.when_shown(self.sync_selection), ["run_id", "compare_run_id"])
+        self.update_table()
+        return [pn.Row(help_md, refresh), self.warn, self.table, self.detail]
 
-    syncing = {"on": False}
-
-    def update_table(*_):
-        df = runs_frame(state)
-        table.value = df
+    def update_table(self) -> None:
+        df = runs_frame(self.state)
+        self.table.value = df
         bad = df[df["status"].str.contains(">unreadable<", regex=False)]
         ws = [f"{r.run_id}: unreadable run folder ({r.warning})" for r in bad.itertuples()]
-        warn.object = warnings_md(ws)
-        warn.visible = bool(ws)
-        sync_selection()
+        self.warn.object = warnings_md(ws)
+        self.warn.visible = bool(ws)
+        self.sync_selection()
 
-    def sync_selection(*_):
-        df = table.value
-        ids = list(df["run_id"])
-        sel = [ids.index(r) for r in (state.run_id, state.compare_run_id) if r in ids]
-        syncing["on"] = True
+    def sync_selection(self) -> None:
+        """The table's selection follows the state (main run first, then the compared one)."""
+        ids = list(self.table.value["run_id"])
+        sel = [ids.index(r) for r in (self.state.run_id, self.state.compare_run_id) if r in ids]
+        self._syncing = True
         try:
-            table.selection = sel
+            self.table.selection = sel
         finally:
-            syncing["on"] = False
-        update_detail()
+            self._syncing = False
+        self.detail.objects = self.detail_parts()
 
-    def on_select(event):
-        if syncing["on"]:
+    def on_select(self, event) -> None:
+        if self._syncing:
             return
-        ids = [table.value["run_id"].iloc[i] for i in event.new if i < len(table.value)]
-        old = [i for i in (state.run_id, state.compare_run_id) if i]
-        # keep the main run first when a second row is added
-        ordered = [i for i in old if i in ids] + [i for i in ids if i not in old]
-        state.param.update(run_id=ordered[0] if ordered else None,
-                           compare_run_id=ordered[1] if len(ordered) > 1 else None)
+        ids = [self.table.value["run_id"].iloc[i] for i in event.new if i < len(self.table.value)]
+        old = [i for i in (self.state.run_id, self.state.compare_run_id) if i]
+        ordered = [i for i in old if i in ids] + [i for i in ids if i not in old]  # the main run stays first
+        self.state.param.update(run_id=ordered[0] if ordered else None,
+                                compare_run_id=ordered[1] if len(ordered) > 1 else None)
 
-    def update_detail(*_):
+    def detail_parts(self) -> list:
         items = []
-        for rid, role in ((state.run_id, "Main run"), (state.compare_run_id, "Compared with")):
-            if not rid:
-                continue
-            meta, w = read_meta(state.run_dir(rid))
-            if w:
-                items.append(pn.pane.Alert(f"**{role} <code>{esc(rid)}</code>**: {esc(w)}", alert_type="warning"))
-                continue
-            cfg = meta.get("config") or {}
-            status = effective_status(meta, Run(state.run_dir(rid)).read_progress())
-            txt = (f"**{role}: <code>{esc(rid)}</code>** — status **{esc(status)}**, preset "
-                   f"{esc(cfg.get('preset'))}, {esc(cfg.get('classifier'))} ({esc(cfg.get('pretrained'))}), variants "
-                   f"{esc(', '.join(map(str, cfg.get('variants') or [])))}, epochs {esc(cfg.get('epochs'))}, seeds "
-                   f"{esc(cfg.get('seeds'))}, test set {esc((meta.get('data') or {}).get('test_source'))}, device "
-                   f"{esc(meta.get('device'))}")
-            items.append(pn.pane.Markdown(txt, sizing_mode="stretch_width"))
-            err = meta.get("error")
-            if err:
-                err = err if isinstance(err, dict) else {"type": "error", "message": err}
-                tb = esc(err.get("traceback") or "")
-                items.append(pn.pane.Alert(
-                    f"**Run failed: {esc(err.get('type'))}: {esc(err.get('message'))}**"
-                    f"<details><summary>traceback</summary><pre>{tb}</pre></details>",
-                    alert_type="danger", css_classes=["wbc-run-error"], sizing_mode="stretch_width"))
-            if meta.get("skipped"):
-                items.append(pn.pane.Markdown(f"{len(meta['skipped'])} unreadable image(s) were skipped."))
-        if state.run_id and state.compare_run_id:
-            diff = config_diff(read_meta(state.run_dir(state.run_id))[0], read_meta(state.run_dir(state.compare_run_id))[0])
-            rows = "\n".join(f"| {esc(k)} | <code>{esc(a)}</code> | <code>{esc(b)}</code> |" for k, a, b in diff)
-            items.append(pn.pane.Markdown(
-                "**What differs between the two runs**\n\n| setting | main | compared |\n|---|---|---|\n" + rows
-                if diff else "**The two runs have the same settings, weights and versions.**",
-                css_classes=["wbc-config-diff"], sizing_mode="stretch_width"))
-        detail.objects = items
+        for rid, role in ((self.state.run_id, "Main run"), (self.state.compare_run_id, "Compared with")):
+            if rid:
+                items += run_detail(self.state.run_dir(rid), rid, role)
+        if self.state.run_id and self.state.compare_run_id:
+            items.append(diff_pane(read_meta(self.state.run_dir(self.state.run_id))[0],
+                                   read_meta(self.state.run_dir(self.state.compare_run_id))[0]))
+        return items
 
-    table.param.watch(on_select, "selection")
-    state.param.watch(update_table, "refresh")
-    state.param.watch(sync_selection, ["run_id", "compare_run_id"])
-    refresh.on_click(lambda e: state.param.update(refresh=state.refresh + 1))
-    update_table()
-    return pn.Column(pn.Row(help_md, refresh), warn, table, detail, sizing_mode="stretch_width",
-                     css_classes=["wbc-page-runs"])
+
+def run_detail(run_dir, rid: str, role: str) -> list:
+    """A run's settings in one line, its error with the traceback, and skipped images."""
+    meta, w = read_meta(run_dir)
+    if w:
+        return [pn.pane.Alert(f"**{role} <code>{esc(rid)}</code>**: {esc(w)}", alert_type="warning")]
+    cfg = meta.get("config") or {}
+    status, _, _ = run_state(run_dir)
+    items = [pn.pane.Markdown(
+        f"**{role}: <code>{esc(rid)}</code>** — status **{esc(status)}**, preset {esc(cfg.get('preset'))}, "
+        f"{esc(cfg.get('classifier'))} ({esc(cfg.get('pretrained'))}), variants "
+        f"{esc(', '.join(map(str, cfg.get('variants') or [])))}, epochs {esc(cfg.get('epochs'))}, seeds "
+        f"{esc(cfg.get('seeds'))}, test set {esc((meta.get('data') or {}).get('test_source'))}, device "
+        f"{esc(meta.get('device'))}", sizing_mode="stretch_width")]
+    err = meta.get("error")
+    if err:
+        err = err if isinstance(err, dict) else {"type": "error", "message": err}
+        tb = esc(err.get("traceback") or "")
+        items.append(pn.pane.Alert(
+            f"**Run failed: {esc(err.get('type'))}: {esc(err.get('message'))}**"
+            f"<details><summary>traceback</summary><pre>{tb}</pre></details>",
+            alert_type="danger", css_classes=["wbc-run-error"], sizing_mode="stretch_width"))
+    if meta.get("skipped"):
+        items.append(pn.pane.Markdown(f"{len(meta['skipped'])} unreadable image(s) were skipped."))
+    return items
+
+
+def diff_pane(meta_a: dict, meta_b: dict) -> pn.pane.Markdown:
+    diff = config_diff(meta_a, meta_b)
+    rows = "\n".join(f"| {esc(k)} | <code>{esc(a)}</code> | <code>{esc(b)}</code> |" for k, a, b in diff)
+    return pn.pane.Markdown(
+        "**What differs between the two runs**\n\n| setting | main | compared |\n|---|---|---|\n" + rows
+        if diff else "**The two runs have the same settings, weights and versions.**",
+        css_classes=["wbc-config-diff"], sizing_mode="stretch_width")
