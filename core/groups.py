@@ -88,14 +88,18 @@ def _load_image(path: str, crop: int, size: int) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8)
 
 
+# The views in the order embeddings were always made: quarter turns, then those turns mirrored (flip(rot k) is
+# dihedral_view 4 + (-k mod 4)); the same pixels as before, so cached embeddings stay valid.
+_VIEW_ORDER = (0, 1, 2, 3, 4, 7, 6, 5)
+
+
 def _dihedral(x, views: int):
     """Stack of ``views`` dihedral transforms of a (B, C, H, W) batch: (views*B, C, H, W)."""
     import torch
 
-    rots = [torch.rot90(x, k, dims=(2, 3)) for k in range(4)] if views >= 4 else [x]
-    if views == 8:
-        rots += [torch.flip(r, dims=(3,)) for r in rots]
-    return torch.cat(rots[:views], 0)
+    from core.engine import dihedral_view
+
+    return torch.cat([dihedral_view(x, k) for k in _VIEW_ORDER[:views]], 0)
 
 
 _MODEL_CACHE: dict = {}

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from core.progress import fmt_duration
+
 ERRORS_CSV = "enhance_errors.csv"
 FORMAT_SUFFIX = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 DEVICES = ("auto", "cpu", "cuda")
@@ -125,11 +127,6 @@ def list_inputs(in_dir: Path, out_dir: Path) -> list[Path]:
     return files
 
 
-def _fmt_seconds(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 3600}h {s % 3600 // 60:02d}m {s % 60:02d}s" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
-
-
 def cmd_enhance(args) -> int:
     try:
         _validate(args)
@@ -178,7 +175,7 @@ def cmd_enhance(args) -> int:
             made, errs, per, rest = _calibrate(todo, enhancer, args.format)
             errors += errs
             if per is not None:
-                print(f"estimated total: {_fmt_seconds(per * len(todo))} for {len(todo)} images "
+                print(f"estimated total: {fmt_duration(per * len(todo))} for {len(todo)} images "
                       f"({per:.2f} s/image on {getattr(enhancer, 'device', 'cpu')}, calibrated on 2 images)",
                       file=sys.stderr)
         bar = tqdm(total=len(todo), initial=len(todo) - len(rest), unit="img", desc=f"enhance {args.model}",
