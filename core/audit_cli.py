@@ -101,7 +101,7 @@ def cmd_audit(args) -> int:
     threshold = GROUP_THRESHOLD if getattr(args, "threshold", None) is None else args.threshold
     t0 = time.time()
 
-    def progress(done, total):
+    def progress(done, total, _message=""):
         if total and (done == total or done % 512 == 0):
             print(f"\rembedding {done}/{total} images ({time.time() - t0:.0f} s)", end="", file=sys.stderr,
                   flush=True)
