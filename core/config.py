@@ -163,7 +163,7 @@ PRESETS: dict[str, dict] = {
             "(SRVGGNetCompact) in bf16 (fp16 on a GPU) instead of the paper's RealESRGAN_x4plus (~20 s/image "
             "on CPU), and fine-tunes ImageNet EfficientNet-Lite0 instead of ResNet-50, on 300 training images "
             "per class and a 144 px region around the stained cell, so that it finishes in minutes on a CPU. "
-            "Use --preset cpu for more data and fp32 enhancement, or paper/study for the paper's protocol."
+            "Use --preset cpu for five times the data, or paper/study for the paper's protocol."
         ],
     ),
     # More data and epochs, still CPU-only: under an hour on 2 cores (docs/BENCHMARKS.md: 1,500/class raised
