@@ -29,7 +29,8 @@ EXPECTED_CELLS = {
 def add_audit_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("audit", help="estimate source cells per split/class and cross-split near-copies",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data", metavar="DATA", help="data root with TRAIN/ (TEST/, TEST_SIMPLE/) class folders")
+    p.add_argument("data", metavar="DATA", help="data root with TRAIN/, TEST/ or TEST_SIMPLE/ class folders (any of "
+                                                "them), or one ImageFolder (class folders), named by its folder")
     p.add_argument("--test-dir", default=None, help="a Kaggle TEST folder to audit as the TEST split")
     p.add_argument("--out", default="audit.parquet", help="Parquet file for the table (default: audit.parquet)")
     p.add_argument("--device", default="cpu", help="torch device for the embeddings (cpu, cuda)")
@@ -37,8 +38,20 @@ def add_audit_parser(subparsers) -> argparse.ArgumentParser:
                    help="audit at most N images per class of TRAIN and TEST (random, seed 0); default all")
     p.add_argument("--threshold", type=float, default=None, help="group cut (default: core.groups.GROUP_THRESHOLD)")
     p.add_argument("--cache-dir", default=None, help="embedding cache (default: the wbc cache dir)")
+    p.add_argument("--json", action="store_true", help="print the table as JSON (one object per row) instead")
     p.set_defaults(func=cmd_audit)
     return p
+
+
+def name_splits(df: pd.DataFrame, split_dirs: dict, root: Path) -> pd.DataFrame:
+    """Each split named by its folder: the Kaggle names, or, for a DATA that is itself an ImageFolder (class
+    folders directly in it), that folder's name (a TEST folder audited alone is TEST, not TRAIN)."""
+    from core.data import is_class_root
+
+    if not is_class_root(root):
+        return df
+    renames = {k: root.resolve().name for k, v in split_dirs.items() if Path(v).resolve() == root.resolve()}
+    return df.assign(split=df["split"].replace(renames))
 
 
 def audit_table(df: pd.DataFrame, groups: np.ndarray, emb: np.ndarray, threshold: float,
@@ -72,7 +85,7 @@ def format_table(t: pd.DataFrame) -> str:
     lines = [f"{'split':<12}{'class':<12}{'images':>7}{'cells':>7}{'expected':>9}{'size min/med/max':>18}  near-copies elsewhere"]
     for (split, label), g in t.groupby(["split", "label"], sort=False):
         r = g.iloc[0]
-        exp = "" if pd.isna(r["expected_groups"]) else str(r["expected_groups"])
+        exp = "-" if pd.isna(r["expected_groups"]) else str(r["expected_groups"])
         other = ", ".join(f"{o.other_split}: {o.other_groups_with_copy}/{o.groups} groups"
                           for o in g.itertuples() if o.other_split is not None) or "-"
         size = f"{r['group_min']}/{r['group_median']:g}/{r['group_max']}"
@@ -89,11 +102,11 @@ def cmd_audit(args) -> int:
         print(f"wbc audit: error: {args.data}: not a folder", file=sys.stderr)
         return 2
     try:
-        m = build_manifest(args.data, test_dir=getattr(args, "test_dir", None))
+        m = build_manifest(args.data, test_dir=getattr(args, "test_dir", None), require_train=False)
     except DataNotFoundError as e:
         print(f"wbc audit: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    df = m.df
+    df = name_splits(m.df, m.split_dirs, Path(args.data))
     per_class = getattr(args, "per_class", None)
     if per_class:
         df = pd.concat([g if split == "TEST_SIMPLE" else subset_per_class(g, per_class, 0)
@@ -114,6 +127,9 @@ def cmd_audit(args) -> int:
     table = audit_table(df, groups, emb, threshold, NEAR_COPY_THRESHOLD, per_class_subset=bool(per_class))
     out = Path(getattr(args, "out", None) or "audit.parquet")
     atomic_write_parquet(out, table)
+    if getattr(args, "json", False):
+        print(table.to_json(orient="records"))
+        return 0
     print(format_table(table))
     ts = table[table["split"] == "TEST_SIMPLE"].drop_duplicates(["split", "label"])
     if not ts.empty:

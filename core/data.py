@@ -181,8 +181,9 @@ class Manifest:
 
 
 def build_manifest(root: str | os.PathLike, test_dir: str | os.PathLike | None = None,
-                   splits: tuple[str, ...] = SPLIT_NAMES) -> Manifest:
-    """Scan a data root (and an extra TEST folder) into a manifest."""
+                   splits: tuple[str, ...] = SPLIT_NAMES, require_train: bool = True) -> Manifest:
+    """Scan a data root (and an extra TEST folder) into a manifest. ``require_train=False`` (the audit) also
+    accepts a root that holds only a test split."""
     root = Path(root)
     dirs = find_split_dirs(root)
     if test_dir is not None:
@@ -191,8 +192,9 @@ def build_manifest(root: str | os.PathLike, test_dir: str | os.PathLike | None =
         if tdir is None:
             raise DataNotFoundError(f"--test-dir {test_dir}: no class folders (EOSINOPHIL/ ...) found there")
         dirs["TEST"] = tdir
-    if "TRAIN" not in dirs:
-        raise DataNotFoundError(f"{root}: no TRAIN/ folder with class folders found.\n" + GET_DATA_HELP)
+    if "TRAIN" not in dirs and (require_train or not dirs):
+        what = "TRAIN/ folder" if require_train else "TRAIN/, TEST/ or TEST_SIMPLE/ folder"
+        raise DataNotFoundError(f"{root}: no {what} with class folders found.\n" + GET_DATA_HELP)
     frames, skipped = [], []
     for split in splits:
         if split in dirs:

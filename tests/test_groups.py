@@ -141,3 +141,29 @@ def test_real_test_simple_identical_pair(tmp_path):
     # a few may merge; the byte-identical files must share a group and exact duplicates are never split.
     assert 8 <= len(set(groups)) <= 11 == eos["sha1"].nunique()
     assert len(set(G.assign_groups(eos, cache_dir=tmp_path, threshold=0.0))) == 11
+
+
+def test_audit_names_splits_by_folder_and_accepts_a_test_only_folder(synth, tmp_path, capsys):
+    import json
+    import shutil
+
+    from core.audit_cli import main
+
+    root, cache, _, _ = synth
+    # a Kaggle TEST folder audited on its own (class folders directly in it): TEST, with TEST's known counts
+    alone = tmp_path / "TEST"
+    shutil.copytree(root / "TRAIN", alone)
+    assert main([str(alone), "--cache-dir", str(cache), "--out", str(tmp_path / "a.parquet"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["split"] for r in rows} == {"TEST"} and {r["expected_groups"] for r in rows} == {13, 48}
+    # an ImageFolder of another name: named after it, and no expectation ("-")
+    other = tmp_path / "my-cells"
+    shutil.copytree(root / "TRAIN", other)
+    assert main([str(other), "--cache-dir", str(cache), "--out", str(tmp_path / "b.parquet")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("my-cells"))
+    assert line.split()[4] == "-"
+    # a data root that holds only a test split (no TRAIN/): audited, not refused
+    only = tmp_path / "only-test"
+    shutil.copytree(root / "TEST_SIMPLE", only / "TEST_SIMPLE")
+    assert main([str(only), "--cache-dir", str(cache), "--out", str(tmp_path / "c.parquet")]) == 0
+    assert "TEST_SIMPLE check" in capsys.readouterr().out
