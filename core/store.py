@@ -302,7 +302,16 @@ class DamagedRun(Exception):
 
 
 class DamagedTable(Exception):
-    """A stored table that exists but cannot be read (truncated, not Parquet)."""
+    """A stored table that exists but cannot be read (truncated, not Parquet). ``str()`` names the whole path (the
+    CLI); ``short`` names the run and the file (the dashboard)."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path}: cannot be read ({reason})")
+
+    @property
+    def short(self) -> str:
+        return f"{self.path.parent.name}/{self.path.name} could not be read ({self.reason})"
 
 
 def _first_line(e: BaseException) -> str:
@@ -464,8 +473,7 @@ class Run:
         try:
             df = pd.read_parquet(p)
         except Exception as e:
-            raise DamagedTable(f"{p.parent.name}/{p.name} could not be read ({type(e).__name__}: "
-                               f"{_first_line(e)[:160]})") from e
+            raise DamagedTable(p, f"{type(e).__name__}: {_first_line(e)[:160]}") from e
         df = sch.conform(df, strict=False)
         return df if columns is None else df[columns]
 

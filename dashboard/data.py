@@ -98,7 +98,7 @@ def _table_cached(run_dir: str, key, name: str) -> tuple[pd.DataFrame, str | Non
     try:
         df = Run(Path(run_dir)).table(name)
     except DamagedTable as e:
-        return schema(name).empty(), str(e)
+        return schema(name).empty(), e.short
     if name in (Table.PREDICTIONS, Table.MISCLASSIFIED) and len(df):
         probs = df[[c for c in PROB_COLUMNS if c in df.columns]].to_numpy(dtype="float32")
         df["confidence"] = probs.max(axis=1) if probs.size else 0.0
