@@ -128,9 +128,9 @@ def cmd_study(args) -> int:
     finally:
         if bar:
             bar.close()
-    meta = r.read_meta()
-    acc = ", ".join(f"{v} {a:.3f}" for v, a in meta.get("summary", {}).get("accuracy", {}).items())
-    print(f"accuracy on {meta['data']['test_source']}: {acc}", file=sys.stderr)
+    info = r.info
+    acc = ", ".join(f"{v} {a:.3f}" for v, a in (info.summary.get("accuracy") or {}).items())
+    print(f"accuracy on {info.test_source}: {acc}", file=sys.stderr)
     print(f"report: wbc report {r.run_id}", file=sys.stderr)
     print(r.run_id)
     return 0
@@ -220,12 +220,11 @@ def cmd_report(args) -> int:
             raise KeyError(f"no runs in {store.root}")
         rid = ids[0]
     r = store.get(rid)
-    meta = r.read_meta()
-    cfg = meta.get("config", {})
-    data = meta.get("data", {})
-    print(f"run {r.run_id}: {r.status()} | preset {cfg.get('preset')} | {cfg.get('classifier')} "
-          f"({cfg.get('pretrained')}) | split {cfg.get('split')} | test {data.get('test_source')} | "
-          f"{meta.get('duration_s', '?')} s on {meta.get('device')}")
+    info = r.info
+    meta, cfg, data = info.raw, info.config, info.data
+    print(f"run {r.run_id}: {r.status()} | preset {info.preset} | {cfg.get('classifier')} "
+          f"({cfg.get('pretrained')}) | split {cfg.get('split')} | test {info.test_source} | "
+          f"{info.duration_s if info.duration_s is not None else '?'} s on {info.device}")
     if data.get("leakage"):
         print(f"validation leakage ({cfg.get('split')} split): {json.dumps(data['leakage'])}")
     for note in meta.get("notes") or []:
@@ -235,13 +234,13 @@ def cmd_report(args) -> int:
             how = prov.get("method") or f"weights {prov.get('source', '?')} sha256 {prov['sha256'][:16]}"
             extra = f", {prov['precision']} on {prov.get('device', '?')}" if prov.get("precision") else ""
             print(f"variant {v}: {how}{extra}")
-    if meta.get("error"):
-        print(f"error: {meta['error'].get('type')}: {meta['error'].get('message')}")
+    if info.error:
+        print(f"error: {info.error.get('type')}: {info.error_message}")
     print(f"input: {_input_words(cfg)}")
     stats = r.table("stats")
     from core.scorecard import scorecard, scorecard_text
 
-    print(scorecard_text(scorecard(r.table("validation"), stats, data.get("test_source"))))
+    print(scorecard_text(scorecard(r.table("validation"), stats, info.test_source)))
     metrics, confusion = r.table("metrics"), r.table("confusion")
     if not metrics.empty:
         print()
