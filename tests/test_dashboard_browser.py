@@ -267,3 +267,39 @@ def test_stored_xss_runs_on_no_page(hostile_page, hostile_server, artifacts_dir)
         open_tab(page, "Overview")
         expect(page.locator(".wbc-run-banner div").first).to_be_visible()
         assert_no_script_ran(page, dialogs, f"Overview of {rid}")
+
+
+@pytest.fixture(scope="module")
+def explain_server(tmp_path_factory):
+    """A served dashboard over one tiny real study (simple_cnn, original + bicubic-x4), checkpoints kept."""
+    from conftest import _server_env, _start_server, _stop_server, _wait_until_up
+
+    from core import make_config, run_study
+    from tests.gen_data import make_dataset
+
+    root = Path(tmp_path_factory.mktemp("explain-ui"))
+    proc, url, log = _start_server(root, _server_env(root, [root / "data"]))
+    data = make_dataset(root / "data", train_per_class=8, test_per_class=3)
+    cfg = make_config(None, data_dir=str(data), runs_dir=str(root / "runs"), cache_dir=str(root / "cache"),
+                      classifier="simple_cnn", pretrained="none", image_sizes=(32,), epochs=1, batch_size=8,
+                      variants=("original", "bicubic-x4"), split="random")
+    run_study(cfg, run_id="tiny-explain")
+    _wait_until_up(proc, url, log)
+    yield url
+    _stop_server(proc, log)
+
+
+def test_why_view_shows_grad_cam_of_both_variants(dashboard_browser, explain_server, artifacts_dir):
+    ctx = dashboard_browser.new_context(viewport={"width": 1500, "height": 1100})
+    page = ctx.new_page()
+    page.goto(explain_server)
+    open_tab(page, "Errors")
+    cards = page.locator(".wbc-gallery-pane .wbc-card")
+    expect(cards.first).to_be_visible()
+    cards.first.click()
+    page.locator(".wbc-why-button button").click()
+    maps = page.locator(".wbc-why div img")
+    expect(maps).to_have_count(4)  # original and bicubic-x4, each for the true and the predicted class
+    expect(page.locator(".wbc-why div").first).to_contain_text("bicubic-x4")
+    page.screenshot(path=str(artifacts_dir / "errors-why-grad-cam.png"), full_page=True)
+    ctx.close()
