@@ -241,10 +241,28 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def _report_files(r, args) -> int:
+    from core.fsio import atomic_write_bytes
+    from core.report import report_blocks, to_html, to_markdown
+
+    blocks = report_blocks(r)
+    if args.html:
+        out = Path(args.html).expanduser()
+        if out.is_dir():
+            raise ValueError(f"--html: {out} is a folder; give a file name, e.g. {out / (r.run_id + '.html')}")
+        atomic_write_bytes(out, to_html(blocks).encode())
+        print(f"wrote {out}", file=sys.stderr)
+    if args.format == "md":
+        print(to_markdown(blocks), end="")
+    return 0
+
+
 def cmd_report(args) -> int:
     from core.metrics import format_report
 
     r = _get_run(args.runs_dir, args.run)
+    if getattr(args, "html", None) or getattr(args, "format", "text") == "md":
+        return _report_files(r, args)
     info = r.info
     meta, cfg, data = info.raw, info.config, info.data
     print(f"run {r.run_id}: {r.status()} | preset {info.preset} | {cfg.get('classifier')} "
@@ -325,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("report", help="per-class report, confusion matrices and statistics of a run")
     prep.add_argument("run", help="run id, or 'latest'")
     prep.add_argument("--runs-dir")
+    prep.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report (opens offline)")
+    prep.add_argument("--format", choices=("text", "md"), default="text", help="print text (default) or Markdown")
     prep.set_defaults(func=cmd_report)
     pe = sub.add_parser("explain", help="Grad-CAM of a run's test images, for the true and the predicted class")
     pe.add_argument("run", help="run id, or 'latest'")

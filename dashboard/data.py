@@ -144,6 +144,13 @@ def cam_maps(run_dir, image_id: str, seed: int, size: int) -> list[dict]:
     return image_maps(Run(Path(run_dir)), image_id, int(seed), int(size))
 
 
+def report_html(run_dir) -> bytes:
+    """The run's self-contained HTML report (core.report), for the Download button."""
+    from core.report import report_blocks, to_html
+
+    return to_html(report_blocks(Run(Path(run_dir)))).encode()
+
+
 # ---------------------------------------------------------------------------------------- thumbnails
 def thumbs_dir() -> Path:
     return default_cache_dir() / "thumbs"

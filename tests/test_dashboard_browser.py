@@ -303,3 +303,24 @@ def test_why_view_shows_grad_cam_of_both_variants(dashboard_browser, explain_ser
     expect(page.locator(".wbc-why div").first).to_contain_text("bicubic-x4")
     page.screenshot(path=str(artifacts_dir / "errors-why-grad-cam.png"), full_page=True)
     ctx.close()
+
+
+def test_download_report_returns_a_self_contained_html_file(dashboard_browser, explain_server, artifacts_dir):
+    ctx = dashboard_browser.new_context(viewport={"width": 1500, "height": 1100}, accept_downloads=True)
+    page = ctx.new_page()
+    page.goto(explain_server)
+    open_tab(page, "Overview")
+    button = page.locator(".wbc-download-report a, .wbc-download-report button").first
+    expect(button).to_be_visible()
+    with page.expect_download(timeout=60_000) as d:
+        button.click()
+    path = artifacts_dir / "report-tiny-explain.html"
+    d.value.save_as(str(path))
+    text = path.read_text()
+    assert d.value.suggested_filename == "tiny-explain.html" and text.startswith("<!DOCTYPE html>")
+    assert "Replication scorecard" in text and "eosinophil" in text
+    report = ctx.new_page()  # it opens on its own, without the server
+    report.goto(path.as_uri())
+    expect(report.locator("h1")).to_contain_text("tiny-explain")
+    report.screenshot(path=str(artifacts_dir / "report-tiny-explain.png"))
+    ctx.close()

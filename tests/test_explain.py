@@ -88,3 +88,35 @@ def test_the_error_detail_shows_why_for_every_variant(tiny):
     [why] = [p for p in view.select(pn.pane.HTML) if "wbc-why" in p.css_classes]
     assert why.object.count("<img src='data:image/png;base64,") == 4  # 2 variants x (true, predicted)
     assert "original" in why.object and "bicubic-x4" in why.object and "heat on the stained cell" in why.object
+
+
+# ---------------------------------------------------------------- the study report (core.report)
+def test_html_report_is_complete_and_self_contained(tiny, tmp_path):
+    import re
+
+    from core.cli import main
+
+    explain_run(tiny, only_errors=True, limit=4)  # Grad-CAM maps the report can show beside the flips
+    out = tmp_path / "report.html"
+    assert main(["report", tiny.run_id, "--runs-dir", str(tiny.path.parent), "--html", str(out)]) == 0
+    text = out.read_text()
+    assert all(c in text for c in ("eosinophil", "lymphocyte", "monocyte", "neutrophil"))
+    conf = tiny.table(Table.CONFUSION)
+    for v, g in conf.groupby("variant"):  # each variant's matrix, summed over seeds, is in the file
+        assert v in text and str(int(g["count"].sum())) in text or g["count"].sum() == 0
+    eos = conf[(conf["true_label"] == "eosinophil") & (conf["pred_label"] == "eosinophil")]
+    assert f"<td>{int(eos['count'].iloc[0])}</td>" in text
+    assert "Replication scorecard" in text and "Provenance" in text and "Training curves" in text
+    markup = re.sub(r"<script.*?</script>", "", text, flags=re.S)  # Bokeh's code mentions a CDN it never uses here
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", markup)  # nothing loads from the network
+    assert "<script src" not in text and "Bokeh" in text  # Bokeh's JavaScript is inline
+
+
+def test_markdown_report_and_a_folder_as_file_name(tiny, tmp_path, capsys):
+    from core.cli import main
+
+    assert main(["report", tiny.run_id, "--runs-dir", str(tiny.path.parent), "--format", "md"]) == 0
+    md = capsys.readouterr().out
+    assert md.startswith("# ") and "## Per-class metrics" in md and "| class |" in md
+    assert main(["report", tiny.run_id, "--runs-dir", str(tiny.path.parent), "--html", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err

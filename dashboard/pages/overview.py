@@ -8,7 +8,7 @@ import pandas as pd
 import panel as pn
 
 from core.store import DETAIL_B, DETAIL_C, DETAIL_P_CLUSTER_BOOT, Metric, StatKind, parse_detail
-from dashboard.data import accuracy_from_predictions, load_table, read_meta
+from dashboard.data import accuracy_from_predictions, load_table, read_meta, report_html
 from dashboard.pages.base import Page
 from dashboard.pages.common import fmt_p, no_run, warnings_alert
 from dashboard.safe import esc
@@ -174,7 +174,17 @@ class OverviewPage(Page):
     css = "wbc-page-overview"
 
     def layout(self) -> list:
-        return [self.live(self.render, (self.state, ["run_id", "compare_run_id", "refresh"]), banner=True)]
+        download = pn.widgets.FileDownload(callback=self.report_file, filename="report.html", button_type="primary",
+                                           label="Download report (HTML)", width=240, css_classes=["wbc-download-report"])
+        self.state.param.watch(lambda e: setattr(download, "filename", f"{e.new or 'report'}.html"), "run_id")
+        download.filename = f"{self.state.run_id or 'report'}.html"
+        return [download, self.live(self.render, (self.state, ["run_id", "compare_run_id", "refresh"]), banner=True)]
+
+    def report_file(self):
+        """The main run's report as one HTML file that opens offline (wbc report RUN --html FILE)."""
+        import io
+
+        return io.BytesIO(report_html(self.state.run_dir(self.state.run_id)) if self.state.run_id else b"")
 
     def render(self):
         run_id, compare = self.state.run_id, self.state.compare_run_id

@@ -1,0 +1,262 @@
+"""A study report a colleague can open without our software: ``wbc report RUN --html FILE`` (one self-contained
+file: tables, inline images, Bokeh plots with their JavaScript inlined) or ``--format md``.
+
+Sections: the run and its caveats, the replication scorecard, accuracy with CIs and the paired test, the
+per-class tables in the layout of the paper's Tables 3-6, the confusion matrices, training curves, the
+eosinophil/neutrophil verdict flips with thumbnails (and Grad-CAM where ``wbc explain`` made it), provenance.
+A report is a list of blocks (:class:`Block`) rendered to HTML or Markdown, so both say the same.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from core.config import CLASS_ABBR, CLASSES
+from core.regions import BOX_COLUMNS
+from core.store import Metric, Run, StatKind, Table
+
+EOS, NEU = "eosinophil", "neutrophil"
+FLIP_THUMBS = 12  # thumbnails per flip direction
+
+
+@dataclass(frozen=True)
+class Block:
+    kind: str  # "h1" | "h2" | "p" | "table" | "images" | "bokeh"
+    text: str = ""
+    table: pd.DataFrame | None = None
+    images: tuple = ()  # (bytes, mime, caption)
+    plot: object = None  # a Bokeh model (HTML only)
+
+
+# --------------------------------------------------------------------------------------------- sections
+def report_blocks(run: Run) -> list[Block]:
+    info = run.info
+    blocks = [Block("h1", f"White-blood-cell super-resolution study: run {run.run_id}"), *_about(run, info)]
+    for section in (_scorecard, _accuracy, _per_class, _confusions, _curves, _flips):
+        blocks += section(run)
+    return blocks + _provenance(info)
+
+
+def _about(run: Run, info) -> list[Block]:
+    cfg = info.config
+    lines = [f"Status {run.status()}; preset {info.preset}; classifier {cfg.get('classifier')} "
+             f"({cfg.get('pretrained')}); variants {', '.join(info.variants)}; input policy "
+             f"{cfg.get('input_policy', 'full')}; validation split {cfg.get('split')}; seeds {cfg.get('seeds')}; "
+             f"image sizes {cfg.get('image_sizes')}; test set {info.test_source}; "
+             f"{info.duration_s if info.duration_s is not None else '?'} s on {info.device}; created {info.created_at}."]
+    notes = list(info.raw.get("notes") or cfg.get("notes") or [])
+    return [Block("p", lines[0])] + [Block("p", f"Note: {n}") for n in notes]
+
+
+def _scorecard(run: Run) -> list[Block]:
+    from core.scorecard import PAPER_CITATION, scorecard, scorecard_text
+
+    card = scorecard(run.table(Table.VALIDATION), run.table(Table.STATS), run.info.test_source)
+    if card.empty:
+        return [Block("h2", "Replication scorecard"), Block("p", scorecard_text(card))]
+    shown = card[["variant", "image_size", "paper_val_accuracy", "val_accuracy", "val_split", "n_val",
+                  "test_accuracy", "test_ci_low", "test_ci_high", "seeds"]]
+    words = ("The validation split is random, so it is leaky (near-copies of training cells in it), like the "
+             "paper's: read the test columns." if card["val_leaky"].any() else
+             "Validation is grouped: no source cell is on both sides.")
+    return [Block("h2", "Replication scorecard"), Block("p", f"Paper's figures: {PAPER_CITATION}. {words}"),
+            Block("table", table=shown.round(3))]
+
+
+def _accuracy(run: Run) -> list[Block]:
+    from core.stats import model_summary, summary_text
+
+    stats = run.table(Table.STATS)
+    if stats.empty:
+        return []
+    rows = []
+    for m in (Metric.ACCURACY, Metric.MACRO_F1, Metric.BALANCED_ACCURACY):
+        s = model_summary(stats, m)
+        rows += [{"metric": str(m), "variant": r.variant, "image size": r.image_size, "estimate": r.estimate,
+                  "95% CI": f"[{r.ci_low:.3f}, {r.ci_high:.3f}]" if r.ci_low == r.ci_low else "",
+                  "seeds": r.n_seeds} for r in s.itertuples()]
+    paired = model_summary(stats, Metric.ACCURACY_DIFF, kind=StatKind.PAIRED)
+    return [Block("h2", "Accuracy on the test set, with 95% CIs"), Block("table", table=pd.DataFrame(rows).round(4)),
+            Block("h2", "Difference between variants (paired, same test images)"),
+            Block("table", table=paired.drop(columns=["sd"]).round(4)) if len(paired) else Block("p", "One variant."),
+            *[Block("p", line) for line in summary_text(stats).splitlines() if line.strip()]]
+
+
+def _per_class(run: Run) -> list[Block]:
+    """Per-class precision / recall / F1 / support per variant (mean over seeds), as in the paper's Tables 3-4."""
+    m = run.table(Table.METRICS)
+    if m.empty:
+        return []
+    m = m.groupby(["variant", "label"], sort=False)[["precision", "recall", "f1", "support"]].mean().reset_index()
+    wide = m.pivot_table(index="label", columns="variant", values=["precision", "recall", "f1", "support"],
+                         sort=False)
+    wide.columns = [f"{v} {k}" for k, v in wide.columns]
+    order = [f"{v} {k}" for v in dict.fromkeys(m["variant"]) for k in ("precision", "recall", "f1", "support")]
+    labels = [x for x in [*CLASSES, "accuracy", "macro avg", "weighted avg"] if x in wide.index]
+    wide = wide.reindex(labels)[[c for c in order if c in wide.columns]].round(3).reset_index()
+    return [Block("h2", "Per-class metrics (mean over seeds; the paper's Tables 3-4)"),
+            Block("table", table=wide.rename(columns={"label": "class"}))]
+
+
+def _confusions(run: Run) -> list[Block]:
+    c = run.table(Table.CONFUSION)
+    if c.empty:
+        return []
+    out = [Block("h2", "Confusion matrices (rows: true class, columns: predicted; summed over seeds; Tables 5-6)")]
+    for v, g in c.groupby("variant", sort=False):
+        cm = g.groupby(["true_label", "pred_label"])["count"].sum().unstack(fill_value=0)
+        cm = cm.reindex(index=list(CLASSES), columns=list(CLASSES), fill_value=0).astype(int)
+        cm.index = [CLASS_ABBR[x] for x in cm.index]
+        cm.columns = [CLASS_ABBR[x] for x in cm.columns]
+        out += [Block("p", f"{v}"), Block("table", table=cm.rename_axis("true \\ predicted").reset_index())]
+    return out
+
+
+def _curves(run: Run) -> list[Block]:
+    h = run.table(Table.HISTORY)
+    if h.empty:
+        return []
+    from bokeh.layouts import row
+    from bokeh.palettes import Category10_10
+    from bokeh.plotting import figure
+
+    h = h.groupby(["variant", "epoch"], sort=False)[["train_loss", "val_loss", "train_acc", "val_acc"]].mean()
+    figs = []
+    for what in ("loss", "acc"):
+        f = figure(width=460, height=300, title=f"{'loss' if what == 'loss' else 'accuracy'} (dashed: validation)",
+                   x_axis_label="epoch")
+        for i, (v, g) in enumerate(h.groupby(level=0, sort=False)):
+            ep = g.index.get_level_values(1)
+            colour = Category10_10[i % 10]
+            f.line(ep, g[f"train_{what}"], color=colour, legend_label=f"{v} train")
+            f.line(ep, g[f"val_{what}"], color=colour, line_dash="dashed", legend_label=f"{v} val")
+        f.legend.location = "top_right" if what == "loss" else "bottom_right"
+        figs.append(f)
+    table = h.reset_index().round(4)
+    return [Block("h2", "Training curves (mean over seeds)"), Block("bokeh", plot=row(*figs)),
+            Block("table", table=table)]
+
+
+def _flips(run: Run) -> list[Block]:
+    """Eosinophils and neutrophils whose verdict flips between the baseline and each other variant."""
+    pred = run.table(Table.PREDICTIONS)
+    variants = [v for v in run.info.variants if v in set(pred["variant"])]
+    if len(variants) < 2:
+        return []
+    cams = run.table(Table.EXPLAIN)
+    key = ["image_id", "seed", "image_size"]
+    out = [Block("h2", "Eosinophil / neutrophil verdict flips")]
+    base = pred[pred["variant"] == variants[0]]
+    for other in variants[1:]:
+        j = base.merge(pred[pred["variant"] == other], on=key, suffixes=("", "_o"))
+        j = j[j["true_label"].isin([EOS, NEU]) & (j["correct"] != j["correct_o"])]
+        for right_in, g in ((variants[0], j[j["correct"]]), (other, j[j["correct_o"]])):
+            wrong_in = other if right_in == variants[0] else variants[0]
+            out.append(Block("p", f"Right with {right_in}, wrong with {wrong_in}: {len(g)} image(s)"
+                                  + (f" (first {FLIP_THUMBS} shown)" if len(g) > FLIP_THUMBS else "")
+                                  + (f"; captions: true class, prediction with {variants[0]} -> with {other}"
+                                     if len(g) else "")))
+            if len(g):
+                out.append(Block("images", images=tuple(_flip_images(g.head(FLIP_THUMBS), other, cams))))
+    return out
+
+
+def _flip_images(g: pd.DataFrame, other: str, cams: pd.DataFrame) -> list[tuple]:
+    out = []
+    for r in g.to_dict("records"):
+        cap = (f"{r['image_id'].split('/')[-1]}: true {CLASS_ABBR[r['true_label']]}, "
+               f"{CLASS_ABBR[r['pred_label']]} -> {CLASS_ABBR[r['pred_label_o']]}")
+        thumb = _thumb(r["path"], tuple(r[c] for c in BOX_COLUMNS))
+        if thumb:
+            out.append((thumb, "image/jpeg", cap))
+        cam = cams[(cams["image_id"] == r["image_id"]) & (cams["variant"] == other) & (cams["role"] == "pred")]
+        if len(cam) and Path(str(cam["cam_path"].iloc[0])).is_file():
+            out.append((Path(str(cam["cam_path"].iloc[0])).read_bytes(), "image/png", f"Grad-CAM, {other}"))
+    return out
+
+
+def _thumb(path, box, size: int = 128) -> bytes | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if all(pd.notna(b) for b in box):
+                im = im.crop(tuple(int(b) for b in box))
+            im.thumbnail((size, size))
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=85)
+            return buf.getvalue()
+    except (OSError, ValueError):
+        return None
+
+
+def _provenance(info) -> list[Block]:
+    rows = [{"variant": v, "source": p.get("source") or p.get("method") or "", "sha256": str(p.get("sha256") or "")[:16],
+             "precision": p.get("precision") or "", "device": p.get("device") or ""}
+            for v, p in ((info.weights.get("enhancers") or {}).items())]
+    clf = info.weights.get("classifier") or {}
+    versions = ", ".join(f"{k} {v}" for k, v in (info.raw.get("versions") or {}).items())
+    return [Block("h2", "Provenance"), Block("table", table=pd.DataFrame(rows)) if rows else Block("p", "-"),
+            Block("p", f"Classifier weights: {clf.get('source', '?')} {str(clf.get('sha256') or '')[:16]}"),
+            Block("p", f"Versions: {versions or '-'}")]
+
+
+# --------------------------------------------------------------------------------------------- renderers
+_CSS = ("body{font-family:sans-serif;max-width:1100px;margin:24px auto;color:#222}table{border-collapse:collapse;"
+        "margin:8px 0 16px;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}"
+        "th{background:#f3f0f8}figure{display:inline-block;margin:0 8px 8px 0;font-size:11px;width:140px}"
+        "h1{color:#5b3a8c}")
+
+
+def to_html(blocks: list[Block]) -> str:
+    """One self-contained HTML document: images inline, Bokeh's JavaScript inline (opens offline)."""
+    from bokeh.embed import components
+    from bokeh.resources import INLINE
+
+    plots = [b.plot for b in blocks if b.kind == "bokeh"]
+    script, divs = components(plots) if plots else ("", [])
+    divs, body = list(divs), []
+    for b in blocks:
+        if b.kind in ("h1", "h2", "p"):
+            body.append(f"<{b.kind}>{html.escape(b.text)}</{b.kind}>")
+        elif b.kind == "table":
+            body.append(b.table.to_html(index=False, na_rep="", escape=True, border=0))
+        elif b.kind == "images":
+            body += [f"<figure><img src='data:{mime};base64,{base64.b64encode(data).decode()}' width='128'>"
+                     f"<figcaption>{html.escape(cap)}</figcaption></figure>" for data, mime, cap in b.images]
+        elif b.kind == "bokeh":
+            body.append(divs.pop(0))
+    head = f"<meta charset='utf-8'><title>{html.escape(blocks[0].text)}</title><style>{_CSS}</style>"
+    return (f"<!DOCTYPE html><html><head>{head}{INLINE.render_js() if plots else ''}{script}</head><body>"
+            + "\n".join(body) + "</body></html>")
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    """Markdown for papers and notebooks: the same sections; images and plots are left to the HTML report."""
+    out = []
+    for b in blocks:
+        if b.kind == "h1":
+            out.append(f"# {b.text}")
+        elif b.kind == "h2":
+            out.append(f"## {b.text}")
+        elif b.kind == "p":
+            out.append(b.text)
+        elif b.kind == "table":
+            out.append(_md_table(b.table))
+        elif b.kind == "images":
+            out.append("; ".join(cap for _, _, cap in b.images) + " (images: see the HTML report)")
+    return "\n\n".join(out) + "\n"
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    cells = [[("" if pd.isna(v) else str(v)).replace("|", "\\|") for v in row] for row in df.itertuples(index=False)]
+    head = [str(c).replace("|", "\\|") for c in df.columns]
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
+                     ["| " + " | ".join(r) + " |" for r in cells])
