@@ -13,6 +13,8 @@ def on_server_loaded(server_context):
     def warm():
         try:
             import core  # noqa: F401  (torch, registries)
+            import core.explain  # noqa: F401  (pytorch-grad-cam, for the Errors page's "Why?")
+            import pytorch_grad_cam  # noqa: F401
             import dashboard.app  # noqa: F401
             import dashboard.pages.launch  # noqa: F401
         except Exception:
