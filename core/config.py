@@ -223,5 +223,17 @@ def make_config(preset: str | None = None, **overrides) -> StudyConfig:
             raise ValueError(f"--preset: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
         base = dict(PRESETS[preset], preset=preset)
         base["notes"] = list(base.get("notes", []))
+        changed = _changed_from_preset(PRESETS[preset], overrides)
+        if changed:  # the preset's own note describes the preset: say what this run does differently
+            base["notes"].append(f"changed from the {preset} preset: {changed}")
     base.update({k: v for k, v in overrides.items() if v is not None})
     return StudyConfig.from_dict(base)
+
+
+def _changed_from_preset(preset: dict, overrides: dict) -> str:
+    """'per_class=500 (preset: 1500), ...' for the preset settings an override changes."""
+    def norm(v):
+        return tuple(v) if isinstance(v, list) else v
+
+    return ", ".join(f"{k}={norm(v)!r} (preset: {norm(preset[k])!r})" for k, v in overrides.items()
+                     if v is not None and k in preset and k != "notes" and norm(v) != norm(preset[k]))

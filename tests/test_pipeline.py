@@ -265,3 +265,9 @@ def test_sigterm_cancels_a_real_study(data_dir, tmp_path):
     info = store.get("to-term").info
     assert info.status == "cancelled" and info.ended_at
     assert store.get("to-term").status() == "cancelled"  # not 'interrupted': the process ended it itself
+
+
+def test_a_preset_with_changed_settings_says_so_in_its_notes():
+    cfg = make_config("cpu", per_class=500, epochs=8, variants=["original", "realesr-animevideov3"])
+    assert cfg.notes[-1] == "changed from the cpu preset: per_class=500 (preset: 1500)"  # equal values: not listed
+    assert len(make_config("quick").notes) == 1
