@@ -229,6 +229,8 @@ def cmd_explain(args) -> int:
         raise ValueError(f"--limit: must be >= 1, got {args.limit}")
     r = _get_run(args.runs_dir, args.run)
     t0 = time.perf_counter()
+    if getattr(args, "sr_change", False):
+        return _sr_change(r, t0)
     rows = explain_run(r, variant=args.variant, only_errors=args.only_errors, limit=args.limit)
     n = rows["image_id"].nunique() if len(rows) else 0
     print(f"{len(rows)} Grad-CAM maps of {n} image(s) in {r.path / 'explain'} "
@@ -254,6 +256,20 @@ def _report_files(r, args) -> int:
         print(f"wrote {out}", file=sys.stderr)
     if args.format == "md":
         print(to_markdown(blocks), end="")
+    return 0
+
+
+def _sr_change(r, t0: float) -> int:
+    import time
+
+    from core.srchange import sr_change
+    from core.store import Table
+
+    table = sr_change(r)
+    r.write_table(Table.SR_CHANGE, table)
+    summary = table.groupby("variant")["hf_gain"].median()
+    print(f"sr_change: {len(table)} images in {time.perf_counter() - t0:.1f} s; median log2 high-frequency gain over "
+          f"bicubic: " + (", ".join(f"{v} {g:+.2f}" for v, g in summary.items()) or "no enhanced variant"))
     return 0
 
 
@@ -352,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--variant", help="one variant (default: all)")
     pe.add_argument("--only-errors", action="store_true", help="misclassified images only")
     pe.add_argument("--limit", type=int, help="at most N images per call (default: all chosen)")
+    pe.add_argument("--sr-change", action="store_true",
+                    help="instead: measure what super-resolution changed in every enhanced test image (sr_change)")
     pe.set_defaults(func=cmd_explain)
     pd_ = sub.add_parser("data", help="data helpers")
     dsub = pd_.add_subparsers(dest="data_command", required=True, parser_class=OneLineParser)

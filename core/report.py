@@ -234,7 +234,10 @@ def to_html(blocks: list[Block]) -> str:
         elif b.kind == "bokeh":
             body.append(divs.pop(0))
     head = f"<meta charset='utf-8'><title>{html.escape(blocks[0].text)}</title><style>{_CSS}</style>"
-    return (f"<!DOCTYPE html><html><head>{head}{INLINE.render_js() if plots else ''}{script}</head><body>"
+    # Bokeh's code, inline. Only the inline code: a server process that imported Panel also lists Panel's
+    # extension files, which a file opened on its own could not load and does not need.
+    js = "".join(f"<script>{code}</script>" for code in INLINE.js_raw) if plots else ""
+    return (f"<!DOCTYPE html><html><head>{head}{js}{script}</head><body>"
             + "\n".join(body) + "</body></html>")
 
 

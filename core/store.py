@@ -53,6 +53,7 @@ class Table(StrEnum):
     SPLITS = "splits"
     SKIPPED = "skipped"
     EXPLAIN = "explain"
+    SR_CHANGE = "sr_change"
 
 
 class Status(StrEnum):
@@ -193,6 +194,8 @@ TABLES: dict[Table, TableSchema] = {t: TableSchema(t.value, _cols(spec)) for t, 
     # Grad-CAM maps (core.explain): one row per test image, model and class (role: true | pred), the PNG overlay
     # under <run>/explain/, and the share of the map's heat on the stained cell.
     Table.EXPLAIN: _KEYS + "image_id:str role:str class_label:str cam_path:str heat_in_cell:float correct:bool",
+    # What super-resolution changed (core.srchange): log2 high-frequency energy, enhanced vs bicubic x4.
+    Table.SR_CHANGE: "variant:str image_id:str hf_gain:float",
 }.items()}
 SCHEMAS: dict[str, list[str]] = {t.value: s.names for t, s in TABLES.items()}  # name -> column names
 

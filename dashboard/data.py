@@ -144,6 +144,31 @@ def cam_maps(run_dir, image_id: str, seed: int, size: int) -> list[dict]:
     return image_maps(Run(Path(run_dir)), image_id, int(seed), int(size))
 
 
+SR_CHANGE_ON_DEMAND = 400  # test images the EOS/NEU page measures itself (~30 ms each); above, `wbc explain --sr-change`
+
+
+@lru_cache(maxsize=8)
+def _sr_change_cached(run_dir: str, key) -> pd.DataFrame:
+    from core.srchange import sr_change
+
+    return sr_change(Run(Path(run_dir)))
+
+
+def sr_change_frame(run_dir) -> tuple[pd.DataFrame, str | None]:
+    """What super-resolution changed per enhanced test image: the stored ``sr_change`` table, else measured here
+    for small test sets (kept in memory, not written); (frame, why it is missing)."""
+    stored, warning = load_table(run_dir, "sr_change")
+    if len(stored) or warning:
+        return stored, warning
+    run = Run(Path(run_dir))
+    pred, _ = load_table(run_dir, "predictions")
+    n = int(pred["enhanced_path"].notna().sum()) if len(pred) else 0
+    if n > SR_CHANGE_ON_DEMAND:
+        return stored, (f"{n} enhanced test images: measure them once with `wbc explain {run.run_id} --sr-change` "
+                        f"(about {max(1, n * 30 // 1000)} s)")
+    return _sr_change_cached(str(run.path), run.fingerprint("predictions")).copy(), None
+
+
 def report_html(run_dir) -> bytes:
     """The run's self-contained HTML report (core.report), for the Download button."""
     from core.report import report_blocks, to_html

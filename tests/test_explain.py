@@ -11,6 +11,7 @@ import torch
 from core import make_config, run_study
 from core.explain import NoCheckpoint, explain_run, gradcam, heat_in_cell
 from core.models import create_classifier
+from core.config import CLASSES
 from core.store import SCHEMAS, Table
 from tests.gen_data import make_dataset
 
@@ -100,15 +101,15 @@ def test_html_report_is_complete_and_self_contained(tiny, tmp_path):
     out = tmp_path / "report.html"
     assert main(["report", tiny.run_id, "--runs-dir", str(tiny.path.parent), "--html", str(out)]) == 0
     text = out.read_text()
-    assert all(c in text for c in ("eosinophil", "lymphocyte", "monocyte", "neutrophil"))
     conf = tiny.table(Table.CONFUSION)
-    for v, g in conf.groupby("variant"):  # each variant's matrix, summed over seeds, is in the file
-        assert v in text and str(int(g["count"].sum())) in text or g["count"].sum() == 0
     eos = conf[(conf["true_label"] == "eosinophil") & (conf["pred_label"] == "eosinophil")]
-    assert f"<td>{int(eos['count'].iloc[0])}</td>" in text
-    assert "Replication scorecard" in text and "Provenance" in text and "Training curves" in text
+    wanted = [*CLASSES, *conf["variant"].unique(), f"<td>{int(eos['count'].iloc[0])}</td>", "Replication scorecard",
+              "Provenance", "Training curves", "data:image/"]
+    missing = [w for w in wanted if w not in text]  # (a report is megabytes: name what is missing, not the file)
+    assert not missing, missing
     markup = re.sub(r"<script.*?</script>", "", text, flags=re.S)  # Bokeh's code mentions a CDN it never uses here
-    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", markup)  # nothing loads from the network
+    external = re.findall(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//[^"' >]*""", markup)
+    assert not external, external[:3]  # nothing loads from the network
     assert "<script src" not in text and "Bokeh" in text  # Bokeh's JavaScript is inline
 
 
@@ -120,3 +121,59 @@ def test_markdown_report_and_a_folder_as_file_name(tiny, tmp_path, capsys):
     assert md.startswith("# ") and "## Per-class metrics" in md and "| class |" in md
     assert main(["report", tiny.run_id, "--runs-dir", str(tiny.path.parent), "--html", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- what super-resolution changed (core.srchange)
+def test_hf_gain_is_zero_for_bicubic_and_signed_for_sharper_or_smoother(tmp_path):
+    from PIL import Image, ImageFilter
+
+    from core.srchange import hf_gain
+
+    rng = np.random.default_rng(0)
+    src = Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(1))
+    src.save(tmp_path / "src.png")
+    box = (4, 4, 36, 36)
+    bic = src.crop(box).resize((128, 128), Image.Resampling.BICUBIC)
+    bic.save(tmp_path / "bic.png")
+    noisy = np.clip(np.asarray(bic, np.int16) + rng.integers(-20, 20, (128, 128, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(noisy).save(tmp_path / "sharp.png")
+    bic.filter(ImageFilter.GaussianBlur(2)).save(tmp_path / "smooth.png")
+    assert hf_gain(str(tmp_path / "src.png"), box, str(tmp_path / "bic.png")) == pytest.approx(0.0, abs=1e-6)
+    assert hf_gain(str(tmp_path / "src.png"), box, str(tmp_path / "sharp.png")) > 0.5
+    assert hf_gain(str(tmp_path / "src.png"), box, str(tmp_path / "smooth.png")) < -0.5
+    assert hf_gain(str(tmp_path / "src.png"), box, str(tmp_path / "missing.png")) is None
+
+
+def test_sr_change_of_a_run_and_the_flip_test(tiny, capsys):
+    import pandas as pd
+
+    from core.cli import main
+    from core.srchange import flip_groups, flip_test
+
+    assert main(["explain", tiny.run_id, "--runs-dir", str(tiny.path.parent), "--sr-change"]) == 0
+    change = tiny.table(Table.SR_CHANGE)
+    assert set(change["variant"]) == {"bicubic-x4"} and change["hf_gain"].abs().max() < 0.5  # bicubic is bicubic
+    groups = flip_groups(tiny.table(Table.PREDICTIONS), change, "original", "bicubic-x4")
+    assert set(groups["flip"]) <= {"unchanged", "right -> wrong", "wrong -> right"} and len(groups) > 0
+    made = pd.DataFrame({"flip": ["unchanged"] * 20 + ["wrong -> right"] * 6,
+                         "hf_gain": list(np.linspace(0, 1, 20)) + [3.0] * 6})
+    p, words = flip_test(made)
+    assert p < 0.01 and "more added fine detail" in words
+    assert flip_test(made.head(21))[0] is None  # one flip: shown, not tested
+
+
+def test_eos_neu_page_shows_what_super_resolution_changed(tiny):
+    import panel as pn
+
+    from dashboard.app import _extensions
+    from dashboard.pages.eos_neu import EosNeuPage
+    from dashboard.state import AppState
+
+    _extensions()  # HoloViews' Bokeh backend, as the app loads it
+    state = AppState(runs_dir=str(tiny.path.parent), run_id=tiny.run_id, page="EOS/NEU")
+    page = EosNeuPage(state)
+    page.only_eos_neu = False
+    view = page.__panel__()
+    text = " ".join(str(m.object) for m in view.select(pn.pane.Markdown))
+    assert "What super-resolution changed" in text and "bicubic-x4" in text
+    assert any("wbc-sr-test" in m.css_classes for m in view.select(pn.pane.Markdown))

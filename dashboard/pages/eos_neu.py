@@ -11,7 +11,7 @@ import param
 from core.config import CLASS_ABBR
 from core.regions import BOX_COLUMNS
 
-from dashboard.data import load_table, run_variants
+from dashboard.data import load_table, run_variants, sr_change_frame
 from dashboard.gallery import Gallery, gallery_items
 from dashboard.pages.base import Page
 from dashboard.pages.common import no_run, variant_colors, warnings_alert
@@ -87,7 +87,35 @@ class EosNeuPage(Page):
         variants = [v for v in run_variants(rd) if v in set(pred["variant"])] or list(pred["variant"].unique())
         for other in variants[1:]:
             parts += self.flip_parts(pred, variants[0], other)
+        if len(variants) > 1:
+            parts += self.sr_parts(rd, pred, variants[0], variants[1:])
         return pn.Column(*parts, sizing_mode="stretch_width")
+
+    def sr_parts(self, run_dir, pred: pd.DataFrame, base: str, others: list[str]) -> list:
+        """What super-resolution changed (core.srchange) for images whose verdict flips, vs the rest, tested."""
+        from core.srchange import flip_groups, flip_test
+
+        change, why = sr_change_frame(run_dir)
+        head = pn.pane.Markdown("### What super-resolution changed\nHigh-frequency energy of the enhanced region over "
+                                "bicubic x4 of the same region (log2: 0 = no more fine detail than interpolation, "
+                                "+1 = twice the energy), for images whose verdict flips and the rest.",
+                                css_classes=["wbc-sr-change"])
+        if change.empty:
+            return [head, pn.pane.Markdown(esc(why or "No enhanced variant in this run."))]
+        parts = [head]
+        for other in others:
+            g = flip_groups(pred, change, base, other)
+            if self.only_eos_neu:
+                g = g[g["true_label"].isin([EOS, NEU])]
+            if g.empty:
+                continue
+            _, words = flip_test(g)
+            box = hv.BoxWhisker(g, "flip", "hf_gain").opts(
+                responsive=True, height=240, title=f"{other}: log2 high-frequency gain over bicubic",
+                xlabel=f"verdict, {base} -> {other}", ylabel="log2 gain", box_fill_color="#f58518")
+            parts += [pn.pane.HoloViews(box, sizing_mode="stretch_width"),
+                      pn.pane.Markdown(f"**{esc(other)}**: {esc(words)}", css_classes=["wbc-sr-test"])]
+        return parts
 
     def flip_parts(self, pred: pd.DataFrame, base: str, other: str) -> list:
         """The images whose verdict flips between ``base`` and ``other``, both directions, as galleries."""
