@@ -177,3 +177,19 @@ def test_eos_neu_page_shows_what_super_resolution_changed(tiny):
     text = " ".join(str(m.object) for m in view.select(pn.pane.Markdown))
     assert "What super-resolution changed" in text and "bicubic-x4" in text
     assert any("wbc-sr-test" in m.css_classes for m in view.select(pn.pane.Markdown))
+
+
+def test_a_flip_card_click_shows_its_grad_cam(tiny):
+    import panel as pn
+
+    from dashboard.gallery import Gallery
+    from dashboard.pages.eos_neu import EosNeuPage
+    from dashboard.state import AppState
+
+    page = EosNeuPage(AppState(runs_dir=str(tiny.path.parent), run_id=tiny.run_id))
+    g = tiny.table(Table.PREDICTIONS).query("variant == 'original'").head(2)
+    gallery = Gallery(items=[{"title": "a"}, {"title": "b"}])
+    why = page.why_on_click(gallery, g)
+    gallery.selected = 1
+    [html] = [p for p in why.select(pn.pane.HTML) if "wbc-why" in p.css_classes]
+    assert html.object.count("<img src='data:image/png;base64,") == 4

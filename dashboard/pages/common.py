@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+
 import panel as pn
 
 from core.progress import fmt_duration
 from core.store import LIVE_STATUSES, RESUMABLE_STATUSES, Progress, Status
-from dashboard.data import run_state
+from dashboard.data import cam_maps, run_state
 from dashboard.safe import as_float, esc
 
 
@@ -93,3 +95,27 @@ def run_banner(state, run_id) -> tuple[pn.pane.Alert | None, bool]:
     text = f"Run <code>{rid}</code> is {esc(status)}" + (f": {err}" if err else "") + \
         ". What it stored before stopping is shown below." + resume
     return pn.pane.Alert(text, alert_type="warning", css_classes=["wbc-run-banner"], sizing_mode="stretch_width"), True
+
+
+def why_view(run_dir, row: dict) -> pn.viewable.Viewable:
+    """Where each variant's model looked in this image, for the true and the predicted class (Grad-CAM)."""
+    from core.explain import NoCheckpoint
+
+    try:
+        maps = cam_maps(run_dir, row["image_id"], row["seed"], row["image_size"])
+    except NoCheckpoint as e:
+        return pn.pane.Alert(f"No Grad-CAM: {esc(e)}", alert_type="warning", css_classes=["wbc-why"])
+    except Exception as e:  # a damaged checkpoint or image: said, not raised
+        return pn.pane.Alert(f"Grad-CAM failed: {esc(type(e).__name__)}: {esc(e)}", alert_type="danger",
+                             css_classes=["wbc-why"])
+    cards = "".join(
+        f"<div style='display:inline-block;margin:0 10px 8px 0;font-size:12px'>"
+        f"<img src='data:image/png;base64,{base64.b64encode(m['png']).decode()}' width='192' height='192'><br>"
+        f"<b>{esc(m['variant'])}</b> (said {esc(m['pred_label'])}): {esc(m['role'])} class {esc(m['class_label'])}"
+        f"<br>heat on the stained cell: {_share(m['heat_in_cell'])}</div>" for m in maps)
+    return pn.pane.HTML("<div><b>Where each model looked</b> (Grad-CAM, red = most evidence for the class named)"
+                        f"<br>{cards}</div>", css_classes=["wbc-why"], sizing_mode="stretch_width")
+
+
+def _share(x) -> str:
+    return "n/a (no stained cell in view, or no evidence)" if x is None or x != x else f"{x:.2f}"

@@ -14,7 +14,7 @@ from core.regions import BOX_COLUMNS
 from dashboard.data import load_table, run_variants, sr_change_frame
 from dashboard.gallery import Gallery, gallery_items
 from dashboard.pages.base import Page
-from dashboard.pages.common import no_run, variant_colors, warnings_alert
+from dashboard.pages.common import no_run, variant_colors, warnings_alert, why_view
 from dashboard.safe import esc
 
 EOS, NEU = "eosinophil", "neutrophil"
@@ -127,11 +127,25 @@ class EosNeuPage(Page):
         parts = [pn.pane.Markdown(f"### Verdict flips: {esc(base)} vs {esc(other)}\n" +
                                   "\n".join(f"* {esc(k)}: **{int(counts.get(k, 0))}**" for k in both))]
         for kind, g in f.groupby("flip", sort=True):
+            gallery = Gallery(items=self.flip_items(g.head(24), base, other), sizing_mode="stretch_width",
+                              css_classes=["wbc-flip-gallery"])
             parts += [pn.pane.Markdown(f"**{esc(kind)}** ({len(g)}, first 24 shown; captions: true class: prediction "
-                                       f"with {esc(base)} \u2192 with {esc(other)})"),
-                      Gallery(items=self.flip_items(g.head(24), base, other), sizing_mode="stretch_width",
-                              css_classes=["wbc-flip-gallery"])]
+                                       f"with {esc(base)} \u2192 with {esc(other)}; click a card for its Grad-CAM)"),
+                      gallery, self.why_on_click(gallery, g.head(24))]
         return parts
+
+    def why_on_click(self, gallery: Gallery, g: pd.DataFrame) -> pn.Column:
+        """A column that shows the clicked card's Grad-CAM for every variant (as the Errors page's "Why?")."""
+        why = pn.Column(sizing_mode="stretch_width")
+        rows = [{"image_id": i, "seed": s, "image_size": z} for i, s, z in zip(g.image_id, g.seed, g.image_size)]
+        run_dir = self.state.run_dir(self.state.run_id)
+
+        def show(e):
+            if e.new is not None and 0 <= e.new < len(rows):
+                why.objects = [why_view(run_dir, rows[e.new])]
+
+        gallery.param.watch(show, "selected")
+        return why
 
     def flip_items(self, g: pd.DataFrame, base: str, other: str) -> list[dict]:
         rows = pd.DataFrame({

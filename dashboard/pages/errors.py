@@ -3,7 +3,6 @@ original and the enhanced image side by side; a click on a card shows both large
 
 from __future__ import annotations
 
-import base64
 import time
 
 import numpy as np
@@ -13,10 +12,10 @@ import param
 
 from core.config import CLASSES, PROB_COLUMNS
 
-from dashboard.data import LARGE_SIZE, cam_maps, load_table, run_variants, thumbnail_uri, warm_thumbnails
+from dashboard.data import LARGE_SIZE, load_table, run_variants, thumbnail_uri, warm_thumbnails
 from dashboard.gallery import Gallery, gallery_items, region_of_row
 from dashboard.pages.base import Page
-from dashboard.pages.common import run_banner, warnings_alert, warnings_md
+from dashboard.pages.common import run_banner, warnings_alert, warnings_md, why_view
 from dashboard.safe import esc
 from dashboard.state import ANY
 
@@ -69,30 +68,6 @@ def filter_errors(df: pd.DataFrame, variant, true_label, pred_label, conf) -> pd
     c = df["confidence"].to_numpy()
     mask &= (c >= lo - 1e-9) & (c <= hi + 1e-9)
     return df[mask].sort_values("confidence", ascending=False, kind="stable")
-
-
-def why_view(run_dir, row: dict) -> pn.viewable.Viewable:
-    """Where each variant's model looked in this image, for the true and the predicted class (Grad-CAM)."""
-    from core.explain import NoCheckpoint
-
-    try:
-        maps = cam_maps(run_dir, row["image_id"], row["seed"], row["image_size"])
-    except NoCheckpoint as e:
-        return pn.pane.Alert(f"No Grad-CAM: {esc(e)}", alert_type="warning", css_classes=["wbc-why"])
-    except Exception as e:  # a damaged checkpoint or image: said, not raised
-        return pn.pane.Alert(f"Grad-CAM failed: {esc(type(e).__name__)}: {esc(e)}", alert_type="danger",
-                             css_classes=["wbc-why"])
-    cards = "".join(
-        f"<div style='display:inline-block;margin:0 10px 8px 0;font-size:12px'>"
-        f"<img src='data:image/png;base64,{base64.b64encode(m['png']).decode()}' width='192' height='192'><br>"
-        f"<b>{esc(m['variant'])}</b> (said {esc(m['pred_label'])}): {esc(m['role'])} class {esc(m['class_label'])}"
-        f"<br>heat on the stained cell: {_share(m['heat_in_cell'])}</div>" for m in maps)
-    return pn.pane.HTML("<div><b>Where each model looked</b> (Grad-CAM, red = most evidence for the class named)"
-                        f"<br>{cards}</div>", css_classes=["wbc-why"], sizing_mode="stretch_width")
-
-
-def _share(x) -> str:
-    return "n/a (no stained cell in view, or no evidence)" if x is None or x != x else f"{x:.2f}"
 
 
 def detail_view(row: dict, runs_dir, run_dir=None) -> pn.viewable.Viewable:
