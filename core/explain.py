@@ -113,44 +113,47 @@ def _cached_model(run_dir: str, variant: str, seed: int, size: int, _key) -> Mod
     return load_model(Run(Path(run_dir)), variant, seed, size)
 
 
+def model_for(run: Run, variant: str, seed: int, size: int) -> Model:
+    """:func:`load_model`, kept in memory until the checkpoint file changes."""
+    ckpt = checkpoint_path(run, variant, seed, size)
+    return _cached_model(str(run.path), variant, int(seed), int(size), stat_key(ckpt))
+
+
+def row_maps(row: dict, model: Model) -> list[dict]:
+    """Grad-CAM of one prediction row for its true and its predicted class, on the region the model saw:
+    [{role, class_label, png (the overlay), heat_in_cell}]."""
+    x = region(row, model)
+    rgb = x[0].permute(1, 2, 0).numpy()
+    out = []
+    for role in ("true", "pred"):
+        cls = str(row[f"{role}_label"])
+        heat = gradcam(model.net, x, CLASSES.index(cls))
+        out.append({"role": role, "class_label": cls, "png": overlay_png(rgb, heat),
+                    "heat_in_cell": heat_in_cell(heat, rgb)})
+    return out
+
+
 def image_maps(run: Run, image_id: str, seed: int, size: int) -> list[dict]:
     """Grad-CAM of one test image for every variant that predicted it (same seed and size), true and predicted
-    class, without writing anything: [{variant, role, class_label, png, heat_in_cell, pred_label}]. Models are
-    kept in memory (the dashboard's "why" view)."""
+    class, without writing anything: [{variant, pred_label, role, class_label, png, heat_in_cell}] (the
+    dashboard's "why" view)."""
     pred = run.table(Table.PREDICTIONS)
     rows = pred[(pred["image_id"] == image_id) & (pred["seed"] == seed) & (pred["image_size"] == size)]
-    out = []
-    for r in rows.to_dict("records"):
-        ckpt = checkpoint_path(run, str(r["variant"]), seed, size)
-        model = _cached_model(str(run.path), str(r["variant"]), seed, size, stat_key(ckpt))
-        x = region(r, model)
-        rgb = x[0].permute(1, 2, 0).numpy()
-        for role in ("true", "pred"):
-            heat = gradcam(model.net, x, CLASSES.index(str(r[f"{role}_label"])))
-            out.append({"variant": str(r["variant"]), "role": role, "class_label": str(r[f"{role}_label"]),
-                        "png": overlay_png(rgb, heat), "heat_in_cell": heat_in_cell(heat, rgb),
-                        "pred_label": str(r["pred_label"])})
-    return out
+    return [{"variant": str(r["variant"]), "pred_label": str(r["pred_label"]), **m}
+            for r in rows.to_dict("records") for m in row_maps(r, model_for(run, str(r["variant"]), seed, size))]
 
 
 def explain_rows(run: Run, rows: pd.DataFrame) -> pd.DataFrame:
     """Grad-CAM for the true and the predicted class of each prediction row; the explain table's rows."""
-    out, models = [], {}
+    out = []
     for r in rows.to_dict("records"):
         key = (str(r["variant"]), int(r["seed"]), int(r["image_size"]))
-        if key not in models:
-            models[key] = load_model(run, *key)
-        model = models[key]
-        x = region(r, model)
-        rgb = x[0].permute(1, 2, 0).numpy()
-        for role in ("true", "pred"):
-            cls = str(r[f"{role}_label"])
-            heat = gradcam(model.net, x, CLASSES.index(cls))
-            name = hashlib.sha1(f"{key}|{r['image_id']}|{cls}".encode()).hexdigest()[:16]
+        for m in row_maps(r, model_for(run, *key)):
+            name = hashlib.sha1(f"{key}|{r['image_id']}|{m['class_label']}".encode()).hexdigest()[:16]
             png = run.path / "explain" / f"{key[0]}-s{key[1]}-{key[2]}" / f"{name}.png"
-            atomic_write_bytes(png, overlay_png(rgb, heat))
-            out.append({**dict(zip(KEYS, key)), "image_id": r["image_id"], "role": role, "class_label": cls,
-                        "cam_path": str(png), "heat_in_cell": heat_in_cell(heat, rgb),
+            atomic_write_bytes(png, m["png"])
+            out.append({**dict(zip(KEYS, key)), "image_id": r["image_id"], "role": m["role"],
+                        "class_label": m["class_label"], "cam_path": str(png), "heat_in_cell": m["heat_in_cell"],
                         "correct": bool(r["correct"])})
     return pd.DataFrame(out)
 

@@ -83,3 +83,60 @@ def format_report(metrics: pd.DataFrame, confusion: pd.DataFrame) -> str:
                 out.append(f"{CLASS_ABBR[t]:8}" + "".join(f"{cm.loc[t, p]:>6}" for p in CLASSES))
             out.append("")
     return "\n".join(out)
+
+
+# How one test image's verdict moves from a baseline variant's model to another's (same seed and image size).
+PAIR_KEY = ["image_id", "seed", "image_size"]
+RIGHT_TO_WRONG, WRONG_TO_RIGHT, UNCHANGED = "right -> wrong", "wrong -> right", "unchanged"
+
+
+def verdict_pairs(pred: pd.DataFrame, base: str, other: str, base_cols=(), other_cols=()) -> pd.DataFrame:
+    """Each test image (and seed, size) predicted by both ``base`` and ``other``, with the asked columns of each
+    (suffixed ``_base`` / ``_other`` where both have them; ``correct`` always is) and ``moved``: how the verdict
+    moved from ``base`` to ``other`` (:data:`RIGHT_TO_WRONG`, :data:`WRONG_TO_RIGHT` or :data:`UNCHANGED`)."""
+    a = pred.loc[pred["variant"] == base, [*PAIR_KEY, "correct", *base_cols]]
+    b = pred.loc[pred["variant"] == other, [*PAIR_KEY, "correct", *other_cols]]
+    j = a.merge(b, on=PAIR_KEY, suffixes=("_base", "_other"))
+    right_a, right_b = j["correct_base"].astype(bool), j["correct_other"].astype(bool)
+    j["moved"] = np.where(right_a & ~right_b, RIGHT_TO_WRONG, np.where(~right_a & right_b, WRONG_TO_RIGHT, UNCHANGED))
+    return j
+
+
+METRICS = ["precision", "recall", "f1"]
+
+
+def per_class(metrics: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:
+    """Mean over seeds of precision/recall/F1 (and support) for each class and variant (+ macro avg and accuracy
+    rows), variants in the run's order."""
+    if metrics.empty:
+        return metrics
+    m = metrics.groupby(["variant", "label"], sort=False, observed=True)[METRICS + ["support"]].mean().reset_index()
+    if order:
+        rank = {v: i for i, v in enumerate(order)}
+        m = m.sort_values("variant", key=lambda s: s.map(lambda v: rank.get(v, len(rank))), kind="stable")
+    return m
+
+
+def paper_table(m: pd.DataFrame, values=tuple(METRICS)) -> pd.DataFrame:
+    """:func:`per_class` wide: rows class, columns '<variant> <metric>' (like the paper's Tables 3-4)."""
+    values = list(values)
+    labels = [lab for lab in [*CLASSES, "macro avg", "weighted avg", "accuracy"] if lab in set(m["label"])]
+    wide = m.pivot_table(index="label", columns="variant", values=values, sort=False)
+    wide = wide.reindex(labels)
+    wide.columns = [f"{v} {k}" for k, v in wide.columns]
+    order = [f"{v} {k}" for v in m["variant"].unique() for k in values]
+    wide = wide[[c for c in order if c in wide.columns]].round(3).reset_index().rename(columns={"label": "class"})
+    return wide
+
+
+def confusion_counts(conf: pd.DataFrame, pred: pd.DataFrame, variant: str) -> pd.DataFrame:
+    """4x4 counts (rows true, columns predicted) summed over seeds/sizes; from confusion, else predictions."""
+    if not conf.empty and variant in set(conf["variant"]):
+        c = conf[conf["variant"] == variant].groupby(["true_label", "pred_label"], observed=True)["count"].sum()
+        m = c.unstack(fill_value=0)
+    elif not pred.empty:
+        p = pred[pred["variant"] == variant]
+        m = pd.crosstab(p["true_label"].astype(str), p["pred_label"].astype(str))
+    else:
+        m = pd.DataFrame()
+    return m.reindex(index=list(CLASSES), columns=list(CLASSES), fill_value=0).fillna(0).astype(int)

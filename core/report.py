@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from core.config import CLASS_ABBR, CLASSES
+from core.config import CLASS_ABBR
+from core.metrics import METRICS, confusion_counts, RIGHT_TO_WRONG, WRONG_TO_RIGHT, paper_table, per_class, verdict_pairs
 from core.regions import BOX_COLUMNS
 from core.store import Metric, Run, StatKind, Table
 
@@ -90,18 +91,11 @@ def _accuracy(run: Run) -> list[Block]:
 
 def _per_class(run: Run) -> list[Block]:
     """Per-class precision / recall / F1 / support per variant (mean over seeds), as in the paper's Tables 3-4."""
-    m = run.table(Table.METRICS)
+    m = per_class(run.table(Table.METRICS), run.info.variants)
     if m.empty:
         return []
-    m = m.groupby(["variant", "label"], sort=False)[["precision", "recall", "f1", "support"]].mean().reset_index()
-    wide = m.pivot_table(index="label", columns="variant", values=["precision", "recall", "f1", "support"],
-                         sort=False)
-    wide.columns = [f"{v} {k}" for k, v in wide.columns]
-    order = [f"{v} {k}" for v in dict.fromkeys(m["variant"]) for k in ("precision", "recall", "f1", "support")]
-    labels = [x for x in [*CLASSES, "accuracy", "macro avg", "weighted avg"] if x in wide.index]
-    wide = wide.reindex(labels)[[c for c in order if c in wide.columns]].round(3).reset_index()
     return [Block("h2", "Per-class metrics (mean over seeds; the paper's Tables 3-4)"),
-            Block("table", table=wide.rename(columns={"label": "class"}))]
+            Block("table", table=paper_table(m, values=(*METRICS, "support")))]
 
 
 def _confusions(run: Run) -> list[Block]:
@@ -109,9 +103,8 @@ def _confusions(run: Run) -> list[Block]:
     if c.empty:
         return []
     out = [Block("h2", "Confusion matrices (rows: true class, columns: predicted; summed over seeds; Tables 5-6)")]
-    for v, g in c.groupby("variant", sort=False):
-        cm = g.groupby(["true_label", "pred_label"])["count"].sum().unstack(fill_value=0)
-        cm = cm.reindex(index=list(CLASSES), columns=list(CLASSES), fill_value=0).astype(int)
+    for v in c["variant"].drop_duplicates():
+        cm = confusion_counts(c, pd.DataFrame(), v)
         cm.index = [CLASS_ABBR[x] for x in cm.index]
         cm.columns = [CLASS_ABBR[x] for x in cm.columns]
         out += [Block("p", f"{v}"), Block("table", table=cm.rename_axis("true \\ predicted").reset_index())]
@@ -150,13 +143,11 @@ def _flips(run: Run) -> list[Block]:
     if len(variants) < 2:
         return []
     cams = run.table(Table.EXPLAIN)
-    key = ["image_id", "seed", "image_size"]
     out = [Block("h2", "Eosinophil / neutrophil verdict flips")]
-    base = pred[pred["variant"] == variants[0]]
     for other in variants[1:]:
-        j = base.merge(pred[pred["variant"] == other], on=key, suffixes=("", "_o"))
-        j = j[j["true_label"].isin([EOS, NEU]) & (j["correct"] != j["correct_o"])]
-        for right_in, g in ((variants[0], j[j["correct"]]), (other, j[j["correct_o"]])):
+        j = verdict_pairs(pred, variants[0], other, ["path", "true_label", "pred_label", *BOX_COLUMNS], ["pred_label"])
+        j = j[j["true_label"].isin([EOS, NEU])]
+        for right_in, g in ((variants[0], j[j["moved"] == RIGHT_TO_WRONG]), (other, j[j["moved"] == WRONG_TO_RIGHT])):
             wrong_in = other if right_in == variants[0] else variants[0]
             out.append(Block("p", f"Right with {right_in}, wrong with {wrong_in}: {len(g)} image(s)"
                                   + (f" (first {FLIP_THUMBS} shown)" if len(g) > FLIP_THUMBS else "")
@@ -171,7 +162,7 @@ def _flip_images(g: pd.DataFrame, other: str, cams: pd.DataFrame) -> list[tuple]
     out = []
     for r in g.to_dict("records"):
         cap = (f"{r['image_id'].split('/')[-1]}: true {CLASS_ABBR[r['true_label']]}, "
-               f"{CLASS_ABBR[r['pred_label']]} -> {CLASS_ABBR[r['pred_label_o']]}")
+               f"{CLASS_ABBR[r['pred_label_base']]} -> {CLASS_ABBR[r['pred_label_other']]}")
         thumb = _thumb(r["path"], tuple(r[c] for c in BOX_COLUMNS))
         if thumb:
             out.append((thumb, "image/jpeg", cap))

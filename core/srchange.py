@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 
+from core.metrics import UNCHANGED, verdict_pairs
 from core.regions import BOX_COLUMNS
 from core.store import Run, Table
 
@@ -62,13 +63,9 @@ def sr_change(run: Run, workers: int = 2) -> pd.DataFrame:
 
 
 def flip_groups(pred: pd.DataFrame, change: pd.DataFrame, base: str, other: str) -> pd.DataFrame:
-    """Per test image (and seed, size): ``other``'s hf_gain and how its verdict moved from ``base``'s:
-    'right -> wrong', 'wrong -> right' or 'unchanged'."""
-    key = ["image_id", "seed", "image_size"]
-    j = pred[pred["variant"] == base][key + ["true_label", "correct"]].merge(
-        pred[pred["variant"] == other][key + ["correct"]], on=key, suffixes=("", "_o"))
-    a, b = j["correct"].astype(bool), j["correct_o"].astype(bool)
-    j["flip"] = np.where(a & ~b, "right -> wrong", np.where(~a & b, "wrong -> right", "unchanged"))
+    """Per test image (and seed, size): ``other``'s hf_gain and how its verdict moved from ``base``'s (``flip``:
+    core.metrics.verdict_pairs' 'right -> wrong', 'wrong -> right' or 'unchanged')."""
+    j = verdict_pairs(pred, base, other, ["true_label"]).rename(columns={"moved": "flip"})
     gains = change[change["variant"] == other].set_index("image_id")["hf_gain"]
     return j.assign(hf_gain=j["image_id"].map(gains)).dropna(subset=["hf_gain"])
 
@@ -77,8 +74,8 @@ def flip_test(groups: pd.DataFrame) -> tuple[float | None, str]:
     """Two-sided Mann-Whitney U of hf_gain, images whose verdict flipped (either way) vs the rest: (p, words)."""
     from scipy.stats import mannwhitneyu
 
-    flipped = groups.loc[groups["flip"] != "unchanged", "hf_gain"]
-    same = groups.loc[groups["flip"] == "unchanged", "hf_gain"]
+    flipped = groups.loc[groups["flip"] != UNCHANGED, "hf_gain"]
+    same = groups.loc[groups["flip"] == UNCHANGED, "hf_gain"]
     if len(flipped) < 3 or len(same) < 3:
         return None, (f"Too few verdict flips to test ({len(flipped)} flipped, {len(same)} unchanged images): "
                       "the measure is shown, not tested.")

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from core.config import CLASSES, PROB_COLUMNS, default_cache_dir
+from core.config import PROB_COLUMNS, default_cache_dir
 from core.fsio import atomic_write_bytes, stat_key
 from core.progress import fmt_duration
 from core.store import (HEARTBEAT_EVERY_S, RUN_JSON, DamagedRun, DamagedTable, Progress, Run, RunInfo, RunStore,
-                        Table, schema)
+                        Status, Table, effective_status, schema)
 
 from dashboard.security import is_allowed_image
 
@@ -82,14 +82,12 @@ def run_variants(run_dir) -> list[str]:
 
 
 def run_state(run_dir) -> tuple[str, Progress, RunInfo | None]:
-    """(effective status, progress, info) of a run: what a banner or the launcher shows."""
-    run = Run(Path(run_dir))
+    """(effective status, progress, info) of a run: what a banner or the launcher shows. run.json comes from the
+    cache, progress.json is read once."""
     info, _ = read_info(run_dir)
-    try:
-        status = run.status()
-    except Exception:  # run.json unreadable: nothing to show as running
-        status = "unreadable"
-    return status, run.progress, info
+    doc = Run(Path(run_dir)).read_progress()
+    status = effective_status(info.raw, doc) if info else Status.UNREADABLE.value  # nothing to show as running
+    return status, Progress.from_json(doc), info
 
 
 # -------------------------------------------------------------------------------------------- tables
@@ -122,19 +120,6 @@ def accuracy_from_predictions(pred: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=["variant", "accuracy", "n"])
     g = pred.groupby("variant", observed=True)["correct"]
     return pd.DataFrame({"accuracy": g.mean(), "n": g.size()}).reset_index()
-
-
-def confusion_counts(conf: pd.DataFrame, pred: pd.DataFrame, variant: str) -> pd.DataFrame:
-    """4x4 counts (rows true, columns predicted) summed over seeds/sizes; from confusion, else predictions."""
-    if not conf.empty and variant in set(conf["variant"]):
-        c = conf[conf["variant"] == variant].groupby(["true_label", "pred_label"], observed=True)["count"].sum()
-        m = c.unstack(fill_value=0)
-    elif not pred.empty:
-        p = pred[pred["variant"] == variant]
-        m = pd.crosstab(p["true_label"].astype(str), p["pred_label"].astype(str))
-    else:
-        m = pd.DataFrame()
-    return m.reindex(index=list(CLASSES), columns=list(CLASSES), fill_value=0).fillna(0).astype(int)
 
 
 def cam_maps(run_dir, image_id: str, seed: int, size: int) -> list[dict]:

@@ -10,7 +10,8 @@ from holoviews import streams
 
 from core.config import CLASS_ABBR, CLASSES
 
-from dashboard.data import confusion_counts, load_table, run_variants
+from core.metrics import confusion_counts
+from dashboard.data import load_table, run_variants
 from dashboard.pages.base import Page
 from dashboard.pages.common import no_run, warnings_alert
 from dashboard.safe import esc

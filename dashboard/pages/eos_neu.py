@@ -9,6 +9,7 @@ import panel as pn
 import param
 
 from core.config import CLASS_ABBR
+from core.metrics import RIGHT_TO_WRONG, WRONG_TO_RIGHT, verdict_pairs
 from core.regions import BOX_COLUMNS
 
 from dashboard.data import load_table, run_variants, sr_change_frame
@@ -18,7 +19,6 @@ from dashboard.pages.common import no_run, variant_colors, warnings_alert, why_v
 from dashboard.safe import esc
 
 EOS, NEU = "eosinophil", "neutrophil"
-KEY = ["image_id", "seed", "image_size"]
 
 
 def ab(label) -> str:
@@ -38,15 +38,13 @@ def eos_neu_counts(pred: pd.DataFrame) -> pd.DataFrame:
 
 
 def flips(pred: pd.DataFrame, base: str, other: str) -> pd.DataFrame:
-    """One row per image (and seed, size) with both verdicts; ``flip`` says which way it changed."""
-    cols = KEY + ["path", "true_label", "pred_label", "correct", "confidence"]
+    """One row per image (and seed, size) whose verdict changes (core.metrics.verdict_pairs), with both
+    predictions; ``flip`` says which way, naming the variants."""
+    cols = ["path", "true_label", "pred_label", "confidence"]
     boxes = [c for c in BOX_COLUMNS if c in pred.columns]  # the region the models saw (same for both variants)
-    a = pred.loc[pred.variant == base, cols + boxes]
-    b = pred.loc[pred.variant == other, cols + ["enhanced_path"]]
-    j = a.merge(b, on=KEY, suffixes=("_base", "_other"))
-    j["flip"] = None
-    j.loc[j.correct_base.astype(bool) & ~j.correct_other.astype(bool), "flip"] = f"right in {base}, wrong in {other}"
-    j.loc[~j.correct_base.astype(bool) & j.correct_other.astype(bool), "flip"] = f"wrong in {base}, right in {other}"
+    j = verdict_pairs(pred, base, other, cols + boxes, cols + ["enhanced_path"])
+    j["flip"] = j["moved"].map({RIGHT_TO_WRONG: f"right in {base}, wrong in {other}",
+                                WRONG_TO_RIGHT: f"wrong in {base}, right in {other}"})
     return j[j["flip"].notna()]
 
 

@@ -8,38 +8,13 @@ import panel as pn
 import param
 
 from core.config import CLASSES
+from core.metrics import METRICS, paper_table, per_class
 
 from dashboard.data import load_table, run_variants
 from dashboard.pages.base import Page
 from dashboard.pages.common import (color_key, escaped_titles, no_run, variant_color, variant_colors,
                                     warnings_alert)
 from dashboard.safe import esc
-
-METRICS = ["precision", "recall", "f1"]
-
-
-def per_class(metrics: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:
-    """Mean over seeds of precision/recall/F1 for each class and variant (+ macro avg and accuracy rows),
-    variants in the run's order."""
-    if metrics.empty:
-        return metrics
-    m = metrics.groupby(["variant", "label"], sort=False, observed=True)[METRICS + ["support"]].mean().reset_index()
-    if order:
-        rank = {v: i for i, v in enumerate(order)}
-        m = m.sort_values("variant", key=lambda s: s.map(lambda v: rank.get(v, len(rank))), kind="stable")
-    return m
-
-
-def paper_table(m: pd.DataFrame) -> pd.DataFrame:
-    """Rows: class; columns: '<variant> <metric>' (like the paper's Tables 3-4)."""
-    labels = [l for l in [*CLASSES, "macro avg", "weighted avg", "accuracy"] if l in set(m["label"])]
-    wide = m.pivot_table(index="label", columns="variant", values=METRICS, sort=False)
-    wide = wide.reindex(labels)
-    wide.columns = [f"{v} {k}" for k, v in wide.columns]
-    order = [f"{v} {k}" for v in m["variant"].unique() for k in METRICS]
-    wide = wide[[c for c in order if c in wide.columns]].round(3).reset_index().rename(columns={"label": "class"})
-    return wide
-
 
 class MetricsPage(Page):
     title = "Metrics"
