@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 5006
 
-.PHONY: install demo study dashboard test browser clean
+.PHONY: install demo study dashboard test browser clean gpu-carry
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ browser:
 
 test: install browser
 	$(BIN)/python -m pytest -q tests
+
+# What benchmarks/gpu_check.sh needs on a GPU machine without network or ../shared (docs/SCALING.md).
+gpu-carry: install
+	$(BIN)/python benchmarks/gpu_carry.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-artifacts

@@ -89,7 +89,9 @@ def add_study_parser(sub) -> None:
     p.add_argument("--select-by", help="best checkpoint by validation macro_f1 (default) or val_loss")
     p.add_argument("--tta", type=int, help="test-time augmentation: dihedral views averaged (1, 2, 4 or 8; default 8)")
     p.add_argument("--device", help="auto | cpu | cuda")
-    p.add_argument("--enhance-batch-size", type=int, help="images per Real-ESRGAN forward (default: 1 on CPU, 8 on CUDA)")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="bitwise-repeatable GPU kernels (slower); default: cudnn.benchmark picks the fastest")
+    p.add_argument("--enhance-batch-size", type=int, help="images per Real-ESRGAN forward (default: 1 on CPU; on CUDA what fills 60%% of the free memory)")
     p.add_argument("--enhance-precision", choices=list(ENHANCE_PRECISIONS),
                    help="Real-ESRGAN precision: auto (fp16 on CUDA, fp32 on CPU; default) | fp32 | half "
                         "(fp16 on CUDA, bf16 on CPU: ~2x faster on CPUs with AVX512-BF16/AMX, 52-54 dB vs fp32)")
@@ -111,6 +113,7 @@ def config_from_args(args) -> StudyConfig:
                        image_sizes=args.image_sizes, seeds=seeds, split=args.split,
                        batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                        patience=args.patience, freeze_backbone=args.freeze_backbone, device=args.device,
+                       deterministic=args.deterministic,
                        input_policy=args.input_policy, crop=args.crop, augment=args.augment,
                        label_smoothing=args.label_smoothing, select_by=args.select_by, tta=args.tta,
                        enhance_batch_size=args.enhance_batch_size,
@@ -122,12 +125,18 @@ _NOT_CONFIG = {"command", "func", "resume", "runs_dir", "quiet", "debug"}
 
 
 def cmd_study(args) -> int:
-    bar = None if args.quiet else _StageBars()
+    from core import distributed
+
+    main_rank = int(os.environ.get("RANK", "0") or 0) == 0  # under torchrun, rank 0 alone speaks
+    bar = None if args.quiet or not main_rank else _StageBars()
     try:
-        r = _resume(args, bar) if args.resume else _start(args, bar)
+        r = _resume(args, bar) if args.resume else _start(args, bar, main_rank)
     finally:
         if bar:
             bar.close()
+        distributed.shutdown()
+    if not main_rank:
+        return 0
     info = r.info
     acc = ", ".join(f"{v} {a:.3f}" for v, a in (info.summary.get("accuracy") or {}).items())
     print(f"accuracy on {info.test_source}: {acc}", file=sys.stderr)
@@ -136,13 +145,13 @@ def cmd_study(args) -> int:
     return 0
 
 
-def _start(args, bar):
+def _start(args, bar, main_rank: bool = True):
     from core.pipeline import run
     from core.registries import validate_config
 
     cfg = config_from_args(args)
     validate_config(cfg)
-    for note in cfg.notes:
+    for note in cfg.notes if main_rank else []:
         print(f"note: {note}", file=sys.stderr)
     return run(cfg, on_progress=bar, run_id=args.run_id)
 

@@ -65,7 +65,8 @@ class StudyConfig:
     input_policy: str = "cell"
     crop: int | None = None  # region side in original pixels (None: 200 for center, 144 for cell)
     device: str = "auto"
-    enhance_batch_size: int | None = None  # None: 1 on CPU, 8 on CUDA (see core.enhance.realesrgan.AUTO_BATCH)
+    deterministic: bool = False  # bitwise-repeatable cuDNN kernels on a GPU; else cudnn.benchmark (faster)
+    enhance_batch_size: int | None = None  # None: 1 on CPU; on CUDA sized from free memory (core.enhance.realesrgan)
     # Real-ESRGAN precision. None: fp16 on CUDA (as the official inference script), fp32 on CPU (equal to
     # RealESRGANer); True: also bf16 on CPU (~2x faster, 52-54 dB PSNR vs fp32); False: fp32 everywhere.
     enhance_half: bool | None = None

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from core.distributed import World, all_sum, gather_shards, world
 from core.models import spec_of
 from core.progress import ProgressFn
 
@@ -30,13 +31,15 @@ class Cancelled(Exception):
     """Raised from a progress callback to stop a run cleanly."""
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed every generator. ``deterministic``: bitwise-repeatable cuDNN kernels; else cuDNN benchmarks and picks
+    the fastest (GPU only: on a CPU a run is repeatable either way)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
 
 
 def _load_resized(path: str, size: int, box=None) -> np.ndarray:
@@ -70,27 +73,39 @@ def dihedral_view(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.rot90(x, k % 4, dims=(-2, -1)) if k % 4 else x
 
 
-def augment_batch(x: torch.Tensor, view: int, gen: torch.Generator, jitter: bool) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, view: int, gen: torch.Generator, jitter: bool,
+                  rows: torch.Tensor | None = None, n_global: int | None = None) -> torch.Tensor:
     """Per-image training augmentation of a float (B, 3, D, D) batch in 0-255 -> (B, 3, view, view).
 
     Each image gets its own dihedral transform; with ``jitter`` also a zoom (0.87-1.15x), a shift (up to 8%
-    of the view) and a stain jitter (per-channel gain 0.9-1.1 and offset +-12 grey levels).
+    of the view) and a stain jitter (per-channel gain 0.9-1.1 and offset +-12 grey levels). Under torchrun,
+    ``x`` is this rank's ``rows`` of an ``n_global`` batch: every rank draws the whole batch's parameters
+    from the same generator and applies its rows', so that N ranks augment exactly as one process does.
     """
-    b, d = len(x), x.shape[-1]
-    ks = torch.randint(0, 8, (b,), generator=gen)
-    x = torch.stack([dihedral_view(xi, int(k)) for xi, k in zip(x, ks)])
+    b, d = (len(x), x.shape[-1]) if rows is None else (n_global, x.shape[-1])
+    pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+    x = dihedral_per_image(x, pick(torch.randint(0, 8, (b,), generator=gen)))
     if not jitter:
         return centre_crop(x, view)
-    zoom = torch.exp((torch.rand(b, generator=gen) * 2 - 1) * math.log(1.15))
-    shift = (torch.rand(b, 2, generator=gen) * 2 - 1) * 0.08 * view / d
-    theta = torch.zeros(b, 2, 3)
+    zoom = pick(torch.exp((torch.rand(b, generator=gen) * 2 - 1) * math.log(1.15)))
+    shift = pick((torch.rand(b, 2, generator=gen) * 2 - 1) * 0.08 * view / d)
+    theta = torch.zeros(len(x), 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = view / d / zoom
     theta[:, :, 2] = shift
-    grid = nn.functional.affine_grid(theta.to(x.device), [b, 3, view, view], align_corners=False)
+    grid = nn.functional.affine_grid(theta.to(x.device), [len(x), 3, view, view], align_corners=False)
     x = nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    gain = 1 + (torch.rand(b, 3, 1, 1, generator=gen) * 2 - 1) * 0.1
-    offset = (torch.rand(b, 3, 1, 1, generator=gen) * 2 - 1) * 12
+    gain = pick(1 + (torch.rand(b, 3, 1, 1, generator=gen) * 2 - 1) * 0.1)
+    offset = pick((torch.rand(b, 3, 1, 1, generator=gen) * 2 - 1) * 12)
     return (x * gain.to(x.device) + offset.to(x.device)).clamp(0, 255)
+
+
+def dihedral_per_image(x: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    """Image i turned by the ``ks[i]``-th dihedral transform: one kernel per transform, not per image."""
+    out = torch.empty_like(x)
+    for k in ks.unique().tolist():
+        sel = (ks == k).nonzero().flatten().to(x.device)
+        out[sel] = dihedral_view(x[sel], k)
+    return out
 
 
 def centre_crop(x: torch.Tensor, view: int) -> torch.Tensor:
@@ -119,6 +134,7 @@ class TrainSettings:
     label_smoothing: float = 0.0
     select_by: str = "macro_f1"  # best checkpoint: highest validation macro-F1 (ties: lower loss), or lowest loss
     warmup: float = 0.15  # share of the one-cycle schedule spent warming up
+    deterministic: bool = False  # bitwise-repeatable cuDNN kernels (GPU); else cudnn.benchmark picks the fastest
 
 
 class Normalizer(nn.Module):
@@ -155,47 +171,89 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-def _prepare(xb: torch.Tensor, s: TrainSettings, device, gen, train: bool) -> torch.Tensor:
-    """uint8 (B, 3, D, D) on the CPU -> augmented (train) or centre-cropped (eval) float on ``device``, 0-255."""
+def _prepare(xb: torch.Tensor, s: TrainSettings, device, gen, train: bool, rows=None, n_global=None) -> torch.Tensor:
+    """uint8 (B, 3, D, D) on the CPU -> augmented (train) or centre-cropped (eval) float on ``device``, 0-255.
+    ``rows``/``n_global``: this rank's part of the global batch (see :func:`augment_batch`)."""
     view = s.view or xb.shape[-1]
     xb = xb.to(device, non_blocking=True)
     if not train or s.augment == "none":
         return centre_crop(xb, view).float()
     if s.augment == "dihedral-batch":
         return centre_crop(_dihedral_batch(xb, gen), view).float()
-    return augment_batch(xb.float(), view, gen, jitter=s.augment == "dihedral+jitter")
+    return augment_batch(xb.float(), view, gen, jitter=s.augment == "dihedral+jitter", rows=rows, n_global=n_global)
 
 
 def run_epoch(model, norm, x, y, s: TrainSettings, device, gen, optimizer=None, scheduler=None,
-              scaler=None, on_batch: Callable[[int, int], None] | None = None) -> dict:
+              scaler=None, on_batch: Callable[[int, int], None] | None = None, world: World = World()) -> dict:
     """One pass over (x, y); trains when an optimizer is given.
 
-    Returns {"loss", "acc", "pred"}: mean loss (label-smoothed when training), accuracy, predicted classes.
+    Returns {"loss", "loss_sum", "n", "acc", "pred"}: mean and summed loss (label-smoothed when training),
+    accuracy, predicted classes. Loss and accuracy add up on the device: the host waits once per epoch, not
+    per batch. Training under torchrun (``world.active``): every rank walks the same global batches and
+    takes its rows of each; the loss is scaled so that DDP's gradient average equals one process's gradient.
     """
     train = optimizer is not None
     model.train(train and not s.freeze_backbone)  # a frozen backbone keeps its BatchNorm statistics
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=s.label_smoothing if train else 0.0)
-    total_loss, preds, seen = 0.0, [], 0
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=s.label_smoothing if train else 0.0, reduction="sum")
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    preds, seen = [], 0
+    split = train and world.active
     with torch.set_grad_enabled(train):
-        for bi, idx in enumerate(_batches(len(x), s.batch_size, shuffle=train, gen=gen)):
-            xb = norm(_prepare(x[idx], s, device, gen, train)).contiguous(memory_format=torch.channels_last)
+        for bi, gidx in enumerate(_batches(len(x), s.batch_size, shuffle=train, gen=gen)):
+            if split and len(gidx) < world.size:  # a tail batch too small to give every rank a row: skipped
+                continue
+            rows = torch.arange(world.rank, len(gidx), world.size) if split else None
+            idx = gidx[rows] if split else gidx
+            xb = norm(_prepare(x[idx], s, device, gen, train, rows, len(gidx))).contiguous(memory_format=torch.channels_last)
             yb = y[idx].to(device, non_blocking=True)
             with _autocast(device):
                 logits = model(xb)
                 loss = loss_fn(logits.float(), yb)
             if train:
-                _step(loss, optimizer, scheduler, scaler)
-            total_loss += loss.item() * len(idx)
-            pred = logits.argmax(1).cpu()
-            preds.append(pred if not train else (pred == y[idx]))
-            seen += len(idx)
+                _step(loss * world.size / len(gidx) if split else loss / len(gidx), optimizer, scheduler, scaler)
+            total_loss += loss.detach()
+            pred = logits.argmax(1)
+            if train:
+                correct += (pred == yb).sum()
+            else:
+                preds.append(pred)
+            seen += len(gidx)
             if on_batch:
                 on_batch(bi + 1, math.ceil(len(x) / s.batch_size))
+    if split:
+        all_sum(total_loss), all_sum(correct)
+    loss_sum = float(total_loss)
     if train:
-        return {"loss": total_loss / max(seen, 1), "acc": float(torch.cat(preds).float().mean()) if preds else 0.0}
-    pred = torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
+        return {"loss": loss_sum / max(seen, 1), "loss_sum": loss_sum, "n": seen,
+                "acc": int(correct) / seen if seen else 0.0}
+    pred = torch.cat(preds).cpu().numpy() if preds else np.zeros(0, dtype=np.int64)
     acc = float((pred == y.numpy()).mean()) if len(pred) else 0.0
-    return {"loss": total_loss / max(seen, 1), "acc": acc, "pred": pred}
+    return {"loss": loss_sum / max(seen, 1), "loss_sum": loss_sum, "n": seen, "acc": acc, "pred": pred}
+
+
+def _validate(model, norm, x_val, y_val, s: TrainSettings, device, gen, world: World) -> dict:
+    """Validation, each rank on its shard (:meth:`World.shard`); the whole split's loss and predictions."""
+    va = run_epoch(model, norm, world.shard(x_val), world.shard(y_val), s, device, gen)
+    if not world.active:
+        return va
+    loss = all_sum(torch.tensor(va["loss_sum"], dtype=torch.float64, device=device))
+    pred = gather_shards(va["pred"], len(y_val))
+    return {"loss": float(loss) / max(len(y_val), 1), "pred": pred,
+            "acc": float((pred == y_val.numpy()).mean()) if len(pred) else 0.0}
+
+
+def _wrap(model: nn.Module, device: torch.device, world: World) -> nn.Module:
+    """Under torchrun: DistributedDataParallel, with synchronised BatchNorm on CUDA (gloo on CPU cannot: there
+    each rank normalises by its own rows' statistics; docs/SCALING.md)."""
+    if not world.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return DistributedDataParallel(model, device_ids=[device.index if device.index is not None else torch.cuda.current_device()])
+    return DistributedDataParallel(model)
 
 
 def _step(loss, optimizer, scheduler, scaler) -> None:
@@ -240,8 +298,8 @@ def fit(model: nn.Module, train: tuple, val: tuple, s: TrainSettings, device: to
     "seconds"}.
     """
     (x_train, y_train), (x_val, y_val) = train, val
-    spec = spec_of(model)
-    seed_everything(s.seed)
+    spec, w = spec_of(model), world()
+    seed_everything(s.seed, s.deterministic)
     gen = torch.Generator().manual_seed(s.seed)
     model.to(device).to(memory_format=torch.channels_last)
     norm = Normalizer(spec.mean, spec.std).to(device)
@@ -252,6 +310,7 @@ def fit(model: nn.Module, train: tuple, val: tuple, s: TrainSettings, device: to
         anneal_strategy="cos", div_factor=10.0, final_div_factor=100.0)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and not torch.cuda.is_bf16_supported() else None
     y_train, y_val = torch.as_tensor(y_train), torch.as_tensor(y_val)
+    trained = _wrap(model, device, w)  # DDP under torchrun; the model itself otherwise
     history, best, best_state, bad = [], None, None, 0
     t0 = time.perf_counter()
     for epoch in range(1, s.epochs + 1):
@@ -261,9 +320,9 @@ def fit(model: nn.Module, train: tuple, val: tuple, s: TrainSettings, device: to
             if on_progress:
                 on_progress((epoch - 1) * n_batches + b, s.epochs * n_batches, f"epoch {epoch}/{s.epochs}")
 
-        tr = run_epoch(model, norm, x_train, y_train, s, device, gen, optimizer, scheduler, scaler, on_batch)
+        tr = run_epoch(trained, norm, x_train, y_train, s, device, gen, optimizer, scheduler, scaler, on_batch, w)
         with torch.inference_mode():
-            va = run_epoch(model, norm, x_val, y_val, s, device, gen)
+            va = _validate(model, norm, x_val, y_val, s, device, gen, w)
         ep = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
               "val_acc": va["acc"], "val_macro_f1": macro_f1(y_val.numpy(), va["pred"], int(getattr(model, spec.head).out_features)),
               "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - te}
@@ -299,5 +358,5 @@ def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size:
             with _autocast(device):
                 logits = model(norm(dihedral_view(xb, k)).contiguous(memory_format=torch.channels_last))
             p = p + torch.softmax(logits.float(), 1)
-        out.append((p / tta).cpu())
-    return torch.cat(out).double().numpy() if out else np.zeros((0, 0))
+        out.append(p / tta)
+    return torch.cat(out).cpu().double().numpy() if out else np.zeros((0, 0))

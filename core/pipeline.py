@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from core import data as D
+from core import distributed as dist
 from core.config import CLASSES, StudyConfig, default_cache_dir
 from core.devices import resolve_device
 from core.engine import Cancelled, TrainSettings, fit, load_images, predict, seed_everything
@@ -31,8 +32,8 @@ from core.metrics import confusion_rows, metrics_rows, predictions_frame
 from core.models import create_classifier
 from core.registries import validate_config
 from core.regions import add_regions, boxes_of, margin_for
-from core.store import (CANCEL_FILE, HEARTBEAT_EVERY_S, KEYS, RESUMABLE_STATUSES, Run, RunStore, check_run_id,
-                        check_writable, now_iso)
+from core.store import (CANCEL_FILE, HEARTBEAT_EVERY_S, KEYS, RANK_ERROR_PREFIX, RESUMABLE_STATUSES, FollowerRun, Run,
+                        RunStore, check_run_id, check_writable, now_iso, rank_errors, record_rank_error)
 
 OnProgress = Callable[[dict], None]
 
@@ -154,8 +155,22 @@ def check_every_class(pool: pd.DataFrame, train_dir: str | None) -> None:
 def _groups(df: pd.DataFrame, cfg: StudyConfig, prog: Progress) -> np.ndarray:
     from core.groups import assign_groups
 
+    _embed_sharded(df, cfg)
     return assign_groups(df, cache_dir=_cache(cfg), device=resolve_device(cfg.device),
                          on_progress=prog.callback("embedding images for source grouping"))
+
+
+def _embed_sharded(df: pd.DataFrame, cfg: StudyConfig) -> None:
+    """Under torchrun: each rank embeds its share of ``df`` into the shared cache, then all wait for all, so that
+    the grouping that follows (on every rank) finds every embedding cached. One process: nothing to do."""
+    w = dist.world()
+    if not w.active:
+        return
+    from core.groups import embed_images
+
+    embed_images(list(w.shard(list(df["path"]))), list(w.shard(list(df["sha1"]))), cache_dir=_cache(cfg),
+                 device=resolve_device(cfg.device))
+    dist.barrier()
 
 
 def _split(df: pd.DataFrame, fraction: float, seed: int, cfg: StudyConfig, prog: Progress):
@@ -197,15 +212,30 @@ def enhance_variants(sd: StudyData, cfg: StudyConfig, enhancers: dict, prog: Pro
         prog.start(f"enhance:{v}", f"{len(images)} images with {v}")
         enh = enhancers[v]
         boxes = [None] * len(images) if cfg.input_policy == "full" else boxes_of(images)
-        res = enhance_to_cache(list(zip(images["path"], images["sha1"], boxes)), enh, _cache(cfg),
-                               batch_size=cfg.enhance_batch_size, fmt=cfg.enhance_format,
+        sources = list(zip(images["path"], images["sha1"], boxes))
+        made = _enhance_sharded(sources, enh, cfg, prog, v)
+        res = enhance_to_cache(sources, enh, _cache(cfg), batch_size=cfg.enhance_batch_size, fmt=cfg.enhance_format,
                                on_progress=prog.callback(f"enhancing with {v}"))
-        prog.run.log(f"{v}: {res.made} made, {res.done_before} from cache, {len(res.errors)} errors")
-        provenance[v] = {**enh.provenance(), "weights_id": enh.weights_id(), "made": res.made,
-                         "from_cache": res.done_before}
+        made += res.made
+        prog.run.log(f"{v}: {made} made, {len(sources) - made - len(res.errors)} from cache, {len(res.errors)} errors")
+        provenance[v] = {**enh.provenance(), "weights_id": enh.weights_id(), "made": made,
+                         "from_cache": len(sources) - made - len(res.errors)}
         errors += [{**e, "split": f"enhance:{v}"} for e in res.errors]
         sd.enhanced[v] = res.paths
     return provenance, errors
+
+
+def _enhance_sharded(sources: list[tuple], enh, cfg: StudyConfig, prog: Progress, v: str) -> int:
+    """Under torchrun: each rank enhances its share into the shared cache (atomic writes: any rank can resume
+    any share), then all wait for all; the whole pass that follows finds them cached. Returns how many the
+    ranks made together (0 in one process)."""
+    w = dist.world()
+    if not w.active:
+        return 0
+    res = enhance_to_cache(list(w.shard(sources)), enh, _cache(cfg), batch_size=cfg.enhance_batch_size,
+                           fmt=cfg.enhance_format, on_progress=prog.callback(f"enhancing with {v} (rank 0's share)"))
+    dist.barrier()
+    return sum(dist.all_gather_object(res.made))
 
 
 @dataclass
@@ -232,8 +262,10 @@ def decode_variant(sd: StudyData, variant: str, size: int, prog: Progress) -> De
     else:
         files = list(images["path"])
         boxes = None if sd.policy == "full" else boxes_of(images)
-    x = load_images(files, decoded_size(sd.policy, size), on_progress=prog.callback("decoding images"),
-                    boxes=boxes)
+    w = dist.world()  # under torchrun each rank decodes its share, then all exchange them
+    x = load_images(w.shard(files), decoded_size(sd.policy, size), on_progress=prog.callback("decoding images"),
+                    boxes=None if boxes is None else w.shard(boxes))
+    x = dist.gather_shards(x, len(files))
     return Decoded(index={s: i for i, s in enumerate(images["sha1"])}, x=x, files=files)
 
 
@@ -249,22 +281,21 @@ def train_and_evaluate(sd: StudyData, cfg: StudyConfig, variant: str, seed: int,
     test, x_te, te_files = decoded.take(sd.test)
     y = {name: np.array([CLASSES.index(c) for c in df["label"]]) for name, df in
          (("train", train), ("val", val))}
-    seed_everything(seed)  # the new head's initialisation depends on the seed alone
+    seed_everything(seed, cfg.deterministic)  # the new head's initialisation depends on the seed alone
     model, weights = create_classifier(cfg.classifier, len(CLASSES), cfg.pretrained)
     s = TrainSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr,
                       weight_decay=cfg.weight_decay, patience=cfg.patience, augment=cfg.augment,
                       freeze_backbone=cfg.freeze_backbone, seed=seed, view=size,
-                      label_smoothing=cfg.label_smoothing, select_by=cfg.select_by)
+                      label_smoothing=cfg.label_smoothing, select_by=cfg.select_by, deterministic=cfg.deterministic)
     result = fit(model, (x_tr, y["train"]), (x_va, y["val"]), s, device, on_progress=prog.callback("training"))
-    probs = predict(model, x_te, device, batch_size=max(cfg.batch_size, 64), view=size,
-                    tta=cfg.tta)
+    w = dist.world()  # under torchrun each rank predicts its share of the test set
+    probs = dist.gather_shards(predict(model, w.shard(x_te), device, batch_size=max(cfg.batch_size, 64), view=size,
+                                       tta=cfg.tta), len(x_te))
     enhanced = te_files if variant in sd.enhanced else [None] * len(test)
     pred = predictions_frame(keys, test, probs, enhanced)
     ckpt = prog.run.path / "checkpoints" / f"{variant}-s{seed}-{size}.pt"
-    ckpt.parent.mkdir(exist_ok=True)
-    torch.save({"state_dict": result["best_state"], "config": cfg.to_dict(), "keys": keys,
-                "best_epoch": result["best_epoch"], "best_val_loss": result["best_val_loss"],
-                "classes": list(CLASSES)}, ckpt)
+    if w.main:
+        _save_checkpoint(ckpt, result, cfg, keys)
     acc = float(pred["correct"].mean()) if len(pred) else float("nan")
     prog.run.log(f"{variant} seed {seed} {size}px: best epoch {result['best_epoch']}, validation accuracy "
                  f"{result['best_val_acc']:.3f}, test accuracy {acc:.3f} ({len(train)} train / {len(val)} val / "
@@ -285,6 +316,13 @@ def train_and_evaluate(sd: StudyData, cfg: StudyConfig, variant: str, seed: int,
         "weights": weights, "counts": {"train": len(train), "val": len(val), "test": len(test)},
         "val_groups_disjoint": _disjoint(train, val),
     }
+
+
+def _save_checkpoint(path: Path, result: dict, cfg: StudyConfig, keys: dict) -> None:
+    path.parent.mkdir(exist_ok=True)
+    torch.save({"state_dict": result["best_state"], "config": cfg.to_dict(), "keys": keys,
+                "best_epoch": result["best_epoch"], "best_val_loss": result["best_val_loss"],
+                "classes": list(CLASSES)}, path)
 
 
 def _disjoint(train: pd.DataFrame, val: pd.DataFrame) -> bool | None:
@@ -401,29 +439,60 @@ def run(cfg: StudyConfig, on_progress: OnProgress | None = None, run_id: str | N
     if run_id is not None:
         check_run_id(run_id)
     device = torch.device(resolve_device(cfg.device))
+    w = dist.init(device.type)  # launched by torchrun: join its group (rank 0 writes the store)
+    if w.active and device.type == "cuda":
+        device = torch.device("cuda", w.local_rank)
     store = store or RunStore(cfg.runs_dir)
-    check_writable(store.root, "--runs-dir")
-    check_writable(_cache(cfg), "--cache-dir")
-    run = _reopen(store.get(run_id)) if resume else store.create(cfg.to_dict(), run_id)
-    prog = Progress(run, plan_stages(cfg), on_progress)
+    run = _open_run(store, cfg, run_id, resume, w)
+    prog = Progress(run, plan_stages(cfg), on_progress if w.main else None)
     prog.beat()  # a heartbeat before the status says running
     kept = stored_parts(run) if resume else {}
     t0 = time.time()
     run.update_meta(status="running", started_at=run.read_meta().get("started_at") or now_iso(), device=str(device),
                     versions=_versions(), pid=os.getpid(), host=socket.gethostname(), notes=cfg.notes, error=None,
-                    device_name=torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor())
-    stop_heartbeat = _start_heartbeat(prog)
+                    device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+                    kernels=_kernels(cfg, device), distributed=dist.describe(device))
+    stop_heartbeat = _start_heartbeat(prog) if w.main else (lambda: None)
     restore = _install_sigterm(prog)
     try:
         _study(run, cfg, device, prog, kept, t0)
     except BaseException as e:
         stop_heartbeat()  # before the last progress is written: the thread must not overwrite it
-        _record_stop(run, prog, e, t0)
+        if w.main:
+            _record_stop(run, prog, e, t0)
+        else:
+            record_rank_error(run, w.rank, e)
         raise
     finally:
         stop_heartbeat()
         restore()
     return run
+
+
+def _open_run(store: RunStore, cfg: StudyConfig, run_id: str | None, resume: bool, w: dist.World) -> Run:
+    """Rank 0 (or the only process) checks the store and cache, and creates or reopens the run; under
+    torchrun the other ranks get its id (or its error) and follow the run without writing to it."""
+    run, error = None, None
+    if w.main:
+        try:
+            check_writable(store.root, "--runs-dir")
+            check_writable(_cache(cfg), "--cache-dir")
+            run = _reopen(store.get(run_id)) if resume else store.create(cfg.to_dict(), run_id)
+        except Exception as e:
+            if not w.active:
+                raise
+            error = e
+    rid, error = dist.broadcast_object((run.run_id if run else None, error))
+    if error is not None:
+        raise error
+    return run if w.main else FollowerRun(store.root / rid)
+
+
+def _kernels(cfg: StudyConfig, device: torch.device) -> dict:
+    """Which GPU kernels the run asked for (recorded: a benchmarked run is fast, not bitwise repeatable)."""
+    if device.type != "cuda":
+        return {"deterministic": True, "why": "CPU kernels are repeatable; cuDNN is not used"}
+    return {"deterministic": cfg.deterministic, "cudnn_benchmark": not cfg.deterministic}
 
 
 def resume(run_id: str, store: RunStore | None = None, on_progress: OnProgress | None = None) -> Run:
@@ -441,6 +510,8 @@ def resume(run_id: str, store: RunStore | None = None, on_progress: OnProgress |
 def _reopen(run: Run) -> Run:
     """A stopped run, ready to continue: its cancel request is dropped, the attempt recorded."""
     (run.path / CANCEL_FILE).unlink(missing_ok=True)
+    for f in run.path.glob(f"{RANK_ERROR_PREFIX}*.json"):  # an earlier attempt's failed ranks
+        f.unlink(missing_ok=True)
     meta, status = run.read_meta(), run.status()
     run.update_meta(resumed=[*(meta.get("resumed") or []), {"at": now_iso(), "from": status, "error": meta.get("error")}])
     run.log(f"resuming (was {status})")
@@ -480,6 +551,8 @@ def _study(run: Run, cfg: StudyConfig, device: torch.device, prog: Progress, kep
                 parts.append(train_and_evaluate(sd, cfg, v, seed, size, decoded, device, prog))
                 _record_model(run, parts)
     write_tables(run, parts)  # a resumed run: drops the rows of a model cut short
+    if not dist.world().main:  # the rest is rank 0's: statistics and the final run.json
+        return
     prog.start("stats", "bootstrap CIs and paired tests")
     compute_and_write_stats(run, cfg)
     prog.finish()
@@ -515,8 +588,14 @@ def _check_same_data(run: Run, data: dict) -> None:
 def _record_stop(run: Run, prog: Progress, e: BaseException, t0: float) -> None:
     status = "cancelled" if isinstance(e, (Cancelled, KeyboardInterrupt)) else "failed"
     prog.finish()
+    error = {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()}
+    peers = rank_errors(run)  # under torchrun: what failed on the other ranks (rank 0 often sees only a lost peer)
+    if peers:
+        status = "failed"
+        error.update(ranks=peers, message="; ".join(f"rank {p.get('rank')}: {p.get('type')}: {p.get('message')}"
+                                                     for p in peers) + f" (rank 0: {type(e).__name__}: {e})")
     run.update_meta(status=status, ended_at=now_iso(), duration_s=round(time.time() - t0, 1), stages=prog.durations,
-                    error={"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()})
+                    error=error)
     run.write_progress(stage=status, message=str(e), percent=None)
     run.log(f"{status}: {type(e).__name__}: {e}")
 
@@ -560,6 +639,7 @@ def _leakage(sd: StudyData, cfg: StudyConfig) -> dict:
     """Share of validation images with a near-copy in training, for the split used (first seed)."""
     from core.groups import leakage
 
+    _embed_sharded(sd.pool, cfg)
     train, val = (D.random_split(sd.pool, cfg.val_fraction, cfg.seeds[0]) if cfg.split == "random" else
                   D.grouped_split(sd.pool, sd.pool["group_id"].to_numpy(), cfg.val_fraction, cfg.seeds[0]))
     return leakage(train, val, cache_dir=_cache(cfg), device=resolve_device(cfg.device))

@@ -36,6 +36,7 @@ from core.regions import BOX_COLUMNS
 RUN_JSON = "run.json"
 PROGRESS_JSON = "progress.json"
 LOG_TXT = "log.txt"
+RANK_ERROR_PREFIX = "rank-error-"  # rank-error-<rank>.json: a failed torchrun rank's error (record_rank_error)
 CANCEL_FILE = "CANCEL"
 # 2: schema_version in run.json, input policies (region columns, validation table). 1: everything before.
 SCHEMA_VERSION = 2
@@ -535,6 +536,45 @@ class Run:
 
     def request_cancel(self) -> None:
         (self.path / CANCEL_FILE).touch()
+
+
+class FollowerRun(Run):
+    """The run as a torchrun rank other than 0 sees it: it reads what rank 0 writes and writes nothing, except
+    :meth:`record_rank_error` (so that rank 0 can say which rank failed and why)."""
+
+    def update_meta(self, **changes) -> dict:
+        return {**self.read_meta(), **changes}
+
+    def write_table(self, name: str | Table, df: pd.DataFrame) -> Path:
+        return self.path / f"{schema(name).name}.parquet"
+
+    def write_progress(self, **progress) -> None:
+        pass
+
+    def log(self, line: str) -> None:
+        pass
+
+
+def rank_error_file(run: Run, rank: int) -> Path:
+    return run.path / f"{RANK_ERROR_PREFIX}{rank}.json"
+
+
+def record_rank_error(run: Run, rank: int, error: BaseException) -> None:
+    """A failing rank's last word (type and message), beside the run; rank 0 folds it into run.json's error."""
+    atomic_write_json(rank_error_file(run, rank), {"rank": rank, "type": type(error).__name__, "message": str(error)})
+
+
+def rank_errors(run: Run) -> list[dict]:
+    """What failing ranks recorded (see :func:`record_rank_error`), by rank."""
+    out = []
+    for f in sorted(run.path.glob(f"{RANK_ERROR_PREFIX}*.json")):
+        try:
+            doc = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict):
+            out.append(doc)
+    return sorted(out, key=lambda d: d.get("rank", 0) if isinstance(d.get("rank"), int) else 0)
 
 
 @dataclass(frozen=True)

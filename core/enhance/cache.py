@@ -123,7 +123,9 @@ def enhance_files(
 
     With a box, only that region (plus :data:`CONTEXT`) is enhanced and the box is written.
 
-    The next chunk is decoded and finished images are written on a thread pool while the model runs.
+    The next chunk is decoded on one thread and finished images are encoded and written on a pool as wide as
+    the machine (:func:`encode_workers`) while the model runs on the next chunk; at most a few chunks of
+    finished images wait for their writer.
     A bad source, or an image the model fails on, goes to the error list; the rest still get done.
     Returns (the items written, [{"path", "error"}]); ``on_batch(n)`` after each chunk of n items.
     """
@@ -152,29 +154,42 @@ def enhance_files(
             return results
 
     errors: list[dict] = []
-    pending: list = []
+    written: list[tuple] = []
+    pending: list = []  # (item, future) of images being written, oldest first
     batch_size = batch_size or getattr(enhancer, "batch_size", 4)
     chunks = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        nxt = pool.submit(decode, chunks[0]) if chunks else None
-        for k in range(len(chunks)):
-            decoded = nxt.result()
-            if k + 1 < len(chunks):
-                nxt = pool.submit(decode, chunks[k + 1])
-            errors += [{"path": str(it[0]), "error": err} for it, _, err in decoded if err is not None]
-            ok = [(it, im) for it, im, err in decoded if err is None]
-            for (item, _), out in enhance(ok) if ok else []:
-                pending.append((item, pool.submit(save_image_atomic, out, Path(item[1]), fmt)))
-            if on_batch:
-                on_batch(len(decoded))
-        written = []
-        for item, fut in pending:
+    writers = encode_workers()
+    max_pending = max(4 * writers, 2 * batch_size)  # bounds the finished images held in memory
+
+    def settle(keep: int) -> None:
+        while len(pending) > keep:
+            item, fut = pending.pop(0)
             try:
                 fut.result()
                 written.append(item)
             except Exception as e:
                 errors.append({"path": str(item[0]), "error": f"write {item[1]}: {type(e).__name__}: {e}"})
+
+    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=writers) as pool:
+        nxt = reader.submit(decode, chunks[0]) if chunks else None
+        for k in range(len(chunks)):
+            decoded = nxt.result()
+            if k + 1 < len(chunks):
+                nxt = reader.submit(decode, chunks[k + 1])
+            errors += [{"path": str(it[0]), "error": err} for it, _, err in decoded if err is not None]
+            ok = [(it, im) for it, im, err in decoded if err is None]
+            for (item, _), out in enhance(ok) if ok else []:
+                pending.append((item, pool.submit(save_image_atomic, out, Path(item[1]), fmt)))
+            settle(max_pending)
+            if on_batch:
+                on_batch(len(decoded))
+        settle(0)
     return written, errors
+
+
+def encode_workers() -> int:
+    """Threads that encode and write finished images: the cores (PNG encoding releases the GIL), at least 2."""
+    return max(2, min(32, os.cpu_count() or 2))
 
 
 def enhance_to_cache(

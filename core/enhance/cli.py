@@ -5,6 +5,10 @@ from a short calibration, and a per-image error list (``OUT_DIR/enhance_errors.c
 OUT_DIR and IN_DIR never overlap (OUT_DIR is not IN_DIR, inside it or above it: the outputs and the error list
 stay out of the inputs), and OUT_DIR must be writable before the first image is enhanced.
 Standalone: ``python -m core.enhance.cli --model NAME IN_DIR OUT_DIR``.
+
+Under ``torchrun --nproc-per-node N -m core enhance ...`` every rank lists the same inputs and enhances its
+share (every N-th file); rank 0 reports progress for its share, gathers the errors and writes the error list.
+The outputs are the same files as one process writes (tests/test_scaling.py).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def add_enhance_parser(subparsers) -> argparse.ArgumentParser:
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="enhancer name, e.g. realesrgan-x4plus, realesr-animevideov3")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="images per forward pass (default: 1 on CPU, where it is fastest; 8 on CUDA)")
+                   help="images per forward pass (default: 1 on CPU, where it is fastest; on CUDA what fills 60%% of the free memory)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--format", default="png", help="png (default, lossless) | jpeg | webp (lossless)")
     p.add_argument("--half", action="store_true", default=None,
@@ -133,8 +137,21 @@ def cmd_enhance(args) -> int:
     except _Usage as e:
         print(f"wbc enhance: error: {e}", file=sys.stderr)
         return 2
+    from core import distributed
+    from core.devices import resolve_device
+
+    w = distributed.init(resolve_device(args.device))
+    try:
+        return _enhance(args, w)
+    finally:
+        distributed.shutdown()
+
+
+def _enhance(args, w) -> int:
+    """The listing, the work (this rank's share of it) and the report (rank 0)."""
     from tqdm import tqdm
 
+    from core import distributed
     from core.enhance import create_enhancer
     from core.enhance.cache import enhance_files, is_valid_image
     from core.enhance.weights import WeightsError
@@ -155,9 +172,13 @@ def cmd_enhance(args) -> int:
             done_before += 1
         else:
             todo.append((src, dest))
-    print(f"{len(seen)} input files: {done_before} already done, {len(todo)} to enhance with {args.model}",
-          file=sys.stderr)
-
+    say = (lambda *a, **k: print(*a, **k)) if w.main else (lambda *a, **k: None)
+    say(f"{len(seen)} input files: {done_before} already done, {len(todo)} to enhance with {args.model}"
+        + (f" on {w.size} ranks" if w.active else ""), file=sys.stderr)
+    if w.active:
+        errors = errors if w.main else []  # the listing's errors are the same on every rank: rank 0 keeps them
+        share = len(todo)
+        todo = list(w.shard(todo))
     made = 0
     if todo:
         try:
@@ -167,7 +188,7 @@ def cmd_enhance(args) -> int:
             print(f"wbc enhance: error: {e}", file=sys.stderr)
             return 1
         prov = enhancer.provenance()
-        print(f"weights: {prov.get('source', '-')} {prov.get('path', '')} sha256={enhancer.weights_id()[:16]}",
+        say(f"weights: {prov.get('source', '-')} {prov.get('path', '')} sha256={enhancer.weights_id()[:16]}",
               file=sys.stderr)
 
         rest = todo
@@ -175,15 +196,21 @@ def cmd_enhance(args) -> int:
             made, errs, per, rest = _calibrate(todo, enhancer, args.format)
             errors += errs
             if per is not None:
-                print(f"estimated total: {fmt_duration(per * len(todo))} for {len(todo)} images "
-                      f"({per:.2f} s/image on {getattr(enhancer, 'device', 'cpu')}, calibrated on 2 images)",
-                      file=sys.stderr)
+                say(f"estimated total: {fmt_duration(per * len(todo))} for {len(todo)} images"
+                    + (f" on each of {w.size} ranks ({share} in all)" if w.active else "")
+                    + f" ({per:.2f} s/image on {getattr(enhancer, 'device', 'cpu')}, calibrated on 2 images)",
+                    file=sys.stderr)
         bar = tqdm(total=len(todo), initial=len(todo) - len(rest), unit="img", desc=f"enhance {args.model}",
-                   file=sys.stderr, dynamic_ncols=True)
+                   file=sys.stderr, dynamic_ncols=True, disable=not w.main)
         written, errs = enhance_files(rest, enhancer, args.batch_size, args.format, on_batch=bar.update)
         bar.close()
         made += len(written)
         errors += errs
+    if w.active:  # rank 0 reports for all
+        made = sum(distributed.all_gather_object(made))
+        errors = [e for part in distributed.all_gather_object(errors) for e in part]
+        if not w.main:  # rank 0's exit code says it for all
+            return 0
 
     _write_errors(out_dir / ERRORS_CSV, errors)
     print(f"enhanced {made}, skipped {done_before} (already done), errors {len(errors)}", file=sys.stderr)

@@ -21,9 +21,12 @@ from core.enhance.registry import register_enhancer
 RELEASES = "https://github.com/xinntao/Real-ESRGAN/releases/download"
 FIRST_TILE, MIN_TILE = 256, 32  # tile sizes tried after an out-of-memory error
 # Images per forward pass when not given. On CPU one image is fastest: a batch's activations fall out of the
-# cache (animevideov3, 2-core EPYC: 0.51 s/image at batch 1 vs 0.74 at batch 4, fp32). On CUDA, batching
-# keeps the GPU busy; an out-of-memory error halves it.
+# cache (animevideov3, 2-core EPYC: 0.51 s/image at batch 1 vs 0.74 at batch 4, fp32). On CUDA the batch is
+# chosen from the free GPU memory (RealESRGANEnhancer._fit_to_memory); an out-of-memory error halves it.
 AUTO_BATCH = {"cpu": 1, "cuda": 8}
+MAX_AUTO_BATCH = 64
+FREE_FRACTION = 0.6  # of the free GPU memory that the auto batch may fill (the rest: cuDNN workspaces, the reader)
+PROBE_SHAPE = (240, 320)  # a Kaggle frame: the batch is sized for it (smaller regions fit more)
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ class RealESRGANEnhancer:
             raise ValueError(f"--batch-size: must be >= 1, got {batch_size}")
         self.spec, self.name = spec, spec.name
         self.device = resolve_device(device)
+        auto_batch = batch_size is None
         batch_size = AUTO_BATCH[self.device] if batch_size is None else batch_size
         # half: fp16 autocast on CUDA (default there); opt-in bf16 autocast on CPU (~1.5x on AVX512-BF16 CPUs,
         # ~54 dB PSNR vs fp32). The default on CPU is fp32, which matches RealESRGANer.
@@ -107,6 +111,33 @@ class RealESRGANEnhancer:
         self.batch_size, self.pre_pad, self.tile, self.tile_pad = batch_size, pre_pad, tile, tile_pad
         model, self._prov = resolve_weights(spec, lambda: build_model(spec), weights)
         self.model = model.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
+        self.memory: dict = {}
+        if self.device == "cuda" and auto_batch:
+            self._fit_to_memory()
+
+    def _fit_to_memory(self) -> None:
+        """Batch (and, if one frame does not fit, tile) from the free GPU memory: a one-frame probe measures
+        the peak memory per image, and the batch fills :data:`FREE_FRACTION` of what is free."""
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        try:
+            self._run(np.zeros((1, *PROBE_SHAPE, 3), np.uint8))
+        except Exception as e:
+            if not _is_oom(e):
+                raise
+            _empty_cache()
+            self.batch_size, self.tile = 1, self.tile or FIRST_TILE
+            self.memory = {"probe": "out of memory for one frame: tiled", "tile": self.tile}
+            return
+        per_image = torch.cuda.max_memory_allocated() - base
+        free, total = torch.cuda.mem_get_info()
+        self.batch_size = batch_for_memory(free, per_image)
+        self.memory = {"free_gib": round(free / 2**30, 2), "total_gib": round(total / 2**30, 2),
+                       "per_image_gib": round(per_image / 2**30, 3), "probe_shape": list(PROBE_SHAPE),
+                       "batch_size": self.batch_size}
 
     # --- Enhancer protocol ---------------------------------------------------------------------------------
     def weights_id(self) -> str:
@@ -124,6 +155,7 @@ class RealESRGANEnhancer:
         return {"enhancer": self.name, **self._prov, "arch": self.spec.arch, **self.spec.arch_kwargs,
                 "scale": self.scale, "device": self.device, "half": self.half,
                 "precision": self.precision, "batch_size": self.batch_size, "pre_pad": self.pre_pad,
+                **({"memory": self.memory} if self.memory else {}),
                 "reference": "realesrgan.RealESRGANer.enhance(outscale=4, tile=0)"}
 
     def enhance_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -204,6 +236,14 @@ def reference_enhance_rgb(upsampler, rgb: np.ndarray) -> np.ndarray:
     """Run ``RealESRGANer.enhance`` (which takes and returns BGR, cv2 order) on an RGB image; RGB out."""
     out, _ = upsampler.enhance(np.ascontiguousarray(rgb[:, :, ::-1]), outscale=4)
     return np.ascontiguousarray(out[:, :, ::-1])
+
+
+def batch_for_memory(free_bytes: int, per_image_bytes: int, fraction: float = FREE_FRACTION,
+                     cap: int = MAX_AUTO_BATCH) -> int:
+    """Images per forward that fill ``fraction`` of the free memory at ``per_image_bytes`` each (1 to ``cap``)."""
+    if per_image_bytes <= 0:
+        return cap
+    return max(1, min(cap, int(free_bytes * fraction // per_image_bytes)))
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,0 +1,138 @@
+"""Scaling: GPU-side sizing that can be checked without a GPU, and the GPU check's CPU dry run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.enhance.realesrgan import MAX_AUTO_BATCH, batch_for_memory
+from tests.gen_data import make_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_enhance_batch_fills_the_free_memory_share():
+    gib = 2**30
+    assert batch_for_memory(78 * gib, int(0.681 * gib)) == MAX_AUTO_BATCH  # an idle H100: capped
+    assert batch_for_memory(10 * gib, 1 * gib) == 6  # 60% of 10 GiB at 1 GiB per image
+    assert batch_for_memory(1 * gib, 2 * gib) == 1  # less than one image fits: 1 (then OOM -> tiles)
+    assert batch_for_memory(10 * gib, 0) == MAX_AUTO_BATCH
+
+
+def test_gpu_check_dry_run_runs_every_stage(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run: the script the GPU machine runs, every stage at toy sizes on the CPU."""
+    carry = tmp_path / "carry"
+    make_dataset(carry / "data", train_per_class=8, test_per_class=3, size=(64, 48))
+    out = tmp_path / "out"
+    env = dict(os.environ, WBC_GPU_CARRY=str(carry), PYTHON=sys.executable, OUT=str(out),
+               WBC_CACHE_DIR=str(tmp_path / "cache"))
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads((out / "gpu_check.json").read_text())
+    st = doc["stages"]
+    assert doc["mode"] == "dry-run" and set(st) == {"env", "enhance", "train", "study", "torchrun", "estimate"}
+    assert not [k for k, v in st.items() if "error" in v]
+    assert st["enhance"]["ours_images"] == 3 and st["enhance"]["psnr_db_vs_official_fp32"]["min"] > 45
+    assert st["train"]["paper_batch_images_per_s"] > 0
+    assert st["study"]["status"] == "finished" and st["study"]["kernels"]["deterministic"] is True
+    assert (out / "gpu-paper.json").is_file() and st["estimate"]["total_min_without_decode"] > 0
+    ddp = st["torchrun"]
+    assert ddp["status"] == "finished" and ddp["distributed"]["world_size"] == 2 and ddp["distributed"]["backend"] == "gloo"
+    assert 0 <= ddp["same_prediction_as_1_process"] <= 1
+
+
+# ------------------------------------------------------------------------------------- torchrun (gloo, CPU)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+STUDY = ["study", "--classifier", "simple_cnn", "--pretrained", "none", "--variants", "original",
+         "--image-size", "48", "--epochs", "3", "--batch-size", "8", "--split", "random", "--tta", "2",
+         "--device", "cpu", "--quiet"]
+
+
+def _env(tmp_path: Path) -> dict:
+    return dict(os.environ, WBC_CACHE_DIR=str(tmp_path / "cache"), WBC_OFFLINE="1", WBC_DIST_TIMEOUT_S="120",
+                OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+@pytest.fixture(scope="module")
+def ddp_data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("ddp") / "data", train_per_class=12, test_per_class=5, size=(64, 48))
+
+
+def _study(cmd: list[str], data: Path, runs: Path, run_id: str, tmp_path: Path, extra=()) -> subprocess.CompletedProcess:
+    return subprocess.run([*cmd, *STUDY, "--data", str(data), "--runs-dir", str(runs), "--run-id", run_id, *extra],
+                          cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+
+
+def test_two_rank_gloo_study_predicts_as_one_process(ddp_data, tmp_path):
+    """torchrun with 2 gloo ranks and the same global batch and seed: the test predictions of a 1-process run.
+
+    The backbone is frozen (BatchNorm in eval mode): on CPU each rank would otherwise normalise by its own half
+    of the batch (SyncBatchNorm is CUDA-only), which docs/SCALING.md gives as the tolerance of a full fine-tune.
+    What remains is the order of floating-point sums (DDP averages two half-batch gradients): 1e-5.
+    """
+    import pandas as pd
+
+    runs = tmp_path / "runs"
+    one = _study([sys.executable, "-m", "core"], ddp_data, runs, "one", tmp_path, ["--freeze-backbone"])
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _study([*TORCHRUN, "-m", "core"], ddp_data, runs, "two", tmp_path, ["--freeze-backbone"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.strip().splitlines() == ["two"]  # rank 0 alone speaks
+    a, b = (pd.read_parquet(runs / r / "predictions.parquet") for r in ("one", "two"))
+    probs = [c for c in a.columns if c.startswith("prob_")]
+    assert len(a) == len(b) == 20 and list(a["image_id"]) == list(b["image_id"])
+    assert (a["pred_label"] == b["pred_label"]).all()
+    assert float((a[probs] - b[probs]).abs().max().max()) < 1e-5
+    meta = json.loads((runs / "two" / "run.json").read_text())
+    assert meta["status"] == "finished"
+    dist = meta["distributed"]
+    assert dist["world_size"] == 2 and dist["backend"] == "gloo" and [r["rank"] for r in dist["ranks"]] == [0, 1]
+    assert json.loads((runs / "one" / "run.json").read_text())["distributed"]["world_size"] == 1
+    # rank 1 wrote nothing of its own: the run folder holds what a 1-process run holds
+    assert sorted(p.name for p in (runs / "two").iterdir()) == sorted(p.name for p in (runs / "one").iterdir())
+
+
+def test_a_failing_rank_fails_the_run_cleanly(ddp_data, tmp_path):
+    """Rank 1 raises as its first model starts: the run ends failed, naming rank 1's error, with no table of a
+    model written and no temporary file left."""
+    script = tmp_path / "failing_rank.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import core.pipeline as P\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    def boom(*a, **k):\n"
+        "        raise RuntimeError('injected failure on rank 1')\n"
+        "    P.fit = boom\n"
+        "from core.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    runs = tmp_path / "runs"
+    r = _study([*TORCHRUN, str(script)], ddp_data, runs, "broken", tmp_path)
+    assert r.returncode != 0
+    meta = json.loads((runs / "broken" / "run.json").read_text())
+    assert meta["status"] == "failed"
+    assert "rank 1: RuntimeError: injected failure on rank 1" in meta["error"]["message"]
+    assert not list((runs / "broken").glob("*.parquet")) and not list((runs / "broken").rglob("*.tmp*"))
+
+
+def test_two_rank_enhance_writes_the_files_one_process_writes(tmp_path):
+    src = make_dataset(tmp_path / "in", train_per_class=3, test_per_class=1, size=(40, 32))
+    (src / "TRAIN" / "EOSINOPHIL" / "bad.jpeg").write_text("not an image")
+    args = ["enhance", "--model", "realesr-animevideov3", "--device", "cpu", str(src)]
+    one = subprocess.run([sys.executable, "-m", "core", *args, str(tmp_path / "one")], cwd=REPO,
+                         env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    two = subprocess.run([*TORCHRUN, "-m", "core", *args, str(tmp_path / "two")], cwd=REPO,
+                         env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert one.returncode == two.returncode == 1  # the bad file, listed by both
+    assert "on 2 ranks" in two.stderr and "enhanced 16, skipped 0 (already done), errors 1" in two.stderr
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert len(files) == 17  # 16 images and the error list
+    for f in files:
+        a, b = (tmp_path / "one" / f).read_bytes(), (tmp_path / "two" / f).read_bytes()
+        assert a == b.replace(b"/two/", b"/one/") or a == b, f
