@@ -240,6 +240,8 @@ def cmd_explain(args) -> int:
     t0 = time.perf_counter()
     if getattr(args, "sr_change", False):
         return _sr_change(r, t0)
+    if getattr(args, "map", False):
+        return _map(r, t0)
     rows = explain_run(r, variant=args.variant, only_errors=args.only_errors, limit=args.limit)
     n = rows["image_id"].nunique() if len(rows) else 0
     print(f"{len(rows)} Grad-CAM maps of {n} image(s) in {r.path / 'explain'} "
@@ -279,6 +281,18 @@ def _sr_change(r, t0: float) -> int:
     summary = table.groupby("variant")["hf_gain"].median()
     print(f"sr_change: {len(table)} images in {time.perf_counter() - t0:.1f} s; median log2 high-frequency gain over "
           f"bicubic: " + (", ".join(f"{v} {g:+.2f}" for v, g in summary.items()) or "no enhanced variant"))
+    return 0
+
+
+def _map(r, t0: float) -> int:
+    import time
+
+    from core.embedmap import embedding_map
+
+    df = embedding_map(r)
+    print(f"map of {df['image_id'].nunique()} test images x {df['variant'].nunique()} variant(s) in "
+          f"{time.perf_counter() - t0:.1f} s "
+          f"(cached in the run; the dashboard's Map page shows it)")
     return 0
 
 
@@ -379,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--limit", type=int, help="at most N images per call (default: all chosen)")
     pe.add_argument("--sr-change", action="store_true",
                     help="instead: measure what super-resolution changed in every enhanced test image (sr_change)")
+    pe.add_argument("--map", action="store_true",
+                    help="instead: lay out the test set's embedding map (t-SNE per variant) and cache it in the run")
     pe.set_defaults(func=cmd_explain)
     pd_ = sub.add_parser("data", help="data helpers")
     dsub = pd_.add_subparsers(dest="data_command", required=True, parser_class=OneLineParser)

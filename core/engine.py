@@ -344,19 +344,31 @@ def fit(model: nn.Module, train: tuple, val: tuple, s: TrainSettings, device: to
 
 @torch.inference_mode()
 def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 64,
-            view: int | None = None, tta: int = 1) -> np.ndarray:
+            view: int | None = None, tta: int = 1, features: bool = False):
     """Class probabilities (N, C) as float64 of the centre ``view``; ``tta`` > 1 averages the softmax over
-    that many dihedral views (8 = every flip and quarter turn)."""
+    that many dihedral views (8 = every flip and quarter turn). ``features``: also the penultimate features
+    (N, F) float32, the head's input for the unturned view: returns (probabilities, features)."""
     spec = spec_of(model)
     model.to(device).eval()
     norm = Normalizer(spec.mean, spec.std).to(device)
-    out = []
-    for i in range(0, len(x), batch_size):
-        xb = centre_crop(x[i : i + batch_size].to(device), view or x.shape[-1]).float()
-        p = 0
-        for k in range(tta):
-            with _autocast(device):
-                logits = model(norm(dihedral_view(xb, k)).contiguous(memory_format=torch.channels_last))
-            p = p + torch.softmax(logits.float(), 1)
-        out.append(p / tta)
-    return torch.cat(out).cpu().double().numpy() if out else np.zeros((0, 0))
+    out, feats, seen = [], [], []
+    hook = getattr(model, spec.head).register_forward_pre_hook(lambda m, a: seen.append(a[0])) if features else None
+    try:
+        for i in range(0, len(x), batch_size):
+            xb = centre_crop(x[i : i + batch_size].to(device), view or x.shape[-1]).float()
+            p = 0
+            for k in range(tta):
+                with _autocast(device):
+                    logits = model(norm(dihedral_view(xb, k)).contiguous(memory_format=torch.channels_last))
+                p = p + torch.softmax(logits.float(), 1)
+                if features and k == 0:
+                    feats.append(seen.pop().float().flatten(1))
+                seen.clear()
+            out.append(p / tta)
+    finally:
+        if hook is not None:
+            hook.remove()
+    probs = torch.cat(out).cpu().double().numpy() if out else np.zeros((0, 0))
+    if not features:
+        return probs
+    return probs, torch.cat(feats).cpu().numpy() if feats else np.zeros((0, 0), np.float32)

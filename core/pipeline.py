@@ -289,8 +289,9 @@ def train_and_evaluate(sd: StudyData, cfg: StudyConfig, variant: str, seed: int,
                       label_smoothing=cfg.label_smoothing, select_by=cfg.select_by, deterministic=cfg.deterministic)
     result = fit(model, (x_tr, y["train"]), (x_va, y["val"]), s, device, on_progress=prog.callback("training"))
     w = dist.world()  # under torchrun each rank predicts its share of the test set
-    probs = dist.gather_shards(predict(model, w.shard(x_te), device, batch_size=max(cfg.batch_size, 64), view=size,
-                                       tta=cfg.tta), len(x_te))
+    probs, feats = predict(model, w.shard(x_te), device, batch_size=max(cfg.batch_size, 64), view=size, tta=cfg.tta,
+                           features=True)
+    probs, feats = dist.gather_shards(probs, len(x_te)), dist.gather_shards(feats, len(x_te))
     enhanced = te_files if variant in sd.enhanced else [None] * len(test)
     pred = predictions_frame(keys, test, probs, enhanced)
     ckpt = prog.run.path / "checkpoints" / f"{variant}-s{seed}-{size}.pt"
@@ -311,6 +312,8 @@ def train_and_evaluate(sd: StudyData, cfg: StudyConfig, variant: str, seed: int,
         "confusion": confusion_rows(keys, pred["true_label"], pred["pred_label"]),
         "history": pd.DataFrame([{**keys, **h} for h in result["history"]]),
         "validation": validation,
+        "embeddings": pd.DataFrame({"image_id": test["image_id"].to_numpy(),
+                                    "feature": list(np.asarray(feats, np.float32))}).assign(**keys),
         "splits": pd.concat([df.reindex(columns=["image_id", "label", "group_id"]).assign(**keys, role=role)
                              for role, df in (("train", train), ("val", val), ("test", test))], ignore_index=True),
         "weights": weights, "counts": {"train": len(train), "val": len(val), "test": len(test)},
@@ -331,7 +334,7 @@ def _disjoint(train: pd.DataFrame, val: pd.DataFrame) -> bool | None:
     return not set(train["group_id"]) & set(val["group_id"])
 
 
-PART_TABLES = ("predictions", "metrics", "confusion", "history", "splits", "validation")  # validation last
+PART_TABLES = ("predictions", "metrics", "confusion", "history", "splits", "embeddings", "validation")  # validation last
 
 
 def write_tables(run: Run, parts: list[dict]) -> None:

@@ -55,6 +55,8 @@ class Table(StrEnum):
     SKIPPED = "skipped"
     EXPLAIN = "explain"
     SR_CHANGE = "sr_change"
+    EMBEDDINGS = "embeddings"
+    EMBEDDING_MAP = "embedding_map"
 
 
 class Status(StrEnum):
@@ -115,7 +117,7 @@ def parse_detail(value) -> dict:
 @dataclass(frozen=True)
 class Col:
     name: str
-    dtype: str  # "str" | "int" | "float" | "bool" | "json" (a JSON string)
+    dtype: str  # "str" | "int" | "float" | "bool" | "json" (a JSON string) | "vector" (float32 array per row)
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ class TableSchema:
 
 def _cast(s: pd.Series, dtype: str) -> pd.Series:
     """Numbers and flags to their dtype (nullable when a value is missing); text is left as it is."""
-    if s.empty or dtype in ("str", "json"):
+    if s.empty or dtype in ("str", "json", "vector"):
         return s
     try:
         if dtype == "float":
@@ -197,6 +199,10 @@ TABLES: dict[Table, TableSchema] = {t: TableSchema(t.value, _cols(spec)) for t, 
     Table.EXPLAIN: _KEYS + "image_id:str role:str class_label:str cam_path:str heat_in_cell:float correct:bool",
     # What super-resolution changed (core.srchange): log2 high-frequency energy, enhanced vs bicubic x4.
     Table.SR_CHANGE: "variant:str image_id:str hf_gain:float",
+    # Penultimate features (the head's input, unturned view) of every test image, per model: float32 vectors.
+    Table.EMBEDDINGS: _KEYS + "image_id:str feature:vector",
+    # Their 2-D map (core.embedmap), cached: method is "tsne" or "pca".
+    Table.EMBEDDING_MAP: _KEYS + "image_id:str x:float y:float method:str",
 }.items()}
 SCHEMAS: dict[str, list[str]] = {t.value: s.names for t, s in TABLES.items()}  # name -> column names
 

@@ -20,7 +20,7 @@ from dashboard.state import AppState
 PAGE_CLASSES = {
     "Runs": "runs:RunsPage", "Overview": "overview:OverviewPage", "Confusion": "confusion:ConfusionPage",
     "Metrics": "metrics:MetricsPage", "Errors": "errors:ErrorsPage", "EOS/NEU": "eos_neu:EosNeuPage",
-    "Launch": "launch:LaunchPage",
+    "Map": "embedmap:MapPage", "Launch": "launch:LaunchPage",
 }
 PAGES = list(PAGE_CLASSES)
 

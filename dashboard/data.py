@@ -154,6 +154,15 @@ def sr_change_frame(run_dir) -> tuple[pd.DataFrame, str | None]:
     return _sr_change_cached(str(run.path), run.fingerprint("predictions")).copy(), None
 
 
+def embedding_map_frame(run_dir, method: str = "tsne") -> tuple[pd.DataFrame, list[str]]:
+    """The test set's map (core.embedmap; laid out once, then cached in the run), one row per image with every
+    variant's x/y and verdict; and the variants in the run's order. LookupError when the run has no features."""
+    from core.embedmap import embedding_map, wide
+
+    df = embedding_map(Run(Path(run_dir)), method=method)
+    return wide(df), list(dict.fromkeys(df["variant"]))
+
+
 def report_html(run_dir) -> bytes:
     """The run's self-contained HTML report (core.report), for the Download button."""
     from core.report import report_blocks, to_html

@@ -112,6 +112,15 @@ def _predict(manifest: pd.DataFrame, rng: np.random.Generator, acc: float, base_
     return out
 
 
+def _embeddings(preds: pd.DataFrame, rng, dims: int = 16) -> pd.DataFrame:
+    """Penultimate features as the pipeline stores them: a cluster per predicted class, so wrong images sit
+    with the class the model said."""
+    centres = rng.normal(0, 3, (len(CLASSES), dims))
+    idx = preds["pred_label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    feats = (centres[idx] + rng.normal(0, 1, (len(preds), dims))).astype(np.float32)
+    return preds[["variant", "seed", "image_size", "image_id"]].assign(feature=list(feats))
+
+
 def _tables(preds: pd.DataFrame, rng) -> dict[str, pd.DataFrame]:
     from sklearn.metrics import precision_recall_fscore_support
 
@@ -187,6 +196,7 @@ def make_fixture_store(root, n_runs: int = 2, n_test: int = 200, seeds=(0,), wit
         preds = pd.concat(preds, ignore_index=True)
         run.write_table("predictions", preds)
         run.write_table("misclassified", preds[~preds["correct"]])
+        run.write_table("embeddings", _embeddings(preds, rng))
         tables = _tables(preds, rng)
         for name, df in tables.items():
             run.write_table(name, df)

@@ -324,3 +324,37 @@ def test_download_report_returns_a_self_contained_html_file(dashboard_browser, e
     expect(report.locator("h1")).to_contain_text("tiny-explain")
     report.screenshot(path=str(artifacts_dir / "report-tiny-explain.png"))
     ctx.close()
+
+
+def test_map_lasso_selects_on_every_variant_and_fills_the_gallery(dashboard_browser, explain_server, artifacts_dir):
+    """Map page over a real tiny study: one panel per variant; a lasso on one selects those images (on both
+    panels: one shared source), the gallery shows them, and a card's click shows its Grad-CAM."""
+    ctx = dashboard_browser.new_context(viewport={"width": 1500, "height": 1300})
+    page = ctx.new_page()
+    page.goto(explain_server)
+    open_tab(page, "Map")
+    canvases = page.locator(".wbc-map-plots canvas")
+    expect(canvases.first).to_be_visible(timeout=90_000)  # t-SNE off the UI thread, then the plots
+    expect(page.locator(".wbc-map-summary div").first).to_contain_text("Lasso")
+    page.screenshot(path=str(artifacts_dir / "map-01-plots.png"), full_page=True)
+    b = canvases.first.bounding_box()
+    path = [(0.06, 0.12), (0.94, 0.12), (0.94, 0.96), (0.06, 0.96), (0.06, 0.14)]  # nearly all of the frame
+    page.mouse.move(b["x"] + path[0][0] * b["width"], b["y"] + path[0][1] * b["height"])
+    page.mouse.down()
+    for fx, fy in path[1:]:
+        page.mouse.move(b["x"] + fx * b["width"], b["y"] + fy * b["height"], steps=8)
+    page.mouse.up()
+    summary = page.locator(".wbc-map-summary div").first
+    expect(summary).to_contain_text("selected")
+    text = summary.inner_text()
+    assert re.search(r"(\d+) selected", text), text
+    n = int(re.search(r"(\d+) selected", text).group(1))
+    assert 1 <= n <= 12  # the tiny study's test set
+    cards = page.locator(".wbc-map-gallery .wbc-card")
+    expect(cards).to_have_count(n)
+    expect(cards.first.locator(".wbc-cap")).to_contain_text("original")  # every variant's verdict in the caption
+    page.screenshot(path=str(artifacts_dir / "map-02-lasso-gallery.png"), full_page=True)
+    cards.first.click()
+    expect(page.locator(".wbc-why div img")).to_have_count(4)
+    page.screenshot(path=str(artifacts_dir / "map-03-card-grad-cam.png"), full_page=True)
+    ctx.close()

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sklearn.metrics import classification_report, confusion_matrix
 
@@ -271,3 +272,29 @@ def test_a_preset_with_changed_settings_says_so_in_its_notes():
     cfg = make_config("cpu", per_class=500, epochs=8, variants=["original", "realesr-animevideov3"])
     assert cfg.notes[-1] == "changed from the cpu preset: per_class=500 (preset: 1500)"  # equal values: not listed
     assert len(make_config("quick").notes) == 1
+
+
+def test_each_model_stores_the_penultimate_features_of_its_test_images(tiny_run):
+    """embeddings.parquet: one vector per test image and model, the head's input for the unturned view."""
+    import torch
+
+    from core.engine import load_images, predict
+    from core.models import create_classifier
+
+    run, cfg, _ = tiny_run
+    emb, pred = run.table("embeddings"), run.table("predictions")
+    assert len(emb) == len(pred) and set(emb["variant"]) == set(cfg.variants)
+    assert emb[["variant", "seed", "image_size", "image_id"]].merge(pred, how="left")["true_label"].notna().all()
+    # recomputed from the stored checkpoint, they are the same vectors
+    row = emb[emb["variant"] == "original"].iloc[0]
+    ckpt = torch.load(run.path / "checkpoints" / "original-s0-32.pt", weights_only=False)
+    model, _ = create_classifier(cfg.classifier, 4, "none")
+    model.load_state_dict(ckpt["state_dict"])
+    path = pred.loc[(pred["variant"] == "original") & (pred["image_id"] == row["image_id"]), "path"].iloc[0]
+    box = pred.loc[(pred["variant"] == "original") & (pred["image_id"] == row["image_id"]),
+                   ["box_left", "box_top", "box_right", "box_bottom"]].iloc[0].tolist()
+    from core.pipeline import decoded_size
+
+    x = load_images([path], decoded_size(cfg.input_policy, 32), boxes=[None if cfg.input_policy == "full" else box])
+    _, feats = predict(model, x, torch.device("cpu"), view=32, tta=cfg.tta, features=True)
+    assert np.allclose(feats[0], np.asarray(row["feature"]), atol=1e-4)

@@ -1,0 +1,71 @@
+"""The embedding map (core.embedmap): layout, cache, the wide frame the Map page plots, and runs without features."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core import embedmap
+from core.store import Run, Table
+from fixtures_store import make_fixture_store
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_fixture_store(tmp_path_factory.mktemp("map"), n_runs=1, n_test=60, with_images=False)
+
+
+@pytest.mark.parametrize("method", embedmap.METHODS)
+def test_layout_keeps_clusters_apart(method):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 40)
+    feats = rng.normal(0, 6, (4, 64))[labels] + rng.normal(0, 1, (160, 64))
+    xy = embedmap.layout(feats, method)
+    assert xy.shape == (160, 2) and np.isfinite(xy).all()
+    d = ((xy[:, None] - xy[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    assert (labels[d.argmin(1)] == labels).mean() > 0.95  # each point's nearest neighbour is of its cluster
+
+
+def test_map_is_computed_once_then_read_from_the_run(store, monkeypatch):
+    run = Run(store["runs_dir"] / store["run_ids"][0])
+    df = embedmap.embedding_map(run)
+    assert set(df["variant"]) == {"original", "realesrgan-x4plus"} and len(df) == 2 * 60
+    assert {"x", "y", "true_label", "pred_label", "correct", "path"} <= set(df.columns) and df["x"].notna().all()
+    assert len(run.table(Table.EMBEDDING_MAP)) == 2 * 60
+    monkeypatch.setattr(embedmap, "layout", lambda *a, **k: pytest.fail("laid out again"))
+    again = embedmap.embedding_map(run)
+    assert np.allclose(again.sort_values(["variant", "image_id"])["x"], df.sort_values(["variant", "image_id"])["x"])
+
+
+def test_wide_has_each_variants_coordinates_and_verdict(store):
+    df = embedmap.embedding_map(Run(store["runs_dir"] / store["run_ids"][0]))
+    w = embedmap.wide(df)
+    assert len(w) == 60 and w["image_id"].is_unique
+    for i, v in enumerate(["original", "realesrgan-x4plus"]):
+        part = df[df["variant"] == v].set_index("image_id").loc[w["image_id"]]
+        assert np.allclose(w[f"x_{i}"], part["x"]) and (w[f"correct_{i}"].to_numpy() == part["correct"].to_numpy()).all()
+
+
+def test_a_run_without_features_says_why(tmp_path):
+    shutil.copytree(FIXTURES / "store-v1", tmp_path / "runs")
+    run = Run(next(p for p in (tmp_path / "runs").iterdir() if p.is_dir()))
+    with pytest.raises(embedmap.NoEmbeddings, match="no stored features"):
+        embedmap.embedding_map(run)
+
+
+def test_cli_lays_out_the_map_or_says_why_not(store, tmp_path, capsys):
+    from core.cli import main
+
+    assert main(["explain", store["run_ids"][0], "--runs-dir", str(store["runs_dir"]), "--map"]) == 0
+    assert "map of 60 test images x 2 variant(s)" in capsys.readouterr().out
+    shutil.copytree(FIXTURES / "store-v1", tmp_path / "runs")
+    rid = next(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir())
+    assert main(["explain", rid, "--runs-dir", str(tmp_path / "runs"), "--map"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no stored features" in err[0]
