@@ -26,10 +26,9 @@ class NoEmbeddings(LookupError):
 
 def models_with_embeddings(run: Run) -> list[tuple[str, int, int]]:
     """(variant, seed, image_size) of every model whose features are stored, in the run's order."""
-    emb = run.table(Table.EMBEDDINGS)
-    if emb.empty:
+    keys = run.table(Table.EMBEDDINGS, columns=KEYS).drop_duplicates()
+    if keys.empty:
         return []
-    keys = emb[KEYS].drop_duplicates()
     return [(str(v), int(s), int(z)) for v, s, z in keys.itertuples(index=False, name=None)]
 
 

@@ -485,7 +485,7 @@ class Run:
         if not p.exists():
             return sch.empty() if columns is None else sch.empty()[columns]
         try:
-            df = pd.read_parquet(p)
+            df = _read_columns(p, columns)
         except Exception as e:
             raise DamagedTable(p, f"{type(e).__name__}: {_first_line(e)[:160]}") from e
         df = sch.conform(df, strict=False)
@@ -542,6 +542,16 @@ class Run:
 
     def request_cancel(self) -> None:
         (self.path / CANCEL_FILE).touch()
+
+
+def _read_columns(path: Path, columns: list[str] | None) -> pd.DataFrame:
+    """Only ``columns`` when given (a table of feature vectors is large); all of them if the file lacks one."""
+    if columns is not None:
+        import pyarrow.parquet as pq
+
+        have = set(pq.read_schema(path).names)
+        return pd.read_parquet(path, columns=[c for c in columns if c in have])
+    return pd.read_parquet(path)
 
 
 class FollowerRun(Run):

@@ -154,13 +154,27 @@ def sr_change_frame(run_dir) -> tuple[pd.DataFrame, str | None]:
     return _sr_change_cached(str(run.path), run.fingerprint("predictions")).copy(), None
 
 
-def embedding_map_frame(run_dir, method: str = "tsne") -> tuple[pd.DataFrame, list[str]]:
-    """The test set's map (core.embedmap; laid out once, then cached in the run), one row per image with every
-    variant's x/y and verdict; and the variants in the run's order. LookupError when the run has no features."""
+def embedding_map_frame(run_dir, method: str = "tsne", seed: int | None = None,
+                        size: int | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """The test set's map for one seed and image size (default: the run's first; core.embedmap: laid out once,
+    then cached in the run), one row per image with every variant's x/y and verdict; and the variants in the
+    run's order. LookupError when the run has no features."""
     from core.embedmap import embedding_map, wide
 
-    df = embedding_map(Run(Path(run_dir)), method=method)
+    df = embedding_map(Run(Path(run_dir)), seed=seed, size=size, method=method)
     return wide(df), list(dict.fromkeys(df["variant"]))
+
+
+def map_models(run_dir) -> dict[str, str]:
+    """The (seed, image size) pairs a run stored features for: {"seed 0, 224 px": "0/224", ...}."""
+    from core.embedmap import models_with_embeddings
+
+    try:
+        models = models_with_embeddings(Run(Path(run_dir)))
+    except Exception:  # damaged: the map itself says why
+        return {}
+    pairs = list(dict.fromkeys((s, z) for _, s, z in models))
+    return {f"seed {s}, {z} px": f"{s}/{z}" for s, z in pairs}
 
 
 def report_html(run_dir) -> bytes:

@@ -352,9 +352,14 @@ def test_map_lasso_selects_on_every_variant_and_fills_the_gallery(dashboard_brow
     assert 1 <= n <= 12  # the tiny study's test set
     cards = page.locator(".wbc-map-gallery .wbc-card")
     expect(cards).to_have_count(n)
-    expect(cards.first.locator(".wbc-cap")).to_contain_text("original")  # every variant's verdict in the caption
+    expect(cards.first.locator(".wbc-probs")).to_contain_text("original")  # every variant's verdict on the card
+    expect(cards.first.locator(".wbc-probs")).to_contain_text("bicubic-x4")
     page.screenshot(path=str(artifacts_dir / "map-02-lasso-gallery.png"), full_page=True)
     cards.first.click()
     expect(page.locator(".wbc-why div img")).to_have_count(4)
+    expect(page.locator(".wbc-map-why-id div").first).to_contain_text("TEST_SIMPLE/")  # which image it is
     page.screenshot(path=str(artifacts_dir / "map-03-card-grad-cam.png"), full_page=True)
+    page.locator(".wbc-map-method button", has_text="PCA").click()  # the other layout, and the words follow it
+    expect(page.locator(".wbc-map-intro div").first).to_contain_text("principal components")
+    expect(page.locator(".wbc-map-plots canvas").first).to_be_visible(timeout=60_000)
     ctx.close()

@@ -69,3 +69,17 @@ def test_cli_lays_out_the_map_or_says_why_not(store, tmp_path, capsys):
     assert main(["explain", rid, "--runs-dir", str(tmp_path / "runs"), "--map"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no stored features" in err[0]
+
+
+def test_each_seed_and_size_has_its_own_map(tmp_path):
+    from dashboard.data import embedding_map_frame, map_models
+
+    info = make_fixture_store(tmp_path, n_runs=1, n_test=40, seeds=(0, 1), with_images=False)
+    rd = info["runs_dir"] / info["run_ids"][0]
+    assert map_models(rd) == {"seed 0, 224 px": "0/224", "seed 1, 224 px": "1/224"}
+    w0, variants = embedding_map_frame(rd, "pca", 0, 224)
+    w1, _ = embedding_map_frame(rd, "pca", 1, 224)
+    assert variants == ["original", "realesrgan-x4plus"] and set(w0["seed"]) == {0} and set(w1["seed"]) == {1}
+    assert not np.allclose(w0.sort_values("image_id")["x_0"], w1.sort_values("image_id")["x_0"])
+    with pytest.raises(embedmap.NoEmbeddings, match="seed 7"):
+        embedmap.embedding_map(Run(rd), seed=7)

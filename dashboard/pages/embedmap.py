@@ -13,7 +13,7 @@ import param
 
 from core.config import CLASS_ABBR, CLASSES
 
-from dashboard.data import embedding_map_frame
+from dashboard.data import embedding_map_frame, map_models
 from dashboard.gallery import Gallery, gallery_items
 from dashboard.pages.base import Page
 from dashboard.pages.common import no_run, why_view
@@ -42,7 +42,7 @@ def map_source(wide: pd.DataFrame, variants: list[str]) -> dict:
 def selection_summary(rows: pd.DataFrame, variants: list[str]) -> str:
     """'N images: 12 EOS, 3 NEU; right: original 80%, x4 87%' for the selected rows."""
     if rows.empty:
-        return "Lasso or box-select points on a map: the images appear below (click a card for its Grad-CAM)."
+        return "Lasso or box-select points on a map: the images appear below (click a card for its Grad-CAM, shown here)."
     counts = rows["true_label"].value_counts()
     by_class = ", ".join(f"{int(counts[c])} {ab(c)}" for c in CLASSES if c in counts)
     right = ", ".join(f"{esc(v)} {100 * rows[f'correct_{i}'].fillna(False).astype(bool).mean():.0f}%"
@@ -52,47 +52,67 @@ def selection_summary(rows: pd.DataFrame, variants: list[str]) -> str:
 
 
 def card_rows(rows: pd.DataFrame, variants: list[str]) -> pd.DataFrame:
-    """Gallery rows: the original region and the enhanced image, captioned with every variant's verdict."""
-    def title(r):
-        verdicts = " · ".join(f"{v}: {ab(r[f'pred_{i}'])}{'' if r[f'correct_{i}'] else ' ✗'}"
-                              for i, v in enumerate(variants))
-        return f"{ab(r['true_label'])} | {verdicts}"
-
+    """Gallery rows: the original region and the (first) enhanced image, titled with the true class; a card's
+    border is green only when every variant is right."""
     out = rows.head(MAX_CARDS).copy()
-    out["title"] = [title(r) for _, r in out.iterrows()]
+    out["title"] = [f"true {ab(t)}" for t in out["true_label"]]
     out["correct"] = out[[f"correct_{i}" for i in range(len(variants))]].fillna(False).astype(bool).all(axis=1)
     return out
+
+
+def verdict_lines(row, variants: list[str]) -> str:
+    """'original: LYM ✗<br>x4: EOS' (HTML: names escaped): what every variant said, one line each."""
+    return "<br>".join(f"{esc(v)}: {esc(ab(row[f'pred_{i}']))}{'' if row[f'correct_{i}'] else ' ✗'}"
+                       for i, v in enumerate(variants))
+
+
+METHOD_WORDS = {"tsne": "t-SNE", "pca": "PCA (the first two principal components)"}
 
 
 class MapPage(Page):
     title = "Map"
     css = "wbc-page-map"
-    method = param.Selector(default="tsne", objects={"t-SNE": "tsne", "PCA (first two components)": "pca"},
-                            doc="How the features are laid out in 2-D.")
+    method = param.Selector(default="tsne", objects={"t-SNE": "tsne", "PCA": "pca"},
+                            doc="How the features are laid out in 2-D: t-SNE, or the first two principal components.")
+    model = param.String(default="", doc="The seed and image size mapped, 'seed/size' ('' = the run's first).")
 
     def layout(self) -> list:
-        pick = pn.widgets.RadioButtonGroup.from_param(self.param.method, css_classes=["wbc-map-method"])
-        body = self.live(self.render, (self.state, ["run_id", "refresh"]), (self, ["method"]), banner=True)
-        intro = pn.pane.Markdown(
-            "### Where each model puts the test images\nEach point is a test image, placed by the model's "
-            "penultimate features (t-SNE, one panel per variant; cached in the run after the first time). "
-            "Colour: true class. A cross: the model is wrong. Select with the lasso or box on any panel.")
+        pick = pn.widgets.RadioButtonGroup.from_param(self.param.method, css_classes=["wbc-map-method"],
+                                                      button_type="primary", button_style="outline", width=220)
+        body = self.live(self.render, (self.state, ["run_id", "refresh"]), (self, ["method", "model"]), banner=True)
+        intro = pn.bind(self.intro, self.param.method)
         return [intro, pick, body]
+
+    @staticmethod
+    def intro(method):
+        return pn.pane.Markdown(
+            "### Where each model puts the test images\nEach point is a test image, placed by the model's "
+            f"penultimate features ({METHOD_WORDS[method]}; one panel per variant, laid out once and cached in the "
+            "run). Colour: true class. A cross: the model is wrong. Select with the lasso or box on any panel.",
+            css_classes=["wbc-map-intro"])
 
     def render(self):
         run_id = self.state.run_id
         if not run_id:
             return no_run()
-        return pn.panel(self._stream, sizing_mode="stretch_width")
+        models = map_models(self.state.run_dir(run_id))
+        if self.model not in models.values():
+            with param.discard_events(self):  # another run: its first model, without drawing twice
+                self.model = next(iter(models.values()), "")
+        picker = pn.widgets.Select.from_param(self.param.model, name="Seed and image size", options=models,
+                                              width=220, css_classes=["wbc-map-model"]) if len(models) > 1 else None
+        return pn.Column(*([picker] if picker else []), pn.panel(self._stream, sizing_mode="stretch_width"),
+                         sizing_mode="stretch_width")
 
     async def _stream(self):
         """A spinner while the map is laid out off the UI thread (t-SNE: seconds per variant), then the map."""
         rd, method = self.state.run_dir(self.state.run_id), self.method
-        yield pn.Row(pn.indicators.LoadingSpinner(value=True, size=24),
-                     pn.pane.Markdown("Laying out the map (t-SNE of every test image, once per run)..."),
-                     css_classes=["wbc-map-wait"])
+        seed, size = (int(v) for v in self.model.split("/")) if self.model else (None, None)
+        yield pn.Row(pn.indicators.LoadingSpinner(value=True, size=24, align="center"),
+                     pn.pane.Markdown(f"Laying out the map ({METHOD_WORDS[method]} of every test image, once per "
+                                      "run)...", align="center"), css_classes=["wbc-map-wait"])
         try:
-            wide, variants = await asyncio.to_thread(embedding_map_frame, rd, method)
+            wide, variants = await asyncio.to_thread(embedding_map_frame, rd, method, seed, size)
         except LookupError as e:  # no stored features: said, the rest of the app unaffected
             yield pn.pane.Alert(f"No map: {esc(e)}", alert_type="info", css_classes=["wbc-map-none"])
             return
@@ -106,8 +126,11 @@ class MapPage(Page):
         from bokeh.models import ColumnDataSource
 
         source = ColumnDataSource(map_source(wide, variants))
-        plots = pn.Row(*[pn.pane.Bokeh(self.panel_figure(source, i, v)) for i, v in enumerate(variants)],
+        width = max(300, min(440, 1100 // max(len(variants), 1)))  # every panel on a 1,280 px screen
+        plots = pn.Row(*[pn.pane.Bokeh(self.panel_figure(source, i, v, width)) for i, v in enumerate(variants)],
                        css_classes=["wbc-map-plots"])
+        which = pn.pane.Markdown(f"Seed {int(wide['seed'].iloc[0])}, {int(wide['image_size'].iloc[0])} px: "
+                                 f"{len(wide)} test images.", css_classes=["wbc-map-which"]) if len(wide) else None
         summary = pn.pane.Markdown(selection_summary(wide.iloc[[]], variants), css_classes=["wbc-map-summary"])
         gallery = Gallery(sizing_mode="stretch_width", css_classes=["wbc-map-gallery"],
                           empty_message="No images selected.")
@@ -120,25 +143,30 @@ class MapPage(Page):
             cards = card_rows(rows, variants)
             shown[:] = [{"image_id": r.image_id, "seed": r.seed, "image_size": r.image_size}
                         for r in cards.itertuples()]
-            gallery.items = gallery_items(cards, runs_dir=self.state.runs_dir, label_variant=False)
+            items = gallery_items(cards, runs_dir=self.state.runs_dir, label_variant=False)
+            for it, (_, r) in zip(items, cards.iterrows()):
+                it["probs"] = verdict_lines(r, variants)
+            gallery.items = items
             why.objects = []
 
         def on_card(e):
             if e.new is not None and 0 <= e.new < len(shown):
-                why.objects = [why_view(run_dir, shown[e.new])]
+                why.objects = [pn.pane.Markdown(f"**{esc(shown[e.new]['image_id'])}**", css_classes=["wbc-map-why-id"]),
+                               why_view(run_dir, shown[e.new])]
 
         source.selected.on_change("indices", on_select)
         gallery.param.watch(on_card, "selected")
         legend = " ".join(f"<span style='color:{CLASS_COLORS[c]}'>\u25cf</span> {esc(c)}" for c in CLASSES)
-        return pn.Column(pn.pane.HTML(f"<div style='font-size:13px'>{legend} &nbsp; \u2715 wrong</div>"), plots,
-                         summary, gallery, why, sizing_mode="stretch_width")
+        return pn.Column(*([which] if which else []),
+                         pn.pane.HTML(f"<div style='font-size:13px'>{legend} &nbsp; \u2715 wrong</div>"), plots,
+                         summary, why, gallery, sizing_mode="stretch_width")
 
     @staticmethod
-    def panel_figure(source, i: int, variant: str):
+    def panel_figure(source, i: int, variant: str, width: int = 440):
         from bokeh.models import HoverTool
         from bokeh.plotting import figure
 
-        f = figure(title=str(variant), width=440, height=400, tools="lasso_select,box_select,wheel_zoom,pan,reset",
+        f = figure(title=str(variant), width=width, height=width * 10 // 11, tools="lasso_select,box_select,wheel_zoom,pan,reset",
                    active_drag="lasso_select", toolbar_location="above")
         f.scatter(x=f"x_{i}", y=f"y_{i}", source=source, color="color", marker=f"marker_{i}", size=f"size_{i}",
                   line_width=2, alpha=0.85, nonselection_alpha=0.12)
