@@ -319,21 +319,28 @@ def main() -> int:
     os.environ.setdefault("WBC_CACHE_DIR", str(work / "cache"))
     os.environ["WBC_OFFLINE"] = "1"
     setup_cache(carry, Path(os.environ["WBC_CACHE_DIR"]))
-    images = sorted(data.glob("TRAIN/*/*.jp*g"))
+    images = sorted(p for p in data.glob("TRAIN/*/*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not images:
-        log(f"no images under {data}/TRAIN/<CLASS>/")
+        log(f"no images under {data}/TRAIN/<CLASS>/: run `make gpu-carry` (or pass --data DIR)")
+        shutil.rmtree(work, ignore_errors=True)
         return 2
     rep = Report(out, mode)
     only = set(args.only.split(",")) if args.only else None
     stages = [("env", env, mode), ("enhance", enhance, images, sz, work), ("train", train, images, sz),
               ("study", study, data, sz, work, out), ("torchrun", study, data, sz, work, out, sz["ranks"]),
               ("estimate", estimate, rep.doc)]
+    unknown = sorted((only or set()) - {name for name, *_ in stages})
+    if unknown:
+        log(f"--only: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(n for n, *_ in stages)}")
+        shutil.rmtree(work, ignore_errors=True)
+        return 2
     t0 = time.perf_counter()
     for name, fn, *a in stages:
         if only is None or name in only:
             rep.stage(name, fn, *a)
     rep.doc["total_s"] = round(time.perf_counter() - t0, 1)
     rep.path.write_text(json.dumps(rep.doc, indent=1, default=str))
+    shutil.rmtree(work, ignore_errors=True)
     failed = [k for k, v in rep.doc["stages"].items() if "error" in v]
     log(f"== done in {rep.doc['total_s']} s; {'failed: ' + ', '.join(failed) if failed else 'every stage passed'}")
     return 1 if failed else 0

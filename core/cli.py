@@ -238,6 +238,7 @@ def cmd_explain(args) -> int:
         raise ValueError(f"--limit: must be >= 1, got {args.limit}")
     r = _get_run(args.runs_dir, args.run)
     t0 = time.perf_counter()
+    _check_explain_mode(args)
     if getattr(args, "sr_change", False):
         return _sr_change(r, t0)
     if getattr(args, "map", False):
@@ -282,6 +283,16 @@ def _sr_change(r, t0: float) -> int:
     print(f"sr_change: {len(table)} images in {time.perf_counter() - t0:.1f} s; median log2 high-frequency gain over "
           f"bicubic: " + (", ".join(f"{v} {g:+.2f}" for v, g in summary.items()) or "no enhanced variant"))
     return 0
+
+
+def _check_explain_mode(args) -> None:
+    """--sr-change and --map are modes of their own: the Grad-CAM options do not apply to them."""
+    modes = [m for m in ("sr_change", "map") if getattr(args, m, False)]
+    if len(modes) > 1:
+        raise ValueError("--sr-change and --map: choose one")
+    for flag in ("variant", "limit", "only_errors"):
+        if modes and getattr(args, flag, None) not in (None, False):
+            raise ValueError(f"--{flag.replace('_', '-')} applies to Grad-CAM maps, not to --{modes[0].replace('_', '-')}")
 
 
 def _map(r, t0: float) -> int:
@@ -424,7 +435,9 @@ def main(argv: list[str] | None = None) -> int:
         if _cancelled(e):
             print(f"wbc {args.command}: cancelled", file=sys.stderr)
             return 130
-        print(f"wbc {args.command}: error: {_error_words(e)}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"  # torchrun: say which rank
+        print(f"wbc {args.command}: error{'' if rank == '0' else f' (rank {rank})'}: {_error_words(e)}",
+              file=sys.stderr, flush=True)
         return 2 if isinstance(e, (ValueError, KeyError, FileExistsError)) else 1
 
 

@@ -65,10 +65,21 @@ def init(device: str) -> World:
     if not dist.is_initialized():
         if device == "cuda":
             torch.cuda.set_device(local)
-        timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
+        timeout = timedelta(seconds=_timeout_s())
         dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timeout)
     _WORLD = World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local, backend=dist.get_backend())
     return _WORLD
+
+
+def _timeout_s() -> float:
+    raw = os.environ.get(TIMEOUT_ENV, "1800")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: give the seconds a collective may wait for a silent rank, e.g. 1800")
+    return value
 
 
 def shutdown() -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from core.progress import ProgressFn
-from core.store import KEYS, Run, Table
+from core.store import KEYS, DamagedTable, Run, Table
 
 METHODS = ("tsne", "pca")
 PCA_DIMS = 50
@@ -67,7 +67,7 @@ def embedding_map(run: Run, seed: int | None = None, size: int | None = None, me
     wanted = [m for m in models if m[1] == seed and m[2] == size]
     if not wanted:
         raise NoEmbeddings(f"run {run.run_id} has no features for seed {seed} at {size} px")
-    cached = run.table(Table.EMBEDDING_MAP)
+    cached = _cached_map(run)
     have = cached[(cached["method"] == method) & (cached["seed"] == seed) & (cached["image_size"] == size)] \
         if not cached.empty else cached
     todo = [m for m in wanted if m[0] not in set(have["variant"])] if not have.empty else wanted
@@ -78,6 +78,28 @@ def embedding_map(run: Run, seed: int | None = None, size: int | None = None, me
     return _with_predictions(run, have[have["variant"].isin([m[0] for m in wanted])])
 
 
+def _cached_map(run: Run) -> pd.DataFrame:
+    """The cached layouts; a damaged cache file is only a cache: it is laid out again (and rewritten)."""
+    try:
+        return run.table(Table.EMBEDDING_MAP)
+    except DamagedTable:
+        return pd.DataFrame(columns=[*KEYS, "image_id", "x", "y", "method"])
+
+
+def _features(run: Run, rows: pd.DataFrame, model: tuple) -> np.ndarray:
+    """The stored vectors of one model as an (N, F) array; unusable ones (missing, ragged, not finite) are named."""
+    where = f"run {run.run_id}, embeddings.parquet, {model[0]} seed {model[1]} {model[2]} px"
+    if not len(rows):
+        return np.zeros((0, 1), np.float32)
+    try:
+        x = np.stack([np.asarray(f, dtype=np.float32) for f in rows["feature"]])
+    except (TypeError, ValueError) as e:
+        raise NoEmbeddings(f"{where}: the stored features are missing or of unequal length ({e})") from None
+    if x.ndim != 2 or not np.isfinite(x).all():
+        raise NoEmbeddings(f"{where}: the stored features are not finite vectors; run the study again")
+    return x
+
+
 def _compute(run: Run, models: list[tuple], method: str, on_progress: ProgressFn | None) -> pd.DataFrame:
     emb = run.table(Table.EMBEDDINGS)
     out = []
@@ -85,7 +107,7 @@ def _compute(run: Run, models: list[tuple], method: str, on_progress: ProgressFn
         if on_progress:
             on_progress(i, len(models), f"laying out {v}")
         rows = emb[(emb["variant"] == v) & (emb["seed"] == s) & (emb["image_size"] == z)]
-        xy = layout(np.stack(rows["feature"].to_numpy()) if len(rows) else np.zeros((0, 1)), method, seed=s)
+        xy = layout(_features(run, rows, (v, s, z)), method, seed=s)
         out.append(pd.DataFrame({"variant": v, "seed": s, "image_size": z, "image_id": rows["image_id"].to_numpy(),
                                  "x": xy[:, 0].astype(float), "y": xy[:, 1].astype(float), "method": method}))
     if on_progress:

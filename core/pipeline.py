@@ -588,13 +588,17 @@ def _check_same_data(run: Run, data: dict) -> None:
                          f"{data['counts']}); start a new run")
 
 
+CANCEL_TYPES = ("Cancelled", "KeyboardInterrupt")
+
+
 def _record_stop(run: Run, prog: Progress, e: BaseException, t0: float) -> None:
     status = "cancelled" if isinstance(e, (Cancelled, KeyboardInterrupt)) else "failed"
     prog.finish()
     error = {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()}
     peers = rank_errors(run)  # under torchrun: what failed on the other ranks (rank 0 often sees only a lost peer)
     if peers:
-        status = "failed"
+        if any(p.get("type") not in CANCEL_TYPES for p in peers):  # a cancel reaches every rank: still a cancel
+            status = "failed"
         error.update(ranks=peers, message="; ".join(f"rank {p.get('rank')}: {p.get('type')}: {p.get('message')}"
                                                      for p in peers) + f" (rank 0: {type(e).__name__}: {e})")
     run.update_meta(status=status, ended_at=now_iso(), duration_s=round(time.time() - t0, 1), stages=prog.durations,

@@ -83,3 +83,26 @@ def test_each_seed_and_size_has_its_own_map(tmp_path):
     assert not np.allclose(w0.sort_values("image_id")["x_0"], w1.sort_values("image_id")["x_0"])
     with pytest.raises(embedmap.NoEmbeddings, match="seed 7"):
         embedmap.embedding_map(Run(rd), seed=7)
+
+
+def test_a_damaged_map_cache_is_laid_out_again_and_bad_features_are_named(tmp_path):
+    info = make_fixture_store(tmp_path, n_runs=1, n_test=30, with_images=False)
+    run = Run(info["runs_dir"] / info["run_ids"][0])
+    (run.path / "embedding_map.parquet").write_bytes(b"not parquet")
+    assert len(embedmap.embedding_map(run, method="pca")) == 60  # rebuilt from the features
+    assert len(run.table(Table.EMBEDDING_MAP)) == 60
+    emb = run.table(Table.EMBEDDINGS)
+    emb.loc[0, "feature"] = np.full(16, np.nan, np.float32)
+    run.write_table(Table.EMBEDDINGS, emb)
+    (run.path / "embedding_map.parquet").unlink()
+    with pytest.raises(embedmap.NoEmbeddings, match="embeddings.parquet, original seed 0 224 px: .*not finite"):
+        embedmap.embedding_map(run)
+
+
+def test_map_mode_refuses_grad_cam_options(store, capsys):
+    from core.cli import main
+
+    for extra in (["--variant", "original"], ["--limit", "3"], ["--only-errors"], ["--sr-change"]):
+        assert main(["explain", store["run_ids"][0], "--runs-dir", str(store["runs_dir"]), "--map", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "error:" in err[0], err

@@ -136,3 +136,38 @@ def test_two_rank_enhance_writes_the_files_one_process_writes(tmp_path):
     for f in files:
         a, b = (tmp_path / "one" / f).read_bytes(), (tmp_path / "two" / f).read_bytes()
         assert a == b.replace(b"/two/", b"/one/") or a == b, f
+
+
+def test_a_cancel_on_every_rank_is_recorded_as_cancelled_and_a_real_failure_as_failed(tmp_path):
+    """Rank 0's record of a torchrun stop: peers that were cancelled too keep it a cancel; a peer's real error
+    makes it a failure naming that rank."""
+    from core.engine import Cancelled
+    from core.pipeline import Progress, _record_stop
+    from core.store import RunStore, record_rank_error
+
+    store = RunStore(tmp_path / "runs")
+    for rid, peer, expected in (("c", Cancelled("cancelled by user"), "cancelled"),
+                                ("f", RuntimeError("CUDA error on rank 1"), "failed")):
+        run = store.create({"preset": "quick"}, rid)
+        record_rank_error(run, 1, peer)
+        _record_stop(run, Progress(run, ["data"]), Cancelled("cancelled by user"), 0.0)
+        meta = run.read_meta()
+        assert meta["status"] == expected, meta["error"]
+        assert f"rank 1: {type(peer).__name__}" in meta["error"]["message"]
+
+
+def test_gpu_check_refuses_an_unknown_stage_and_a_bad_timeout_is_named(tmp_path, monkeypatch):
+    carry = tmp_path / "carry"
+    make_dataset(carry / "data", train_per_class=2, test_per_class=1, size=(64, 48))
+    r = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--carry", str(carry), "--only",
+                        "env,nosuch", "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, WBC_CACHE_DIR=str(tmp_path / "cache")))
+    assert r.returncode == 2 and "unknown stage(s) nosuch; choose from env, enhance" in r.stdout
+    from core import distributed
+
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "abc")
+    with pytest.raises(ValueError, match="WBC_DIST_TIMEOUT_S='abc'"):
+        distributed._timeout_s()
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "0")
+    with pytest.raises(ValueError, match="WBC_DIST_TIMEOUT_S='0'"):
+        distributed._timeout_s()
