@@ -136,38 +136,43 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def unshard(parts: list, n: int):
-    """Put back together what :meth:`World.shard` split: ``parts[r]`` holds items r, r + size, ..."""
-    if len(parts) == 1:
-        return parts[0]
-    first = parts[0]
-    if isinstance(first, torch.Tensor):
-        out = first.new_empty((n, *first.shape[1:]))
-    else:
-        out = np.empty((n, *np.asarray(first).shape[1:]), dtype=np.asarray(first).dtype)
-    for r, p in enumerate(parts):
-        if len(p):  # a rank with no share (fewer items than ranks) sent nothing
-            out[r::len(parts)] = p
-    return out
+@dataclass
+class Held:
+    """The rows of an N-row image set that this rank holds in memory: ``x`` is the rows where ``mine`` is True,
+    in order (one process: all of them). Under torchrun each rank decodes and keeps only its own images, so
+    the uint8 set is split across the ranks, not copied to each."""
+
+    x: torch.Tensor
+    mine: np.ndarray  # bool (N,)
+
+    def __post_init__(self):
+        self.mine = np.asarray(self.mine, dtype=bool)
+        self._local = np.cumsum(self.mine) - 1  # global row -> row of x (where mine)
+
+    def __len__(self) -> int:
+        return len(self.mine)
+
+    @classmethod
+    def split(cls, x: torch.Tensor, world: World) -> "Held":
+        """A whole set held by every rank -> this rank's share (every size-th row)."""
+        mine = np.arange(len(x)) % world.size == world.rank
+        return cls(x[torch.from_numpy(np.nonzero(mine)[0])], mine)
+
+    def take(self, gidx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Of the global rows ``gidx``: the positions (in ``gidx``) of the ones held here, and their images."""
+        g = gidx.numpy()
+        pos = np.nonzero(self.mine[g])[0]
+        return torch.from_numpy(pos), self.x[torch.from_numpy(self._local[g[pos]])]
 
 
-def gather_shards(local, n: int):
-    """Every rank's shard (of an ``n``-row array or tensor split by :meth:`World.shard`), whole, on every rank."""
+def gather_rows(local, mine: np.ndarray):
+    """Every rank's values for the rows it holds (``mine``, see :class:`Held`), as one array in global order."""
     if not _WORLD.active:
         return local
-    if isinstance(local, torch.Tensor):
-        return unshard(_all_gather_tensor(local, n), n)
-    return unshard(all_gather_object(local), n)
-
-
-def _all_gather_tensor(local: torch.Tensor, n: int) -> list[torch.Tensor]:
-    """Tensor all-gather (no pickling: decoded image sets are large). NCCL needs the tensors on the GPU."""
-    import torch.distributed as dist
-
-    rows = -(-n // _WORLD.size)  # the first shards are one row longer when n is not a multiple
-    comm = torch.device("cuda") if _WORLD.backend == "nccl" else torch.device("cpu")
-    buf = local.new_zeros((rows, *local.shape[1:]), device=comm)
-    buf[: len(local)] = local.to(comm)
-    out = [torch.empty_like(buf) for _ in range(_WORLD.size)]
-    dist.all_gather(out, buf)
-    return [o[: len(range(r, n, _WORLD.size))].to(local.device) for r, o in enumerate(out)]
+    parts = all_gather_object((np.nonzero(mine)[0], np.asarray(local)))
+    first = next((v for _, v in parts if len(v)), np.asarray(local))
+    out = np.zeros((len(mine), *first.shape[1:]), dtype=first.dtype)
+    for pos, vals in parts:
+        if len(pos):
+            out[pos] = vals
+    return out

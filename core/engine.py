@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from core.distributed import World, all_sum, gather_shards, world
+from core.distributed import Held, World, all_sum, gather_rows, world
 from core.models import spec_of
 from core.progress import ProgressFn
 
@@ -89,13 +89,15 @@ def augment_batch(x: torch.Tensor, view: int, gen: torch.Generator, jitter: bool
         return centre_crop(x, view)
     zoom = pick(torch.exp((torch.rand(b, generator=gen) * 2 - 1) * math.log(1.15)))
     shift = pick((torch.rand(b, 2, generator=gen) * 2 - 1) * 0.08 * view / d)
+    gain = pick(1 + (torch.rand(b, 3, 1, 1, generator=gen) * 2 - 1) * 0.1)
+    offset = pick((torch.rand(b, 3, 1, 1, generator=gen) * 2 - 1) * 12)
+    if not len(x):  # this rank holds none of the batch (the draws above keep every rank's generator in step)
+        return x.new_zeros((0, x.shape[1], view, view))
     theta = torch.zeros(len(x), 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = view / d / zoom
     theta[:, :, 2] = shift
     grid = nn.functional.affine_grid(theta.to(x.device), [len(x), 3, view, view], align_corners=False)
     x = nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    gain = pick(1 + (torch.rand(b, 3, 1, 1, generator=gen) * 2 - 1) * 0.1)
-    offset = pick((torch.rand(b, 3, 1, 1, generator=gen) * 2 - 1) * 12)
     return (x * gain.to(x.device) + offset.to(x.device)).clamp(0, 255)
 
 
@@ -198,14 +200,12 @@ def run_epoch(model, norm, x, y, s: TrainSettings, device, gen, optimizer=None, 
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     preds, seen = [], 0
-    split = train and world.active
+    split = train and isinstance(x, Held)  # under torchrun: this rank holds some of the images
     with torch.set_grad_enabled(train):
         for bi, gidx in enumerate(_batches(len(x), s.batch_size, shuffle=train, gen=gen)):
-            if split and len(gidx) < world.size:  # a tail batch too small to give every rank a row: skipped
-                continue
-            rows = torch.arange(world.rank, len(gidx), world.size) if split else None
+            rows, xu8 = x.take(gidx) if split else (None, x[gidx])  # rows: positions in the global batch
             idx = gidx[rows] if split else gidx
-            xb = norm(_prepare(x[idx], s, device, gen, train, rows, len(gidx))).contiguous(memory_format=torch.channels_last)
+            xb = norm(_prepare(xu8, s, device, gen, train, rows, len(gidx))).contiguous(memory_format=torch.channels_last)
             yb = y[idx].to(device, non_blocking=True)
             with _autocast(device):
                 logits = model(xb)
@@ -233,12 +233,13 @@ def run_epoch(model, norm, x, y, s: TrainSettings, device, gen, optimizer=None, 
 
 
 def _validate(model, norm, x_val, y_val, s: TrainSettings, device, gen, world: World) -> dict:
-    """Validation, each rank on its shard (:meth:`World.shard`); the whole split's loss and predictions."""
-    va = run_epoch(model, norm, world.shard(x_val), world.shard(y_val), s, device, gen)
+    """Validation, each rank on the images it holds (:class:`Held`); the whole split's loss and predictions."""
     if not world.active:
-        return va
+        return run_epoch(model, norm, x_val, y_val, s, device, gen)
+    held = x_val if isinstance(x_val, Held) else Held.split(x_val, world)
+    va = run_epoch(model, norm, held.x, y_val[torch.from_numpy(held.mine)], s, device, gen)
     loss = all_sum(torch.tensor(va["loss_sum"], dtype=torch.float64, device=device))
-    pred = gather_shards(va["pred"], len(y_val))
+    pred = gather_rows(va["pred"], held.mine)
     return {"loss": float(loss) / max(len(y_val), 1), "pred": pred,
             "acc": float((pred == y_val.numpy()).mean()) if len(pred) else 0.0}
 
@@ -311,6 +312,8 @@ def fit(model: nn.Module, train: tuple, val: tuple, s: TrainSettings, device: to
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and not torch.cuda.is_bf16_supported() else None
     y_train, y_val = torch.as_tensor(y_train), torch.as_tensor(y_val)
     trained = _wrap(model, device, w)  # DDP under torchrun; the model itself otherwise
+    if w.active and not isinstance(x_train, Held):  # every rank was given all images: keep its share
+        x_train = Held.split(x_train, w)
     history, best, best_state, bad = [], None, None, 0
     t0 = time.perf_counter()
     for epoch in range(1, s.epochs + 1):

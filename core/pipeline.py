@@ -240,17 +240,22 @@ def _enhance_sharded(sources: list[tuple], enh, cfg: StudyConfig, prog: Progress
 
 @dataclass
 class Decoded:
-    """Every image of the study for one (variant, size), decoded once and shared by all seeds."""
+    """Every image of the study for one (variant, size), decoded once and shared by all seeds. Under torchrun
+    each rank decodes and holds only its images (``mine``: every size-th of the study's list)."""
 
-    index: dict[str, int]  # sha1 -> row of x
-    x: torch.Tensor  # uint8 (N, 3, D, D): the region widened by the policy's margin; models see the centre
-    files: list[str]  # the file read for each row
+    index: dict[str, int]  # sha1 -> the image's position in the study's list (every rank's)
+    mine: np.ndarray  # bool per position: held by this rank
+    x: torch.Tensor  # uint8 (held images, 3, D, D): the region widened by the policy's margin; models see the centre
+    files: list[str]  # the file read for each position
 
-    def take(self, df: pd.DataFrame) -> tuple[pd.DataFrame, torch.Tensor, list[str]]:
-        """Rows of ``df`` that have an image for this variant, their tensors and files."""
+    def take(self, df: pd.DataFrame) -> tuple[pd.DataFrame, dist.Held, list[str]]:
+        """Rows of ``df`` that have an image for this variant, the images of them this rank holds, their files."""
         df = df[df["sha1"].isin(self.index.keys())].reset_index(drop=True)
-        rows = [self.index[s] for s in df["sha1"]]
-        return df, self.x[rows], [self.files[i] for i in rows]
+        pos = np.array([self.index[s] for s in df["sha1"]], dtype=np.int64)
+        local = np.cumsum(self.mine) - 1  # position -> row of x
+        mine = self.mine[pos] if len(pos) else np.zeros(0, bool)
+        held = torch.from_numpy(local[pos[mine]]) if len(pos) else torch.zeros(0, dtype=torch.long)
+        return df, dist.Held(self.x[held], mine), [self.files[i] for i in pos]
 
 
 def decode_variant(sd: StudyData, variant: str, size: int, prog: Progress) -> Decoded:
@@ -262,11 +267,11 @@ def decode_variant(sd: StudyData, variant: str, size: int, prog: Progress) -> De
     else:
         files = list(images["path"])
         boxes = None if sd.policy == "full" else boxes_of(images)
-    w = dist.world()  # under torchrun each rank decodes its share, then all exchange them
+    w = dist.world()  # under torchrun each rank decodes and keeps its share only
     x = load_images(w.shard(files), decoded_size(sd.policy, size), on_progress=prog.callback("decoding images"),
                     boxes=None if boxes is None else w.shard(boxes))
-    x = dist.gather_shards(x, len(files))
-    return Decoded(index={s: i for i, s in enumerate(images["sha1"])}, x=x, files=files)
+    mine = np.arange(len(files)) % w.size == w.rank
+    return Decoded(index={s: i for i, s in enumerate(images["sha1"])}, mine=mine, x=x, files=files)
 
 
 def train_and_evaluate(sd: StudyData, cfg: StudyConfig, variant: str, seed: int, size: int, decoded: Decoded,
@@ -287,11 +292,14 @@ def train_and_evaluate(sd: StudyData, cfg: StudyConfig, variant: str, seed: int,
                       weight_decay=cfg.weight_decay, patience=cfg.patience, augment=cfg.augment,
                       freeze_backbone=cfg.freeze_backbone, seed=seed, view=size,
                       label_smoothing=cfg.label_smoothing, select_by=cfg.select_by, deterministic=cfg.deterministic)
+    w = dist.world()
+    if not w.active:  # one process holds every image: plain tensors
+        x_tr, x_va = x_tr.x, x_va.x
     result = fit(model, (x_tr, y["train"]), (x_va, y["val"]), s, device, on_progress=prog.callback("training"))
-    w = dist.world()  # under torchrun each rank predicts its share of the test set
-    probs, feats = predict(model, w.shard(x_te), device, batch_size=max(cfg.batch_size, 64), view=size, tta=cfg.tta,
+    # each rank predicts the test images it holds; all of them meet on every rank
+    probs, feats = predict(model, x_te.x, device, batch_size=max(cfg.batch_size, 64), view=size, tta=cfg.tta,
                            features=True)
-    probs, feats = dist.gather_shards(probs, len(x_te)), dist.gather_shards(feats, len(x_te))
+    probs, feats = dist.gather_rows(probs, x_te.mine), dist.gather_rows(feats, x_te.mine)
     enhanced = te_files if variant in sd.enhanced else [None] * len(test)
     pred = predictions_frame(keys, test, probs, enhanced)
     ckpt = prog.run.path / "checkpoints" / f"{variant}-s{seed}-{size}.pt"

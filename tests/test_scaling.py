@@ -171,3 +171,25 @@ def test_gpu_check_refuses_an_unknown_stage_and_a_bad_timeout_is_named(tmp_path,
     monkeypatch.setenv(distributed.TIMEOUT_ENV, "0")
     with pytest.raises(ValueError, match="WBC_DIST_TIMEOUT_S='0'"):
         distributed._timeout_s()
+
+
+def test_a_rank_holds_only_its_images_and_takes_its_part_of_each_batch():
+    """Held: the share of a set a rank keeps in memory, and the positions of a global batch it trains on."""
+    import numpy as np
+    import torch
+
+    from core.distributed import Held, World
+
+    x = torch.arange(10).view(10, 1, 1, 1).to(torch.uint8)
+    parts = [Held.split(x, World(rank=r, size=3, backend="gloo")) for r in range(3)]
+    assert [len(p.x) for p in parts] == [4, 3, 3] and all(len(p) == 10 for p in parts)
+    gidx = torch.tensor([9, 0, 4, 5, 1])
+    seen = {}
+    for p in parts:
+        pos, imgs = p.take(gidx)
+        for q, v in zip(pos.tolist(), imgs.flatten().tolist()):
+            seen[q] = v
+    assert seen == {i: int(g) for i, g in enumerate(gidx)}  # every row of the batch, once, from its holder
+    empty_pos, empty = parts[2].take(torch.tensor([0, 3]))
+    assert len(empty_pos) == 0 and empty.shape == (0, 1, 1, 1)
+    assert np.array_equal(parts[1].mine, np.arange(10) % 3 == 1)
