@@ -41,6 +41,10 @@ class World:
         """This rank's share: items rank, rank + size, ... (interleaved, so every rank gets a like mix)."""
         return items[self.rank::self.size]
 
+    def mine(self, n: int) -> np.ndarray:
+        """Which of ``n`` items :meth:`shard` gives this rank: bool (n,)."""
+        return np.arange(n) % self.size == self.rank
+
 
 _WORLD = World()
 
@@ -154,9 +158,14 @@ class Held:
 
     @classmethod
     def split(cls, x: torch.Tensor, world: World) -> "Held":
-        """A whole set held by every rank -> this rank's share (every size-th row)."""
-        mine = np.arange(len(x)) % world.size == world.rank
-        return cls(x[torch.from_numpy(np.nonzero(mine)[0])], mine)
+        """A whole set held by every rank -> this rank's share (:meth:`World.shard`'s rows)."""
+        return cls(world.shard(x), world.mine(len(x)))
+
+    def subset(self, pos: np.ndarray) -> "Held":
+        """The rows at global positions ``pos``, as a set of their own (what this rank holds of them)."""
+        pos = np.asarray(pos, dtype=np.int64)
+        mine = self.mine[pos]
+        return Held(self.x[torch.from_numpy(self._local[pos[mine]])], mine)
 
     def take(self, gidx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Of the global rows ``gidx``: the positions (in ``gidx``) of the ones held here, and their images."""

@@ -189,7 +189,7 @@ def run_epoch(model, norm, x, y, s: TrainSettings, device, gen, optimizer=None, 
               scaler=None, on_batch: Callable[[int, int], None] | None = None, world: World = World()) -> dict:
     """One pass over (x, y); trains when an optimizer is given.
 
-    Returns {"loss", "loss_sum", "n", "acc", "pred"}: mean and summed loss (label-smoothed when training),
+    Returns {"loss", "loss_sum", "acc", "pred"}: mean and summed loss (label-smoothed when training),
     accuracy, predicted classes. Loss and accuracy add up on the device: the host waits once per epoch, not
     per batch. Training under torchrun (``world.active``): every rank walks the same global batches and
     takes its rows of each; the loss is scaled so that DDP's gradient average equals one process's gradient.
@@ -225,11 +225,10 @@ def run_epoch(model, norm, x, y, s: TrainSettings, device, gen, optimizer=None, 
         all_sum(total_loss), all_sum(correct)
     loss_sum = float(total_loss)
     if train:
-        return {"loss": loss_sum / max(seen, 1), "loss_sum": loss_sum, "n": seen,
-                "acc": int(correct) / seen if seen else 0.0}
+        return {"loss": loss_sum / max(seen, 1), "loss_sum": loss_sum, "acc": int(correct) / seen if seen else 0.0}
     pred = torch.cat(preds).cpu().numpy() if preds else np.zeros(0, dtype=np.int64)
     acc = float((pred == y.numpy()).mean()) if len(pred) else 0.0
-    return {"loss": loss_sum / max(seen, 1), "loss_sum": loss_sum, "n": seen, "acc": acc, "pred": pred}
+    return {"loss": loss_sum / max(seen, 1), "loss_sum": loss_sum, "acc": acc, "pred": pred}
 
 
 def _validate(model, norm, x_val, y_val, s: TrainSettings, device, gen, world: World) -> dict:

@@ -32,8 +32,8 @@ from core.metrics import confusion_rows, metrics_rows, predictions_frame
 from core.models import create_classifier
 from core.registries import validate_config
 from core.regions import add_regions, boxes_of, margin_for
-from core.store import (CANCEL_FILE, HEARTBEAT_EVERY_S, KEYS, RANK_ERROR_PREFIX, RESUMABLE_STATUSES, FollowerRun, Run,
-                        RunStore, check_run_id, check_writable, now_iso, rank_errors, record_rank_error)
+from core.store import (CANCEL_FILE, HEARTBEAT_EVERY_S, KEYS, RESUMABLE_STATUSES, FollowerRun, Run, RunStore,
+                        check_run_id, check_writable, clear_rank_errors, now_iso, rank_errors, record_rank_error)
 
 OnProgress = Callable[[dict], None]
 
@@ -217,9 +217,9 @@ def enhance_variants(sd: StudyData, cfg: StudyConfig, enhancers: dict, prog: Pro
         res = enhance_to_cache(sources, enh, _cache(cfg), batch_size=cfg.enhance_batch_size, fmt=cfg.enhance_format,
                                on_progress=prog.callback(f"enhancing with {v}"))
         made += res.made
-        prog.run.log(f"{v}: {made} made, {len(sources) - made - len(res.errors)} from cache, {len(res.errors)} errors")
-        provenance[v] = {**enh.provenance(), "weights_id": enh.weights_id(), "made": made,
-                         "from_cache": len(sources) - made - len(res.errors)}
+        from_cache = len(sources) - made - len(res.errors)
+        prog.run.log(f"{v}: {made} made, {from_cache} from cache, {len(res.errors)} errors")
+        provenance[v] = {**enh.provenance(), "weights_id": enh.weights_id(), "made": made, "from_cache": from_cache}
         errors += [{**e, "split": f"enhance:{v}"} for e in res.errors]
         sd.enhanced[v] = res.paths
     return provenance, errors
@@ -244,18 +244,14 @@ class Decoded:
     each rank decodes and holds only its images (``mine``: every size-th of the study's list)."""
 
     index: dict[str, int]  # sha1 -> the image's position in the study's list (every rank's)
-    mine: np.ndarray  # bool per position: held by this rank
-    x: torch.Tensor  # uint8 (held images, 3, D, D): the region widened by the policy's margin; models see the centre
+    held: dist.Held  # uint8 (3, D, D) per image this rank holds: the region widened by the policy's margin
     files: list[str]  # the file read for each position
 
     def take(self, df: pd.DataFrame) -> tuple[pd.DataFrame, dist.Held, list[str]]:
         """Rows of ``df`` that have an image for this variant, the images of them this rank holds, their files."""
         df = df[df["sha1"].isin(self.index.keys())].reset_index(drop=True)
         pos = np.array([self.index[s] for s in df["sha1"]], dtype=np.int64)
-        local = np.cumsum(self.mine) - 1  # position -> row of x
-        mine = self.mine[pos] if len(pos) else np.zeros(0, bool)
-        held = torch.from_numpy(local[pos[mine]]) if len(pos) else torch.zeros(0, dtype=torch.long)
-        return df, dist.Held(self.x[held], mine), [self.files[i] for i in pos]
+        return df, self.held.subset(pos), [self.files[i] for i in pos]
 
 
 def decode_variant(sd: StudyData, variant: str, size: int, prog: Progress) -> Decoded:
@@ -270,8 +266,8 @@ def decode_variant(sd: StudyData, variant: str, size: int, prog: Progress) -> De
     w = dist.world()  # under torchrun each rank decodes and keeps its share only
     x = load_images(w.shard(files), decoded_size(sd.policy, size), on_progress=prog.callback("decoding images"),
                     boxes=None if boxes is None else w.shard(boxes))
-    mine = np.arange(len(files)) % w.size == w.rank
-    return Decoded(index={s: i for i, s in enumerate(images["sha1"])}, mine=mine, x=x, files=files)
+    return Decoded(index={s: i for i, s in enumerate(images["sha1"])}, held=dist.Held(x, w.mine(len(files))),
+                   files=files)
 
 
 def train_and_evaluate(sd: StudyData, cfg: StudyConfig, variant: str, seed: int, size: int, decoded: Decoded,
@@ -521,8 +517,7 @@ def resume(run_id: str, store: RunStore | None = None, on_progress: OnProgress |
 def _reopen(run: Run) -> Run:
     """A stopped run, ready to continue: its cancel request is dropped, the attempt recorded."""
     (run.path / CANCEL_FILE).unlink(missing_ok=True)
-    for f in run.path.glob(f"{RANK_ERROR_PREFIX}*.json"):  # an earlier attempt's failed ranks
-        f.unlink(missing_ok=True)
+    clear_rank_errors(run)  # an earlier attempt's failed ranks
     meta, status = run.read_meta(), run.status()
     run.update_meta(resumed=[*(meta.get("resumed") or []), {"at": now_iso(), "from": status, "error": meta.get("error")}])
     run.log(f"resuming (was {status})")

@@ -580,10 +580,20 @@ def record_rank_error(run: Run, rank: int, error: BaseException) -> None:
     atomic_write_json(rank_error_file(run, rank), {"rank": rank, "type": type(error).__name__, "message": str(error)})
 
 
+def _rank_error_files(run: Run) -> list[Path]:
+    return sorted(run.path.glob(f"{RANK_ERROR_PREFIX}*.json"))
+
+
+def clear_rank_errors(run: Run) -> None:
+    """Forget what failing ranks recorded (a resumed run starts a new attempt)."""
+    for f in _rank_error_files(run):
+        f.unlink(missing_ok=True)
+
+
 def rank_errors(run: Run) -> list[dict]:
     """What failing ranks recorded (see :func:`record_rank_error`), by rank."""
     out = []
-    for f in sorted(run.path.glob(f"{RANK_ERROR_PREFIX}*.json")):
+    for f in _rank_error_files(run):
         try:
             doc = json.loads(f.read_text())
         except (OSError, ValueError):
