@@ -40,8 +40,9 @@ def main() -> int:
     info = fixtures_store.make_fixture_store(root, n_runs=1, n_test=args.n, with_images=not args.no_images)
     run = Run(info["runs_dir"] / info["run_ids"][0])
     emb = run.table(Table.EMBEDDINGS)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "?")
+    from core.devices import cpu_model
+
+    cpu = cpu_model()
     print(f"# {date.today()} cpu={cpu} n={args.n} per variant, {len(np.asarray(emb['feature'].iloc[0]))}-d features")
     t0 = time.perf_counter()
     df = embedding_map(run)

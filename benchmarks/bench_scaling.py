@@ -47,8 +47,9 @@ def main() -> int:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.ranks}"]
     one, many = [sys.executable], torchrun
     base = dict(os.environ, WBC_OFFLINE="1", PYTHONPATH=str(ROOT))
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "?")
+    from core.devices import cpu_model
+
+    cpu = cpu_model()
     print(f"# {date.today()} cores={os.cpu_count()} cpu={cpu} ranks={args.ranks}")
     print("| work | 1 process (all cores) | torchrun gloo ranks (1 thread each) | ratio |")
     print("| --- | --- | --- | --- |")

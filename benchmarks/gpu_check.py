@@ -90,8 +90,10 @@ class Report:
 def env(mode: str) -> dict:
     import torch
 
+    from core.devices import cpu_model
+
     out = {"python": platform.python_version(), "torch": torch.__version__, "cores": os.cpu_count(),
-           "cpu": _cpu_model(), "cuda": torch.version.cuda, "gpu": None}
+           "cpu": cpu_model(), "cuda": torch.version.cuda, "gpu": None}
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
         out.update(gpu=torch.cuda.get_device_name(0), gpu_total_gib=round(total / 2**30, 1),
@@ -104,16 +106,6 @@ def env(mode: str) -> dict:
     elif mode == "gpu":
         raise RuntimeError("no CUDA device: run with --dry-run on a CPU")
     return out
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def enhance(images: list[Path], sz: dict, work: Path) -> dict:

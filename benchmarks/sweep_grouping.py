@@ -88,8 +88,9 @@ def main() -> int:
     train, ts = man.split("TRAIN"), man.split("TEST_SIMPLE")
     aug_dir = Path(tempfile.mkdtemp(prefix="wbc-known-"))
     truth = known_truth(ts, aug_dir)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "?")
+    from core.devices import cpu_model
+
+    cpu = cpu_model()
     print(f"# {date.today()} cpu={cpu} cores={os.cpu_count()} loader={args.loader} crop={args.crop} "
           f"size={args.size} views={args.views}")
     G._get_model("cpu")

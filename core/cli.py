@@ -127,7 +127,7 @@ _NOT_CONFIG = {"command", "func", "resume", "runs_dir", "quiet", "debug"}
 def cmd_study(args) -> int:
     from core import distributed
 
-    main_rank = int(os.environ.get("RANK", "0") or 0) == 0  # under torchrun, rank 0 alone speaks
+    main_rank = _torchrun_rank() == 0  # under torchrun, rank 0 alone speaks
     bar = None if args.quiet or not main_rank else _StageBars()
     try:
         r = _resume(args, bar) if args.resume else _start(args, bar, main_rank)
@@ -435,10 +435,21 @@ def main(argv: list[str] | None = None) -> int:
         if _cancelled(e):
             print(f"wbc {args.command}: cancelled", file=sys.stderr)
             return 130
-        rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"  # torchrun: say which rank
-        print(f"wbc {args.command}: error{'' if rank == '0' else f' (rank {rank})'}: {_error_words(e)}",
+        rank = _torchrun_rank()  # torchrun: say which rank
+        print(f"wbc {args.command}: error{f' (rank {rank})' if rank else ''}: {_error_words(e)}",
               file=sys.stderr, flush=True)
         return 2 if isinstance(e, (ValueError, KeyError, FileExistsError)) else 1
+
+
+def _torchrun_rank() -> int:
+    """This process's rank when torchrun started it (it sets WORLD_SIZE and RANK), else 0. From the environment,
+    without importing torch (core.distributed.launched reads the same two variables)."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
 
 
 def _cancelled(e: BaseException) -> bool:

@@ -5,6 +5,20 @@ from __future__ import annotations
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), for benchmark figures; else what platform knows."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def resolve_device(device: str = "auto") -> str:
     """'auto' -> 'cuda' when available, else 'cpu'; 'cuda' without CUDA or an unknown name -> ValueError."""
     import torch

@@ -172,7 +172,7 @@ def _enhance(args, w) -> int:
             done_before += 1
         else:
             todo.append((src, dest))
-    say = (lambda *a, **k: print(*a, **k)) if w.main else (lambda *a, **k: None)
+    say = print if w.main else (lambda *a, **k: None)
     say(f"{len(seen)} input files: {done_before} already done, {len(todo)} to enhance with {args.model}"
         + (f" on {w.size} ranks" if w.active else ""), file=sys.stderr)
     if w.active:

@@ -6,6 +6,7 @@ import base64
 
 import panel as pn
 
+from core.config import CLASS_ABBR
 from core.progress import fmt_duration
 from core.store import LIVE_STATUSES, RESUMABLE_STATUSES, Progress, Status
 from dashboard.data import cam_maps, run_state
@@ -17,6 +18,11 @@ VARIANT_COLORS = {"original": "#4c78a8", "realesrgan-x4plus": "#e45756", "reales
                   "realesrgan-x4plus-anime": "#b279a2", "realesr-general-x4v3": "#9d755d", "bicubic-x4": "#54a24b",
                   "lanczos-x4": "#72b7b2"}
 _SPARE = ["#eeca3b", "#ff9da6", "#bab0ac", "#17becf", "#8c564b"]
+
+
+def ab(label) -> str:
+    """A class's short name (EOS, LYM, MON, NEU), or the label as it is."""
+    return CLASS_ABBR.get(str(label), str(label))
 
 
 def variant_color(variant: str) -> str:

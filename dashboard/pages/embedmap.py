@@ -11,20 +11,16 @@ import pandas as pd
 import panel as pn
 import param
 
-from core.config import CLASS_ABBR, CLASSES
+from core.config import CLASSES
 
 from dashboard.data import embedding_map_frame, map_models
 from dashboard.gallery import Gallery, gallery_items
 from dashboard.pages.base import Page
-from dashboard.pages.common import no_run, why_view
+from dashboard.pages.common import ab, no_run, why_view
 from dashboard.safe import esc
 
 CLASS_COLORS = dict(zip(CLASSES, ("#d62728", "#1f77b4", "#2ca02c", "#9467bd")))
 MAX_CARDS = 48
-
-
-def ab(label) -> str:
-    return CLASS_ABBR.get(str(label), str(label))
 
 
 def map_source(wide: pd.DataFrame, variants: list[str]) -> dict:

@@ -8,21 +8,16 @@ import pandas as pd
 import panel as pn
 import param
 
-from core.config import CLASS_ABBR
 from core.metrics import RIGHT_TO_WRONG, WRONG_TO_RIGHT, verdict_pairs
 from core.regions import BOX_COLUMNS
 
 from dashboard.data import load_table, run_variants, sr_change_frame
 from dashboard.gallery import Gallery, gallery_items
 from dashboard.pages.base import Page
-from dashboard.pages.common import no_run, variant_colors, warnings_alert, why_view
+from dashboard.pages.common import ab, no_run, variant_colors, warnings_alert, why_view
 from dashboard.safe import esc
 
 EOS, NEU = "eosinophil", "neutrophil"
-
-
-def ab(label) -> str:
-    return CLASS_ABBR.get(str(label), str(label))
 
 
 def eos_neu_counts(pred: pd.DataFrame) -> pd.DataFrame:
