@@ -137,6 +137,7 @@ class TrainSettings:
     select_by: str = "macro_f1"  # best checkpoint: highest validation macro-F1 (ties: lower loss), or lowest loss
     warmup: float = 0.15  # share of the one-cycle schedule spent warming up
     deterministic: bool = False  # bitwise-repeatable cuDNN kernels (GPU); else cudnn.benchmark picks the fastest
+    ema: float = 0.0  # > 0: validate and keep an exponential moving average of the weights over ~this many epochs
 
 
 class Normalizer(nn.Module):
@@ -268,6 +269,26 @@ def _step(loss, optimizer, scheduler, scaler) -> None:
     scheduler.step()
 
 
+class WeightAverage:
+    """Exponential moving average of a model's weights and BatchNorm statistics, over about ``horizon_steps``
+    optimiser steps (decay 1 - 1/horizon, ramped up over the first steps so that the average does not start
+    stuck at the initial weights). The averaged copy is what gets validated and kept."""
+
+    def __init__(self, model: nn.Module, horizon_steps: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.steps = 1.0 - 1.0 / max(horizon_steps, 1.0), 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for avg, cur in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if avg.dtype.is_floating_point:
+                avg.lerp_(cur.detach(), 1.0 - d)
+            else:  # BatchNorm's num_batches_tracked
+                avg.copy_(cur)
+
+
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
     """Macro-averaged F1 over the classes present in ``y_true`` (0 for a class never predicted right)."""
     f1s = []
@@ -313,25 +334,29 @@ def fit(model: nn.Module, train: tuple, val: tuple, s: TrainSettings, device: to
     trained = _wrap(model, device, w)  # DDP under torchrun; the model itself otherwise
     if w.active and not isinstance(x_train, Held):  # every rank was given all images: keep its share
         x_train = Held.split(x_train, w)
+    avg = WeightAverage(model, s.ema * n_batches) if s.ema > 0 else None
+    kept = avg.model if avg else model  # the weights that are validated, selected and returned
     history, best, best_state, bad = [], None, None, 0
     t0 = time.perf_counter()
     for epoch in range(1, s.epochs + 1):
         te = time.perf_counter()
 
         def on_batch(b, nb, epoch=epoch):
+            if avg:
+                avg.update(model)
             if on_progress:
                 on_progress((epoch - 1) * n_batches + b, s.epochs * n_batches, f"epoch {epoch}/{s.epochs}")
 
         tr = run_epoch(trained, norm, x_train, y_train, s, device, gen, optimizer, scheduler, scaler, on_batch, w)
         with torch.inference_mode():
-            va = _validate(model, norm, x_val, y_val, s, device, gen, w)
+            va = _validate(kept, norm, x_val, y_val, s, device, gen, w)
         ep = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
               "val_acc": va["acc"], "val_macro_f1": macro_f1(y_val.numpy(), va["pred"], int(getattr(model, spec.head).out_features)),
               "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - te}
         history.append(ep)
         if _better(ep, best, s.select_by):
             best, bad = ep, 0
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in kept.state_dict().items()})
         else:
             bad += 1
             if bad >= s.patience:

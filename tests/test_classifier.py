@@ -299,6 +299,32 @@ def test_fit_stops_early_and_restores_the_best_weights():
     assert all(torch.equal(restored[k].cpu(), v) for k, v in res["best_state"].items())  # weights restored
 
 
+def test_weight_average_is_what_gets_validated_and_kept():
+    """--ema: the weights validated, selected and restored are the moving average of every step's weights."""
+    x, y = _toy()
+    model = _cnn()
+    steps = [{k: v.detach().clone() for k, v in model.state_dict().items()}]  # the start, then after each step
+    s = TrainSettings(epochs=1, batch_size=8, lr=3e-3, patience=9, augment="none", ema=0.5)
+    res = fit(model, (x, y), (x, y), s, torch.device("cpu"),
+              on_progress=lambda *a: steps.append({k: v.detach().clone() for k, v in model.state_dict().items()}))
+    assert len(steps) == 1 + 4  # 32 images in batches of 8
+    avg, decay = dict(steps[0]), 1 - 1 / (0.5 * 4)
+    for t, st in enumerate(steps[1:], start=1):  # the documented rule: decay ramped up over the first steps
+        d = min(decay, (1 + t) / (10 + t))
+        avg = {k: (v * d + st[k] * (1 - d)) if v.is_floating_point() else st[k] for k, v in avg.items()}
+    kept = res["best_state"]
+    assert all(torch.allclose(kept[k], avg[k], atol=1e-6) for k in avg)
+    assert not torch.allclose(kept["fc.weight"], steps[-1]["fc.weight"])  # not the last step's weights
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in kept.items())  # restored into the model
+    from core.engine import Normalizer, run_epoch
+    from core.models import spec_of
+
+    spec = spec_of(model)
+    va = run_epoch(model, Normalizer(spec.mean, spec.std), x, torch.as_tensor(y), s, torch.device("cpu"),
+                   torch.Generator())
+    assert va["acc"] == res["best_val_acc"]  # the validation figure is the average's own
+
+
 def test_frozen_backbone_trains_only_the_head():
     x, y = _toy()
     model = _cnn()

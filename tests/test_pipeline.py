@@ -168,6 +168,7 @@ def _wbc(*args, **kw):
     (["study", "--test-dir", "/no/such/dir"], "--test-dir: '/no/such/dir' is not a folder"),
     (["study", "--enhance-batch-size", "0"], "--enhance-batch-size: must be >= 1, got 0"),
     (["study", "--enhance-precision", "fp8"], "invalid choice: 'fp8'"),
+    (["study", "--ema", "9", "--epochs", "6"], "--ema: must be between 0 (off) and --epochs (6) epochs, got 9.0"),
 ])
 def test_cli_bad_arguments_one_line_exit_2(args, needle):
     p = _wbc(*args)
