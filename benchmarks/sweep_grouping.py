@@ -50,45 +50,6 @@ def cell_loader(crop: int):
     return load
 
 
-def dataset_like(im: Image.Image, rng) -> Image.Image:
-    """One augmentation of the family the Kaggle copies show (TRAIN at a glance): any rotation with black corners,
-    shear, zoom 0.85-1.3, a shift of up to an eighth of the frame, a mirror. Much wider than ``known_truth``'s."""
-    w, h = im.size
-    a, sh, z = np.deg2rad(rng.uniform(0, 360)), rng.uniform(-0.15, 0.15), rng.uniform(0.85, 1.3)
-    tx, ty = rng.uniform(-w / 8, w / 8), rng.uniform(-h / 8, h / 8)
-    fwd = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) @ np.array([[1, sh], [0, 1]]) * z
-    inv = np.linalg.inv(fwd)  # PIL maps each output pixel back to the input
-    c = np.array([w / 2, h / 2])
-    off = c - inv @ (c + np.array([tx, ty]))
-    out = im.transform((w, h), Image.AFFINE, (inv[0, 0], inv[0, 1], off[0], inv[1, 0], inv[1, 1], off[1]),
-                       resample=Image.BILINEAR, fillcolor=(0, 0, 0))
-    return out.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else out
-
-
-def learn_whitening(x: np.ndarray, x_aug: np.ndarray, owner: np.ndarray, dims: int, keep: int,
-                    shrink: float) -> np.ndarray:
-    """A projection (D, keep) under which copies of one image are close and different images far: PCA to ``dims``,
-    whitening of the copy differences (Radenovic et al. 2016's learned whitening, with ``shrink`` x the mean
-    eigenvalue added), then PCA of the whitened images. ``x``: centred embeddings of different images; ``x_aug``:
-    centred embeddings of augmentations, ``owner[i]`` the row of ``x`` each one copies."""
-    mu = x.mean(0)
-    _, _, vt = np.linalg.svd(x - mu, full_matrices=False)
-    p0 = vt[:dims].T
-    diff = (x_aug - x[owner]) @ p0
-    sw = diff.T @ diff / len(diff)
-    lam, u = np.linalg.eigh(sw)
-    p1 = u @ np.diag(1.0 / np.sqrt(lam + shrink * lam.mean())) @ u.T
-    y = (x - mu) @ p0 @ p1
-    _, _, vt2 = np.linalg.svd(y - y.mean(0), full_matrices=False)
-    return (p0 @ p1 @ vt2[:keep].T).astype(np.float32)
-
-
-def project(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    y = x @ w
-    y = y - y.mean(0, keepdims=True)
-    return (y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-
 def known_truth(test_simple: pd.DataFrame, out: Path, per: int = 3) -> pd.DataFrame:
     """Each distinct TEST_SIMPLE cell and ``per`` augmentations of it (the tests' ``augment``)."""
     from test_groups import augment
@@ -114,11 +75,11 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--whiten", type=int, default=0, metavar="N",
-                    help="learn a whitening from N random TRAIN images and --augs dataset-like copies of each (0: off)")
+                    help="learn the copy whitening from N TRAIN images and --augs copies of each (0: centring only)")
     ap.add_argument("--augs", type=int, default=2)
     ap.add_argument("--dims", type=int, default=256)
     ap.add_argument("--keep", type=int, default=128)
-    ap.add_argument("--shrink", type=float, default=0.1)
+    ap.add_argument("--shrink", type=float, default=0.3)
     ap.add_argument("--cuts", default=",".join(map(str, CUTS)))
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "wbc-sweep-cache"))
     args = ap.parse_args()
@@ -148,27 +109,14 @@ def main() -> int:
     emb_truth = G.embed_images(truth["path"].tolist(), truth["sha1"].tolist(), cache, views=args.views)
     train_c = G.centre(emb_train)
     truth_c, ts_c = G.centre(emb_truth), G.centre(emb_ts)
-    if args.whiten:
-        rng = np.random.default_rng(0)
-        pick = np.sort(rng.choice(len(train), args.whiten, replace=False))
-        rows = []
-        for i in pick:
-            src = Image.open(train["path"].iloc[i]).convert("RGB")
-            for k in range(args.augs):
-                p = aug_dir / f"w-{train['sha1'].iloc[i][:12]}-{k}.png"
-                dataset_like(src, rng).save(p)
-                rows.append((str(p), hashlib.sha1(p.read_bytes()).hexdigest(), i))
+    if args.whiten:  # the product's learned whitening (core.groups.whitening) with these settings
+        G.WHITEN_IMAGES, G.WHITEN_COPIES, G.WHITEN_DIMS = args.whiten, args.augs, args.dims
+        G.WHITEN_KEEP, G.WHITEN_SHRINK = args.keep, args.shrink
         t1 = time.perf_counter()
-        emb_aug = G.embed_images([r[0] for r in rows], [r[1] for r in rows], cache, views=args.views)
-        t_aug = time.perf_counter() - t1
-        m = emb_train.mean(0, keepdims=True)
-        unit = lambda v: v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-        x, x_aug = unit(emb_train[pick] - m), unit(emb_aug - m)
-        owner = np.searchsorted(pick, [r[2] for r in rows])
-        w = learn_whitening(x, x_aug, owner, args.dims, args.keep, args.shrink)
-        train_c, truth_c, ts_c = project(train_c, w), project(truth_c, w), project(ts_c, w)
-        print(f"whitening from {len(pick)} TRAIN images x {args.augs} copies (embedded in {t_aug:.0f} s), "
-              f"dims={args.dims} keep={args.keep} shrink={args.shrink}")
+        w = G.whitening(train, emb_train, cache)
+        train_c, truth_c, ts_c = G.project(train_c, w), G.project(truth_c, w), G.project(ts_c, w)
+        print(f"whitening from {min(args.whiten, len(train))} TRAIN images x {args.augs} copies "
+              f"({time.perf_counter() - t1:.0f} s), dims={args.dims} keep={args.keep} shrink={args.shrink}")
     print("| cut | EOS | LYM | MON | NEU | mean abs(log(found/expected)) | known truth: groups for "
           f"{truth['cell'].nunique()} cells (mixed / split) | TEST_SIMPLE alone ({ts['sha1'].nunique()} distinct) |")
     print("|---|---|---|---|---|---|---|---|")

@@ -95,7 +95,7 @@ def format_table(t: pd.DataFrame) -> str:
 
 def cmd_audit(args) -> int:
     from core.data import DataNotFoundError, build_manifest, subset_per_class
-    from core.groups import GROUP_THRESHOLD, NEAR_COPY_THRESHOLD, centre, embed_images, groups_from_embeddings
+    from core.groups import GROUP_THRESHOLD, NEAR_COPY_THRESHOLD, grouping_space, groups_from_embeddings
     from core.fsio import atomic_write_parquet
 
     if not Path(args.data).is_dir():
@@ -114,15 +114,14 @@ def cmd_audit(args) -> int:
     threshold = GROUP_THRESHOLD if getattr(args, "threshold", None) is None else args.threshold
     t0 = time.time()
 
-    def progress(done, total, _message=""):
+    def progress(done, total, message=""):
         if total and (done == total or done % 512 == 0):
-            print(f"\rembedding {done}/{total} images ({time.time() - t0:.0f} s)", end="", file=sys.stderr,
+            what = "learning the copy whitening:" if message else "embedding"
+            print(f"\r{what} {done}/{total} images ({time.time() - t0:.0f} s)", end="", file=sys.stderr,
                   flush=True)
 
-    emb = embed_images(df["path"].tolist(), df["sha1"].tolist(), getattr(args, "cache_dir", None),
-                       getattr(args, "device", "cpu"), progress)
+    emb = grouping_space(df, getattr(args, "cache_dir", None), getattr(args, "device", "cpu"), progress)
     print(file=sys.stderr)
-    emb = centre(emb)
     groups = groups_from_embeddings(df, emb, threshold)
     table = audit_table(df, groups, emb, threshold, NEAR_COPY_THRESHOLD, per_class_subset=bool(per_class))
     out = Path(getattr(args, "out", None) or "audit.parquet")
@@ -136,7 +135,7 @@ def cmd_audit(args) -> int:
         print(f"TEST_SIMPLE check (one group per distinct file): expected {int(ts['expected_groups'].sum())}, "
               f"found {int(ts['groups'].sum())} groups")
     print(f"group cut (average linkage): {threshold}; near-copy: nearest neighbour closer than "
-          f"{NEAR_COPY_THRESHOLD} (cosine distance of centred embeddings); wrote {out}")
+          f"{NEAR_COPY_THRESHOLD} (cosine distance of the grouping embeddings); wrote {out}")
     return 0
 
 
