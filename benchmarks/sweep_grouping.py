@@ -77,6 +77,7 @@ def main() -> int:
     ap.add_argument("--whiten", type=int, default=0, metavar="N",
                     help="learn the copy whitening from N TRAIN images and --augs copies of each (0: centring only)")
     ap.add_argument("--augs", type=int, default=2)
+    ap.add_argument("--copy-views", type=int, default=2, help="dihedral views averaged per copy")
     ap.add_argument("--dims", type=int, default=256)
     ap.add_argument("--keep", type=int, default=128)
     ap.add_argument("--shrink", type=float, default=0.3)
@@ -111,12 +112,12 @@ def main() -> int:
     truth_c, ts_c = G.centre(emb_truth), G.centre(emb_ts)
     if args.whiten:  # the product's learned whitening (core.groups.whitening) with these settings
         G.WHITEN_IMAGES, G.WHITEN_COPIES, G.WHITEN_DIMS = args.whiten, args.augs, args.dims
-        G.WHITEN_KEEP, G.WHITEN_SHRINK = args.keep, args.shrink
+        G.WHITEN_KEEP, G.WHITEN_SHRINK, G.WHITEN_VIEWS = args.keep, args.shrink, args.copy_views
         t1 = time.perf_counter()
         w = G.whitening(train, emb_train, cache)
         train_c, truth_c, ts_c = G.project(train_c, w), G.project(truth_c, w), G.project(ts_c, w)
         print(f"whitening from {min(args.whiten, len(train))} TRAIN images x {args.augs} copies "
-              f"({time.perf_counter() - t1:.0f} s), dims={args.dims} keep={args.keep} shrink={args.shrink}")
+              f"at {args.copy_views} views ({time.perf_counter() - t1:.0f} s), dims={args.dims} keep={args.keep} shrink={args.shrink}")
     print("| cut | EOS | LYM | MON | NEU | mean abs(log(found/expected)) | known truth: groups for "
           f"{truth['cell'].nunique()} cells (mixed / split) | TEST_SIMPLE alone ({ts['sha1'].nunique()} distinct) |")
     print("|---|---|---|---|---|---|---|---|")

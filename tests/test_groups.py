@@ -167,3 +167,71 @@ def test_audit_names_splits_by_folder_and_accepts_a_test_only_folder(synth, tmp_
     shutil.copytree(root / "TEST_SIMPLE", only / "TEST_SIMPLE")
     assert main([str(only), "--cache-dir", str(cache), "--out", str(tmp_path / "c.parquet")]) == 0
     assert "TEST_SIMPLE check" in capsys.readouterr().out
+
+
+def test_copies_embed_within_the_near_copy_distance(synth):
+    """Invariance: every TRAIN image (a rotation/shift/zoom/flip of its cell) has a copy of the same cell nearer
+    than the near-copy cut, and that copy is its nearest neighbour."""
+    root, cache, df, emb = synth
+    train = df[df["split"] == "TRAIN"].reset_index(drop=True)
+    e = G.grouping_space(train, cache)
+    cell = (train["label"] + train["path"].map(lambda p: Path(p).name.split("_")[1])).to_numpy()
+    d = 1.0 - e @ e.T
+    np.fill_diagonal(d, np.inf)
+    nearest = d.argmin(1)
+    assert (cell[nearest] == cell).all()
+    assert (d.min(1) < G.NEAR_COPY_THRESHOLD).all(), np.sort(d.min(1))[-5:]
+
+
+def _copies(x, owner, nuisance, rng, loud=3.0):
+    return x[owner] + rng.normal(size=(len(owner), nuisance.shape[1])) * loud @ nuisance.T \
+        + rng.normal(size=(len(owner), x.shape[1])) * 0.02
+
+
+def test_learned_whitening_pulls_copies_together():
+    """Copies differ from their image along a few loud nuisance directions (as rotations and zooms move a CNN
+    embedding); the learned whitening damps them, so fresh copies (not those it learned from) find their own
+    image again and sit much closer to it than to other images."""
+    rng = np.random.default_rng(0)
+    n, dim = 400, 64
+    x = rng.normal(size=(n, dim)) * 0.3
+    nuisance = np.linalg.qr(rng.normal(size=(dim, 4)))[0]
+    owner = np.repeat(np.arange(n), 2)
+    w = G.learn_whitening(x, _copies(x, owner, nuisance, rng), owner, dims=48, keep=24, shrink=0.1)
+    assert w.shape == (dim, 24)
+    test_owner = np.arange(n)
+    fresh = _copies(x, test_owner, nuisance, rng)
+
+    def found_and_ratio(a, b):
+        a, b = G._unit(a - x.mean(0)), G._unit(b - x.mean(0))
+        d = 1.0 - b @ a.T
+        own = d[np.arange(n), test_owner]
+        np.fill_diagonal(d, np.inf)
+        return float((own < d.min(1)).mean()), float(np.median(own) / np.median(d.min(1)))
+
+    hit_before, ratio_before = found_and_ratio(x, fresh)
+    hit_after, ratio_after = found_and_ratio(x @ w, fresh @ w)
+    assert hit_before < 0.5 and hit_after > 0.95
+    assert ratio_after < ratio_before / 3
+
+
+def test_whitening_is_learned_once_cached_and_skipped_for_small_collections(synth, monkeypatch):
+    root, cache, df, emb = synth
+    for k, v in dict(WHITEN_MIN_IMAGES=10, WHITEN_IMAGES=12, WHITEN_COPIES=1, WHITEN_DIMS=8, WHITEN_KEEP=4).items():
+        monkeypatch.setattr(G, k, v)
+    seen = []
+    w = G.whitening(df, emb, cache, on_progress=lambda d, t, m: seen.append((d, t, m)))
+    assert w.shape == (1280, 4) and seen[-1] == (12, 12, "learning the copy whitening")
+    files = list((cache / "embeddings" / G.model_id()).glob("whiten-*.npy"))
+    assert len(files) == 1
+    real_embed = G._embed_batch
+    monkeypatch.setattr(G, "_embed_batch", lambda *a: pytest.fail("learned again despite the cache"))
+    assert np.array_equal(G.whitening(df, emb, cache), w)
+    space = G.grouping_space(df, cache)
+    assert space.shape == (len(df), 4) and np.allclose(np.linalg.norm(space, axis=1), 1, atol=1e-5)
+    files[0].write_bytes(b"damaged")  # a damaged cache is learned again, the same
+    monkeypatch.setattr(G, "_embed_batch", real_embed)
+    assert np.allclose(G.whitening(df, emb, cache), w, atol=1e-4)
+    monkeypatch.setattr(G, "WHITEN_MIN_IMAGES", df["sha1"].nunique() + 1)  # too few images: centring only
+    assert G.whitening(df, emb, cache) is None
+    assert np.allclose(G.grouping_space(df, cache), G.centre(emb))
