@@ -282,7 +282,7 @@ def whitening(df: pd.DataFrame, raw: np.ndarray, cache_dir=None, device: str = "
     own = raw[[at[s] for s in rows["sha1"]]]
     m = own.mean(0, keepdims=True)
     w = learn_whitening(_unit(raw[[at[s] for s in pick["sha1"]]] - m), _unit(np.concatenate(emb_aug) - m),
-                        np.asarray(owner))
+                        np.asarray(owner), WHITEN_DIMS, WHITEN_KEEP, WHITEN_SHRINK)
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a path
             np.save(f, w)
