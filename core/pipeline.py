@@ -161,8 +161,9 @@ def _groups(df: pd.DataFrame, cfg: StudyConfig, prog: Progress) -> np.ndarray:
 
 
 def _embed_sharded(df: pd.DataFrame, cfg: StudyConfig) -> None:
-    """Under torchrun: each rank embeds its share of ``df`` into the shared cache, then all wait for all, so that
-    the grouping that follows (on every rank) finds every embedding cached. One process: nothing to do."""
+    """Under torchrun: each rank embeds its share of ``df`` into the shared cache, then all wait for all, and rank 0
+    learns the copy whitening into it, so that the grouping that follows (on every rank) finds every embedding and
+    the one whitening cached. One process: nothing to do."""
     w = dist.world()
     if not w.active:
         return
@@ -170,6 +171,13 @@ def _embed_sharded(df: pd.DataFrame, cfg: StudyConfig) -> None:
 
     embed_images(list(w.shard(list(df["path"]))), list(w.shard(list(df["sha1"]))), cache_dir=_cache(cfg),
                  device=resolve_device(cfg.device))
+    dist.barrier()
+    if w.main:  # one rank learns the copy whitening, so that every rank groups in the very same space
+        from core.groups import whitening
+
+        df = df.reset_index(drop=True)
+        raw = embed_images(list(df["path"]), list(df["sha1"]), cache_dir=_cache(cfg), device=resolve_device(cfg.device))
+        whitening(df, raw, _cache(cfg), resolve_device(cfg.device))
     dist.barrier()
 
 
