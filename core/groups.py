@@ -39,7 +39,7 @@ GROUP_THRESHOLD: float = 0.60
 #: images and 0.2% of a grouped split's (docs/RIGOR.md, benchmarks/leakage_grouping.py).
 NEAR_COPY_THRESHOLD: float = 0.28
 
-# Learned copy whitening (docs/RIGOR.md, "Learned whitening"): a projection under which augmented copies of one
+# Learned copy whitening (docs/RIGOR.md, Method, step 3): a projection under which augmented copies of one
 # image are close and different images far, learned per collection from dataset-like copies we make ourselves.
 # Chosen on real TRAIN's known cell counts (benchmarks/sweep_grouping.py --whiten).
 WHITEN_IMAGES = 600  # images it learns from: a seeded sample of the collection's TRAIN rows (else all rows)
@@ -140,8 +140,6 @@ def embed_images(paths: list[str], sha1s: list[str], cache_dir: Path | None = No
 
     ``on_progress(done, total, message)`` counts all N requested images (cached ones count as done at once).
     """
-    import torch
-
     if len(paths) != len(sha1s):
         raise ValueError("paths and sha1s differ in length")
     folder = _cache_folder(cache_dir, model_id(views))
@@ -189,6 +187,10 @@ def _embed_batch(imgs: list[np.ndarray], device: str, views: int) -> np.ndarray:
     return torch.nn.functional.normalize(f, dim=1).cpu().numpy()
 
 
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
 def centre(emb: np.ndarray) -> np.ndarray:
     """Subtract the collection's mean embedding and re-normalise.
 
@@ -196,12 +198,7 @@ def centre(emb: np.ndarray) -> np.ndarray:
     cells are only ~0.05-0.1); removing it spreads cells apart (different cells ~0.5, copies ~0.15).
     The mean is taken over the images being compared (all splits and classes passed in).
     """
-    x = emb - emb.mean(0, keepdims=True)
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    return _unit(emb - emb.mean(0, keepdims=True))
 
 
 def dataset_like(im, rng: np.random.Generator):
@@ -283,6 +280,7 @@ def whitening(df: pd.DataFrame, raw: np.ndarray, cache_dir=None, device: str = "
     m = own.mean(0, keepdims=True)
     w = learn_whitening(_unit(raw[[at[s] for s in pick["sha1"]]] - m), _unit(np.concatenate(emb_aug) - m),
                         np.asarray(owner), WHITEN_DIMS, WHITEN_KEEP, WHITEN_SHRINK)
+
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a path
             np.save(f, w)
