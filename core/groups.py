@@ -30,6 +30,8 @@ from core.progress import ProgressFn
 #: cell count (found 67/26/16/133; docs/RIGOR.md). Where it errs it merges different cells (harmless for a
 #: grouped split, which only gets coarser) rather than splitting one (which would leak).
 GROUP_THRESHOLD: float = 0.60
+#: How clusters merge (scipy.cluster.hierarchy.linkage): "average" = mean pairwise distance.
+LINKAGE: str = "average"
 
 #: Nearest-neighbour distance below which a same-class image counts as a near-copy (leakage and
 #: cross-split overlap). A single nearest pair is much closer than a cluster's average distance, so this
@@ -128,9 +130,12 @@ def _get_model(device: str):
     if device not in _MODEL_CACHE:
         from core.models import create_classifier, get_classifier_spec
 
+        import torch
+
         m, _ = create_classifier(EMBED_MODEL, 4, "imagenet")
         spec = get_classifier_spec(EMBED_MODEL)
-        _MODEL_CACHE[device] = (m.eval().to(device), spec.mean, spec.std)
+        # channels_last: 1.55x on a 2-core Xeon for the same fp32 numbers (max abs difference 1e-5; docs/BENCHMARKS.md)
+        _MODEL_CACHE[device] = (m.eval().to(device, memory_format=torch.channels_last), spec.mean, spec.std)
     return _MODEL_CACHE[device]
 
 
@@ -173,6 +178,12 @@ def embed_images(paths: list[str], sha1s: list[str], cache_dir: Path | None = No
     return np.stack([cached[s] for s in sha1s]).astype(np.float32) if sha1s else np.zeros((0, 1280), np.float32)
 
 
+#: Forward passes per call of the network (images x views). On CPU a big batch's activations are fresh memory
+#: the allocator maps and zeroes on every call (half the CPU time went to the kernel): 256 at a time ran at
+#: 18-22 img/s on a 2-core Xeon, 8 at 47 img/s, with the same numbers (docs/BENCHMARKS.md). CUDA takes 1,024.
+_FORWARDS = {"cpu": 8}
+
+
 def _embed_batch(imgs: list[np.ndarray], device: str, views: int) -> np.ndarray:
     """(B, 1280) L2-normalised embeddings of (size, size, 3) uint8 images, averaged over ``views``."""
     import torch
@@ -180,11 +191,15 @@ def _embed_batch(imgs: list[np.ndarray], device: str, views: int) -> np.ndarray:
     model, mean, std = _get_model(device)
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
     x = ((x - torch.tensor(mean).view(1, 3, 1, 1) * 255) / (torch.tensor(std).view(1, 3, 1, 1) * 255)).to(device)
+    step = max(1, _FORWARDS.get(torch.device(device).type, 1024) // views)
+    out = []
     with torch.inference_mode():
-        f = model.features(_dihedral(x, views))
-        f = torch.nn.functional.normalize(f, dim=1)  # each view counts equally
-        f = f.view(views, len(imgs), -1).mean(0)
-    return torch.nn.functional.normalize(f, dim=1).cpu().numpy()
+        for i in range(0, len(imgs), step):
+            xb = x[i:i + step]
+            f = model.features(_dihedral(xb, views).contiguous(memory_format=torch.channels_last))
+            f = torch.nn.functional.normalize(f, dim=1)  # each view counts equally
+            out.append(torch.nn.functional.normalize(f.view(views, len(xb), -1).mean(0), dim=1).cpu())
+    return torch.cat(out).numpy()
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -300,9 +315,11 @@ def grouping_space(df: pd.DataFrame, cache_dir=None, device: str = "cpu",
     return emb if w is None else project(emb, w)
 
 
-def cluster(emb: np.ndarray, threshold: float = GROUP_THRESHOLD, keys: list[str] | None = None) -> np.ndarray:
-    """Cluster labels 0..k-1 (numbered by first appearance): average-linkage agglomerative clustering
-    on cosine distance, cut at ``threshold``. Rows with the same key (sha1) always share a label.
+def cluster(emb: np.ndarray, threshold: float = GROUP_THRESHOLD, keys: list[str] | None = None,
+            method: str = LINKAGE) -> np.ndarray:
+    """Cluster labels 0..k-1 (numbered by first appearance): agglomerative clustering (``method``: a scipy
+    linkage, :data:`LINKAGE` by default) on cosine distance, cut at ``threshold``. Rows with the same key (sha1)
+    always share a label.
 
     ``emb`` should already be centred (see :func:`centre`).
     """
@@ -319,7 +336,7 @@ def cluster(emb: np.ndarray, threshold: float = GROUP_THRESHOLD, keys: list[str]
     else:
         d = np.clip(1.0 - u @ u.T, 0.0, 2.0)
         cond = d[np.triu_indices(len(u), 1)]
-        lab_u = fcluster(linkage(cond, "average"), threshold, "distance")
+        lab_u = fcluster(linkage(cond, method), threshold, "distance")
     lab = lab_u[inv.ravel()]
     _, order = np.unique(lab, return_index=True)
     renum = np.empty(lab.max() + 1, int)

@@ -75,6 +75,27 @@ def test_embeddings_normalised_and_cached(synth, monkeypatch):
     assert np.array_equal(again, emb) and calls == [len(df)]
 
 
+def test_fast_memory_layout_keeps_the_cached_numbers(synth):
+    """The embedding runs channels_last (1.5x on CPU); it must give the plain layout's numbers, or every cache
+    made before would silently mix two embeddings."""
+    import torch
+
+    root, cache, df, emb = synth
+    model, mean, std = G._get_model("cpu")
+    imgs = [G._load_image(p, G.CROP, G.SIZE) for p in df["path"][:6]]
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1) * 255) / (torch.tensor(std).view(1, 3, 1, 1) * 255)
+    plain = model.to(memory_format=torch.contiguous_format)
+    try:
+        with torch.inference_mode():
+            f = torch.nn.functional.normalize(plain.features(G._dihedral(x, G.VIEWS).contiguous()), dim=1)
+    finally:
+        model.to(memory_format=torch.channels_last)
+    ref = torch.nn.functional.normalize(f.view(G.VIEWS, len(imgs), -1).mean(0), dim=1).numpy()
+    assert np.abs(G._embed_batch(imgs, "cpu", G.VIEWS) - ref).max() < 1e-4
+    assert np.abs(emb[:6] - ref).max() < 1e-4
+
+
 def test_assign_groups_recovers_source_count(synth):
     root, cache, df, emb = synth
     groups = G.assign_groups(df, cache_dir=cache)
