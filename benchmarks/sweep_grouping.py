@@ -71,7 +71,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/blood-cells"))
     ap.add_argument("--loader", choices=("centre", "cell"), default="cell")
-    ap.add_argument("--crop", type=int, default=144, help="cell loader: square side in original pixels")
+    ap.add_argument("--crop", type=int, default=144, help="square side in original pixels (around the cell, or the centre crop)")
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--whiten", type=int, default=0, metavar="N",
@@ -82,6 +82,7 @@ def main() -> int:
     ap.add_argument("--keep", type=int, default=128)
     ap.add_argument("--shrink", type=float, default=0.3)
     ap.add_argument("--cuts", default=",".join(map(str, CUTS)))
+    ap.add_argument("--linkage", default="average", help="scipy linkage method(s), comma-separated")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "wbc-sweep-cache"))
     args = ap.parse_args()
 
@@ -90,6 +91,8 @@ def main() -> int:
 
     if args.loader == "cell":
         G._load_image = cell_loader(args.crop)
+    else:  # the product's loader reads core.groups.CROP (the whitening's copies too)
+        G.CROP = args.crop
     G.SIZE = args.size
     cache = Path(args.cache) / f"{args.loader}-c{args.crop}-s{args.size}-v{args.views}"
     man = build_manifest(Path(args.data), None)
@@ -118,26 +121,28 @@ def main() -> int:
         train_c, truth_c, ts_c = G.project(train_c, w), G.project(truth_c, w), G.project(ts_c, w)
         print(f"whitening from {min(args.whiten, len(train))} TRAIN images x {args.augs} copies "
               f"at {args.copy_views} views ({time.perf_counter() - t1:.0f} s), dims={args.dims} keep={args.keep} shrink={args.shrink}")
-    print("| cut | EOS | LYM | MON | NEU | mean abs(log(found/expected)) | known truth: groups for "
-          f"{truth['cell'].nunique()} cells (mixed / split) | TEST_SIMPLE alone ({ts['sha1'].nunique()} distinct) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for cut in [float(c) for c in args.cuts.split(",")]:
-        counts = {}
-        for label, idx in train.groupby("label").groups.items():
-            counts[label] = len(set(G.cluster(train_c[idx], cut, train.loc[idx, "sha1"].tolist())))
-        err = np.mean([abs(np.log(counts[c] / EXPECTED[c])) for c in EXPECTED])
-        mixed = split = groups = 0
-        for label, idx in truth.groupby("label").groups.items():
-            lab = G.cluster(truth_c[idx], cut, truth.loc[idx, "sha1"].tolist())
-            cells = truth.loc[idx, "cell"].to_numpy()
-            g = pd.DataFrame({"g": lab, "cell": cells})
-            groups += g["g"].nunique()
-            mixed += int((g.groupby("g")["cell"].nunique() > 1).sum())
-            split += int((g.groupby("cell")["g"].nunique() > 1).sum())
-        ts_groups = sum(len(set(G.cluster(ts_c[idx], cut, ts.loc[idx, "sha1"].tolist())))
-                        for _, idx in ts.groupby("label").groups.items())
-        print(f"| {cut:.2f} | " + " | ".join(str(counts[c]) for c in EXPECTED)
-              + f" | {err:.2f} | {groups} ({mixed} / {split}) | {ts_groups} |", flush=True)
+    for method in args.linkage.split(","):
+        print(f"linkage={method}")
+        print("| cut | EOS | LYM | MON | NEU | mean abs(log(found/expected)) | known truth: groups for "
+              f"{truth['cell'].nunique()} cells (mixed / split) | TEST_SIMPLE alone ({ts['sha1'].nunique()} distinct) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for cut in [float(c) for c in args.cuts.split(",")]:
+            counts = {}
+            for label, idx in train.groupby("label").groups.items():
+                counts[label] = len(set(G.cluster(train_c[idx], cut, train.loc[idx, "sha1"].tolist(), method)))
+            err = np.mean([abs(np.log(counts[c] / EXPECTED[c])) for c in EXPECTED])
+            mixed = split = groups = 0
+            for label, idx in truth.groupby("label").groups.items():
+                lab = G.cluster(truth_c[idx], cut, truth.loc[idx, "sha1"].tolist(), method)
+                cells = truth.loc[idx, "cell"].to_numpy()
+                g = pd.DataFrame({"g": lab, "cell": cells})
+                groups += g["g"].nunique()
+                mixed += int((g.groupby("g")["cell"].nunique() > 1).sum())
+                split += int((g.groupby("cell")["g"].nunique() > 1).sum())
+            ts_groups = sum(len(set(G.cluster(ts_c[idx], cut, ts.loc[idx, "sha1"].tolist(), method)))
+                            for _, idx in ts.groupby("label").groups.items())
+            print(f"| {cut:.2f} | " + " | ".join(str(counts[c]) for c in EXPECTED)
+                  + f" | {err:.2f} | {groups} ({mixed} / {split}) | {ts_groups} |", flush=True)
     return 0
 
 
