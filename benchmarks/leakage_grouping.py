@@ -4,7 +4,7 @@
 
 Prints (1) the quantiles of each TEST_SIMPLE image's distance to its nearest same-class TRAIN image (different
 cells by construction: the false near-copy rate of a cut), and (2) for an 80/20 split of all of TRAIN, random (the
-paper's) and grouped (``core.groups.GROUP_THRESHOLD``): the share of validation images with a near-copy in training
+paper's) and grouped (the space's group cut): the share of validation images with a near-copy in training
 below each cut, and the median nearest-neighbour distance. Everything in ``core.groups.grouping_space``.
 """
 
@@ -34,19 +34,22 @@ def main() -> int:
     from core import groups as G
     from core.devices import cpu_model
 
-    print(f"# {date.today()} cpu={cpu_model()} cores={os.cpu_count()} group cut={G.GROUP_THRESHOLD}")
     man = D.build_manifest(Path(args.data), None)
     train, ts = man.split("TRAIN"), man.split("TEST_SIMPLE")
     both = pd.concat([train, ts], ignore_index=True)
-    emb = G.grouping_space(both, args.cache)
+    space = G.grouping_space(both, args.cache)
+    emb = space.emb
+    print(f"# {date.today()} cpu={cpu_model()} cores={os.cpu_count()} network={space.network} "
+          f"group cut={space.group_cut} near-copy cut={space.near_copy_cut}")
     n = len(train)
     d = G.nearest_distance(emb[n:], ts["label"], emb[:n], train["label"])
     q = np.quantile(d, [0.01, 0.05, 0.10, 0.50])
     print("TEST_SIMPLE -> nearest same-class TRAIN image (different cells): quantiles 1% {:.3f}, 5% {:.3f}, "
           "10% {:.3f}, 50% {:.3f}".format(*q))
     cuts = [float(c) for c in args.cuts.split(",")]
-    emb_tr = G.grouping_space(train, args.cache)
-    groups = G.groups_from_embeddings(train, emb_tr)
+    space_tr = G.grouping_space(train, args.cache)
+    emb_tr = space_tr.emb
+    groups = G.groups_from_embeddings(train, emb_tr, space_tr.group_cut)
     rows = {}
     for name, (tr, va) in {"random": D.random_split(train, 0.2, 0),
                            "grouped": D.grouped_split(train, groups, 0.2, 0)}.items():

@@ -83,6 +83,8 @@ def main() -> int:
     ap.add_argument("--shrink", type=float, default=0.3)
     ap.add_argument("--cuts", default=",".join(map(str, CUTS)))
     ap.add_argument("--linkage", default="average", help="scipy linkage method(s), comma-separated")
+    ap.add_argument("--tune", action="store_true",
+                    help="embed with the product's copy-tuned network (core.groups.copy_tune, learned from TRAIN)")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "wbc-sweep-cache"))
     args = ap.parse_args()
 
@@ -104,20 +106,25 @@ def main() -> int:
     cpu = cpu_model()
     print(f"# {date.today()} cpu={cpu} cores={os.cpu_count()} loader={args.loader} crop={args.crop} "
           f"size={args.size} views={args.views}")
-    G._get_model("cpu")
+    tuned = None
+    if args.tune:
+        t0 = time.perf_counter()
+        tuned = G.copy_tune(train, cache)
+        print(f"copy-tuned network {tuned} in {(time.perf_counter() - t0) / 60:.1f} min (sample grouping included)")
+    G._get_model("cpu", tuned)
     t0 = time.perf_counter()
-    emb_train = G.embed_images(train["path"].tolist(), train["sha1"].tolist(), cache, views=args.views)
+    emb_train = G.embed_images(train["path"].tolist(), train["sha1"].tolist(), cache, views=args.views, tuned=tuned)
     t_train = time.perf_counter() - t0
     print(f"embedded {len(train)} TRAIN images in {t_train / 60:.1f} min ({len(train) / t_train:.1f} img/s)")
-    emb_ts = G.embed_images(ts["path"].tolist(), ts["sha1"].tolist(), cache, views=args.views)
-    emb_truth = G.embed_images(truth["path"].tolist(), truth["sha1"].tolist(), cache, views=args.views)
+    emb_ts = G.embed_images(ts["path"].tolist(), ts["sha1"].tolist(), cache, views=args.views, tuned=tuned)
+    emb_truth = G.embed_images(truth["path"].tolist(), truth["sha1"].tolist(), cache, views=args.views, tuned=tuned)
     train_c = G.centre(emb_train)
     truth_c, ts_c = G.centre(emb_truth), G.centre(emb_ts)
     if args.whiten:  # the product's learned whitening (core.groups.whitening) with these settings
         G.WHITEN_IMAGES, G.WHITEN_COPIES, G.WHITEN_DIMS = args.whiten, args.augs, args.dims
         G.WHITEN_KEEP, G.WHITEN_SHRINK, G.WHITEN_VIEWS = args.keep, args.shrink, args.copy_views
         t1 = time.perf_counter()
-        w = G.whitening(train, emb_train, cache)
+        w = G.whitening(train, emb_train, cache, tuned=tuned)
         train_c, truth_c, ts_c = G.project(train_c, w), G.project(truth_c, w), G.project(ts_c, w)
         print(f"whitening from {min(args.whiten, len(train))} TRAIN images x {args.augs} copies "
               f"at {args.copy_views} views ({time.perf_counter() - t1:.0f} s), dims={args.dims} keep={args.keep} shrink={args.shrink}")

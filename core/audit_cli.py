@@ -36,7 +36,8 @@ def add_audit_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device for the embeddings (cpu, cuda)")
     p.add_argument("--per-class", type=int, default=None,
                    help="audit at most N images per class of TRAIN and TEST (random, seed 0); default all")
-    p.add_argument("--threshold", type=float, default=None, help="group cut (default: core.groups.GROUP_THRESHOLD)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="group cut (default: the embedding space's, core.groups.Space.group_cut)")
     p.add_argument("--cache-dir", default=None, help="embedding cache (default: the wbc cache dir)")
     p.add_argument("--json", action="store_true", help="print the table as JSON (one object per row) instead")
     p.set_defaults(func=cmd_audit)
@@ -95,7 +96,7 @@ def format_table(t: pd.DataFrame) -> str:
 
 def cmd_audit(args) -> int:
     from core.data import DataNotFoundError, build_manifest, subset_per_class
-    from core.groups import GROUP_THRESHOLD, NEAR_COPY_THRESHOLD, grouping_space, groups_from_embeddings
+    from core.groups import grouping_space, groups_from_embeddings
     from core.fsio import atomic_write_parquet
 
     if not Path(args.data).is_dir():
@@ -111,19 +112,18 @@ def cmd_audit(args) -> int:
     if per_class:
         df = pd.concat([g if split == "TEST_SIMPLE" else subset_per_class(g, per_class, 0)
                         for split, g in df.groupby("split", sort=False)], ignore_index=True)
-    threshold = GROUP_THRESHOLD if getattr(args, "threshold", None) is None else args.threshold
     t0 = time.time()
 
     def progress(done, total, message=""):
-        if total and (done == total or done % 512 == 0):
-            what = "learning the copy whitening:" if message else "embedding"
-            print(f"\r{what} {done}/{total} images ({time.time() - t0:.0f} s)", end="", file=sys.stderr,
-                  flush=True)
+        if total and (done == total or done % (512 if total > 1000 else 10) == 0):
+            print(f"\r{message or 'embedding images'}: {done}/{total} ({time.time() - t0:.0f} s)".ljust(72), end="",
+                  file=sys.stderr, flush=True)
 
-    emb = grouping_space(df, getattr(args, "cache_dir", None), getattr(args, "device", "cpu"), progress)
+    space = grouping_space(df, getattr(args, "cache_dir", None), getattr(args, "device", "cpu"), progress)
     print(file=sys.stderr)
-    groups = groups_from_embeddings(df, emb, threshold)
-    table = audit_table(df, groups, emb, threshold, NEAR_COPY_THRESHOLD, per_class_subset=bool(per_class))
+    threshold = space.group_cut if getattr(args, "threshold", None) is None else args.threshold
+    groups = groups_from_embeddings(df, space.emb, threshold)
+    table = audit_table(df, groups, space.emb, threshold, space.near_copy_cut, per_class_subset=bool(per_class))
     out = Path(getattr(args, "out", None) or "audit.parquet")
     atomic_write_parquet(out, table)
     if getattr(args, "json", False):
@@ -134,8 +134,8 @@ def cmd_audit(args) -> int:
     if not ts.empty:
         print(f"TEST_SIMPLE check (one group per distinct file): expected {int(ts['expected_groups'].sum())}, "
               f"found {int(ts['groups'].sum())} groups")
-    print(f"group cut (average linkage): {threshold}; near-copy: nearest neighbour closer than "
-          f"{NEAR_COPY_THRESHOLD} (cosine distance of the grouping embeddings); wrote {out}")
+    print(f"embedding: {space.network}; group cut (average linkage): {threshold}; near-copy: nearest neighbour "
+          f"closer than {space.near_copy_cut} (cosine distance of the grouping embeddings); wrote {out}")
     return 0
 
 

@@ -1,14 +1,15 @@
 """Source-cell grouping: which images are augmentations of the same source cell.
 
 The Kaggle images are rotations/shifts/zooms/flips of few source cells and the file names do not say
-which (see the dataset's SOURCE.md). We embed every image with the offline ImageNet EfficientNet-Lite0
-(pooled features of a centre crop, averaged over the four 90-degree rotations), centre the embeddings
-on the collection being compared (blood smears share a large common component), project them through a
-whitening learned from copies we make of the collection's own images (copies close, different images far),
-and cluster each
-(split, label) by average-linkage agglomerative clustering on cosine distance, cut at
-:data:`GROUP_THRESHOLD`. A near-copy (for leakage and cross-split checks) is a nearest same-class
-neighbour closer than :data:`NEAR_COPY_THRESHOLD`. Validation: docs/RIGOR.md.
+which (see the dataset's SOURCE.md). We embed every image with EfficientNet-Lite0 (pooled features of a centre
+crop, averaged over the four 90-degree rotations). For a collection of at least :data:`TUNE_MIN_IMAGES` TRAIN
+images the network is first copy-tuned (:func:`copy_tune`: a short contrastive fine-tune on copies we make of the
+collection's own images); smaller ones keep the ImageNet weights. The embeddings are centred on the collection
+being compared (blood smears share a large common component), projected through a whitening learned from copies
+of the collection's images (copies close, different images far), and each (split, label) is clustered by
+average-linkage agglomerative clustering on cosine distance. The cut that defines a group and the distance below
+which a nearest same-class neighbour is a near-copy (leakage, cross-split checks) belong to the network's
+space (:class:`Space`). Validation: docs/RIGOR.md.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,21 @@ LINKAGE: str = "average"
 #: images and 0.2% of a grouped split's (docs/RIGOR.md, benchmarks/leakage_grouping.py).
 NEAR_COPY_THRESHOLD: float = 0.28
 
+#: The same two cuts in the copy-tuned space (:func:`copy_tune`), chosen the same way (docs/RIGOR.md).
+TUNED_GROUP_THRESHOLD: float = 0.325
+TUNED_NEAR_COPY_THRESHOLD: float = 0.17
+
+# Copy tuning (docs/RIGOR.md, Method, step 4): a contrastive fine-tune of the embedding network on dataset-like
+# copies of the collection's own TRAIN images, for collections big enough to pay for it (about 4 min on 2 cores).
+TUNE_MIN_IMAGES = 2000  # fewer distinct TRAIN images (the quick preset's pool): the whitened ImageNet embedding
+TUNE_IMAGES = 2000  # the seeded sample it learns from, grouped first in the whitened ImageNet space
+TUNE_STEPS = 150
+TUNE_BATCH = 32  # images per step, each from a different source group, two copies each
+TUNE_LR = 1e-4  # the network's (its projection head: 1e-3), AdamW
+TUNE_TEMPERATURE = 0.1
+TUNE_VIEWS = 2  # views averaged per image with the tuned network (4 fits the counts as well at twice the cost)
+TUNE_VERSION = 1
+
 # Learned copy whitening (docs/RIGOR.md, Method, step 3): a projection under which augmented copies of one
 # image are close and different images far, learned per collection from dataset-like copies we make ourselves.
 # Chosen on real TRAIN's known cell counts (benchmarks/sweep_grouping.py --whiten).
@@ -61,8 +78,11 @@ SIZE = 128  # network input size; ~3-4x cheaper than 224 (not compared for group
 VIEWS = 4
 
 
-def model_id(views: int = VIEWS, crop: int = CROP, size: int = SIZE) -> str:
-    return f"{EMBED_MODEL}-imagenet-c{crop}-s{size}-v{views}"
+def model_id(views: int = VIEWS, crop: int = CROP, size: int = SIZE, tuned: Path | None = None) -> str:
+    """Names the cache folder of one embedding: the network (ImageNet, or copy-tuned weights by their key), the
+    crop, the input size and the views."""
+    weights = "imagenet" if tuned is None else f"copytune-{Path(tuned).stem}"
+    return f"{EMBED_MODEL}-{weights}-c{crop}-s{size}-v{views}"
 
 
 def _cache_folder(cache_dir: Path | None, mid: str) -> Path:
@@ -126,28 +146,34 @@ def _dihedral(x, views: int):
 _MODEL_CACHE: dict = {}
 
 
-def _get_model(device: str):
-    if device not in _MODEL_CACHE:
-        from core.models import create_classifier, get_classifier_spec
-
+def _get_model(device: str, tuned: Path | None = None):
+    """(network, mean, std): the ImageNet EfficientNet-Lite0, or with copy-tuned weights (:func:`copy_tune`)."""
+    key = (device, None if tuned is None else str(tuned))
+    if key not in _MODEL_CACHE:
         import torch
 
+        from core.models import create_classifier, get_classifier_spec
+
         m, _ = create_classifier(EMBED_MODEL, 4, "imagenet")
+        if tuned is not None:
+            m.load_state_dict(torch.load(tuned, map_location="cpu", weights_only=True))
         spec = get_classifier_spec(EMBED_MODEL)
         # channels_last: 1.55x on a 2-core Xeon for the same fp32 numbers (max abs difference 1e-5; docs/BENCHMARKS.md)
-        _MODEL_CACHE[device] = (m.eval().to(device, memory_format=torch.channels_last), spec.mean, spec.std)
-    return _MODEL_CACHE[device]
+        _MODEL_CACHE[key] = (m.eval().to(device, memory_format=torch.channels_last), spec.mean, spec.std)
+    return _MODEL_CACHE[key]
 
 
 def embed_images(paths: list[str], sha1s: list[str], cache_dir: Path | None = None, device: str = "cpu",
-                 on_progress: ProgressFn | None = None, batch_size: int = 64, views: int = VIEWS) -> np.ndarray:
-    """(N, 1280) float32 L2-normalised embeddings, averaged over dihedral views; cached per sha1.
+                 on_progress: ProgressFn | None = None, batch_size: int = 64, views: int = VIEWS,
+                 tuned: Path | None = None) -> np.ndarray:
+    """(N, 1280) float32 L2-normalised embeddings, averaged over dihedral views; cached per sha1 (and network:
+    ``tuned`` is a copy-tuned weights file from :func:`copy_tune`, None the ImageNet weights).
 
     ``on_progress(done, total, message)`` counts all N requested images (cached ones count as done at once).
     """
     if len(paths) != len(sha1s):
         raise ValueError("paths and sha1s differ in length")
-    folder = _cache_folder(cache_dir, model_id(views))
+    folder = _cache_folder(cache_dir, model_id(views, tuned=tuned))
     cached = _load_cache(folder) if folder.is_dir() else {}
     todo: dict[str, str] = {}
     for p, s in zip(paths, sha1s):
@@ -164,7 +190,7 @@ def embed_images(paths: list[str], sha1s: list[str], cache_dir: Path | None = No
             for start in range(0, len(items), batch_size):
                 chunk = items[start:start + batch_size]
                 imgs = list(pool.map(lambda it: _load_image(it[1], CROP, SIZE), chunk))
-                e = _embed_batch(imgs, device, views)
+                e = _embed_batch(imgs, device, views, tuned)
                 for (s, _), v in zip(chunk, e):
                     cached[s] = v
                 pending_s += [s for s, _ in chunk]
@@ -184,11 +210,11 @@ def embed_images(paths: list[str], sha1s: list[str], cache_dir: Path | None = No
 _FORWARDS = {"cpu": 8}
 
 
-def _embed_batch(imgs: list[np.ndarray], device: str, views: int) -> np.ndarray:
+def _embed_batch(imgs: list[np.ndarray], device: str, views: int, tuned: Path | None = None) -> np.ndarray:
     """(B, 1280) L2-normalised embeddings of (size, size, 3) uint8 images, averaged over ``views``."""
     import torch
 
-    model, mean, std = _get_model(device)
+    model, mean, std = _get_model(device, tuned)
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
     x = ((x - torch.tensor(mean).view(1, 3, 1, 1) * 255) / (torch.tensor(std).view(1, 3, 1, 1) * 255)).to(device)
     step = max(1, _FORWARDS.get(torch.device(device).type, 1024) // views)
@@ -258,22 +284,21 @@ def project(emb: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def whitening(df: pd.DataFrame, raw: np.ndarray, cache_dir=None, device: str = "cpu",
-              on_progress: ProgressFn | None = None) -> np.ndarray | None:
+              on_progress: ProgressFn | None = None, tuned: Path | None = None) -> np.ndarray | None:
     """The collection's learned copy whitening (:func:`learn_whitening`), or None when it has fewer than
     :data:`WHITEN_MIN_IMAGES` distinct images. Learned from a seeded sample of the TRAIN rows (all rows when
     there are none) and :data:`WHITEN_COPIES` :func:`dataset_like` copies of each; cached by the sample's sha1s."""
     from PIL import Image
 
     df = df.reset_index(drop=True)
-    rows = df[df["split"] == "TRAIN"] if "split" in df and (df["split"] == "TRAIN").any() else df
-    rows = rows.drop_duplicates("sha1").sort_values("sha1")
+    rows = _train_rows(df)
     if len(rows) < WHITEN_MIN_IMAGES:
         return None
     rng = np.random.default_rng(0)
     pick = rows.iloc[np.sort(rng.choice(len(rows), min(WHITEN_IMAGES, len(rows)), replace=False))]
-    params = (WHITEN_VERSION, WHITEN_COPIES, WHITEN_DIMS, WHITEN_KEEP, WHITEN_SHRINK, model_id(), WHITEN_VIEWS)
+    params = (WHITEN_VERSION, WHITEN_COPIES, WHITEN_DIMS, WHITEN_KEEP, WHITEN_SHRINK, _space_id(tuned), WHITEN_VIEWS)
     key = hashlib.sha1((repr(params) + "".join(pick["sha1"])).encode()).hexdigest()[:16]
-    path = _cache_folder(cache_dir, model_id()) / f"whiten-{key}.npy"
+    path = _cache_folder(cache_dir, _space_id(tuned)) / f"whiten-{key}.npy"
     try:
         return np.load(path)
     except Exception:  # absent or damaged: learn it again
@@ -287,7 +312,7 @@ def whitening(df: pd.DataFrame, raw: np.ndarray, cache_dir=None, device: str = "
             owner.append(i)
     emb_aug = []
     for start in range(0, total, 64):
-        emb_aug.append(_embed_batch(copies[start:start + 64], device, WHITEN_VIEWS))
+        emb_aug.append(_embed_batch(copies[start:start + 64], device, WHITEN_VIEWS, tuned))
         if on_progress:
             on_progress(start + len(emb_aug[-1]), total, "learning the copy whitening")
     at = {s: i for i, s in enumerate(df["sha1"])}
@@ -305,14 +330,149 @@ def whitening(df: pd.DataFrame, raw: np.ndarray, cache_dir=None, device: str = "
     return w
 
 
-def grouping_space(df: pd.DataFrame, cache_dir=None, device: str = "cpu",
-                   on_progress: ProgressFn | None = None) -> np.ndarray:
-    """The embeddings every grouping and near-copy distance is measured in: :func:`embed_images`, centred on the
-    collection (:func:`centre`), then through its learned :func:`whitening` when it has enough images."""
-    raw = _embed_df(df, cache_dir, device, on_progress)
-    emb = centre(raw)
-    w = whitening(df, raw, cache_dir, device, on_progress)
-    return emb if w is None else project(emb, w)
+def _space_id(tuned: Path | None) -> str:
+    return model_id(VIEWS) if tuned is None else model_id(TUNE_VIEWS, tuned=tuned)
+
+
+def _train_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The distinct TRAIN rows a collection learns from (all rows when it has no TRAIN), sorted by sha1."""
+    rows = df[df["split"] == "TRAIN"] if "split" in df and (df["split"] == "TRAIN").any() else df
+    return rows.drop_duplicates("sha1").sort_values("sha1")
+
+
+def copy_tune(df: pd.DataFrame, cache_dir=None, device: str = "cpu",
+              on_progress: ProgressFn | None = None) -> Path | None:
+    """Weights of the embedding network fine-tuned to tell cells apart (docs/RIGOR.md, Method, step 4), or None
+    when the collection has fewer than :data:`TUNE_MIN_IMAGES` distinct TRAIN images.
+
+    Contrastive (SimCLR's loss, temperature :data:`TUNE_TEMPERATURE`): each step takes :data:`TUNE_BATCH` images
+    of different source groups (found in the whitened ImageNet space on a seeded sample of :data:`TUNE_IMAGES`
+    TRAIN rows), makes two :func:`dataset_like` copies of each, and pulls each copy towards its twin and away
+    from the other images' copies. Batch-norm statistics stay ImageNet's. Cached by the sample's sha1s and the
+    settings as ``<cache>/embeddings/copytune/<key>.pt``; a damaged file is learned again."""
+    import torch
+    from PIL import Image
+
+    rows = _train_rows(df)
+    if len(rows) < TUNE_MIN_IMAGES:
+        return None
+    rng = np.random.default_rng(0)
+    pick = rows.iloc[np.sort(rng.choice(len(rows), min(TUNE_IMAGES, len(rows)), replace=False))].reset_index(drop=True)
+    params = (TUNE_VERSION, TUNE_STEPS, TUNE_BATCH, TUNE_LR, TUNE_TEMPERATURE, CROP, SIZE, GROUP_THRESHOLD)
+    key = hashlib.sha1((repr(params) + "".join(pick["sha1"])).encode()).hexdigest()[:16]
+    path = Path(cache_dir or default_cache_dir()) / "embeddings" / "copytune" / f"{key}.pt"
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+        return path
+    except Exception:  # absent or damaged: learn it again
+        pass
+    sample = pick.assign(split="TRAIN")
+    groups = groups_from_embeddings(sample, grouping_space(sample, cache_dir, device, on_progress, tune=False).emb)
+    members = [np.nonzero(groups == g)[0] for g in np.unique(groups)]
+    batch = min(TUNE_BATCH, len(members))
+    net = _tune(pick["path"].tolist(), members, batch, device, rng, on_progress)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(net.state_dict(), f)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, write)
+    return path
+
+
+def _tune(paths: list[str], members: list[np.ndarray], batch: int, device: str, rng: np.random.Generator,
+          on_progress: ProgressFn | None):
+    """The contrastive fine-tune of :func:`copy_tune`: the network (in eval mode again) after :data:`TUNE_STEPS`."""
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from core.models import create_classifier, get_classifier_spec
+
+    torch.manual_seed(0)
+    net, _ = create_classifier(EMBED_MODEL, 4, "imagenet")
+    spec = get_classifier_spec(EMBED_MODEL)
+    net = net.to(device, memory_format=torch.channels_last).train()
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()  # batches of 2x32 copies would only make noisier statistics than ImageNet's
+    head = torch.nn.Sequential(torch.nn.Linear(1280, 512), torch.nn.ReLU(), torch.nn.Linear(512, 128)).to(device)
+    opt = torch.optim.AdamW([{"params": net.parameters(), "lr": TUNE_LR}, {"params": head.parameters(), "lr": 1e-3}],
+                            weight_decay=1e-4)
+    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1) * 255
+
+    def twins(item):
+        path, seed = item
+        r = np.random.default_rng(seed)
+        with Image.open(path) as im:
+            src = im.convert("RGB")
+        return [_centre_square(dataset_like(src, r), CROP, SIZE) for _ in range(2)]
+
+    target = torch.cat([torch.arange(batch, 2 * batch), torch.arange(0, batch)]).to(device)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for step in range(TUNE_STEPS):
+            groups = rng.choice(len(members), batch, replace=False)  # different source groups: true negatives
+            items = [(paths[rng.choice(members[g])], int(rng.integers(1 << 31))) for g in groups]
+            pairs = list(pool.map(twins, items))
+            x = torch.from_numpy(np.stack([p[0] for p in pairs] + [p[1] for p in pairs])).permute(0, 3, 1, 2)
+            x = ((x.to(device).float() - mean) / std).contiguous(memory_format=torch.channels_last)
+            z = F.normalize(head(net.features(x)), dim=1)
+            sim = (z @ z.T / TUNE_TEMPERATURE).fill_diagonal_(float("-inf"))
+            loss = F.cross_entropy(sim, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if on_progress:
+                on_progress(step + 1, TUNE_STEPS, "tuning the embedding to tell cells apart")
+    return net.eval().cpu()
+
+
+@dataclass(frozen=True)
+class Space:
+    """Embeddings to group and compare in, with the cuts chosen for that space (docs/RIGOR.md)."""
+
+    emb: np.ndarray
+    group_cut: float  # average-linkage cut that defines a group
+    near_copy_cut: float  # nearest-neighbour distance below which an image has a near-copy
+    network: str  # "copy-tuned" or "imagenet"
+
+
+def space_network(learn_from: pd.DataFrame, cache_dir=None, device: str = "cpu",
+                  on_progress: ProgressFn | None = None, tune: bool = True) -> tuple[Path | None, int]:
+    """(weights, views) of the embedding network for a collection: its :func:`copy_tune` weights at
+    :data:`TUNE_VIEWS`, or (None, :data:`VIEWS`), the ImageNet network, for a collection too small to tune or
+    ``tune=False``."""
+    tuned = copy_tune(learn_from, cache_dir, device, on_progress) if tune else None
+    return tuned, (VIEWS if tuned is None else TUNE_VIEWS)
+
+
+def embed_in(df: pd.DataFrame, network: tuple[Path | None, int], cache_dir=None, device: str = "cpu",
+             on_progress: ProgressFn | None = None) -> np.ndarray:
+    """Raw (uncentred) embeddings of ``df``'s rows with a :func:`space_network`; cached per sha1."""
+    tuned, views = network
+    return embed_images(df["path"].tolist(), df["sha1"].tolist(), cache_dir, device, on_progress, views=views,
+                        tuned=tuned)
+
+
+def grouping_space(df: pd.DataFrame, cache_dir=None, device: str = "cpu", on_progress: ProgressFn | None = None,
+                   tune: bool = True, learn_from: pd.DataFrame | None = None) -> Space:
+    """Where every grouping and near-copy distance is measured (docs/RIGOR.md, Method).
+
+    ``df``'s rows embedded with the :func:`space_network` of ``learn_from`` (default: ``df`` itself; a study
+    passes its training pool when it groups its test set, so that both live in one space), centred on ``df``
+    (:func:`centre`), then through ``learn_from``'s learned :func:`whitening` when it has enough images. The
+    :class:`Space` carries the cuts chosen for its network."""
+    learn_from = df if learn_from is None else learn_from.reset_index(drop=True)
+    network = space_network(learn_from, cache_dir, device, on_progress, tune)
+    raw = embed_in(df, network, cache_dir, device, on_progress)
+    own = raw if learn_from is df else embed_in(learn_from, network, cache_dir, device, on_progress)
+    w = whitening(learn_from, own, cache_dir, device, on_progress, network[0])
+    emb = centre(raw) if w is None else project(centre(raw), w)
+    if network[0] is None:
+        return Space(emb, GROUP_THRESHOLD, NEAR_COPY_THRESHOLD, "imagenet")
+    return Space(emb, TUNED_GROUP_THRESHOLD, TUNED_NEAR_COPY_THRESHOLD, "copy-tuned")
 
 
 def cluster(emb: np.ndarray, threshold: float = GROUP_THRESHOLD, keys: list[str] | None = None,
@@ -355,16 +515,13 @@ def groups_from_embeddings(df: pd.DataFrame, emb: np.ndarray, threshold: float =
     return out.astype(str)
 
 
-def _embed_df(df: pd.DataFrame, cache_dir, device, on_progress) -> np.ndarray:
-    return embed_images(df["path"].tolist(), df["sha1"].tolist(), cache_dir, device, on_progress)
-
-
 def assign_groups(df: pd.DataFrame, cache_dir=None, device: str = "cpu", on_progress: ProgressFn | None = None,
-                  threshold: float | None = None) -> np.ndarray:
-    """One source-group id per row of ``df`` (columns path, sha1, split, label)."""
+                  threshold: float | None = None, learn_from: pd.DataFrame | None = None) -> np.ndarray:
+    """One source-group id per row of ``df`` (columns path, sha1, split, label), in the :func:`grouping_space`
+    learned from ``learn_from`` (default ``df``)."""
     df = df.reset_index(drop=True)
-    emb = grouping_space(df, cache_dir, device, on_progress)
-    return groups_from_embeddings(df, emb, GROUP_THRESHOLD if threshold is None else threshold)
+    space = grouping_space(df, cache_dir, device, on_progress, learn_from=learn_from)
+    return groups_from_embeddings(df, space.emb, space.group_cut if threshold is None else threshold)
 
 
 def nearest_distance(query: np.ndarray, q_labels, ref: np.ndarray, r_labels) -> np.ndarray:
@@ -383,22 +540,24 @@ def leakage(train_df: pd.DataFrame, val_df: pd.DataFrame, cache_dir=None, device
     """How much of validation has a near-copy in training.
 
     ``share``: validation images whose nearest same-class training image is closer than ``threshold``
-    (default :data:`NEAR_COPY_THRESHOLD`; cosine distance of centred embeddings). ``median_nn_distance``:
-    compare with a split known to be clean (docs/RIGOR.md). ``share_grouped``: validation images whose
-    group, when train and validation are clustered together (:data:`GROUP_THRESHOLD`), holds a training image.
+    (default: the grouping space's near-copy cut, :class:`Space`). ``median_nn_distance``: compare with a split
+    known to be clean (docs/RIGOR.md). ``share_grouped``: validation images whose group, when train and
+    validation are clustered together (the space's group cut), holds a training image.
     """
-    t = NEAR_COPY_THRESHOLD if threshold is None else threshold
     both = pd.concat([train_df, val_df], ignore_index=True)
-    emb = grouping_space(both, cache_dir, device)
+    space = grouping_space(both, cache_dir, device)
+    t = space.near_copy_cut if threshold is None else threshold
+    emb = space.emb
     both = both.assign(split="x")
     ntr = len(train_df)
     d = nearest_distance(emb[ntr:], val_df["label"], emb[:ntr], train_df["label"])
     leaked = d < t
-    g = groups_from_embeddings(both, emb, GROUP_THRESHOLD)
+    g = groups_from_embeddings(both, emb, space.group_cut)
     in_train = set(g[:ntr])
     shared = np.array([x in in_train for x in g[ntr:]], dtype=bool)
     lab = val_df["label"].to_numpy()
-    return {"threshold": t, "group_threshold": GROUP_THRESHOLD, "n_val": int(len(val_df)), "n_leaked": int(leaked.sum()),
+    return {"threshold": t, "group_threshold": space.group_cut, "network": space.network,
+            "n_val": int(len(val_df)), "n_leaked": int(leaked.sum()),
             "share": float(leaked.mean()) if len(leaked) else 0.0,
             "share_grouped": float(shared.mean()) if len(shared) else 0.0,
             "per_class": {c: float(leaked[lab == c].mean()) for c in sorted(set(lab))},
@@ -406,7 +565,7 @@ def leakage(train_df: pd.DataFrame, val_df: pd.DataFrame, cache_dir=None, device
 
 
 def cross_split_overlap(df: pd.DataFrame, groups: np.ndarray, emb: np.ndarray,
-                        threshold: float | None = None) -> pd.DataFrame:
+                        threshold: float | None = None) -> pd.DataFrame:  # threshold: the space's near-copy cut
     """For each ordered pair of splits and class: how many groups (images) of one have a near-copy in the other.
 
     ``emb`` must be centred the same way as for grouping (see :func:`centre`).

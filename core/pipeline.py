@@ -152,32 +152,34 @@ def check_every_class(pool: pd.DataFrame, train_dir: str | None) -> None:
                          f"needs training images (files skipped at scan time are listed in run.json)")
 
 
-def _groups(df: pd.DataFrame, cfg: StudyConfig, prog: Progress) -> np.ndarray:
+def _groups(df: pd.DataFrame, cfg: StudyConfig, prog: Progress, learn_from: pd.DataFrame | None = None) -> np.ndarray:
     from core.groups import assign_groups
 
-    _embed_sharded(df, cfg)
+    _embed_sharded(df, cfg, df if learn_from is None else learn_from)
     return assign_groups(df, cache_dir=_cache(cfg), device=resolve_device(cfg.device),
-                         on_progress=prog.callback("embedding images for source grouping"))
+                         on_progress=prog.callback("embedding images for source grouping"), learn_from=learn_from)
 
 
-def _embed_sharded(df: pd.DataFrame, cfg: StudyConfig) -> None:
-    """Under torchrun: each rank embeds its share of ``df`` into the shared cache, then all wait for all, and rank 0
-    learns the copy whitening into it, so that the grouping that follows (on every rank) finds every embedding and
-    the one whitening cached. One process: nothing to do."""
+def _embed_sharded(df: pd.DataFrame, cfg: StudyConfig, learn_from: pd.DataFrame) -> None:
+    """Under torchrun: rank 0 copy-tunes the grouping network (cached; the others wait), each rank embeds its share
+    of ``df`` into the shared cache, all wait for all, and rank 0 learns the copy whitening into it. So the grouping
+    that follows (on every rank) finds the one network, every embedding and the one whitening cached, and every rank
+    groups in the very same space. One process: nothing to do."""
     w = dist.world()
     if not w.active:
         return
-    from core.groups import embed_images
+    from core.groups import embed_in, space_network, whitening
 
-    embed_images(list(w.shard(list(df["path"]))), list(w.shard(list(df["sha1"]))), cache_dir=_cache(cfg),
-                 device=resolve_device(cfg.device))
+    cache, device = _cache(cfg), resolve_device(cfg.device)
+    if w.main:
+        space_network(learn_from, cache, device)
     dist.barrier()
-    if w.main:  # one rank learns the copy whitening, so that every rank groups in the very same space
-        from core.groups import whitening
-
-        df = df.reset_index(drop=True)
-        raw = embed_images(list(df["path"]), list(df["sha1"]), cache_dir=_cache(cfg), device=resolve_device(cfg.device))
-        whitening(df, raw, _cache(cfg), resolve_device(cfg.device))
+    network = space_network(learn_from, cache, device)  # cached now
+    embed_in(df.iloc[w.mine(len(df))], network, cache, device)
+    dist.barrier()
+    if w.main:
+        learn_from = learn_from.reset_index(drop=True)
+        whitening(learn_from, embed_in(learn_from, network, cache, device), cache, device, tuned=network[0])
     dist.barrier()
 
 
@@ -198,7 +200,7 @@ def assign_source_groups(sd: StudyData, cfg: StudyConfig, prog: Progress) -> Non
     if "group_id" not in sd.pool and cfg.split == "grouped":
         sd.pool["group_id"] = _groups(sd.pool, cfg, prog)
     if "group_id" not in sd.test:
-        sd.test["group_id"] = _groups(sd.test, cfg, prog)
+        sd.test["group_id"] = _groups(sd.test, cfg, prog, learn_from=sd.pool)  # in the pool's space
 
 
 def preflight(cfg: StudyConfig) -> dict:
@@ -658,7 +660,7 @@ def _leakage(sd: StudyData, cfg: StudyConfig) -> dict:
     """Share of validation images with a near-copy in training, for the split used (first seed)."""
     from core.groups import leakage
 
-    _embed_sharded(sd.pool, cfg)
+    _embed_sharded(sd.pool, cfg, sd.pool)
     train, val = (D.random_split(sd.pool, cfg.val_fraction, cfg.seeds[0]) if cfg.split == "random" else
                   D.grouped_split(sd.pool, sd.pool["group_id"].to_numpy(), cfg.val_fraction, cfg.seeds[0]))
     return leakage(train, val, cache_dir=_cache(cfg), device=resolve_device(cfg.device))

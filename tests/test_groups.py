@@ -69,7 +69,7 @@ def test_embeddings_normalised_and_cached(synth, monkeypatch):
     assert emb.shape == (len(df), 1280) and emb.dtype == np.float32
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     assert list((cache / "embeddings" / G.model_id()).glob("part-*.npz"))
-    monkeypatch.setattr(G, "_get_model", lambda device: pytest.fail("recomputed despite the cache"))
+    monkeypatch.setattr(G, "_get_model", lambda *a: pytest.fail("recomputed despite the cache"))
     calls = []
     again = G.embed_images(df["path"].tolist(), df["sha1"].tolist(), cache, on_progress=lambda d, t, m: calls.append(t))
     assert np.array_equal(again, emb) and calls == [len(df)]
@@ -195,15 +195,17 @@ def test_copies_embed_within_the_near_copy_distance(synth):
     nearly always within the near-copy cut, and no other cell comes within it."""
     root, cache, df, emb = synth
     train = df[df["split"] == "TRAIN"].reset_index(drop=True)
-    e = G.grouping_space(train, cache)
+    space = G.grouping_space(train, cache)
+    assert space.network == "imagenet"  # too few images to copy-tune
+    e, cut = space.emb, space.near_copy_cut
     cell = (train["label"] + train["path"].map(lambda p: Path(p).name.split("_")[1])).to_numpy()
     d = 1.0 - e @ e.T
     np.fill_diagonal(d, np.inf)
     nearest = d.argmin(1)
     assert (cell[nearest] == cell).all()
-    assert (d.min(1) < G.NEAR_COPY_THRESHOLD).mean() >= 0.95, np.sort(d.min(1))[-5:]
+    assert (d.min(1) < cut).mean() >= 0.95, np.sort(d.min(1))[-5:]
     other = np.where(cell[:, None] != cell[None, :], d, np.inf).min(1)
-    assert (other > G.NEAR_COPY_THRESHOLD).all()  # and no other cell comes that close
+    assert (other > cut).all()  # and no other cell comes that close
 
 
 def _copies(x, owner, nuisance, rng, loud=3.0):
@@ -250,11 +252,54 @@ def test_whitening_is_learned_once_cached_and_skipped_for_small_collections(synt
     real_embed = G._embed_batch
     monkeypatch.setattr(G, "_embed_batch", lambda *a: pytest.fail("learned again despite the cache"))
     assert np.array_equal(G.whitening(df, emb, cache), w)
-    space = G.grouping_space(df, cache)
+    space = G.grouping_space(df, cache).emb
     assert space.shape == (len(df), 4) and np.allclose(np.linalg.norm(space, axis=1), 1, atol=1e-5)
     files[0].write_bytes(b"damaged")  # a damaged cache is learned again, the same
     monkeypatch.setattr(G, "_embed_batch", real_embed)
     assert np.allclose(G.whitening(df, emb, cache), w, atol=1e-4)
     monkeypatch.setattr(G, "WHITEN_MIN_IMAGES", df["sha1"].nunique() + 1)  # too few images: centring only
     assert G.whitening(df, emb, cache) is None
-    assert np.allclose(G.grouping_space(df, cache), G.centre(emb))
+    assert np.allclose(G.grouping_space(df, cache).emb, G.centre(emb))
+
+
+def test_copy_tune_learns_once_caches_and_switches_the_space(synth, monkeypatch):
+    """A collection big enough is grouped with its own copy-tuned network (cuts of that space), learned once and
+    cached; a damaged weights file is learned again; a small test set is grouped in its pool's space."""
+    root, cache, df, emb = synth
+    train = df[df["split"] == "TRAIN"].reset_index(drop=True)
+    test = df[df["split"] == "TEST_SIMPLE"].reset_index(drop=True)
+    for k, v in dict(TUNE_MIN_IMAGES=len(test) + 1, TUNE_IMAGES=len(train), TUNE_STEPS=3, TUNE_BATCH=4,
+                     WHITEN_MIN_IMAGES=10 ** 6).items():
+        monkeypatch.setattr(G, k, v)
+    seen = []
+    path = G.copy_tune(train, cache, on_progress=lambda d, t, m: seen.append((d, t, m)))
+    assert path.parent == cache / "embeddings" / "copytune" and path.suffix == ".pt"
+    assert (3, 3, "tuning the embedding to tell cells apart") in seen
+    import torch
+
+    tuned = torch.load(path, weights_only=True)
+    imagenet = G._get_model("cpu")[0].state_dict()
+    assert any(not torch.equal(tuned[k], imagenet[k].cpu()) for k in tuned if tuned[k].is_floating_point())
+    space = G.grouping_space(train, cache)
+    assert space.network == "copy-tuned" and space.group_cut == G.TUNED_GROUP_THRESHOLD
+    assert space.near_copy_cut == G.TUNED_NEAR_COPY_THRESHOLD
+    assert (cache / "embeddings" / G.model_id(G.TUNE_VIEWS, tuned=path)).is_dir()
+    assert not np.allclose(space.emb, G.grouping_space(train, cache, tune=False).emb, atol=1e-3)
+    # cached: neither tuned nor embedded again
+    real_tune = G._tune
+    monkeypatch.setattr(G, "_tune", lambda *a: pytest.fail("tuned again despite the cache"))
+    monkeypatch.setattr(G, "_embed_batch", lambda *a: pytest.fail("embedded again despite the cache"))
+    assert G.copy_tune(train, cache) == path
+    assert np.array_equal(G.grouping_space(train, cache).emb, space.emb)
+    # the test set alone is too small to tune; grouped in its pool's space, it gets the pool's network
+    monkeypatch.undo()
+    for k, v in dict(TUNE_MIN_IMAGES=len(test) + 1, TUNE_IMAGES=len(train), TUNE_STEPS=3, TUNE_BATCH=4,
+                     WHITEN_MIN_IMAGES=10 ** 6).items():
+        monkeypatch.setattr(G, k, v)
+    assert G.grouping_space(test, cache).network == "imagenet"
+    assert G.grouping_space(test, cache, learn_from=train).network == "copy-tuned"
+    path.write_bytes(b"damaged")  # learned again, to the same bytes' worth of numbers
+    assert G.copy_tune(train, cache) == path
+    again = torch.load(path, weights_only=True)
+    assert all(torch.allclose(again[k].float(), tuned[k].float(), atol=1e-4) for k in tuned)
+    assert real_tune is G._tune
