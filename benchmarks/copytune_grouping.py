@@ -6,7 +6,8 @@ Groups all of TRAIN in the product's space (whitened ImageNet, cached in /tmp/wb
 benchmarks/sweep_grouping.py), then fine-tunes EfficientNet-Lite0 with SimCLR's loss: each step takes 32 images of
 different groups, two ``core.groups.dataset_like`` copies each, batch-norm statistics frozen, AdamW (network
 1e-4, projection head 1e-3), temperature 0.1. It then runs sweep_grouping with the tuned network (its own cache,
-``OUTCACHE``). Not in the product yet (branch wip/copy-tune); results in docs/RIGOR.md.
+``OUTCACHE``). The product now does this itself (core.groups.copy_tune, on a 2,000-image sample); this script is the first
+experiment, kept so that its table in docs/RIGOR.md can be reproduced.
 """
 import sys, time, os, numpy as np, torch, torch.nn as nn, torch.nn.functional as F
 from pathlib import Path
@@ -60,7 +61,7 @@ torch.save(model.state_dict(), '/tmp/contrast/model.pt')
 print('trained', time.time() - t0)
 G._MODEL_CACHE['cpu'] = (model.to(memory_format=torch.channels_last), mean, std)
 import sweep_grouping as S
-G._get_model = lambda device: G._MODEL_CACHE['cpu']
+G._get_model = lambda *a: G._MODEL_CACHE['cpu']
 sys.argv = ['sweep', '--loader', 'centre', '--crop', '200', '--size', '128', '--views', '4', '--whiten', '600',
             '--cache', os.environ.get('OUTCACHE', '/tmp/contrast/cache'), '--cuts', '0.4,0.45,0.5,0.525,0.55,0.575,0.6,0.625,0.65,0.675,0.7,0.75']
 S.main()

@@ -351,7 +351,6 @@ def copy_tune(df: pd.DataFrame, cache_dir=None, device: str = "cpu",
     from the other images' copies. Batch-norm statistics stay ImageNet's. Cached by the sample's sha1s and the
     settings as ``<cache>/embeddings/copytune/<key>.pt``; a damaged file is learned again."""
     import torch
-    from PIL import Image
 
     rows = _train_rows(df)
     if len(rows) < TUNE_MIN_IMAGES:
