@@ -330,8 +330,13 @@ def whitening(df: pd.DataFrame, raw: np.ndarray, cache_dir=None, device: str = "
     return w
 
 
+def _views(tuned: Path | None) -> int:
+    """Views averaged per image by a network: :data:`VIEWS` for ImageNet's, :data:`TUNE_VIEWS` for copy-tuned ones."""
+    return VIEWS if tuned is None else TUNE_VIEWS
+
+
 def _space_id(tuned: Path | None) -> str:
-    return model_id(VIEWS) if tuned is None else model_id(TUNE_VIEWS, tuned=tuned)
+    return model_id(_views(tuned), tuned=tuned)
 
 
 def _train_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -366,7 +371,8 @@ def copy_tune(df: pd.DataFrame, cache_dir=None, device: str = "cpu",
     except Exception:  # absent or damaged: learn it again
         pass
     sample = pick.assign(split="TRAIN")
-    groups = groups_from_embeddings(sample, grouping_space(sample, cache_dir, device, on_progress, tune=False).emb)
+    first = grouping_space(sample, cache_dir, device, on_progress, tune=False)
+    groups = groups_from_embeddings(sample, first.emb, first.group_cut)
     members = [np.nonzero(groups == g)[0] for g in np.unique(groups)]
     batch = min(TUNE_BATCH, len(members))
     net = _tune(pick["path"].tolist(), members, batch, device, rng, on_progress)
@@ -438,38 +444,30 @@ class Space:
     network: str  # "copy-tuned" or "imagenet"
 
 
-def space_network(learn_from: pd.DataFrame, cache_dir=None, device: str = "cpu",
-                  on_progress: ProgressFn | None = None, tune: bool = True) -> tuple[Path | None, int]:
-    """(weights, views) of the embedding network for a collection: its :func:`copy_tune` weights at
-    :data:`TUNE_VIEWS`, or (None, :data:`VIEWS`), the ImageNet network, for a collection too small to tune or
-    ``tune=False``."""
-    tuned = copy_tune(learn_from, cache_dir, device, on_progress) if tune else None
-    return tuned, (VIEWS if tuned is None else TUNE_VIEWS)
-
-
-def embed_in(df: pd.DataFrame, network: tuple[Path | None, int], cache_dir=None, device: str = "cpu",
+def embed_in(df: pd.DataFrame, tuned: Path | None, cache_dir=None, device: str = "cpu",
              on_progress: ProgressFn | None = None) -> np.ndarray:
-    """Raw (uncentred) embeddings of ``df``'s rows with a :func:`space_network`; cached per sha1."""
-    tuned, views = network
-    return embed_images(df["path"].tolist(), df["sha1"].tolist(), cache_dir, device, on_progress, views=views,
-                        tuned=tuned)
+    """Raw (uncentred) embeddings of ``df``'s rows with one network (``tuned``: :func:`copy_tune` weights, or None
+    for ImageNet's) at its views; cached per sha1."""
+    return embed_images(df["path"].tolist(), df["sha1"].tolist(), cache_dir, device, on_progress,
+                        views=_views(tuned), tuned=tuned)
 
 
 def grouping_space(df: pd.DataFrame, cache_dir=None, device: str = "cpu", on_progress: ProgressFn | None = None,
                    tune: bool = True, learn_from: pd.DataFrame | None = None) -> Space:
     """Where every grouping and near-copy distance is measured (docs/RIGOR.md, Method).
 
-    ``df``'s rows embedded with the :func:`space_network` of ``learn_from`` (default: ``df`` itself; a study
-    passes its training pool when it groups its test set, so that both live in one space), centred on ``df``
-    (:func:`centre`), then through ``learn_from``'s learned :func:`whitening` when it has enough images. The
-    :class:`Space` carries the cuts chosen for its network."""
+    ``df``'s rows embedded with the :func:`copy_tune` network of ``learn_from`` (default: ``df`` itself; a study
+    passes its training pool when it groups its test set, so that both live in one space; the ImageNet network
+    when ``learn_from`` is too small to tune, or ``tune=False``), centred on ``df`` (:func:`centre`), then through
+    ``learn_from``'s learned :func:`whitening` when it has enough images. The :class:`Space` carries the cuts
+    chosen for its network."""
     learn_from = df if learn_from is None else learn_from.reset_index(drop=True)
-    network = space_network(learn_from, cache_dir, device, on_progress, tune)
-    raw = embed_in(df, network, cache_dir, device, on_progress)
-    own = raw if learn_from is df else embed_in(learn_from, network, cache_dir, device, on_progress)
-    w = whitening(learn_from, own, cache_dir, device, on_progress, network[0])
+    tuned = copy_tune(learn_from, cache_dir, device, on_progress) if tune else None
+    raw = embed_in(df, tuned, cache_dir, device, on_progress)
+    own = raw if learn_from is df else embed_in(learn_from, tuned, cache_dir, device, on_progress)
+    w = whitening(learn_from, own, cache_dir, device, on_progress, tuned)
     emb = centre(raw) if w is None else project(centre(raw), w)
-    if network[0] is None:
+    if tuned is None:
         return Space(emb, GROUP_THRESHOLD, NEAR_COPY_THRESHOLD, "imagenet")
     return Space(emb, TUNED_GROUP_THRESHOLD, TUNED_NEAR_COPY_THRESHOLD, "copy-tuned")
 
@@ -563,13 +561,13 @@ def leakage(train_df: pd.DataFrame, val_df: pd.DataFrame, cache_dir=None, device
             "median_nn_distance": float(np.median(d)) if len(d) else float("nan")}
 
 
-def cross_split_overlap(df: pd.DataFrame, groups: np.ndarray, emb: np.ndarray,
-                        threshold: float | None = None) -> pd.DataFrame:  # threshold: the space's near-copy cut
+def cross_split_overlap(df: pd.DataFrame, groups: np.ndarray, emb: np.ndarray, threshold: float) -> pd.DataFrame:
     """For each ordered pair of splits and class: how many groups (images) of one have a near-copy in the other.
 
-    ``emb`` must be centred the same way as for grouping (see :func:`centre`).
+    ``emb`` must be centred the same way as for grouping (see :func:`centre`); ``threshold`` is its
+    :class:`Space`'s near-copy cut.
     """
-    t = NEAR_COPY_THRESHOLD if threshold is None else threshold
+    t = threshold
     df = df.reset_index(drop=True).assign(group=np.asarray(groups))
     rows = []
     splits = list(dict.fromkeys(df["split"]))

@@ -168,18 +168,18 @@ def _embed_sharded(df: pd.DataFrame, cfg: StudyConfig, learn_from: pd.DataFrame)
     w = dist.world()
     if not w.active:
         return
-    from core.groups import embed_in, space_network, whitening
+    from core.groups import copy_tune, embed_in, whitening
 
     cache, device = _cache(cfg), resolve_device(cfg.device)
     if w.main:
-        space_network(learn_from, cache, device)
+        copy_tune(learn_from, cache, device)
     dist.barrier()
-    network = space_network(learn_from, cache, device)  # cached now
-    embed_in(df.iloc[w.mine(len(df))], network, cache, device)
+    tuned = copy_tune(learn_from, cache, device)  # cached now (None: too small to tune, the ImageNet network)
+    embed_in(df.iloc[w.mine(len(df))], tuned, cache, device)
     dist.barrier()
     if w.main:
         learn_from = learn_from.reset_index(drop=True)
-        whitening(learn_from, embed_in(learn_from, network, cache, device), cache, device, tuned=network[0])
+        whitening(learn_from, embed_in(learn_from, tuned, cache, device), cache, device, tuned=tuned)
     dist.barrier()
 
 

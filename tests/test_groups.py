@@ -268,8 +268,9 @@ def test_copy_tune_learns_once_caches_and_switches_the_space(synth, monkeypatch)
     root, cache, df, emb = synth
     train = df[df["split"] == "TRAIN"].reset_index(drop=True)
     test = df[df["split"] == "TEST_SIMPLE"].reset_index(drop=True)
-    for k, v in dict(TUNE_MIN_IMAGES=len(test) + 1, TUNE_IMAGES=len(train), TUNE_STEPS=3, TUNE_BATCH=4,
-                     WHITEN_MIN_IMAGES=10 ** 6).items():
+    tiny = dict(TUNE_MIN_IMAGES=len(test) + 1, TUNE_IMAGES=len(train), TUNE_STEPS=3, TUNE_BATCH=4,
+                WHITEN_MIN_IMAGES=10 ** 6)
+    for k, v in tiny.items():
         monkeypatch.setattr(G, k, v)
     seen = []
     path = G.copy_tune(train, cache, on_progress=lambda d, t, m: seen.append((d, t, m)))
@@ -293,8 +294,7 @@ def test_copy_tune_learns_once_caches_and_switches_the_space(synth, monkeypatch)
     assert np.array_equal(G.grouping_space(train, cache).emb, space.emb)
     # the test set alone is too small to tune; grouped in its pool's space, it gets the pool's network
     monkeypatch.undo()
-    for k, v in dict(TUNE_MIN_IMAGES=len(test) + 1, TUNE_IMAGES=len(train), TUNE_STEPS=3, TUNE_BATCH=4,
-                     WHITEN_MIN_IMAGES=10 ** 6).items():
+    for k, v in tiny.items():
         monkeypatch.setattr(G, k, v)
     assert G.grouping_space(test, cache).network == "imagenet"
     assert G.grouping_space(test, cache, learn_from=train).network == "copy-tuned"
