@@ -61,6 +61,7 @@ class StudyConfig:
     label_smoothing: float = 0.1
     select_by: str = "macro_f1"  # best checkpoint by grouped-validation macro-F1 (or val_loss)
     ema: float = 0.0  # > 0: validate and keep a moving average of the weights over about this many epochs
+    mixup: float = 0.0  # > 0: mix pairs of training images (and their labels) with a Beta(mixup, mixup) weight
     tta: int = 8  # test-time augmentation: softmax averaged over this many dihedral views (1 = none)
     # What the classifier sees (core.regions): full (the frame squashed, the paper's) | center | cell.
     input_policy: str = "cell"
@@ -119,6 +120,8 @@ class StudyConfig:
             raise ValueError(f"--label-smoothing: must be in [0, 0.5), got {self.label_smoothing}")
         if not 0.0 <= self.ema <= self.epochs:
             raise ValueError(f"--ema: must be between 0 (off) and --epochs ({self.epochs}) epochs, got {self.ema}")
+        if not 0.0 <= self.mixup <= 10.0:
+            raise ValueError(f"--mixup: must be between 0 (off) and 10 (the Beta distribution's alpha), got {self.mixup}")
         if self.crop is not None and not 32 <= self.crop <= 4096:
             raise ValueError(f"--crop: must be between 32 and 4096 pixels, got {self.crop}")
         if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):

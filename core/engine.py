@@ -116,6 +116,25 @@ def centre_crop(x: torch.Tensor, view: int) -> torch.Tensor:
     return x[..., o:o + view, o:o + view] if o else x
 
 
+def mixup_pairs(alpha: float, n_global: int, gen: torch.Generator,
+                rows: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
+    """Mixup's weight and partners for one training batch: ``lam`` ~ Beta(alpha, alpha), folded to >= 0.5 so
+    that the first label stays the larger share, and ``partner[j]``: the image that image j is mixed with.
+
+    The partners form one random cycle over the images in hand. Every rank draws the same numbers from ``gen``
+    (so that augmentation stays in step under torchrun) and pairs among its own ``rows`` of the global batch:
+    with mixup, N ranks pair images differently from one process (docs/SCALING.md).
+    """
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    perm = torch.randperm(n_global, generator=gen)
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    keys = perm if rows is None else perm[rows]
+    order = torch.argsort(keys)
+    partner = torch.empty_like(order)
+    partner[order] = order.roll(-1)
+    return max(lam, 1.0 - lam), partner
+
+
 def _dihedral_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """The old recipe: one random flip + 90-degree rotation for the whole batch (kept for the ablation)."""
     return dihedral_view(x, int(torch.randint(0, 8, (1,), generator=gen)))
@@ -138,6 +157,7 @@ class TrainSettings:
     warmup: float = 0.15  # share of the one-cycle schedule spent warming up
     deterministic: bool = False  # bitwise-repeatable cuDNN kernels (GPU); else cudnn.benchmark picks the fastest
     ema: float = 0.0  # > 0: validate and keep an exponential moving average of the weights over ~this many epochs
+    mixup: float = 0.0  # > 0: Beta(mixup, mixup) mixup of training pairs (see mixup_pairs)
 
 
 class Normalizer(nn.Module):
@@ -208,9 +228,15 @@ def run_epoch(model, norm, x, y, s: TrainSettings, device, gen, optimizer=None, 
             idx = gidx[rows] if split else gidx
             xb = norm(_prepare(xu8, s, device, gen, train, rows, len(gidx))).contiguous(memory_format=torch.channels_last)
             yb = y[idx].to(device, non_blocking=True)
+            if train and s.mixup > 0:
+                lam, partner = mixup_pairs(s.mixup, len(gidx), gen, rows)
+                partner = partner.to(device)
+                xb = lam * xb + (1.0 - lam) * xb[partner]
             with _autocast(device):
                 logits = model(xb)
                 loss = loss_fn(logits.float(), yb)
+                if train and s.mixup > 0:
+                    loss = lam * loss + (1.0 - lam) * loss_fn(logits.float(), yb[partner])
             if train:
                 _step(loss * world.size / len(gidx) if split else loss / len(gidx), optimizer, scheduler, scaler)
             total_loss += loss.detach()

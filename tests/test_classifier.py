@@ -325,6 +325,52 @@ def test_weight_average_is_what_gets_validated_and_kept():
     assert va["acc"] == res["best_val_acc"]  # the validation figure is the average's own
 
 
+def test_mixup_pairs_every_image_with_another_in_step_across_ranks():
+    from core.engine import mixup_pairs
+
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    lam, partner = mixup_pairs(0.4, 10, g1)
+    assert 0.5 <= lam <= 1.0
+    assert sorted(partner.tolist()) == list(range(10)) and (partner != torch.arange(10)).all()  # a derangement
+    seen, j = set(), 0
+    for _ in range(10):  # one cycle through all ten: no image is mixed only with its own partner's partner
+        seen.add(j)
+        j = int(partner[j])
+    assert len(seen) == 10
+    lam_r, part_r = mixup_pairs(0.4, 10, g2, rows=torch.tensor([2, 5, 7]))  # a rank holding 3 of the 10
+    assert lam_r == lam and sorted(part_r.tolist()) == [0, 1, 2] and (part_r != torch.arange(3)).all()
+    assert torch.equal(g1.get_state(), g2.get_state())  # every rank's generator stays in step
+
+
+def test_mixup_trains_on_mixed_images_and_labels():
+    """--mixup: the training loss is lam * CE(first label) + (1 - lam) * CE(partner's label) on the mixed image."""
+    from core.engine import Normalizer, mixup_pairs, run_epoch
+    from core.models import spec_of
+
+    x, y = _toy()
+    model = _cnn().train()  # train-mode BatchNorm normalises by the batch: the same function below and in run_epoch
+    norm = Normalizer(spec_of(model).mean, spec_of(model).std)
+    yt = torch.as_tensor(y)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(32, generator=g)  # what run_epoch draws first: the shuffle, then the pairs
+    lam, partner = mixup_pairs(0.4, 32, g)
+    xb = norm(x[perm].float())
+    ce = torch.nn.functional.cross_entropy
+    with torch.no_grad():
+        logits = model(lam * xb + (1 - lam) * xb[partner])
+        want = lam * ce(logits, yt[perm], reduction="sum") + (1 - lam) * ce(logits, yt[perm][partner], reduction="sum")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step leaves the weights as they were
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+    def epoch(mixup):
+        s = TrainSettings(epochs=1, batch_size=32, augment="none", mixup=mixup)
+        return run_epoch(model, norm, x, yt, s, torch.device("cpu"), torch.Generator().manual_seed(0),
+                         optimizer=opt, scheduler=sched)["loss_sum"]
+
+    assert epoch(0.4) == pytest.approx(float(want), rel=1e-5)
+    assert epoch(0.0) != pytest.approx(float(want), rel=1e-3)  # without mixup: the plain images and labels
+
+
 def test_frozen_backbone_trains_only_the_head():
     x, y = _toy()
     model = _cnn()
