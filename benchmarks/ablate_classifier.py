@@ -35,6 +35,7 @@ ROWS: dict[str, dict] = {
     "per_class=600 (twice the images)": dict(per_class=600),
     "ema=1 (validate a weight average over ~1 epoch)": dict(ema=1.0),
     "mixup=0.4 (mix training pairs and labels)": dict(mixup=0.4),
+    "backbone_lr=0.1 (pretrained layers at a tenth of the head's rate)": dict(backbone_lr=0.1),
 }
 KEYS = {"base": "base", "full": "policy=full (the paper's squashed frame)",
         "center": "policy=center (200 px centred square)", "nojitter": "augment=dihedral (no zoom/shift/stain jitter)",
@@ -42,7 +43,8 @@ KEYS = {"base": "base", "full": "policy=full (the paper's squashed frame)",
         "notta": "tta=1 (no test-time augmentation)", "valloss": "select_by=val_loss (old checkpoint rule)",
         "frozen": "frozen backbone (old quick: linear probe)", "size160": "image_size=160 (region upsampled 1.1x)",
         "lite1": "classifier=efficientnet_lite1", "pc600": "per_class=600 (twice the images)",
-        "ema": "ema=1 (validate a weight average over ~1 epoch)", "mixup": "mixup=0.4 (mix training pairs and labels)"}
+        "ema": "ema=1 (validate a weight average over ~1 epoch)", "mixup": "mixup=0.4 (mix training pairs and labels)",
+        "bblr": "backbone_lr=0.1 (pretrained layers at a tenth of the head's rate)"}
 
 
 def row_metrics(r) -> dict:

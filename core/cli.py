@@ -89,6 +89,8 @@ def add_study_parser(sub) -> None:
     p.add_argument("--select-by", help="best checkpoint by validation macro_f1 (default) or val_loss")
     p.add_argument("--ema", type=float, metavar="EPOCHS",
                    help="validate and keep a moving average of the weights over about EPOCHS epochs (0: off)")
+    p.add_argument("--backbone-lr", type=float, metavar="FRACTION",
+                   help="the pretrained layers learn at FRACTION of --lr, the new head at --lr (default 1)")
     p.add_argument("--mixup", type=float, metavar="ALPHA",
                    help="mix pairs of training images and their labels, weight ~ Beta(ALPHA, ALPHA) (0: off)")
     p.add_argument("--tta", type=int, help="test-time augmentation: dihedral views averaged (1, 2, 4 or 8; default 8)")
@@ -120,7 +122,7 @@ def config_from_args(args) -> StudyConfig:
                        deterministic=args.deterministic,
                        input_policy=args.input_policy, crop=args.crop, augment=args.augment,
                        label_smoothing=args.label_smoothing, select_by=args.select_by, tta=args.tta,
-                       ema=args.ema, mixup=args.mixup, enhance_batch_size=args.enhance_batch_size,
+                       ema=args.ema, mixup=args.mixup, backbone_lr=args.backbone_lr, enhance_batch_size=args.enhance_batch_size,
                        enhance_half=ENHANCE_PRECISIONS.get(args.enhance_precision),
                        runs_dir=args.runs_dir, cache_dir=args.cache_dir)
 
@@ -361,7 +363,8 @@ def _input_words(cfg: dict) -> str:
     return (f"{region} at {','.join(map(str, c.image_sizes))} px; augment {c.augment}, label smoothing "
             f"{c.label_smoothing}, best epoch by validation {c.select_by}"
             + (f" of a weight average over {c.ema:g} epochs" if c.ema else "")
-            + (f", mixup alpha {c.mixup:g}" if c.mixup else "") + f", test-time views {c.tta}")
+            + (f", mixup alpha {c.mixup:g}" if c.mixup else "")
+            + (f", pretrained layers at {c.backbone_lr:g} x the head's learning rate" if c.backbone_lr != 1 else "") + f", test-time views {c.tta}")
 
 
 def cmd_data_fetch(args) -> int:

@@ -61,6 +61,7 @@ class StudyConfig:
     label_smoothing: float = 0.1
     select_by: str = "macro_f1"  # best checkpoint by grouped-validation macro-F1 (or val_loss)
     ema: float = 0.0  # > 0: validate and keep a moving average of the weights over about this many epochs
+    backbone_lr: float = 1.0  # the pretrained layers' learning rate as a fraction of --lr (the new head's)
     mixup: float = 0.0  # > 0: mix pairs of training images (and their labels) with a Beta(mixup, mixup) weight
     tta: int = 8  # test-time augmentation: softmax averaged over this many dihedral views (1 = none)
     # What the classifier sees (core.regions): full (the frame squashed, the paper's) | center | cell.
@@ -120,6 +121,8 @@ class StudyConfig:
             raise ValueError(f"--label-smoothing: must be in [0, 0.5), got {self.label_smoothing}")
         if not 0.0 <= self.ema <= self.epochs:
             raise ValueError(f"--ema: must be between 0 (off) and --epochs ({self.epochs}) epochs, got {self.ema}")
+        if not 0.0 < self.backbone_lr <= 1.0:
+            raise ValueError(f"--backbone-lr: must be a fraction of --lr in (0, 1], got {self.backbone_lr}")
         if not 0.0 <= self.mixup <= 10.0:
             raise ValueError(f"--mixup: must be between 0 (off) and 10 (the Beta distribution's alpha), got {self.mixup}")
         if self.crop is not None and not 32 <= self.crop <= 4096:

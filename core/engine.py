@@ -158,6 +158,7 @@ class TrainSettings:
     deterministic: bool = False  # bitwise-repeatable cuDNN kernels (GPU); else cudnn.benchmark picks the fastest
     ema: float = 0.0  # > 0: validate and keep an exponential moving average of the weights over ~this many epochs
     mixup: float = 0.0  # > 0: Beta(mixup, mixup) mixup of training pairs (see mixup_pairs)
+    backbone_lr: float = 1.0  # the pretrained layers' learning rate, as a fraction of lr (the head's)
 
 
 class Normalizer(nn.Module):
@@ -182,7 +183,13 @@ def _make_optimizer(model: nn.Module, s: TrainSettings, head: str):
     if s.freeze_backbone:
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith(head + ".")
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    head_params = [p for n, p in named if n.startswith(head + ".")]
+    body = [p for n, p in named if not n.startswith(head + ".")]
+    # The pretrained layers may learn at a fraction of the new head's rate (s.backbone_lr); each group's rate is
+    # its peak in the one-cycle schedule (fit reads it back from the groups).
+    params = [g for g in ({"params": body, "lr": s.lr * s.backbone_lr}, {"params": head_params, "lr": s.lr})
+              if g["params"]]
     if s.optimizer == "sgd":
         return torch.optim.SGD(params, lr=s.lr, momentum=0.9, weight_decay=s.weight_decay, nesterov=True)
     return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
@@ -353,7 +360,7 @@ def fit(model: nn.Module, train: tuple, val: tuple, s: TrainSettings, device: to
     optimizer = _make_optimizer(model, s, spec.head)
     n_batches = math.ceil(len(x_train) / s.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=s.lr, total_steps=max(s.epochs * n_batches, 1), pct_start=s.warmup,
+        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(s.epochs * n_batches, 1), pct_start=s.warmup,
         anneal_strategy="cos", div_factor=10.0, final_div_factor=100.0)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and not torch.cuda.is_bf16_supported() else None
     y_train, y_val = torch.as_tensor(y_train), torch.as_tensor(y_val)

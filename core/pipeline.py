@@ -298,7 +298,7 @@ def train_and_evaluate(sd: StudyData, cfg: StudyConfig, variant: str, seed: int,
                       weight_decay=cfg.weight_decay, patience=cfg.patience, augment=cfg.augment,
                       freeze_backbone=cfg.freeze_backbone, seed=seed, view=size,
                       label_smoothing=cfg.label_smoothing, select_by=cfg.select_by, deterministic=cfg.deterministic,
-                      ema=cfg.ema, mixup=cfg.mixup)
+                      ema=cfg.ema, mixup=cfg.mixup, backbone_lr=cfg.backbone_lr)
     w = dist.world()
     if not w.active:  # one process holds every image: plain tensors
         x_tr, x_va = x_tr.x, x_va.x

@@ -371,6 +371,26 @@ def test_mixup_trains_on_mixed_images_and_labels():
     assert epoch(0.0) != pytest.approx(float(want), rel=1e-3)  # without mixup: the plain images and labels
 
 
+def test_backbone_lr_scales_the_pretrained_layers_only(monkeypatch):
+    """--backbone-lr: fit's one-cycle schedule peaks at lr for the head and at lr x fraction for every other layer."""
+    import core.engine as engine
+
+    made = []
+    make = engine._make_optimizer
+    monkeypatch.setattr(engine, "_make_optimizer", lambda *a: made.append(make(*a)) or made[-1])
+    x, y = _toy()
+    model = _cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit(model, (x, y), (x, y), TrainSettings(epochs=2, batch_size=8, lr=1e-2, augment="none", backbone_lr=0.1),
+        torch.device("cpu"))
+    (body, head), = [made[0].param_groups]
+    assert [body["max_lr"], head["max_lr"]] == [pytest.approx(1e-3), pytest.approx(1e-2)]
+    assert {id(p) for p in head["params"]} == {id(p) for p in model.fc.parameters()}
+    assert len(body["params"]) + len(head["params"]) == len(list(model.parameters()))
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert any(not k.startswith("fc.") for k in moved)  # the backbone still learns, only slower
+
+
 def test_frozen_backbone_trains_only_the_head():
     x, y = _toy()
     model = _cnn()

@@ -169,6 +169,7 @@ def _wbc(*args, **kw):
     (["study", "--enhance-batch-size", "0"], "--enhance-batch-size: must be >= 1, got 0"),
     (["study", "--enhance-precision", "fp8"], "invalid choice: 'fp8'"),
     (["study", "--ema", "9", "--epochs", "6"], "--ema: must be between 0 (off) and --epochs (6) epochs, got 9.0"),
+    (["study", "--backbone-lr", "2"], "--backbone-lr: must be a fraction of --lr in (0, 1], got 2.0"),
     (["study", "--mixup", "-1"], "--mixup: must be between 0 (off) and 10 (the Beta distribution's alpha), got -1.0"),
 ])
 def test_cli_bad_arguments_one_line_exit_2(args, needle):
