@@ -122,7 +122,8 @@ def config_from_args(args) -> StudyConfig:
                        deterministic=args.deterministic,
                        input_policy=args.input_policy, crop=args.crop, augment=args.augment,
                        label_smoothing=args.label_smoothing, select_by=args.select_by, tta=args.tta,
-                       ema=args.ema, mixup=args.mixup, backbone_lr=args.backbone_lr, enhance_batch_size=args.enhance_batch_size,
+                       ema=args.ema, mixup=args.mixup, backbone_lr=args.backbone_lr,
+                       enhance_batch_size=args.enhance_batch_size,
                        enhance_half=ENHANCE_PRECISIONS.get(args.enhance_precision),
                        runs_dir=args.runs_dir, cache_dir=args.cache_dir)
 
@@ -364,7 +365,8 @@ def _input_words(cfg: dict) -> str:
             f"{c.label_smoothing}, best epoch by validation {c.select_by}"
             + (f" of a weight average over {c.ema:g} epochs" if c.ema else "")
             + (f", mixup alpha {c.mixup:g}" if c.mixup else "")
-            + (f", pretrained layers at {c.backbone_lr:g} x the head's learning rate" if c.backbone_lr != 1 else "") + f", test-time views {c.tta}")
+            + (f", pretrained layers at {c.backbone_lr:g} x the head's learning rate" if c.backbone_lr != 1 else "")
+            + f", test-time views {c.tta}")
 
 
 def cmd_data_fetch(args) -> int:

@@ -180,12 +180,15 @@ def _batches(n: int, batch_size: int, shuffle: bool, gen: torch.Generator):
 
 
 def _make_optimizer(model: nn.Module, s: TrainSettings, head: str):
+    def in_head(name: str) -> bool:
+        return name.startswith(head + ".")
+
     if s.freeze_backbone:
         for name, p in model.named_parameters():
-            p.requires_grad = name.startswith(head + ".")
+            p.requires_grad = in_head(name)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    head_params = [p for n, p in named if n.startswith(head + ".")]
-    body = [p for n, p in named if not n.startswith(head + ".")]
+    head_params = [p for n, p in named if in_head(n)]
+    body = [p for n, p in named if not in_head(n)]
     # The pretrained layers may learn at a fraction of the new head's rate (s.backbone_lr); each group's rate is
     # its peak in the one-cycle schedule (fit reads it back from the groups).
     params = [g for g in ({"params": body, "lr": s.lr * s.backbone_lr}, {"params": head_params, "lr": s.lr})
@@ -229,20 +232,21 @@ def run_epoch(model, norm, x, y, s: TrainSettings, device, gen, optimizer=None, 
     correct = torch.zeros((), dtype=torch.int64, device=device)
     preds, seen = [], 0
     split = train and isinstance(x, Held)  # under torchrun: this rank holds some of the images
+    mixing = train and s.mixup > 0
     with torch.set_grad_enabled(train):
         for bi, gidx in enumerate(_batches(len(x), s.batch_size, shuffle=train, gen=gen)):
             rows, xu8 = x.take(gidx) if split else (None, x[gidx])  # rows: positions in the global batch
             idx = gidx[rows] if split else gidx
             xb = norm(_prepare(xu8, s, device, gen, train, rows, len(gidx))).contiguous(memory_format=torch.channels_last)
             yb = y[idx].to(device, non_blocking=True)
-            if train and s.mixup > 0:
+            if mixing:
                 lam, partner = mixup_pairs(s.mixup, len(gidx), gen, rows)
                 partner = partner.to(device)
                 xb = lam * xb + (1.0 - lam) * xb[partner]
             with _autocast(device):
                 logits = model(xb)
                 loss = loss_fn(logits.float(), yb)
-                if train and s.mixup > 0:
+                if mixing:
                     loss = lam * loss + (1.0 - lam) * loss_fn(logits.float(), yb[partner])
             if train:
                 _step(loss * world.size / len(gidx) if split else loss / len(gidx), optimizer, scheduler, scaler)
@@ -360,8 +364,8 @@ def fit(model: nn.Module, train: tuple, val: tuple, s: TrainSettings, device: to
     optimizer = _make_optimizer(model, s, spec.head)
     n_batches = math.ceil(len(x_train) / s.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(s.epochs * n_batches, 1), pct_start=s.warmup,
-        anneal_strategy="cos", div_factor=10.0, final_div_factor=100.0)
+        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(s.epochs * n_batches, 1),
+        pct_start=s.warmup, anneal_strategy="cos", div_factor=10.0, final_div_factor=100.0)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and not torch.cuda.is_bf16_supported() else None
     y_train, y_val = torch.as_tensor(y_train), torch.as_tensor(y_val)
     trained = _wrap(model, device, w)  # DDP under torchrun; the model itself otherwise

@@ -567,7 +567,6 @@ def cross_split_overlap(df: pd.DataFrame, groups: np.ndarray, emb: np.ndarray, t
     ``emb`` must be centred the same way as for grouping (see :func:`centre`); ``threshold`` is its
     :class:`Space`'s near-copy cut.
     """
-    t = threshold
     df = df.reset_index(drop=True).assign(group=np.asarray(groups))
     rows = []
     splits = list(dict.fromkeys(df["split"]))
@@ -577,7 +576,7 @@ def cross_split_overlap(df: pd.DataFrame, groups: np.ndarray, emb: np.ndarray, t
                 continue
             ma, mb = (df["split"] == a).to_numpy(), (df["split"] == b).to_numpy()
             d = nearest_distance(emb[ma], df.loc[ma, "label"], emb[mb], df.loc[mb, "label"])
-            sub = df[ma].assign(copy=d < t)
+            sub = df[ma].assign(copy=d < threshold)
             for label, g in sub.groupby("label", sort=True):
                 hit = g.groupby("group")["copy"].any()
                 rows.append({"split": a, "other_split": b, "label": label, "groups": int(len(hit)),

@@ -383,7 +383,7 @@ def test_backbone_lr_scales_the_pretrained_layers_only(monkeypatch):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fit(model, (x, y), (x, y), TrainSettings(epochs=2, batch_size=8, lr=1e-2, augment="none", backbone_lr=0.1),
         torch.device("cpu"))
-    (body, head), = [made[0].param_groups]
+    body, head = made[0].param_groups
     assert [body["max_lr"], head["max_lr"]] == [pytest.approx(1e-3), pytest.approx(1e-2)]
     assert {id(p) for p in head["params"]} == {id(p) for p in model.fc.parameters()}
     assert len(body["params"]) + len(head["params"]) == len(list(model.parameters()))
