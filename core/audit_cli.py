@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from core.paths import path_arg
+
 import numpy as np
 import pandas as pd
 
@@ -29,16 +31,20 @@ EXPECTED_CELLS = {
 def add_audit_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("audit", help="estimate source cells per split/class and cross-split near-copies",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data", metavar="DATA", help="data root with TRAIN/, TEST/ or TEST_SIMPLE/ class folders (any of "
-                                                "them), or one ImageFolder (class folders), named by its folder")
-    p.add_argument("--test-dir", default=None, help="a Kaggle TEST folder to audit as the TEST split")
-    p.add_argument("--out", default="audit.parquet", help="Parquet file for the table (default: audit.parquet)")
+    p.add_argument("data", type=path_arg, metavar="DATA",
+                   help="data root with TRAIN/, TEST/ or TEST_SIMPLE/ class folders (any of them), or one ImageFolder "
+                        "(class folders), named by its folder")
+    p.add_argument("--test-dir", type=path_arg, default=None,
+                   help="a Kaggle TEST folder to audit as the TEST split")
+    p.add_argument("--out", type=path_arg, default="audit.parquet",
+                   help="Parquet file for the table (default: audit.parquet)")
     p.add_argument("--device", default="cpu", help="torch device for the embeddings (cpu, cuda)")
     p.add_argument("--per-class", type=int, default=None,
                    help="audit at most N images per class of TRAIN and TEST (random, seed 0); default all")
     p.add_argument("--threshold", type=float, default=None,
                    help="group cut (default: the embedding space's, core.groups.Space.group_cut)")
-    p.add_argument("--cache-dir", default=None, help="embedding cache (default: the wbc cache dir)")
+    p.add_argument("--cache-dir", type=path_arg, default=None,
+                   help="embedding cache (default: the wbc cache dir)")
     p.add_argument("--json", action="store_true", help="print the table as JSON (one object per row) instead")
     p.set_defaults(func=cmd_audit)
     return p
@@ -94,6 +100,28 @@ def format_table(t: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def check_args(args) -> None:
+    """The flags, checked before minutes of embedding: each bad one is a one-line ValueError naming it."""
+    import math
+
+    from core.devices import resolve_device
+    from core.store import check_writable
+
+    resolve_device(getattr(args, "device", "cpu"))
+    per_class = getattr(args, "per_class", None)
+    if per_class is not None and per_class < 2:
+        raise ValueError(f"--per-class: must be >= 2 (leave it out for all images), got {per_class}")
+    t = getattr(args, "threshold", None)
+    if t is not None and not (math.isfinite(t) and 0 < t < 2):
+        raise ValueError(f"--threshold: a cosine-distance cut in (0, 2), got {t}")
+    out = Path(getattr(args, "out", None) or "audit.parquet").expanduser()
+    if out.is_dir():
+        raise ValueError(f"--out: {out} is a folder; give a file name, e.g. {out / 'audit.parquet'}")
+    if out.exists() and out.suffix.lower() != ".parquet":
+        raise ValueError(f"--out: {out} exists and is not a .parquet file; refusing to overwrite it")
+    check_writable(out.parent, "--out")
+
+
 def cmd_audit(args) -> int:
     from core.data import DataNotFoundError, build_manifest, subset_per_class
     from core.groups import grouping_space, groups_from_embeddings
@@ -102,6 +130,7 @@ def cmd_audit(args) -> int:
     if not Path(args.data).is_dir():
         print(f"wbc audit: error: {args.data}: not a folder", file=sys.stderr)
         return 2
+    check_args(args)
     try:
         m = build_manifest(args.data, test_dir=getattr(args, "test_dir", None), require_train=False)
     except DataNotFoundError as e:

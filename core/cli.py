@@ -27,6 +27,7 @@ import pandas as pd
 from core.audit_cli import add_audit_parser
 from core.config import PRESETS, StudyConfig, make_config
 from core.enhance.cli import add_enhance_parser
+from core.paths import path_arg
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -64,8 +65,10 @@ ENHANCE_PRECISIONS = {"auto": None, "fp32": False, "half": True}  # -> StudyConf
 def add_study_parser(sub) -> None:
     p = sub.add_parser("study", help="run a study: train and evaluate each variant, store results")
     p.add_argument("--preset", choices=list(PRESETS), help="quick (CPU, minutes), paper, or study (rigorous)")
-    p.add_argument("--data", dest="data_dir", help="data root (else $WBC_DATA, else known locations)")
-    p.add_argument("--test-dir", help="a TEST folder in the Kaggle layout (else TEST/TEST_SIMPLE of the data)")
+    p.add_argument("--data", type=path_arg, dest="data_dir",
+                   help="data root (else $WBC_DATA, else known locations)")
+    p.add_argument("--test-dir", type=path_arg,
+                   help="a TEST folder in the Kaggle layout (else TEST/TEST_SIMPLE of the data)")
     p.add_argument("--variants", type=_csv(), help="comma-separated enhancers, e.g. original,realesrgan-x4plus")
     p.add_argument("--classifier", help="resnet50 | resnet18 | efficientnet_lite0 | simple_cnn")
     p.add_argument("--pretrained", help="imagenet | none | PATH to a state dict")
@@ -101,8 +104,9 @@ def add_study_parser(sub) -> None:
     p.add_argument("--enhance-precision", choices=list(ENHANCE_PRECISIONS),
                    help="Real-ESRGAN precision: auto (fp16 on CUDA, fp32 on CPU; default) | fp32 | half "
                         "(fp16 on CUDA, bf16 on CPU: ~2x faster on CPUs with AVX512-BF16/AMX, 52-54 dB vs fp32)")
-    p.add_argument("--runs-dir", help="run store (default: runs/ or $WBC_RUNS_DIR)")
-    p.add_argument("--cache-dir", help="cache for enhanced images and weights (default: ~/.cache/wbc)")
+    p.add_argument("--runs-dir", type=path_arg, help="run store (default: runs/ or $WBC_RUNS_DIR)")
+    p.add_argument("--cache-dir", type=path_arg,
+                   help="cache for enhanced images and weights (default: ~/.cache/wbc)")
     p.add_argument("--run-id", help="name the run (default: timestamp-preset-random)")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted, failed or cancelled run with its "
                                                     "stored config: complete models are kept, the rest trained")
@@ -268,14 +272,24 @@ def _report_files(r, args) -> int:
 
     blocks = report_blocks(r)
     if args.html:
-        out = Path(args.html).expanduser()
-        if out.is_dir():
-            raise ValueError(f"--html: {out} is a folder; give a file name, e.g. {out / (r.run_id + '.html')}")
+        out = _html_target(Path(args.html).expanduser(), r)
         atomic_write_bytes(out, to_html(blocks).encode())
         print(f"wrote {out}", file=sys.stderr)
     if args.format == "md":
         print(to_markdown(blocks), end="")
     return 0
+
+
+def _html_target(out: Path, r) -> Path:
+    """Where ``--html`` may write: a file that is new or an earlier report (``.html``). Anything else (a run's
+    run.json, a table, a folder) is refused before the report is made, so no run and no other file is lost."""
+    if out.is_dir():
+        raise ValueError(f"--html: {out} is a folder; give a file name, e.g. {out / (r.run_id + '.html')}")
+    if out.exists() and out.suffix.lower() not in (".html", ".htm"):
+        raise ValueError(f"--html: {out} exists and is not an .html file; refusing to overwrite it")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ValueError(f"--html: {out.parent} is a file, not a folder")
+    return out
 
 
 def _sr_change(r, t0: float) -> int:
@@ -335,7 +349,8 @@ def cmd_report(args) -> int:
             extra = f", {prov['precision']} on {prov.get('device', '?')}" if prov.get("precision") else ""
             print(f"variant {v}: {how}{extra}")
     if info.error:
-        print(f"error: {info.error.get('type')}: {info.error_message}")
+        kind = info.error.get("type")
+        print(f"error: {f'{kind}: ' if kind else ''}{info.error_message}")
     print(f"input: {_input_words(cfg)}")
     stats = r.table("stats")
     from core.scorecard import scorecard, scorecard_text
@@ -399,17 +414,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     add_study_parser(sub)
     pr = sub.add_parser("runs", help="list runs")
-    pr.add_argument("--runs-dir")
+    pr.add_argument("--runs-dir", type=path_arg)
     pr.set_defaults(func=cmd_runs)
     prep = sub.add_parser("report", help="per-class report, confusion matrices and statistics of a run")
     prep.add_argument("run", help="run id, or 'latest'")
-    prep.add_argument("--runs-dir")
-    prep.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report (opens offline)")
+    prep.add_argument("--runs-dir", type=path_arg)
+    prep.add_argument("--html", type=path_arg, metavar="FILE",
+                      help="also write a self-contained HTML report (opens offline)")
     prep.add_argument("--format", choices=("text", "md"), default="text", help="print text (default) or Markdown")
     prep.set_defaults(func=cmd_report)
     pe = sub.add_parser("explain", help="Grad-CAM of a run's test images, for the true and the predicted class")
     pe.add_argument("run", help="run id, or 'latest'")
-    pe.add_argument("--runs-dir")
+    pe.add_argument("--runs-dir", type=path_arg)
     pe.add_argument("--variant", help="one variant (default: all)")
     pe.add_argument("--only-errors", action="store_true", help="misclassified images only")
     pe.add_argument("--limit", type=int, help="at most N images per call (default: all chosen)")

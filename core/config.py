@@ -7,6 +7,7 @@ Everything a run needs is in :class:`StudyConfig`; the resolved config is writte
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,6 +94,10 @@ class StudyConfig:
             n = getattr(self, name)
             if n is not None and n < 2:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 2, got {n}")
+        if not self.image_sizes:
+            raise ValueError("--image-size: at least one size is needed")
+        if len(set(self.image_sizes)) != len(self.image_sizes):
+            raise ValueError(f"--image-size: duplicate size in {','.join(map(str, self.image_sizes))}")
         for s in self.image_sizes:
             if not 32 <= s <= 1024:
                 raise ValueError(f"--image-size: must be between 32 and 1024, got {s}")
@@ -129,8 +134,8 @@ class StudyConfig:
             raise ValueError(f"--crop: must be between 32 and 4096 pixels, got {self.crop}")
         if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
             raise ValueError(f"--seeds: seeds must be distinct and >= 0, got {list(self.seeds)}")
-        if self.lr <= 0:
-            raise ValueError(f"--lr: must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr: must be a finite number > 0, got {self.lr}")
         if self.test_dir is not None and not Path(self.test_dir).is_dir():
             raise ValueError(f"--test-dir: {self.test_dir!r} is not a folder")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():

@@ -180,11 +180,8 @@ class Manifest:
         return self.df[self.df["split"] == name].reset_index(drop=True)
 
 
-def build_manifest(root: str | os.PathLike, test_dir: str | os.PathLike | None = None,
-                   splits: tuple[str, ...] = SPLIT_NAMES, require_train: bool = True) -> Manifest:
-    """Scan a data root (and an extra TEST folder) into a manifest. ``require_train=False`` (the audit) also
-    accepts a root that holds only a test split."""
-    root = Path(root)
+def split_dirs(root: Path, test_dir: str | os.PathLike | None = None, require_train: bool = True) -> dict[str, Path]:
+    """The split folders of a data root, with ``--test-dir`` as TEST; raises when a needed one is missing."""
     dirs = find_split_dirs(root)
     if test_dir is not None:
         tdirs = find_split_dirs(Path(test_dir))
@@ -195,6 +192,37 @@ def build_manifest(root: str | os.PathLike, test_dir: str | os.PathLike | None =
     if "TRAIN" not in dirs and (require_train or not dirs):
         what = "TRAIN/ folder" if require_train else "TRAIN/, TEST/ or TEST_SIMPLE/ folder"
         raise DataNotFoundError(f"{root}: no {what} with class folders found.\n" + GET_DATA_HELP)
+    return dirs
+
+
+def check_data(data_dir: str | os.PathLike | None, test_dir: str | os.PathLike | None = None) -> Path:
+    """The data root a study will read, checked in milliseconds before a run folder exists: TRAIN (and
+    ``--test-dir``) must have class folders holding at least one image file (by name; decoding comes later)."""
+    root = find_data_root(data_dir)
+    dirs = split_dirs(root, test_dir)
+    for split in ("TRAIN", "TEST") if test_dir is not None else ("TRAIN",):
+        if not _has_image_file(dirs[split]):
+            flag = "--test-dir" if split == "TEST" else "--data"
+            raise DataNotFoundError(f"{flag}: {dirs[split]} has class folders but no image files in them "
+                                    f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return root
+
+
+def _has_image_file(folder: Path) -> bool:
+    for c in folder.iterdir():
+        if c.is_dir() and class_of_folder(c.name):
+            for _, _, files in os.walk(c):
+                if any(Path(f).suffix.lower() in IMAGE_EXTENSIONS and not f.startswith(".") for f in files):
+                    return True
+    return False
+
+
+def build_manifest(root: str | os.PathLike, test_dir: str | os.PathLike | None = None,
+                   splits: tuple[str, ...] = SPLIT_NAMES, require_train: bool = True) -> Manifest:
+    """Scan a data root (and an extra TEST folder) into a manifest. ``require_train=False`` (the audit) also
+    accepts a root that holds only a test split."""
+    root = Path(root)
+    dirs = split_dirs(root, test_dir, require_train)
     frames, skipped = [], []
     for split in splits:
         if split in dirs:

@@ -26,7 +26,7 @@ from core.engine import Normalizer, centre_crop, load_images
 from core.fsio import atomic_write_bytes, stat_key
 from core.models import create_classifier, spec_of
 from core.regions import BOX_COLUMNS, margin_for, stain_mask
-from core.store import KEYS, Run, Table
+from core.store import KEYS, Run, Table, check_name
 
 CELL_WIDEN = 0.08  # the nucleus mask widened by this share of the view: the cytoplasm around it
 
@@ -45,7 +45,8 @@ class Model:
 
 
 def checkpoint_path(run: Run, variant: str, seed: int, size: int) -> Path:
-    return run.path / "checkpoints" / f"{variant}-s{seed}-{size}.pt"
+    """``<run>/checkpoints/<variant>-s<seed>-<size>.pt``; a variant name that could leave the run is refused."""
+    return run.path / "checkpoints" / f"{check_name(variant)}-s{int(seed)}-{int(size)}.pt"
 
 
 def load_model(run: Run, variant: str, seed: int, size: int) -> Model:
@@ -55,10 +56,14 @@ def load_model(run: Run, variant: str, seed: int, size: int) -> Model:
         raise NoCheckpoint(f"run {run.run_id} has no checkpoint for {variant} seed {seed} {size}px ({path.name}): "
                            f"made before checkpoints were kept, or stopped before this model finished; "
                            f"its other results are unaffected")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = StudyConfig.from_dict(ckpt.get("config") or {})
-    net, _ = create_classifier(cfg.classifier, len(CLASSES), "none")
-    net.load_state_dict(ckpt["state_dict"])
+    try:  # weights only: a checkpoint from a shared store cannot run code here (or in the dashboard's server)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        cfg = StudyConfig.from_dict(ckpt.get("config") or {})
+        net, _ = create_classifier(cfg.classifier, len(CLASSES), "none")
+        net.load_state_dict(ckpt["state_dict"])
+    except Exception as e:  # noqa: BLE001 - damaged, foreign or hand-made: say which file, in one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: not a readable checkpoint of this study ({first[:200]})") from None
     return Model(net.eval(), size, cfg.input_policy)
 
 
@@ -150,7 +155,7 @@ def explain_rows(run: Run, rows: pd.DataFrame) -> pd.DataFrame:
         key = (str(r["variant"]), int(r["seed"]), int(r["image_size"]))
         for m in row_maps(r, model_for(run, *key)):
             name = hashlib.sha1(f"{key}|{r['image_id']}|{m['class_label']}".encode()).hexdigest()[:16]
-            png = run.path / "explain" / f"{key[0]}-s{key[1]}-{key[2]}" / f"{name}.png"
+            png = run.path / "explain" / f"{check_name(key[0])}-s{key[1]}-{key[2]}" / f"{name}.png"
             atomic_write_bytes(png, m["png"])
             out.append({**dict(zip(KEYS, key)), "image_id": r["image_id"], "role": m["role"],
                         "class_label": m["class_label"], "cam_path": str(png), "heat_in_cell": m["heat_in_cell"],

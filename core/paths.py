@@ -30,3 +30,13 @@ KNOWN_DATA_LOCATIONS: tuple[Path, ...] = (
     REPO_ROOT.parent / "shared" / "data" / "blood-cells",
     Path.home() / ".cache" / "wbc" / "data" / "blood-cells",
 )
+
+
+def path_arg(text: str) -> str:
+    """An argparse ``type`` for a path flag: an empty value (``--runs-dir "$UNSET"``) is refused instead of
+    silently meaning the default store or the current folder."""
+    if not text.strip():
+        import argparse
+
+        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?); leave the flag out for the default")
+    return text

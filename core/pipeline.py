@@ -456,6 +456,7 @@ def run(cfg: StudyConfig, on_progress: OnProgress | None = None, run_id: str | N
     validate_config(cfg)
     if run_id is not None:
         check_run_id(run_id)
+    D.check_data(cfg.data_dir, cfg.test_dir)  # no data, no run folder
     device = torch.device(resolve_device(cfg.device))
     w = dist.init(device.type)  # launched by torchrun: join its group (rank 0 writes the store)
     if w.active and device.type == "cuda":

@@ -19,6 +19,7 @@ SPLIT_WORDS = {"grouped": "grouped (no source cell on both sides)",
                "random": "random (leaky: near-copies of training cells in validation)"}
 COLUMNS = ["variant", "image_size", "paper_val_accuracy", "val_accuracy", "val_split", "val_leaky", "n_val",
            "test_source", "test_accuracy", "test_ci_low", "test_ci_high", "seeds"]
+_NUMBERS = ("paper_val_accuracy", "val_accuracy", "test_accuracy", "test_ci_low", "test_ci_high")
 
 
 def scorecard(validation: pd.DataFrame, stats: pd.DataFrame, test_source: str | None) -> pd.DataFrame:
@@ -38,7 +39,8 @@ def scorecard(validation: pd.DataFrame, stats: pd.DataFrame, test_source: str | 
                      "val_accuracy": float(v["val_accuracy"].mean()), "val_split": split,
                      "val_leaky": bool(v["leaky"].any()) or split == "random", "n_val": int(v["n_val"].iloc[0]),
                      "test_source": test_source, **acc, "seeds": int(v["seed"].nunique())})
-    return pd.DataFrame(rows, columns=COLUMNS)
+    # numbers stay numbers where a run has none (no paper figure; no stats yet: stopped before its test)
+    return pd.DataFrame(rows, columns=COLUMNS).astype({c: float for c in _NUMBERS})
 
 
 def _test_accuracy(tests: pd.DataFrame, variant: str, size: int) -> dict:

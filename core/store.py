@@ -148,7 +148,8 @@ class TableSchema:
 
 
 def _cast(s: pd.Series, dtype: str) -> pd.Series:
-    """Numbers and flags to their dtype (nullable when a value is missing); text is left as it is."""
+    """Numbers and flags to their dtype (nullable when a value is missing); text is left as it is. A column that
+    cannot be cast raises ``ValueError`` naming it."""
     if s.empty or dtype in ("str", "json", "vector"):
         return s
     try:
@@ -159,8 +160,8 @@ def _cast(s: pd.Series, dtype: str) -> pd.Series:
             return s.astype("Int64" if nulls else "int64")
         if dtype == "bool":
             return s.astype("boolean" if nulls else "bool")
-    except (TypeError, ValueError):
-        return s  # a hand-edited or damaged column: shown as stored
+    except (TypeError, ValueError):  # a hand-edited or damaged column: said, naming it (reads: DamagedTable)
+        raise ValueError(f"column {s.name!r} holds values that are not {dtype}") from None
     return s
 
 
@@ -245,6 +246,26 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
+def _created(path: Path) -> float:
+    """When a run folder was made: run.json's ``created_at``, else the folder's modification time."""
+    try:
+        stamp = json.loads((path / RUN_JSON).read_text(encoding="utf-8")).get("created_at")
+        return dt.datetime.fromisoformat(stamp).timestamp()
+    except Exception:  # noqa: BLE001 - missing, damaged or hand-edited: the folder's own time
+        try:
+            return path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+
+def check_name(name: str, what: str = "variant") -> str:
+    """A name read from a run (a variant) that becomes part of a file name: the run-id rules (letters, digits,
+    '.', '_', '-'; no '..', no '/'), so that no stored table can point a path outside its run."""
+    if not isinstance(name, str) or not _RUN_ID_RE.match(name) or ".." in name:
+        raise ValueError(f"invalid {what} name {name!r}: letters, digits, '.', '_' and '-' only")
+    return name
+
+
 def check_writable(folder: str | os.PathLike, what: str) -> Path:
     """Create ``folder`` if needed and prove a file can be written in it, in milliseconds, before long work.
 
@@ -257,7 +278,11 @@ def check_writable(folder: str | os.PathLike, what: str) -> Path:
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise ValueError(f"{what} {folder}: not writable ({e.strerror or type(e).__name__})") from None
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{what} {folder}: is a file, not a folder") from None
+        blocked = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocked} is a file, not a folder" if blocked else (e.strerror or type(e).__name__)
+        raise ValueError(f"{what} {folder}: not writable ({why})") from None
     return folder
 
 
@@ -344,6 +369,48 @@ def _text(v) -> str | None:
     return None if v is None else str(v)
 
 
+_SCALAR = (str, int, float, bool, type(None))
+_CONFIG_LISTS = ("variants", "image_sizes", "seeds", "notes")  # StudyConfig's sequence fields
+
+
+def clean_meta(doc: dict) -> dict:
+    """run.json with every field a reader relies on in its expected shape; a value of the wrong type (a hand-
+    edited or foreign file) reads as absent instead of crashing a page or the report: ``config`` a dict of
+    scalars (its sequence fields lists of scalars), ``notes`` a list of text, ``data``/``summary``/``versions``
+    dicts, ``weights.enhancers`` a dict of dicts of scalars, ``error`` a dict."""
+    out = dict(doc)
+    cfg = {}
+    for k, v in _dict(doc.get("config")).items():
+        if k in _CONFIG_LISTS:
+            if isinstance(v, list) and all(isinstance(x, _SCALAR) for x in v):
+                cfg[k] = v
+        elif isinstance(v, _SCALAR):
+            cfg[k] = v
+    out["config"] = cfg
+    notes = doc.get("notes")
+    out["notes"] = [str(n) for n in notes] if isinstance(notes, list) else ([notes] if isinstance(notes, str) else [])
+    for k in ("data", "summary", "versions", "stages", "kernels", "distributed"):
+        if k in doc:
+            out[k] = _dict(doc[k])
+    if "skipped" in doc:
+        out["skipped"] = [x for x in doc["skipped"] if isinstance(x, dict)] if isinstance(doc["skipped"], list) else []
+    weights = _dict(doc.get("weights"))
+    if "enhancers" in weights:
+        weights = {**weights, "enhancers": {str(v): _provenance(p) for v, p in _dict(weights["enhancers"]).items()
+                                            if isinstance(p, dict)}}
+    out["weights"] = weights
+    err = doc.get("error")
+    out["error"] = err if isinstance(err, dict) else ({"message": str(err)} if err else None)
+    return out
+
+
+_TEXT_FIELDS = ("sha256", "source", "path", "precision", "device", "method", "arch")  # of an enhancer's provenance
+
+
+def _provenance(p: dict) -> dict:
+    return {k: (str(v) if k in _TEXT_FIELDS and v is not None else v) for k, v in p.items() if isinstance(v, _SCALAR)}
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """``run.json``, typed. Values of the wrong type read as absent (a hand-edited file still lists); the
@@ -372,6 +439,7 @@ class RunInfo:
         if not isinstance(version, int) or version > SCHEMA_VERSION:
             raise DamagedRun(f"{run_id}/{RUN_JSON}: schema_version {version!r} is newer than this code reads "
                              f"({SCHEMA_VERSION}); update wbc")
+        doc = clean_meta(doc)
         err = doc.get("error")
         return cls(run_id=run_id, status=str(doc.get("status", "unknown")), schema_version=version,
                    created_at=_text(doc.get("created_at")), started_at=_text(doc.get("started_at")),
@@ -488,7 +556,10 @@ class Run:
             df = _read_columns(p, columns)
         except Exception as e:
             raise DamagedTable(p, f"{type(e).__name__}: {_first_line(e)[:160]}") from e
-        df = sch.conform(df, strict=False)
+        try:
+            df = sch.conform(df, strict=False)
+        except ValueError as e:
+            raise DamagedTable(p, str(e)) from None
         return df if columns is None else df[columns]
 
     def fingerprint(self, *names: str) -> tuple:
@@ -649,11 +720,13 @@ class RunStore:
         return Run(path)
 
     def run_ids(self) -> list[str]:
-        """Run folder names, newest first (hidden folders, like the launch lock's, are not runs)."""
+        """Run folder names, newest first by creation time (``created_at`` in run.json; the folder's time when
+        that is unreadable), not by name: a run named with ``--run-id`` sorts by when it was made. Hidden
+        folders, like the launch lock's, are not runs."""
         if not self.root.is_dir():
             return []
-        return sorted((p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                      reverse=True)
+        paths = [p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        return [p.name for p in sorted(paths, key=lambda p: (_created(p), p.name), reverse=True)]
 
     def fingerprint(self) -> tuple:
         """A cache key of the whole listing: folder names and their run.json/progress.json (mtime, size)."""

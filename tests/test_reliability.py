@@ -407,3 +407,203 @@ def test_enhance_checks_out_is_writable_before_any_image(tmp_path, unwritable, c
     src = _images(tmp_path / "cells")
     code, _, err = _main(capsys, "enhance", "--model", "bicubic-x4", src, unwritable)
     assert code == 2 and _one_line(err) and f"OUT_DIR {unwritable}: not writable" in err and not made
+
+
+# ------------------------------------------------------------------ bad input found by a probe (2026-11-27)
+@pytest.mark.parametrize("flags, words", [
+    (["--lr", "nan"], "--lr: must be a finite number > 0"),
+    (["--lr", "inf"], "--lr: must be a finite number > 0"),
+    (["--image-size", ","], "--image-size: at least one size is needed"),
+    (["--image-size", "32,32"], "--image-size: duplicate size in 32,32"),
+])
+def test_bad_rate_or_sizes_fail_before_any_run_folder(flags, words, data_dir, tmp_path, capsys):
+    code, _, err = _main(capsys, "study", "--data", data_dir, *TINY_ARGS, *flags, "--runs-dir", tmp_path / "runs",
+                         "--cache-dir", tmp_path / "c")
+    assert code == 2 and _one_line(err) and words in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("how", ["no class folders", "class folders of text files", "empty class folders",
+                                 "a test folder without images"])
+def test_data_without_image_files_fails_before_any_run_folder(how, data_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    if how != "no class folders":
+        for c in ("EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"):
+            (bad / "TRAIN" / c).mkdir(parents=True)
+            if how == "class folders of text files":
+                (bad / "TRAIN" / c / "notes.txt").write_text("not an image")
+    flags = ["--data", data_dir, "--test-dir", bad / "TRAIN"] if how.startswith("a test") else ["--data", bad]
+    code, _, err = _main(capsys, "study", *flags, *TINY_ARGS, "--runs-dir", tmp_path / "runs",
+                         "--cache-dir", tmp_path / "c")
+    assert code != 0 and "Traceback" not in err
+    first = err.strip().splitlines()[0]
+    if how == "no class folders":
+        assert "no TRAIN/ or class folders found there" in first
+    else:
+        flag = "--test-dir" if how.startswith("a test") else "--data"
+        assert _one_line(err) and f"{flag}: {bad / 'TRAIN'} has class folders but no image files" in first, err
+    assert not (tmp_path / "runs").exists()  # no failed run left in the store
+
+
+def test_empty_path_flags_are_refused_not_read_as_the_default():
+    for args in (["runs", "--runs-dir", ""], ["study", "--data", " "], ["audit", ""]):
+        p = _wbc(*args)
+        assert p.returncode == 2 and _one_line(p.stderr) and "an empty path" in p.stderr, (args, p.stderr)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--device", "tpu"], "--device: unknown device 'tpu'"),
+    (["--per-class", "0"], "--per-class: must be >= 2"),
+    (["--per-class", "-1"], "--per-class: must be >= 2"),
+    (["--threshold", "nan"], "--threshold: a cosine-distance cut in (0, 2)"),
+    (["--threshold", "-1"], "--threshold: a cosine-distance cut in (0, 2)"),
+    (["--out", "FOLDER"], "is a folder; give a file name"),
+    (["--out", "TEXT"], "exists and is not a .parquet file; refusing to overwrite it"),
+])
+def test_audit_flags_are_checked_before_any_embedding(flags, words, data_dir, tmp_path, capsys):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.txt").write_text("mine")
+    flags = [{"FOLDER": tmp_path / "folder", "TEXT": tmp_path / "notes.txt"}.get(f, f) for f in flags]
+    code, _, err = _main(capsys, "audit", data_dir, *flags, "--cache-dir", tmp_path / "cache")
+    assert code == 2 and _one_line(err) and words in err, err
+    assert not (tmp_path / "cache").exists() and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def _copy_run(store, tmp_path) -> tuple[Path, str]:
+    _, runs, _, reference = store
+    shutil.copytree(runs / reference, tmp_path / "runs" / reference)
+    return tmp_path / "runs" / reference, reference
+
+
+def test_report_html_never_overwrites_a_run_file_or_a_non_html_file(store, tmp_path, capsys):
+    rd, rid = _copy_run(store, tmp_path)
+    before = (rd / "run.json").read_bytes()
+    code, _, err = _main(capsys, "report", rid, "--runs-dir", tmp_path / "runs", "--html", rd / "run.json")
+    assert code == 2 and _one_line(err) and "is not an .html file; refusing to overwrite it" in err
+    assert (rd / "run.json").read_bytes() == before
+    (tmp_path / "a-file").write_text("x")
+    code, _, err = _main(capsys, "report", rid, "--runs-dir", tmp_path / "runs", "--html", tmp_path / "a-file" / "r.html")
+    assert code == 2 and _one_line(err) and "a-file is a file, not a folder" in err
+    old = tmp_path / "r.html"
+    old.write_text("an earlier report")
+    code, _, err = _main(capsys, "report", rid, "--runs-dir", tmp_path / "runs", "--html", old)
+    assert code == 0 and "an earlier report" not in old.read_text() and rid in old.read_text()
+
+
+def test_latest_is_the_newest_run_not_the_last_name(tmp_path, capsys):
+    s = RunStore(tmp_path)
+    s.create({}, run_id="20261127-000000-quick-aaaa").update_meta(status="finished")
+    s.create({}, run_id="aaa-old-baseline").update_meta(status="finished", created_at="2020-01-01T00:00:00+00:00")
+    s.create({}, run_id="zzz-damaged")
+    (tmp_path / "zzz-damaged" / "run.json").write_text("{")
+    os.utime(tmp_path / "zzz-damaged", (0, 0))  # unreadable run.json: the folder's own time (1970)
+    assert s.run_ids() == ["20261127-000000-quick-aaaa", "aaa-old-baseline", "zzz-damaged"]
+    code, out, _ = _main(capsys, "report", "latest", "--runs-dir", tmp_path)
+    assert out.startswith("run 20261127-000000-quick-aaaa")
+
+
+def test_run_json_fields_of_the_wrong_type_read_as_absent(store, tmp_path, capsys):
+    from dashboard.app import PAGES, build_app
+    from dashboard.state import AppState
+
+    rd, rid = _copy_run(store, tmp_path)
+    meta = json.loads((rd / "run.json").read_text())
+    meta["weights"]["enhancers"]["x"] = "str"
+    meta["weights"]["enhancers"]["bicubic-x4"]["sha256"] = 12345
+    meta["config"]["seeds"] = 5
+    meta.update(notes="a single note", error="boom", skipped=3)
+    (rd / "run.json").write_text(json.dumps(meta))
+    code, out, err = _main(capsys, "report", rid, "--runs-dir", tmp_path / "runs")
+    assert code == 0 and not err
+    assert out.count("note: a single note") == 1 and "error: boom" in out
+    state = AppState(runs_dir=str(tmp_path / "runs"), run_id=rid)
+    build_app(state, eager=True)
+    for page in PAGES:  # every page builds over the same run.json
+        state.page = page
+
+
+def test_a_table_column_of_the_wrong_type_is_a_damaged_table(store, tmp_path, capsys):
+    rd, rid = _copy_run(store, tmp_path)
+    m = pd.read_parquet(rd / "metrics.parquet")
+    m.assign(f1="high").to_parquet(rd / "metrics.parquet")
+    code, _, err = _main(capsys, "report", rid, "--runs-dir", tmp_path / "runs", "--format", "md")
+    assert code == 1 and _one_line(err)
+    assert f"{rd / 'metrics.parquet'}: cannot be read (column 'f1' holds values that are not float)" in err
+
+
+class _RunsCode:
+    """A pickle that runs a shell command when it is loaded without ``weights_only``."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def test_explain_loads_weights_only_and_names_a_damaged_checkpoint(store, tmp_path, capsys):
+    rd, rid = _copy_run(store, tmp_path)
+    ck = rd / "checkpoints" / "original-s0-32.pt"
+    torch.save({"config": {}, "state_dict": {}, "x": _RunsCode(tmp_path / "pwned")}, ck)
+    args = ["explain", rid, "--runs-dir", tmp_path / "runs", "--variant", "original", "--limit", "1"]
+    code, _, err = _main(capsys, *args)
+    assert code == 2 and _one_line(err) and f"{ck}: not a readable checkpoint of this study" in err, err
+    assert not (tmp_path / "pwned").exists()
+    ck.write_text("garbage\n")
+    code, _, err = _main(capsys, *args)
+    assert code == 2 and _one_line(err) and f"{ck}: not a readable checkpoint of this study" in err, err
+
+
+def test_explain_refuses_a_variant_name_that_leaves_the_run(store, tmp_path, capsys):
+    rd, rid = _copy_run(store, tmp_path)
+    evil = "../../../escape/x"
+    pred = pd.read_parquet(rd / "predictions.parquet")
+    pred.assign(variant=evil).to_parquet(rd / "predictions.parquet")
+    (tmp_path / "escape").mkdir()
+    shutil.copy(rd / "checkpoints" / "original-s0-32.pt", tmp_path / "escape" / "x-s0-32.pt")
+    code, _, err = _main(capsys, "explain", rid, "--runs-dir", tmp_path / "runs", "--variant", evil, "--limit", "1")
+    assert code == 2 and _one_line(err) and "invalid variant name '../../../escape/x'" in err, err
+    assert [p.name for p in (tmp_path / "escape").iterdir()] == ["x-s0-32.pt"]  # nothing written beside it
+
+
+def test_a_run_stopped_before_its_statistics_shows_its_scorecard(store, tmp_path):
+    """validation.parquet is written per model, stats.parquet at the end: a cancelled run has the first only."""
+    import panel as pn
+
+    from dashboard.app import PAGES, build_app
+    from dashboard.pages.overview import scorecard_frame
+    from dashboard.state import AppState
+
+    rd, rid = _copy_run(store, tmp_path)
+    (rd / "stats.parquet").unlink()
+    RunStore(tmp_path / "runs").get(rid).update_meta(status="cancelled")
+    state = AppState(runs_dir=str(tmp_path / "runs"), run_id=rid)
+    card = scorecard_frame(state, rid)
+    assert len(card) == 2 and card["this run validation acc"].notna().all()
+    assert card["test acc (unseen cells)"].isna().all() and (card["test 95% CI"] == "").all()
+    tpl = build_app(state, eager=True)
+    for page in PAGES:
+        state.page = page
+        bad = [a.object for a in tpl.main[0].select(pn.pane.Alert) if a.visible and a.alert_type == "danger"]
+        assert not bad, (page, bad)
+
+
+@pytest.mark.parametrize("how", ["--device cuda without a GPU", "an empty IN_DIR", "weights that are not weights"])
+def test_enhance_that_cannot_start_leaves_no_empty_out_dir(how, tmp_path, capsys):
+    if how.startswith("--device") and torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    if not how.startswith("an empty"):
+        cell_image("eosinophil", np.random.default_rng(0)).save(src / "a.png")
+    junk = tmp_path / "junk.pth"
+    junk.write_text("these are not weights\n" * 3)
+    flags = {"--device cuda without a GPU": ["--model", "bicubic-x4", "--device", "cuda"],
+             "an empty IN_DIR": ["--model", "bicubic-x4"],
+             "weights that are not weights": ["--model", "realesr-animevideov3", "--weights", junk]}[how]
+    code, _, err = _main(capsys, "enhance", *flags, src, out)
+    lines = err.strip().splitlines()  # "N input files: ..." may come first; the error is the last line, and one
+    assert code in (1, 2) and "Traceback" not in err and lines[-1].startswith("wbc enhance: error:"), err
+    assert sum("error" in line for line in lines) == 1 and not any(line.startswith(" ") for line in lines), err
+    assert not out.exists(), how

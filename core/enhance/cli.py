@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from core.paths import path_arg
+
 from core.progress import fmt_duration
 
 ERRORS_CSV = "enhance_errors.csv"
@@ -57,8 +59,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="reduced precision: fp16 on CUDA (already the default there), bf16 on CPU (faster, not bit-exact)")
     p.add_argument("--weights", help="a local .pth state dict to use instead of the official/converted weights")
     p.add_argument("--no-estimate", action="store_true", help="skip the calibration and duration estimate")
-    p.add_argument("in_dir", metavar="IN_DIR")
-    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("in_dir", type=path_arg, metavar="IN_DIR")
+    p.add_argument("out_dir", type=path_arg, metavar="OUT_DIR")
 
 
 def _calibrate(todo: list, enhancer, fmt: str, tries: int = 10) -> tuple[int, list[dict], float | None, list]:
@@ -92,6 +94,12 @@ def _validate(args) -> None:
         raise _Usage(f"--batch-size: must be >= 1, got {args.batch_size}")
     if args.device not in DEVICES:
         raise _Usage(f"--device: unknown device {args.device!r}; choose from {', '.join(DEVICES)}")
+    from core.devices import resolve_device
+
+    try:
+        resolve_device(args.device)  # --device cuda without a GPU: said before OUT_DIR is made
+    except ValueError as e:
+        raise _Usage(str(e)) from None
     if args.format not in FORMATS:
         raise _Usage(f"--format: unknown format {args.format!r}; choose from {', '.join(FORMATS)}")
     if args.weights is not None and not Path(args.weights).is_file():
@@ -132,6 +140,7 @@ def list_inputs(in_dir: Path, out_dir: Path) -> list[Path]:
 
 
 def cmd_enhance(args) -> int:
+    out_was_there = Path(args.out_dir).exists()
     try:
         _validate(args)
     except _Usage as e:
@@ -141,10 +150,21 @@ def cmd_enhance(args) -> int:
     from core.devices import resolve_device
 
     w = distributed.init(resolve_device(args.device))
+    code = 1
     try:
-        return _enhance(args, w)
+        code = _enhance(args, w)
+        return code
     finally:
         distributed.shutdown()
+        if code and not out_was_there and w.main:  # a failed start leaves no empty OUT_DIR behind
+            _remove_if_empty(Path(args.out_dir))
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # only an empty folder goes
+    except OSError:
+        pass
 
 
 def _enhance(args, w) -> int:
@@ -173,6 +193,9 @@ def _enhance(args, w) -> int:
         else:
             todo.append((src, dest))
     say = print if w.main else (lambda *a, **k: None)
+    if not seen and not errors:
+        say(f"wbc enhance: error: IN_DIR: no input files under {in_dir}", file=sys.stderr)
+        return 2
     say(f"{len(seen)} input files: {done_before} already done, {len(todo)} to enhance with {args.model}"
         + (f" on {w.size} ranks" if w.active else ""), file=sys.stderr)
     if w.active:
@@ -185,7 +208,8 @@ def _enhance(args, w) -> int:
             enhancer = create_enhancer(args.model, device=args.device, batch_size=args.batch_size,
                                        weights=args.weights, half=getattr(args, "half", None))
         except (WeightsError, ValueError) as e:
-            print(f"wbc enhance: error: {e}", file=sys.stderr)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # torch's unpickling text spans lines
+            print(f"wbc enhance: error: {first}", file=sys.stderr)
             return 1
         prov = enhancer.provenance()
         say(f"weights: {prov.get('source', '-')} {prov.get('path', '')} sha256={enhancer.weights_id()[:16]}",
