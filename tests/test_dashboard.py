@@ -791,3 +791,26 @@ def test_pages_render_a_version_1_run(tmp_path):
     assert not alerts, [a.object for a in alerts]
     tables = [t for t in tpl.main[0].select(pn.widgets.Tabulator) if "wbc-acc-table" in t.css_classes]
     assert tables and set(tables[0].value["variant"]) == {"original", "bicubic-x4"}
+
+
+def test_eos_neu_says_why_super_resolution_change_cannot_be_measured(env, tmp_path):
+    """Enhanced images gone from disk (a cleared cache): the section says so instead of an empty heading."""
+    import shutil
+
+    import panel as pn
+
+    from dashboard.app import build_app
+    from dashboard.state import AppState
+
+    rid = env["run_ids"][0]
+    shutil.copytree(Path(env["runs_dir"]) / rid, tmp_path / "runs" / rid)
+    pred_file = tmp_path / "runs" / rid / "predictions.parquet"
+    pred = pd.read_parquet(pred_file)
+    gone = pred["enhanced_path"].notna()
+    pred.loc[gone, "enhanced_path"] = [str(tmp_path / "cleared" / f"{i}.png") for i in range(int(gone.sum()))]
+    pred.to_parquet(pred_file)
+    state = AppState(runs_dir=str(tmp_path / "runs"), run_id=rid)
+    tpl = build_app(state, eager=True)
+    state.page = "EOS/NEU"
+    words = [m.object for m in tpl.main[0].select(pn.pane.Markdown) if "wbc-sr-test" in m.css_classes]
+    assert any("enhanced images are no longer on disk" in w for w in words), words
