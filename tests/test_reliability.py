@@ -587,6 +587,9 @@ def test_a_run_stopped_before_its_statistics_shows_its_scorecard(store, tmp_path
         state.page = page
         bad = [a.object for a in tpl.main[0].select(pn.pane.Alert) if a.visible and a.alert_type == "danger"]
         assert not bad, (page, bad)
+    state.page = "Overview"
+    acc = [t.value for t in tpl.main[0].select(pn.widgets.Tabulator) if "wbc-acc-table" in t.css_classes][0]
+    assert acc["accuracy"].notna().all() and not {"macro_f1", "balanced_acc"} & set(acc.columns)  # no NaN columns
 
 
 @pytest.mark.parametrize("how", ["--device cuda without a GPU", "an empty IN_DIR", "weights that are not weights"])

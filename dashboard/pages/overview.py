@@ -165,8 +165,11 @@ def _fmt(acc: pd.DataFrame) -> pd.DataFrame:
                               zip(out["seed_mean"], out["seed_sd"])]
     cols = [c for c in ["run", "variant", "image_size", "accuracy", "95% CI", "seeds mean ± sd", "macro_f1",
                         "balanced_acc", "n", "n_seeds"]
-            if c in out.columns]
+            if c in out.columns and not (c in _OPTIONAL and out[c].isna().all())]  # no stats: no "NaN" columns
     return out[cols]
+
+
+_OPTIONAL = ("image_size", "macro_f1", "balanced_acc", "n", "n_seeds")
 
 
 class OverviewPage(Page):
@@ -208,10 +211,11 @@ class OverviewPage(Page):
     @staticmethod
     def accuracy_parts(acc: pd.DataFrame, both: pd.DataFrame, run_id: str, compare: str | None) -> list:
         plot = _acc_plot(both, "Accuracy per variant" + (" (two runs)" if compare else ""))
-        table = pn.widgets.Tabulator(_fmt(both if compare else acc), show_index=False, disabled=True,
+        shown = _fmt(both if compare else acc)
+        table = pn.widgets.Tabulator(shown, show_index=False, disabled=True,
                                      sizing_mode="stretch_width", css_classes=["wbc-acc-table"],
                                      formatters={c: {"type": "money", "precision": 4}
-                                                 for c in ("accuracy", "macro_f1", "balanced_acc")})
+                                                 for c in ("accuracy", "macro_f1", "balanced_acc") if c in shown})
         title = f"### Accuracy — <code>{esc(run_id)}</code>" + (f" vs <code>{esc(compare)}</code>" if compare else "")
         return [pn.pane.Markdown(title),
                 pn.Row(pn.pane.HoloViews(plot, sizing_mode="stretch_width", height=340), sizing_mode="stretch_width"),
