@@ -36,6 +36,8 @@ ROWS: dict[str, dict] = {
     "ema=1 (validate a weight average over ~1 epoch)": dict(ema=1.0),
     "mixup=0.4 (mix training pairs and labels)": dict(mixup=0.4),
     "backbone_lr=0.1 (pretrained layers at a tenth of the head's rate)": dict(backbone_lr=0.1),
+    "crop=160 (a wider region around the cell, same 128 px input)": dict(crop=160),
+    "crop=176 (a wider region around the cell, same 128 px input)": dict(crop=176),
 }
 KEYS = {"base": "base", "full": "policy=full (the paper's squashed frame)",
         "center": "policy=center (200 px centred square)", "nojitter": "augment=dihedral (no zoom/shift/stain jitter)",
@@ -44,7 +46,9 @@ KEYS = {"base": "base", "full": "policy=full (the paper's squashed frame)",
         "frozen": "frozen backbone (old quick: linear probe)", "size160": "image_size=160 (region upsampled 1.1x)",
         "lite1": "classifier=efficientnet_lite1", "pc600": "per_class=600 (twice the images)",
         "ema": "ema=1 (validate a weight average over ~1 epoch)", "mixup": "mixup=0.4 (mix training pairs and labels)",
-        "bblr": "backbone_lr=0.1 (pretrained layers at a tenth of the head's rate)"}
+        "bblr": "backbone_lr=0.1 (pretrained layers at a tenth of the head's rate)",
+        "crop160": "crop=160 (a wider region around the cell, same 128 px input)",
+        "crop176": "crop=176 (a wider region around the cell, same 128 px input)"}
 
 
 def row_metrics(r) -> dict:
