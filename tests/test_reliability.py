@@ -581,6 +581,8 @@ def test_a_run_stopped_before_its_statistics_shows_its_scorecard(store, tmp_path
     state = AppState(runs_dir=str(tmp_path / "runs"), run_id=rid)
     card = scorecard_frame(state, rid)
     assert len(card) == 2 and card["this run validation acc"].notna().all()
+    assert list(card.columns)[2:6] == ["paper validation acc", "this run validation acc", "test acc (unseen cells)",
+                                       "test 95% CI"]  # the numbers to compare first: visible without scrolling
     assert card["test acc (unseen cells)"].isna().all() and (card["test 95% CI"] == "").all()
     tpl = build_app(state, eager=True)
     for page in PAGES:

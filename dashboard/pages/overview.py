@@ -83,16 +83,16 @@ def scorecard_frame(state, run_id) -> pd.DataFrame:
     card = scorecard(val, stats, (meta.get("data") or {}).get("test_source"))
     if card.empty:
         return card
-    out = pd.DataFrame({
+    out = pd.DataFrame({  # the three numbers to compare first, so they show without scrolling sideways
         "variant": card["variant"], "size px": card["image_size"],
         "paper validation acc": [f"{x:.2f}" if x is not None and x == x else
-                                 "n/a (the paper enhanced with x4plus only)" if v != "original" else "n/a"
+                                 "n/a (paper: x4plus only)" if v != "original" else "n/a"
                                  for v, x in zip(card["variant"], card["paper_val_accuracy"])],
         "this run validation acc": card["val_accuracy"].round(3),
-        "validation split": [SPLIT_WORDS.get(s, s) for s in card["val_split"]],
         "test acc (unseen cells)": card["test_accuracy"].round(3),
         "test 95% CI": [f"[{a:.3f}, {b:.3f}]" if a is not None and a == a else "" for a, b in
                         zip(card["test_ci_low"], card["test_ci_high"])],
+        "validation split": [SPLIT_WORDS.get(s, s) for s in card["val_split"]],
         "test set": card["test_source"], "seeds": card["seeds"]})
     return out
 
