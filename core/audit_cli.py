@@ -12,10 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from core.paths import path_arg
-
 import numpy as np
 import pandas as pd
+
+from core.paths import path_arg
 
 AUDIT_COLUMNS = ["split", "label", "images", "distinct_files", "groups", "expected_groups", "group_min",
                  "group_median", "group_max", "other_split", "other_groups_with_copy", "other_images_with_copy",
@@ -100,8 +100,9 @@ def format_table(t: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def check_args(args) -> None:
-    """The flags, checked before minutes of embedding: each bad one is a one-line ValueError naming it."""
+def check_args(args) -> Path:
+    """The flags, checked before minutes of embedding: each bad one is a one-line ValueError naming it. Returns
+    the ``--out`` file to write."""
     import math
 
     from core.devices import resolve_device
@@ -120,6 +121,7 @@ def check_args(args) -> None:
     if out.exists() and out.suffix.lower() != ".parquet":
         raise ValueError(f"--out: {out} exists and is not a .parquet file; refusing to overwrite it")
     check_writable(out.parent, "--out")
+    return out
 
 
 def cmd_audit(args) -> int:
@@ -130,7 +132,7 @@ def cmd_audit(args) -> int:
     if not Path(args.data).is_dir():
         print(f"wbc audit: error: {args.data}: not a folder", file=sys.stderr)
         return 2
-    check_args(args)
+    out = check_args(args)
     try:
         m = build_manifest(args.data, test_dir=getattr(args, "test_dir", None), require_train=False)
     except DataNotFoundError as e:
@@ -153,7 +155,6 @@ def cmd_audit(args) -> int:
     threshold = space.group_cut if getattr(args, "threshold", None) is None else args.threshold
     groups = groups_from_embeddings(df, space.emb, threshold)
     table = audit_table(df, groups, space.emb, threshold, space.near_copy_cut, per_class_subset=bool(per_class))
-    out = Path(getattr(args, "out", None) or "audit.parquet")
     atomic_write_parquet(out, table)
     if getattr(args, "json", False):
         print(table.to_json(orient="records"))

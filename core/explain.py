@@ -26,7 +26,7 @@ from core.engine import Normalizer, centre_crop, load_images
 from core.fsio import atomic_write_bytes, stat_key
 from core.models import create_classifier, spec_of
 from core.regions import BOX_COLUMNS, margin_for, stain_mask
-from core.store import KEYS, Run, Table, check_name
+from core.store import KEYS, Run, Table, check_name, first_line
 
 CELL_WIDEN = 0.08  # the nucleus mask widened by this share of the view: the cytoplasm around it
 
@@ -62,8 +62,8 @@ def load_model(run: Run, variant: str, seed: int, size: int) -> Model:
         net, _ = create_classifier(cfg.classifier, len(CLASSES), "none")
         net.load_state_dict(ckpt["state_dict"])
     except Exception as e:  # noqa: BLE001 - damaged, foreign or hand-made: say which file, in one line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{path}: not a readable checkpoint of this study ({first[:200]})") from None
+        raise ValueError(f"{path}: not a readable checkpoint of this study "
+                         f"({(first_line(e) or type(e).__name__)[:200]})") from None
     return Model(net.eval(), size, cfg.input_policy)
 
 

@@ -240,8 +240,13 @@ def new_run_id(preset: str = "custom") -> str:
     return f"{stamp}-{preset}-{secrets.token_hex(2)}"
 
 
+def _safe_name(name) -> bool:
+    """Letters, digits, '.', '_', '-' (no '/', no leading dot), and no '..': a name that stays inside its folder."""
+    return isinstance(name, str) and bool(_RUN_ID_RE.match(name)) and ".." not in name
+
+
 def check_run_id(run_id: str) -> str:
-    if not _RUN_ID_RE.match(run_id or "") or ".." in run_id:
+    if not _safe_name(run_id):
         raise ValueError(f"invalid run id {run_id!r}")
     return run_id
 
@@ -261,7 +266,7 @@ def _created(path: Path) -> float:
 def check_name(name: str, what: str = "variant") -> str:
     """A name read from a run (a variant) that becomes part of a file name: the run-id rules (letters, digits,
     '.', '_', '-'; no '..', no '/'), so that no stored table can point a path outside its run."""
-    if not isinstance(name, str) or not _RUN_ID_RE.match(name) or ".." in name:
+    if not _safe_name(name):
         raise ValueError(f"invalid {what} name {name!r}: letters, digits, '.', '_' and '-' only")
     return name
 
@@ -278,9 +283,7 @@ def check_writable(folder: str | os.PathLike, what: str) -> Path:
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        if folder.exists() and not folder.is_dir():
-            raise ValueError(f"{what} {folder}: is a file, not a folder") from None
-        blocked = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+        blocked = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
         why = f"{blocked} is a file, not a folder" if blocked else (e.strerror or type(e).__name__)
         raise ValueError(f"{what} {folder}: not writable ({why})") from None
     return folder
@@ -353,7 +356,8 @@ class DamagedTable(Exception):
         return f"{self.path.parent.name}/{self.path.name} could not be read ({self.reason})"
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """An error's message on one line: its first (a torch or pickle message can span many)."""
     return (str(e).strip().splitlines() or [""])[0]
 
 
@@ -538,7 +542,7 @@ class Run:
         try:
             doc = json.loads((self.path / RUN_JSON).read_text())
         except (OSError, ValueError) as e:
-            raise DamagedRun(f"{self.run_id}/{RUN_JSON} unreadable ({type(e).__name__}: {_first_line(e)})") from e
+            raise DamagedRun(f"{self.run_id}/{RUN_JSON} unreadable ({type(e).__name__}: {first_line(e)})") from e
         return RunInfo.from_json(doc, self.run_id)
 
     @property
@@ -555,7 +559,7 @@ class Run:
         try:
             df = _read_columns(p, columns)
         except Exception as e:
-            raise DamagedTable(p, f"{type(e).__name__}: {_first_line(e)[:160]}") from e
+            raise DamagedTable(p, f"{type(e).__name__}: {first_line(e)[:160]}") from e
         try:
             df = sch.conform(df, strict=False)
         except ValueError as e:
@@ -741,7 +745,7 @@ class RunStore:
                 info = run.info
                 out.append(RunEntry(run, info, effective_status(info.raw, run.read_progress())))
             except Exception as e:  # DamagedRun, or anything else a hand-edited folder throws: listed, not fatal
-                why = str(e) if isinstance(e, DamagedRun) else f"{rid}: {type(e).__name__}: {_first_line(e)}"
+                why = str(e) if isinstance(e, DamagedRun) else f"{rid}: {type(e).__name__}: {first_line(e)}"
                 out.append(RunEntry(run, None, Status.UNREADABLE.value, why))
         return out
 

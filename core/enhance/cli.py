@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 from core.paths import path_arg
-
 from core.progress import fmt_duration
 
 ERRORS_CSV = "enhance_errors.csv"
@@ -208,8 +207,9 @@ def _enhance(args, w) -> int:
             enhancer = create_enhancer(args.model, device=args.device, batch_size=args.batch_size,
                                        weights=args.weights, half=getattr(args, "half", None))
         except (WeightsError, ValueError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # torch's unpickling text spans lines
-            print(f"wbc enhance: error: {first}", file=sys.stderr)
+            from core.store import first_line
+
+            print(f"wbc enhance: error: {first_line(e) or type(e).__name__}", file=sys.stderr)
             return 1
         prov = enhancer.provenance()
         say(f"weights: {prov.get('source', '-')} {prov.get('path', '')} sha256={enhancer.weights_id()[:16]}",

@@ -158,6 +158,9 @@ def _acc_plot(acc: pd.DataFrame, title: str):
     return bars * err
 
 
+_OPTIONAL = ("image_size", "macro_f1", "balanced_acc", "n", "n_seeds")  # columns left out when a run has none
+
+
 def _fmt(acc: pd.DataFrame) -> pd.DataFrame:
     out = acc.copy()
     out["95% CI"] = [f"[{a:.3f}, {b:.3f}]" if a == a and b == b else "" for a, b in zip(out["ci_low"], out["ci_high"])]
@@ -167,9 +170,6 @@ def _fmt(acc: pd.DataFrame) -> pd.DataFrame:
                         "balanced_acc", "n", "n_seeds"]
             if c in out.columns and not (c in _OPTIONAL and out[c].isna().all())]  # no stats: no "NaN" columns
     return out[cols]
-
-
-_OPTIONAL = ("image_size", "macro_f1", "balanced_acc", "n", "n_seeds")
 
 
 class OverviewPage(Page):
