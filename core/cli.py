@@ -356,7 +356,7 @@ def cmd_report(args) -> int:
     stats = r.table("stats")
     from core.scorecard import scorecard, scorecard_text
 
-    print(scorecard_text(scorecard(r.table("validation"), stats, info.test_source)))
+    print(scorecard_text(scorecard(r.table("validation"), stats, info.test_source, r.table("predictions"))))
     metrics, confusion = r.table("metrics"), r.table("confusion")
     if not metrics.empty:
         print()

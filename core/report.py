@@ -58,7 +58,8 @@ def _about(run: Run, info) -> list[Block]:
 def _scorecard(run: Run) -> list[Block]:
     from core.scorecard import PAPER_CITATION, scorecard, scorecard_text
 
-    card = scorecard(run.table(Table.VALIDATION), run.table(Table.STATS), run.info.test_source)
+    card = scorecard(run.table(Table.VALIDATION), run.table(Table.STATS), run.info.test_source,
+                     run.table(Table.PREDICTIONS))
     if card.empty:
         return [Block("h2", "Replication scorecard"), Block("p", scorecard_text(card))]
     shown = card[["variant", "image_size", "paper_val_accuracy", "val_accuracy", "val_split", "n_val",

@@ -19,12 +19,16 @@ SPLIT_WORDS = {"grouped": "grouped (no source cell on both sides)",
                "random": "random (leaky: near-copies of training cells in validation)"}
 COLUMNS = ["variant", "image_size", "paper_val_accuracy", "val_accuracy", "val_split", "val_leaky", "n_val",
            "test_source", "test_accuracy", "test_ci_low", "test_ci_high", "seeds"]
+NO_CI_WORDS = "no CI: the run stopped before its statistics"
 _NUMBERS = ("paper_val_accuracy", "val_accuracy", "test_accuracy", "test_ci_low", "test_ci_high")
 
 
-def scorecard(validation: pd.DataFrame, stats: pd.DataFrame, test_source: str | None) -> pd.DataFrame:
+def scorecard(validation: pd.DataFrame, stats: pd.DataFrame, test_source: str | None,
+              predictions: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per (variant, image size): see :data:`COLUMNS`. Seed means where a run has several seeds;
-    the test CI is then the interval of the seed-averaged accuracy (``core.stats``)."""
+    the test CI is then the interval of the seed-averaged accuracy (``core.stats``). A model with test
+    predictions but no statistics (a run stopped before them) shows the seed-mean accuracy of its predictions
+    and no CI."""
     if validation is None or validation.empty:
         return pd.DataFrame(columns=COLUMNS)
     from core.stats import model_summary
@@ -33,6 +37,8 @@ def scorecard(validation: pd.DataFrame, stats: pd.DataFrame, test_source: str | 
     rows = []
     for (variant, size), v in validation.groupby(["variant", "image_size"], sort=False):
         acc = _test_accuracy(tests, variant, int(size))
+        if acc["test_accuracy"] is None:
+            acc["test_accuracy"] = _predicted_accuracy(predictions, variant, int(size))
         split = str(v["split"].iloc[0])
         rows.append({"variant": variant, "image_size": int(size),
                      "paper_val_accuracy": PAPER_VAL_ACCURACY.get(variant),
@@ -51,6 +57,14 @@ def _test_accuracy(tests: pd.DataFrame, variant: str, size: int) -> dict:
     return {"test_accuracy": float(r["estimate"]), "test_ci_low": _num(r["ci_low"]), "test_ci_high": _num(r["ci_high"])}
 
 
+def _predicted_accuracy(predictions: pd.DataFrame | None, variant: str, size: int) -> float | None:
+    """The seed mean of one model set's test accuracy, straight from its predictions (no interval)."""
+    if predictions is None or predictions.empty:
+        return None
+    p = predictions[(predictions["variant"] == variant) & (predictions["image_size"] == size)]
+    return float(p.groupby("seed")["correct"].mean().mean()) if len(p) else None
+
+
 def _num(x):
     return None if x is None or pd.isna(x) else float(x)
 
@@ -65,6 +79,8 @@ def scorecard_text(card: pd.DataFrame) -> str:
         test = "-" if _num(r.test_accuracy) is None else f"{r.test_accuracy:.3f}"
         if _num(r.test_ci_low) is not None:
             test += f" [95% CI {r.test_ci_low:.3f}-{r.test_ci_high:.3f}]"
+        elif _num(r.test_accuracy) is not None:
+            test += f" ({NO_CI_WORDS})"
         seeds = f", mean of {r.seeds} seeds" if r.seeds > 1 else ""
         lines.append(f"- {r.variant} ({r.image_size} px{seeds}): paper validation {paper} | this run validation "
                      f"{r.val_accuracy:.3f} on {r.n_val} images, {SPLIT_WORDS.get(r.val_split, r.val_split)} | "

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import panel as pn
 
-from core.store import DETAIL_B, DETAIL_C, DETAIL_P_CLUSTER_BOOT, Metric, StatKind, parse_detail
+from core.store import DETAIL_B, DETAIL_C, DETAIL_P_CLUSTER_BOOT, Metric, StatKind, Table, parse_detail
 from dashboard.data import accuracy_from_predictions, load_table, read_meta, report_html
 from dashboard.pages.base import Page
 from dashboard.pages.common import fmt_p, no_run, warnings_alert
@@ -78,9 +78,11 @@ def scorecard_frame(state, run_id) -> pd.DataFrame:
     from core.scorecard import SPLIT_WORDS, scorecard
 
     rd = state.run_dir(run_id)
-    (val, _), (stats, _) = load_table(rd, "validation"), load_table(rd, "stats")
+    (val, _), (stats, _) = load_table(rd, Table.VALIDATION), load_table(rd, Table.STATS)
+    # a run stopped before its statistics: the test accuracy straight from its predictions, without a CI
+    pred = load_table(rd, Table.PREDICTIONS)[0] if stats.empty else None
     meta, _ = read_meta(rd)
-    card = scorecard(val, stats, (meta.get("data") or {}).get("test_source"))
+    card = scorecard(val, stats, (meta.get("data") or {}).get("test_source"), pred)
     if card.empty:
         return card
     out = pd.DataFrame({  # the three numbers to compare first, so they show without scrolling sideways
@@ -90,8 +92,8 @@ def scorecard_frame(state, run_id) -> pd.DataFrame:
                                  for v, x in zip(card["variant"], card["paper_val_accuracy"])],
         "this run validation acc": card["val_accuracy"].round(3),
         "test acc (unseen cells)": card["test_accuracy"].round(3),
-        "test 95% CI": [f"[{a:.3f}, {b:.3f}]" if a is not None and a == a else "" for a, b in
-                        zip(card["test_ci_low"], card["test_ci_high"])],
+        "test 95% CI": [f"[{a:.3f}, {b:.3f}]" if a == a else "none: no statistics" if t == t else ""
+                        for a, b, t in zip(card["test_ci_low"], card["test_ci_high"], card["test_accuracy"])],
         "validation split": [SPLIT_WORDS.get(s, s) for s in card["val_split"]],
         "test set": card["test_source"], "seeds": card["seeds"]})
     return out
