@@ -8,6 +8,8 @@ written to ``$OUT/gpu_check.json`` as soon as it ends (a stage that fails is rec
                 every core) vs the official ``RealESRGANer`` loop (``cv2.imread`` -> ``enhance(outscale=4)`` ->
                 ``cv2.imwrite``, fp16 as its default on a GPU), same weights, same images; PSNR of ours
                 (fp16) against the official loop in fp32; the time all 12,444 Kaggle images would take.
+   ``compile``  the same through ``torch.compile`` (``wbc enhance --compile``): compile seconds, images/s file
+                to file against the eager path, PSNR against the eager outputs.
 3. ``train``    ResNet-50 training images/s through ``core.engine.fit`` (bf16 autocast, channels_last,
                 cudnn.benchmark), at the paper's batch 32 and at 128.
 4. ``study``    ``wbc study --preset paper`` end to end on CUDA on the carried subset of TRAIN (reduced: fewer
@@ -44,11 +46,14 @@ PAPER_TRAIN = 9_957
 
 # Sizes per mode: the GPU run fits the device machine's 8 minutes; the dry run takes seconds on 2 CPU cores.
 SIZES = {
-    "gpu": dict(device="cuda", ranks=1,  # one GPU: torchrun --nproc-per-node 1 still runs DDP over NCCL ours_n=1200, official_n=120, psnr_n=12, crop=None, train_n=4096, train_epochs=2,
-                train_batches=(32, 128), train_size=224, classifier="resnet50",
+    # one GPU: torchrun --nproc-per-node 1 still runs DDP over NCCL
+    "gpu": dict(device="cuda", ranks=1, ours_n=1200, official_n=120, psnr_n=12, crop=None, train_n=4096,
+                train_epochs=2, train_batches=(32, 128), train_size=224, classifier="resnet50",
+                compile_model="realesrgan-x4plus", compile_batch=None,
                 study=["--preset", "paper", "--pretrained", "none", "--epochs", "6", "--device", "cuda"]),
     "dry-run": dict(device="cpu", ranks=2, ours_n=3, official_n=2, psnr_n=1, crop=48, train_n=16, train_epochs=2,
                     train_batches=(8,), train_size=64, classifier="resnet50",  # batch 8 stands for the paper's 32
+                    compile_model="realesr-animevideov3", compile_batch=1,  # x4plus compiles for minutes on a CPU
                     study=["--preset", "paper", "--pretrained", "none", "--epochs", "1", "--device", "cpu",
                            "--classifier", "simple_cnn", "--variants", "original,realesr-animevideov3",
                            "--image-size", "64", "--per-class", "6", "--test-per-class", "3",
@@ -188,6 +193,55 @@ def enhance(images: list[Path], sz: dict, work: Path) -> dict:
             "all_12444_note": f"extrapolated from {len(written)} images ({len(set(srcs))} distinct)"}
 
 
+def enhance_compiled(images: list[Path], sz: dict, work: Path, doc: dict) -> dict:
+    """The same file -> file path with the model through torch.compile (``wbc enhance --compile``): the compile
+    time, the rate, and the PSNR against the eager model, at the eager stage's batch. The dry run compiles the
+    compact model (x4plus takes minutes to compile on a CPU)."""
+    import numpy as np
+    import torch
+
+    from core.enhance import create_enhancer, load_rgb
+    from core.enhance.cache import enhance_files
+    from core.enhance.realesrgan import psnr
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    model = sz["compile_model"]
+    eager = create_enhancer(model, device=sz["device"], half=None, batch_size=sz.get("compile_batch"))
+    comp = create_enhancer(model, device=sz["device"], half=None, batch_size=eager.batch_size, compile=True)
+    if sz["crop"]:
+        images = sorted((work / "crops").glob("*.png"), key=lambda p: int(p.stem)) or images
+    bs = comp.batch_size
+    batch = [load_rgb(images[i % len(images)]) for i in range(bs)]
+    sync()
+    t0 = time.perf_counter()
+    got = comp.enhance_batch(batch)  # compiles for this batch shape
+    sync()
+    compile_s = time.perf_counter() - t0
+    want = eager.enhance_batch(batch)
+    # whole batches only: a smaller last batch would compile again inside the timed loop
+    n = max(bs, sz["ours_n"] // bs * bs)
+    items = [(str(images[i % len(images)]), work / "compiled" / f"{i}.png") for i in range(n)]
+    sync()
+    t0 = time.perf_counter()
+    written, errors = enhance_files(items, comp)
+    sync()
+    t_comp = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"compiled: {len(errors)} errors, first {errors[0]}")
+    ips = len(written) / t_comp
+    eager_ips = ((doc["stages"].get("enhance") or {}).get("ours_images_per_s")
+                 if model == "realesrgan-x4plus" else None)
+    ps = [psnr(g, w) for g, w in zip(got, want)]
+    return {"model": model, "precision": comp.precision, "batch_size": bs, "compile_s": round(compile_s, 1),
+            "images": len(written), "images_per_s": round(ips, 2),
+            "vs_eager_file_to_file": round(ips / eager_ips, 3) if eager_ips else None,
+            "psnr_db_vs_eager": {"min": round(min(ps), 2), "mean": round(float(np.mean(ps)), 2), "n": len(ps)},
+            "all_12444_minutes": round(KAGGLE_IMAGES / ips / 60, 2) if model == "realesrgan-x4plus" else None}
+
+
 def _official(ours, half: bool):
     from core.enhance._compat import ensure_basicsr_importable
 
@@ -318,7 +372,8 @@ def main() -> int:
         return 2
     rep = Report(out, mode)
     only = set(args.only.split(",")) if args.only else None
-    stages = [("env", env, mode), ("enhance", enhance, images, sz, work), ("train", train, images, sz),
+    stages = [("env", env, mode), ("enhance", enhance, images, sz, work),
+              ("compile", enhance_compiled, images, sz, work, rep.doc), ("train", train, images, sz),
               ("study", study, data, sz, work, out), ("torchrun", study, data, sz, work, out, sz["ranks"]),
               ("estimate", estimate, rep.doc)]
     unknown = sorted((only or set()) - {name for name, *_ in stages})

@@ -104,6 +104,9 @@ def add_study_parser(sub) -> None:
     p.add_argument("--enhance-precision", choices=list(ENHANCE_PRECISIONS),
                    help="Real-ESRGAN precision: auto (fp16 on CUDA, fp32 on CPU; default) | fp32 | half "
                         "(fp16 on CUDA, bf16 on CPU: ~2x faster on CPUs with AVX512-BF16/AMX, 52-54 dB vs fp32)")
+    p.add_argument("--enhance-compile", action="store_true", default=None,
+                   help="torch.compile the Real-ESRGAN model (fused kernels: for long GPU jobs; tens of seconds to "
+                        "compile first; outputs differ by rounding and are cached apart)")
     p.add_argument("--runs-dir", type=path_arg, help="run store (default: runs/ or $WBC_RUNS_DIR)")
     p.add_argument("--cache-dir", type=path_arg,
                    help="cache for enhanced images and weights (default: ~/.cache/wbc)")
@@ -129,6 +132,7 @@ def config_from_args(args) -> StudyConfig:
                        ema=args.ema, mixup=args.mixup, backbone_lr=args.backbone_lr,
                        enhance_batch_size=args.enhance_batch_size,
                        enhance_half=ENHANCE_PRECISIONS.get(args.enhance_precision),
+                       enhance_compile=args.enhance_compile,
                        runs_dir=args.runs_dir, cache_dir=args.cache_dir)
 
 

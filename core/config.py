@@ -74,6 +74,7 @@ class StudyConfig:
     # Real-ESRGAN precision. None: fp16 on CUDA (as the official inference script), fp32 on CPU (equal to
     # RealESRGANer); True: also bf16 on CPU (~2x faster, 52-54 dB PSNR vs fp32); False: fp32 everywhere.
     enhance_half: bool | None = None
+    enhance_compile: bool = False  # torch.compile the Real-ESRGAN model (core.enhance.realesrgan)
     enhance_format: str = "png"  # lossless by default: the comparison must not add JPEG artefacts
     runs_dir: str | None = None
     cache_dir: str | None = None

@@ -206,7 +206,8 @@ def assign_source_groups(sd: StudyData, cfg: StudyConfig, prog: Progress) -> Non
 def preflight(cfg: StudyConfig) -> dict:
     """Fail in seconds, not hours: the classifier's and every enhancer's weights must load first."""
     create_classifier(cfg.classifier, len(CLASSES), cfg.pretrained)
-    return {v: create_enhancer(v, device=cfg.device, batch_size=cfg.enhance_batch_size, half=cfg.enhance_half)
+    return {v: create_enhancer(v, device=cfg.device, batch_size=cfg.enhance_batch_size, half=cfg.enhance_half,
+                               compile=cfg.enhance_compile)
             for v in cfg.variants if not get_enhancer_spec(v).identity}
 
 

@@ -330,3 +330,31 @@ def test_study_flags_reach_the_enhancer():
     assert cfg.enhance_half is False and enh.batch_size == 1 and enh.provenance()["precision"] == "float32"
     cfg, enh = enhancer()
     assert cfg.enhance_half is None and enh.provenance()["precision"] == "float32"  # auto on CPU
+    assert cfg.enhance_compile is False and enh.provenance()["compiled"] is False
+    cfg, enh = enhancer("--enhance-compile")
+    assert cfg.enhance_compile is True and enh.provenance()["compiled"] is True and enh.output_id().endswith("-compiled")
+
+
+@needs_data
+def test_compiled_model_writes_the_same_pixels_and_is_cached_apart(animev3, tmp_path, capsys):
+    """`wbc enhance --compile` runs the model through torch.compile: the eager pixels up to rounding, the fact
+    recorded, and its outputs cached apart from the eager ones."""
+    from PIL import Image
+    from torch._dynamo.utils import counters
+
+    from core.enhance.cache import cache_path
+    from core.enhance.cli import main
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    crop = _center_crop(load_rgb(REAL[0]), 48)
+    Image.fromarray(crop).save(src / "a.png")
+    graphs = counters["stats"]["unique_graphs"]
+    args = ["--model", "realesr-animevideov3", "--device", "cpu", "--compile", "--no-estimate"]
+    assert main(args + [str(src), str(out)]) == 0
+    assert counters["stats"]["unique_graphs"] > graphs  # the compiled model ran, not the eager one
+    assert "compiled (torch.compile" in capsys.readouterr().err
+    assert psnr(load_rgb(out / "a.png"), animev3.enhance_batch([crop])[0]) >= 45.0
+    compiled = create_enhancer("realesr-animevideov3", device="cpu", compile=True)
+    assert compiled.provenance()["compiled"] is True and animev3.provenance()["compiled"] is False
+    assert cache_path(tmp_path, compiled, "ab" * 20) != cache_path(tmp_path, animev3, "ab" * 20)

@@ -24,6 +24,18 @@ def test_enhance_batch_fills_the_free_memory_share():
     assert batch_for_memory(10 * gib, 0) == MAX_AUTO_BATCH
 
 
+def test_gpu_check_sizes_name_the_same_settings_in_both_modes():
+    """The GPU mode cannot be run here: every setting the dry run uses must be there too (a missing one would
+    only fail on the lent machine, in its few minutes)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from gpu_check import SIZES
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert set(SIZES["gpu"]) == set(SIZES["dry-run"])
+    assert SIZES["gpu"]["device"] == "cuda" and SIZES["gpu"]["ours_n"] >= 1000
+
+
 def test_gpu_check_dry_run_runs_every_stage(tmp_path):
     """benchmarks/gpu_check.sh --dry-run: the script the GPU machine runs, every stage at toy sizes on the CPU."""
     carry = tmp_path / "carry"
@@ -36,9 +48,12 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     doc = json.loads((out / "gpu_check.json").read_text())
     st = doc["stages"]
-    assert doc["mode"] == "dry-run" and set(st) == {"env", "enhance", "train", "study", "torchrun", "estimate"}
+    assert doc["mode"] == "dry-run" and set(st) == {"env", "enhance", "compile", "train", "study", "torchrun",
+                                                    "estimate"}
     assert not [k for k, v in st.items() if "error" in v]
     assert st["enhance"]["ours_images"] == 3 and st["enhance"]["psnr_db_vs_official_fp32"]["min"] > 45
+    comp = st["compile"]  # torch.compile on the same file -> file path (the compact model in the dry run)
+    assert comp["images"] == 3 and comp["compile_s"] > 0 and comp["psnr_db_vs_eager"]["min"] >= 45
     assert st["train"]["paper_batch_images_per_s"] > 0
     assert st["study"]["status"] == "finished" and st["study"]["kernels"]["deterministic"] is True
     assert (out / "gpu-paper.json").is_file() and st["estimate"]["total_min_without_decode"] > 0

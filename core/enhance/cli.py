@@ -57,6 +57,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--half", action="store_true", default=None,
                    help="reduced precision: fp16 on CUDA (already the default there), bf16 on CPU (faster, not bit-exact)")
     p.add_argument("--weights", help="a local .pth state dict to use instead of the official/converted weights")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the Real-ESRGAN model (fused kernels, for long GPU jobs; compiles for tens "
+                        "of seconds first; outputs differ by rounding and are cached apart)")
     p.add_argument("--no-estimate", action="store_true", help="skip the calibration and duration estimate")
     p.add_argument("in_dir", type=path_arg, metavar="IN_DIR")
     p.add_argument("out_dir", type=path_arg, metavar="OUT_DIR")
@@ -205,15 +208,16 @@ def _enhance(args, w) -> int:
     if todo:
         try:
             enhancer = create_enhancer(args.model, device=args.device, batch_size=args.batch_size,
-                                       weights=args.weights, half=getattr(args, "half", None))
+                                       weights=args.weights, half=getattr(args, "half", None),
+                                       compile=getattr(args, "compile", False))
         except (WeightsError, ValueError) as e:
             from core.store import first_line
 
             print(f"wbc enhance: error: {first_line(e) or type(e).__name__}", file=sys.stderr)
             return 1
         prov = enhancer.provenance()
-        say(f"weights: {prov.get('source', '-')} {prov.get('path', '')} sha256={enhancer.weights_id()[:16]}",
-              file=sys.stderr)
+        say(f"weights: {prov.get('source', '-')} {prov.get('path', '')} sha256={enhancer.weights_id()[:16]}"
+            + ("; compiled (torch.compile, once per batch shape)" if prov.get("compiled") else ""), file=sys.stderr)
 
         rest = todo
         if not args.no_estimate and len(todo) > 2:

@@ -90,7 +90,8 @@ class RealESRGANEnhancer:
     scale = 4
 
     def __init__(self, spec: ModelSpec, device: str = "auto", batch_size: int | None = None, weights: str | None = None,
-                 half: bool | None = None, pre_pad: int = 10, tile: int = 0, tile_pad: int = 10):
+                 half: bool | None = None, pre_pad: int = 10, tile: int = 0, tile_pad: int = 10,
+                 compile: bool = False):
         import torch
 
         from core.enhance.weights import resolve_weights
@@ -112,8 +113,13 @@ class RealESRGANEnhancer:
         model, self._prov = resolve_weights(spec, lambda: build_model(spec), weights)
         self.model = model.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
         self.memory: dict = {}
+        self.compiled, self._compiled = bool(compile), None
         if self.device == "cuda" and auto_batch:
-            self._fit_to_memory()
+            self._fit_to_memory()  # measured on the eager model, before any compilation
+        if compile:  # torch.compile (inductor) fuses the activations, residual adds and concatenations around
+            # the convolutions. It compiles once per batch shape on first use (tens of seconds); the outputs differ
+            # from the eager model's by rounding only. Tiles (after an out-of-memory) run eagerly.
+            self._compiled = torch.compile(self.model, dynamic=False)
 
     def _fit_to_memory(self) -> None:
         """Batch (and, if one frame does not fit, tile) from the free GPU memory: a one-frame probe measures
@@ -144,8 +150,10 @@ class RealESRGANEnhancer:
         return self._prov["sha256"]
 
     def output_id(self) -> str:
-        """Cache key of the outputs: the weights, plus the precision when it is not fp32 (outputs differ)."""
-        return self._prov["sha256"][:16] + (f"-{self.precision}" if self.half else "")
+        """Cache key of the outputs: the weights, plus the precision when it is not fp32 and whether the model
+        was compiled (outputs differ by rounding)."""
+        return (self._prov["sha256"][:16] + (f"-{self.precision}" if self.half else "")
+                + ("-compiled" if self.compiled else ""))
 
     @property
     def precision(self) -> str:
@@ -155,6 +163,7 @@ class RealESRGANEnhancer:
         return {"enhancer": self.name, **self._prov, "arch": self.spec.arch, **self.spec.arch_kwargs,
                 "scale": self.scale, "device": self.device, "half": self.half,
                 "precision": self.precision, "batch_size": self.batch_size, "pre_pad": self.pre_pad,
+                "compiled": self.compiled,
                 **({"memory": self.memory} if self.memory else {}),
                 "reference": "realesrgan.RealESRGANer.enhance(outscale=4, tile=0)"}
 
@@ -200,7 +209,10 @@ class RealESRGANEnhancer:
                 x = F.pad(x, (0, self.pre_pad, 0, self.pre_pad), mode="reflect")
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device, dtype=self.amp_dtype, enabled=self.half):
-                y = self._tiled(x) if self.tile else self.model(x)
+                if self.tile:
+                    y = self._tiled(x)
+                else:
+                    y = (self.model if self._compiled is None else self._compiled)(x)
             y = y[:, :, : h * self.scale, : w * self.scale].float().clamp_(0, 1)
             y = y.mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return list(y)
