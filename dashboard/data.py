@@ -105,7 +105,7 @@ def _table_cached(run_dir: str, key, name: str) -> tuple[pd.DataFrame, str | Non
     return df, None
 
 
-def load_table(run_dir, name: str) -> tuple[pd.DataFrame, str | None]:
+def load_table(run_dir, name: Table) -> tuple[pd.DataFrame, str | None]:
     """(table, warning): the session's own copy. A missing table is an empty frame and no warning; a corrupt
     one, a warning."""
     if not run_dir:
@@ -142,16 +142,16 @@ def _sr_change_cached(run_dir: str, key) -> pd.DataFrame:
 def sr_change_frame(run_dir) -> tuple[pd.DataFrame, str | None]:
     """What super-resolution changed per enhanced test image: the stored ``sr_change`` table, else measured here
     for small test sets (kept in memory, not written); (frame, why it is missing)."""
-    stored, warning = load_table(run_dir, "sr_change")
+    stored, warning = load_table(run_dir, Table.SR_CHANGE)
     if len(stored) or warning:
         return stored, warning
     run = Run(Path(run_dir))
-    pred, _ = load_table(run_dir, "predictions")
+    pred, _ = load_table(run_dir, Table.PREDICTIONS)
     n = int(pred["enhanced_path"].notna().sum()) if len(pred) else 0
     if n > SR_CHANGE_ON_DEMAND:
         return stored, (f"{n} enhanced test images: measure them once with `wbc explain {run.run_id} --sr-change` "
                         f"(about {max(1, n * 30 // 1000)} s)")
-    return _sr_change_cached(str(run.path), run.fingerprint("predictions")).copy(), None
+    return _sr_change_cached(str(run.path), run.fingerprint(Table.PREDICTIONS)).copy(), None
 
 
 def embedding_map_frame(run_dir, method: str = "tsne", seed: int | None = None,

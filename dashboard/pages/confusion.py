@@ -11,6 +11,7 @@ from holoviews import streams
 from core.config import CLASS_ABBR, CLASSES
 
 from core.metrics import confusion_counts
+from core.store import Table
 from dashboard.data import load_table, run_variants
 from dashboard.pages.base import Page
 from dashboard.pages.common import no_run, warnings_alert
@@ -74,11 +75,11 @@ class ConfusionPage(Page):
 
     def render_run(self, run_id: str, main: bool):
         rd = self.state.run_dir(run_id)
-        conf, w1 = load_table(rd, "confusion")
+        conf, w1 = load_table(rd, Table.CONFUSION)
         w2 = None
         pred = pd.DataFrame()
         if conf.empty:
-            pred, w2 = load_table(rd, "predictions")
+            pred, w2 = load_table(rd, Table.PREDICTIONS)
         variants = [v for v in run_variants(rd) if (not conf.empty and v in set(conf["variant"])) or
                     (not pred.empty and v in set(pred["variant"]))]
         if not variants:

@@ -10,6 +10,7 @@ import param
 
 from core.metrics import RIGHT_TO_WRONG, WRONG_TO_RIGHT, verdict_pairs
 from core.regions import BOX_COLUMNS
+from core.store import Table
 
 from dashboard.data import load_table, run_variants, sr_change_frame
 from dashboard.gallery import Gallery, gallery_items
@@ -66,7 +67,7 @@ class EosNeuPage(Page):
         if not run_id:
             return no_run()
         rd = self.state.run_dir(run_id)
-        pred, w = load_table(rd, "predictions")
+        pred, w = load_table(rd, Table.PREDICTIONS)
         if pred.empty:
             return pn.Column(warnings_alert([w]), pn.pane.Markdown("No predictions in this run."))
         counts = eos_neu_counts(pred)

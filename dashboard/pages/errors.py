@@ -11,6 +11,7 @@ import panel as pn
 import param
 
 from core.config import CLASSES, PROB_COLUMNS
+from core.store import Table
 
 from dashboard.data import LARGE_SIZE, load_table, run_variants, thumbnail_uri, warm_thumbnails
 from dashboard.gallery import Gallery, gallery_items, region_of_row
@@ -24,10 +25,10 @@ PAGE_SIZE = 24
 
 def load_errors(state, run_id) -> tuple[pd.DataFrame, list]:
     rd = state.run_dir(run_id)
-    df, w = load_table(rd, "misclassified")
+    df, w = load_table(rd, Table.MISCLASSIFIED)
     ws = [w]
     if df.empty:
-        pred, w2 = load_table(rd, "predictions")
+        pred, w2 = load_table(rd, Table.PREDICTIONS)
         ws.append(w2)
         if not pred.empty:
             df = pred[~pred["correct"].astype(bool)]
@@ -43,7 +44,7 @@ def with_enhanced_counterpart(state, run_id, df: pd.DataFrame) -> pd.DataFrame:
     df = df.assign(enhanced_from=np.where(missing, None, df["variant"].astype(str)))
     if not missing.any():
         return df
-    pred, _ = load_table(state.run_dir(run_id), "predictions")
+    pred, _ = load_table(state.run_dir(run_id), Table.PREDICTIONS)
     if pred.empty:
         return df
     enh = pred.loc[pred["enhanced_path"].notna(), ["image_id", "variant", "enhanced_path"]] \

@@ -9,6 +9,7 @@ import param
 
 from core.config import CLASSES
 from core.metrics import METRICS, paper_table, per_class
+from core.store import Table
 
 from dashboard.data import load_table, run_variants
 from dashboard.pages.base import Page
@@ -39,8 +40,8 @@ class MetricsPage(Page):
 
     def render_run(self, run_id: str):
         rd = self.state.run_dir(run_id)
-        metrics, w1 = load_table(rd, "metrics")
-        hist, w2 = load_table(rd, "history")
+        metrics, w1 = load_table(rd, Table.METRICS)
+        hist, w2 = load_table(rd, Table.HISTORY)
         m = per_class(metrics, run_variants(rd))
         parts = [warnings_alert([w1, w2])]
         parts += [pn.pane.Markdown("No metrics.parquet in this run.")] if m.empty else self.class_parts(m)

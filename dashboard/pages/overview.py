@@ -17,11 +17,11 @@ from dashboard.safe import esc
 def accuracy_table(state, run_id) -> tuple[pd.DataFrame, pd.DataFrame, list]:
     """(per-variant accuracy with CI / seed spread, paired differences, warnings) for one run."""
     rd = state.run_dir(run_id)
-    stats, w1 = load_table(rd, "stats")
+    stats, w1 = load_table(rd, Table.STATS)
     warnings = [w1]
     acc = _accuracy_rows(stats) if not stats.empty else pd.DataFrame()
     if acc.empty:  # no stats.parquet: fall back to the predictions (no CI)
-        pred, w2 = load_table(rd, "predictions")
+        pred, w2 = load_table(rd, Table.PREDICTIONS)
         warnings.append(w2)
         acc = accuracy_from_predictions(pred)
         if acc.empty:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import panel as pn
 
-from core.store import Metric, StatKind, Status
+from core.store import Metric, StatKind, Status, Table
 from dashboard.data import list_runs, load_table, read_meta, run_state
 from dashboard.pages.base import Page
 from dashboard.pages.common import fmt_p, warnings_alert, warnings_md
@@ -23,7 +23,7 @@ def _acc_cells(state, df: pd.DataFrame) -> tuple[list[str], list[str]]:
     acc_col, paired_col = [], []
     for i, rid in enumerate(df["run_id"]):
         finished = df["status"].iloc[i] == Status.FINISHED
-        stats, _ = load_table(state.run_dir(rid), "stats") if finished else (None, None)
+        stats, _ = load_table(state.run_dir(rid), Table.STATS) if finished else (None, None)
         acc, paired = model_summary(stats), model_summary(stats, Metric.ACCURACY_DIFF, kind=StatKind.PAIRED)
         order = str(df["variants"].iloc[i] or "").split(",")
         acc = acc.assign(_o=[order.index(v) if v in order else len(order) for v in acc["variant"]]).sort_values(
