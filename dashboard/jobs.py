@@ -22,9 +22,10 @@ from pathlib import Path
 
 from core.config import REPO_ROOT, default_cache_dir
 from core.fsio import atomic_write_json
-from core.store import LIVE_STATUSES, Run, RunStore, check_run_id, new_run_id
+from core.store import LIVE_STATUSES, Run, RunStore, Status, check_run_id, new_run_id
 
 CANCEL_GRACE_S = 10.0
+ENDED = (Status.FINISHED, Status.FAILED, Status.CANCELLED)
 LOCK_NAME = ".launch.lock"  # in the run store; a dot name, so never listed as a run
 
 
@@ -50,16 +51,16 @@ class Job:
 
     def state(self) -> str:
         if self.running:
-            return "cancelling" if self.cancel_requested else "running"
+            return "cancelling" if self.cancel_requested else Status.RUNNING
         try:
             status = self.run.info.status
         except Exception:  # no or damaged run.json: the exit code decides
             status = None
-        if status in ("finished", "failed", "cancelled"):
+        if status in ENDED:
             return status
         if self.cancel_requested:
-            return "cancelled"
-        return "finished" if self.returncode == 0 else "failed"
+            return Status.CANCELLED
+        return Status.FINISHED if self.returncode == 0 else Status.FAILED
 
     def output_tail(self, n: int = 15) -> list[str]:
         try:
