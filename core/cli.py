@@ -81,6 +81,7 @@ def add_study_parser(sub) -> None:
     p.add_argument("--split", help="grouped (default: no source cell on both sides) | random (paper, leaky)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float, help="the optimizer's weight decay (default 1e-4)")
     p.add_argument("--optimizer", help="adamw | sgd")
     p.add_argument("--patience", type=int)
     p.add_argument("--freeze-backbone", action="store_true", default=None, help="train only the head")
@@ -125,6 +126,7 @@ def config_from_args(args) -> StudyConfig:
                        per_class=args.per_class, test_per_class=args.test_per_class,
                        image_sizes=args.image_sizes, seeds=seeds, split=args.split,
                        batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                       weight_decay=args.weight_decay,
                        patience=args.patience, freeze_backbone=args.freeze_backbone, device=args.device,
                        deterministic=args.deterministic,
                        input_policy=args.input_policy, crop=args.crop, augment=args.augment,

@@ -137,6 +137,8 @@ class StudyConfig:
             raise ValueError(f"--seeds: seeds must be distinct and >= 0, got {list(self.seeds)}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"--lr: must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and 0 <= self.weight_decay < 1):
+            raise ValueError(f"--weight-decay: must be a finite number in [0, 1), got {self.weight_decay}")
         if self.test_dir is not None and not Path(self.test_dir).is_dir():
             raise ValueError(f"--test-dir: {self.test_dir!r} is not a folder")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():

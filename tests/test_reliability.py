@@ -413,6 +413,8 @@ def test_enhance_checks_out_is_writable_before_any_image(tmp_path, unwritable, c
 @pytest.mark.parametrize("flags, words", [
     (["--lr", "nan"], "--lr: must be a finite number > 0"),
     (["--lr", "inf"], "--lr: must be a finite number > 0"),
+    (["--weight-decay", "nan"], "--weight-decay: must be a finite number in [0, 1)"),
+    (["--weight-decay", "-0.1"], "--weight-decay: must be a finite number in [0, 1)"),
     (["--image-size", ","], "--image-size: at least one size is needed"),
     (["--image-size", "32,32"], "--image-size: duplicate size in 32,32"),
 ])
@@ -421,6 +423,16 @@ def test_bad_rate_or_sizes_fail_before_any_run_folder(flags, words, data_dir, tm
                          "--cache-dir", tmp_path / "c")
     assert code == 2 and _one_line(err) and words in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_weight_decay_flag_sets_the_config_and_the_preset_default_stays():
+    from core.cli import build_parser, config_from_args
+
+    def cfg(*flags):
+        return config_from_args(build_parser().parse_args(["study", "--preset", "quick", *flags]))
+
+    assert cfg("--weight-decay", "0.05").weight_decay == 0.05
+    assert cfg().weight_decay == make_config("quick").weight_decay
 
 
 @pytest.mark.parametrize("how", ["no class folders", "class folders of text files", "empty class folders",
