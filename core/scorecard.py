@@ -9,6 +9,8 @@ run's test accuracy on images of source cells the model never saw, with its 95% 
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 import pandas as pd
 
 #: The paper's reported validation accuracy (Tables 3 and 4; ResNet-50, 224 px, random split, 1,989 images).
@@ -18,7 +20,16 @@ PAPER_CITATION = ("paper, Tables 3-4: ResNet-50, 224 px, validation = random 20%
 SPLIT_WORDS = {"grouped": "grouped (no source cell on both sides)",
                "random": "random (leaky: near-copies of training cells in validation)"}
 COLUMNS = ["variant", "image_size", "paper_val_accuracy", "val_accuracy", "val_split", "val_leaky", "n_val",
-           "test_source", "test_accuracy", "test_ci_low", "test_ci_high", "seeds"]
+           "test_source", "test_accuracy", "test_ci_low", "test_ci_high", "test_from", "seeds"]
+
+
+class AccuracySource(StrEnum):
+    """Where a scorecard row's test accuracy comes from."""
+
+    STATS = "stats"  # the stats table: the estimate with its bootstrap CI
+    PREDICTIONS = "predictions"  # a run stopped before its statistics: the predictions' accuracy, no CI
+
+
 NO_CI_WORDS = "no CI: the run stopped before its statistics"
 _NUMBERS = ("paper_val_accuracy", "val_accuracy", "test_accuracy", "test_ci_low", "test_ci_high")
 
@@ -39,6 +50,7 @@ def scorecard(validation: pd.DataFrame, stats: pd.DataFrame, test_source: str | 
         acc = _test_accuracy(tests, variant, int(size))
         if acc["test_accuracy"] is None:
             acc["test_accuracy"] = _predicted_accuracy(predictions, variant, int(size))
+            acc["test_from"] = None if acc["test_accuracy"] is None else AccuracySource.PREDICTIONS
         split = str(v["split"].iloc[0])
         rows.append({"variant": variant, "image_size": int(size),
                      "paper_val_accuracy": PAPER_VAL_ACCURACY.get(variant),
@@ -52,9 +64,10 @@ def scorecard(validation: pd.DataFrame, stats: pd.DataFrame, test_source: str | 
 def _test_accuracy(tests: pd.DataFrame, variant: str, size: int) -> dict:
     """The test accuracy and CI of one model set, from ``core.stats.model_summary`` indexed by (variant, size)."""
     if (variant, size) not in tests.index:
-        return {"test_accuracy": None, "test_ci_low": None, "test_ci_high": None}
+        return {"test_accuracy": None, "test_ci_low": None, "test_ci_high": None, "test_from": None}
     r = tests.loc[(variant, size)]
-    return {"test_accuracy": float(r["estimate"]), "test_ci_low": _num(r["ci_low"]), "test_ci_high": _num(r["ci_high"])}
+    return {"test_accuracy": float(r["estimate"]), "test_ci_low": _num(r["ci_low"]), "test_ci_high": _num(r["ci_high"]),
+            "test_from": AccuracySource.STATS}
 
 
 def _predicted_accuracy(predictions: pd.DataFrame | None, variant: str, size: int) -> float | None:
@@ -79,7 +92,7 @@ def scorecard_text(card: pd.DataFrame) -> str:
         test = "-" if _num(r.test_accuracy) is None else f"{r.test_accuracy:.3f}"
         if _num(r.test_ci_low) is not None:
             test += f" [95% CI {r.test_ci_low:.3f}-{r.test_ci_high:.3f}]"
-        elif _num(r.test_accuracy) is not None:
+        elif r.test_from == AccuracySource.PREDICTIONS:
             test += f" ({NO_CI_WORDS})"
         seeds = f", mean of {r.seeds} seeds" if r.seeds > 1 else ""
         lines.append(f"- {r.variant} ({r.image_size} px{seeds}): paper validation {paper} | this run validation "

@@ -199,6 +199,25 @@ def test_scorecard_rows_beside_the_paper(grouped_run):
     assert "leaky" in leaky
 
 
+def test_scorecard_says_no_ci_only_where_the_accuracy_comes_from_predictions():
+    val = pd.DataFrame({"variant": ["original"], "image_size": [128], "seed": [0], "split": ["grouped"],
+                        "leaky": [False], "n_val": [10], "val_accuracy": [0.8]})
+    # a stored model whose CI is missing (older multi-seed runs): its accuracy, no "stopped" words
+    stats = pd.DataFrame({"kind": ["ci"], "metric": ["accuracy"], "variant": ["original"], "baseline": [None],
+                          "image_size": [128], "seed": [0], "estimate": [0.9], "ci_low": [np.nan],
+                          "ci_high": [np.nan], "sd": [np.nan], "p_value": [np.nan], "n": [10]})
+    card = scorecard(val, stats, "TEST_SIMPLE")
+    assert card["test_from"].tolist() == ["stats"] and card["test_accuracy"].tolist() == [0.9]
+    assert "no CI" not in scorecard_text(card)
+    # a run stopped before its statistics: the seed mean of the predictions' accuracy (0.5 and 1.0)
+    pred = pd.DataFrame({"variant": ["original"] * 4, "image_size": [128] * 4, "seed": [0, 0, 1, 1],
+                         "correct": [True, False, True, True]})
+    card = scorecard(val, stats.iloc[:0], "TEST_SIMPLE", pred)
+    assert card["test_from"].tolist() == ["predictions"] and card["test_accuracy"].tolist() == [0.75]
+    assert "0.750 (no CI: the run stopped before its statistics)" in scorecard_text(card)
+    assert scorecard(val, stats.iloc[:0], "TEST_SIMPLE")["test_accuracy"].isna().all()  # no predictions either
+
+
 def test_seed_averaged_ci_is_computed_not_averaged(grouped_run):
     run, _ = grouped_run
     stats = run.table("stats")
