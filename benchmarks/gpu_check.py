@@ -8,8 +8,6 @@ written to ``$OUT/gpu_check.json`` as soon as it ends (a stage that fails is rec
                 every core) vs the official ``RealESRGANer`` loop (``cv2.imread`` -> ``enhance(outscale=4)`` ->
                 ``cv2.imwrite``, fp16 as its default on a GPU), same weights, same images; PSNR of ours
                 (fp16) against the official loop in fp32; the time all 12,444 Kaggle images would take.
-   ``compile``  the same through ``torch.compile`` (``wbc enhance --compile``): compile seconds, images/s file
-                to file against the eager path, PSNR against the eager outputs.
 3. ``train``    ResNet-50 training images/s through ``core.engine.fit`` (bf16 autocast, channels_last,
                 cudnn.benchmark), at the paper's batch 32 and at 128.
 4. ``study``    ``wbc study --preset paper`` end to end on CUDA on the carried subset of TRAIN (reduced: fewer
@@ -18,6 +16,9 @@ written to ``$OUT/gpu_check.json`` as soon as it ends (a stage that fails is rec
                 SyncBatchNorm path; 2 gloo ranks in the dry run), and how many of its test predictions
                 equal the 1-process run's (cuDNN autotuning is not bitwise repeatable: not 100% expected).
 5. ``estimate`` the paper protocol on all of TRAIN + TEST (12,444 images, 20 epochs), from the measured rates.
+6. ``compile``  x4plus file -> file through ``torch.compile`` (``wbc enhance --compile``) and eagerly, same files
+                and batch: compile seconds, both rates, PSNR of compiled vs eager. Last, so that a slow compile
+                cannot cost the figures above the machine's minutes.
 
 ``--dry-run`` runs every stage at toy sizes on the CPU (a test runs it), so the script is known to work
 before a GPU is lent.
@@ -194,9 +195,11 @@ def enhance(images: list[Path], sz: dict, work: Path) -> dict:
 
 
 def enhance_compiled(images: list[Path], sz: dict, work: Path, doc: dict) -> dict:
-    """The same file -> file path with the model through torch.compile (``wbc enhance --compile``): the compile
-    time, the rate, and the PSNR against the eager model, at the eager stage's batch. The dry run compiles the
-    compact model (x4plus takes minutes to compile on a CPU)."""
+    """The same file -> file path with the model through torch.compile (``wbc enhance --compile``) and without
+    it, on the same files at the same batch (the enhance stage's), one after the other: the compile time, both
+    rates, and the PSNR of compiled against eager outputs. The dry run compiles the compact model (x4plus takes
+    minutes to compile on a CPU). It runs after the figures the check exists for, so that a slow compile cannot
+    cost them the machine's minutes."""
     import numpy as np
     import torch
 
@@ -208,38 +211,45 @@ def enhance_compiled(images: list[Path], sz: dict, work: Path, doc: dict) -> dic
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
+    from torch._dynamo.utils import counters
+
     model = sz["compile_model"]
-    eager = create_enhancer(model, device=sz["device"], half=None, batch_size=sz.get("compile_batch"))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the earlier stages' cached blocks would shrink a batch sized from free memory
+    bs = sz.get("compile_batch") or (doc["stages"].get("enhance") or {}).get("batch_size")
+    eager = create_enhancer(model, device=sz["device"], half=None, batch_size=bs)
+    graphs = counters["stats"]["unique_graphs"]
+    sync()
+    t0 = time.perf_counter()
     comp = create_enhancer(model, device=sz["device"], half=None, batch_size=eager.batch_size, compile=True)
     if sz["crop"]:
         images = sorted((work / "crops").glob("*.png"), key=lambda p: int(p.stem)) or images
     bs = comp.batch_size
     batch = [load_rgb(images[i % len(images)]) for i in range(bs)]
-    sync()
-    t0 = time.perf_counter()
-    got = comp.enhance_batch(batch)  # compiles for this batch shape
+    got = comp.enhance_batch(batch)  # the probe's compile, then this shape's (shape-generic from here on)
     sync()
     compile_s = time.perf_counter() - t0
     want = eager.enhance_batch(batch)
-    # whole batches only: a smaller last batch would compile again inside the timed loop
-    n = max(bs, sz["ours_n"] // bs * bs)
-    items = [(str(images[i % len(images)]), work / "compiled" / f"{i}.png") for i in range(n)]
-    sync()
-    t0 = time.perf_counter()
-    written, errors = enhance_files(items, comp)
-    sync()
-    t_comp = time.perf_counter() - t0
-    if errors:
-        raise RuntimeError(f"compiled: {len(errors)} errors, first {errors[0]}")
-    ips = len(written) / t_comp
-    eager_ips = ((doc["stages"].get("enhance") or {}).get("ours_images_per_s")
-                 if model == "realesrgan-x4plus" else None)
+    # whole batches only: the same shapes for both; at most 10 batches each
+    n = max(bs, min(sz["ours_n"], 10 * bs) // bs * bs)
+    rates = {}
+    for name, enh in (("eager", eager), ("compiled", comp)):
+        items = [(str(images[i % len(images)]), work / name / f"{i}.png") for i in range(n)]
+        sync()
+        t0 = time.perf_counter()
+        written, errors = enhance_files(items, enh)
+        sync()
+        if errors:
+            raise RuntimeError(f"{name}: {len(errors)} errors, first {errors[0]}")
+        rates[name] = len(written) / (time.perf_counter() - t0)
     ps = [psnr(g, w) for g, w in zip(got, want)]
     return {"model": model, "precision": comp.precision, "batch_size": bs, "compile_s": round(compile_s, 1),
-            "images": len(written), "images_per_s": round(ips, 2),
-            "vs_eager_file_to_file": round(ips / eager_ips, 3) if eager_ips else None,
+            "graphs_compiled": counters["stats"]["unique_graphs"] - graphs, "images": n,
+            "eager_images_per_s": round(rates["eager"], 2), "compiled_images_per_s": round(rates["compiled"], 2),
+            "compiled_vs_eager": round(rates["compiled"] / rates["eager"], 3),
             "psnr_db_vs_eager": {"min": round(min(ps), 2), "mean": round(float(np.mean(ps)), 2), "n": len(ps)},
-            "all_12444_minutes": round(KAGGLE_IMAGES / ips / 60, 2) if model == "realesrgan-x4plus" else None}
+            "all_12444_minutes_compiled": (round(KAGGLE_IMAGES / rates["compiled"] / 60, 2)
+                                           if model == "realesrgan-x4plus" else None)}
 
 
 def _official(ours, half: bool):
@@ -372,10 +382,9 @@ def main() -> int:
         return 2
     rep = Report(out, mode)
     only = set(args.only.split(",")) if args.only else None
-    stages = [("env", env, mode), ("enhance", enhance, images, sz, work),
-              ("compile", enhance_compiled, images, sz, work, rep.doc), ("train", train, images, sz),
+    stages = [("env", env, mode), ("enhance", enhance, images, sz, work), ("train", train, images, sz),
               ("study", study, data, sz, work, out), ("torchrun", study, data, sz, work, out, sz["ranks"]),
-              ("estimate", estimate, rep.doc)]
+              ("estimate", estimate, rep.doc), ("compile", enhance_compiled, images, sz, work, rep.doc)]
     unknown = sorted((only or set()) - {name for name, *_ in stages})
     if unknown:
         log(f"--only: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(n for n, *_ in stages)}")

@@ -312,7 +312,7 @@ def test_png_encoding_is_lossless_rgb(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_study_flags_reach_the_enhancer():
+def test_study_flags_reach_the_enhancer(monkeypatch):
     """`wbc study --enhance-precision half --enhance-batch-size 3` builds the enhancer that way (preflight)."""
     from core.cli import build_parser, config_from_args
     from core.pipeline import preflight
@@ -331,8 +331,11 @@ def test_study_flags_reach_the_enhancer():
     cfg, enh = enhancer()
     assert cfg.enhance_half is None and enh.provenance()["precision"] == "float32"  # auto on CPU
     assert cfg.enhance_compile is False and enh.provenance()["compiled"] is False
+    compiled = []  # torch.compile itself is tested below; here only that the flag reaches it
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)
     cfg, enh = enhancer("--enhance-compile")
-    assert cfg.enhance_compile is True and enh.provenance()["compiled"] is True and enh.output_id().endswith("-compiled")
+    assert cfg.enhance_compile is True and compiled == [enh.model] and enh.provenance()["compiled"] is True
+    assert enh.output_id().endswith("-compiled")
 
 
 @needs_data
@@ -347,14 +350,33 @@ def test_compiled_model_writes_the_same_pixels_and_is_cached_apart(animev3, tmp_
 
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
-    crop = _center_crop(load_rgb(REAL[0]), 48)
+    crop = _center_crop(load_rgb(REAL[0]), 32)  # the compile probe's shape: one compile only
     Image.fromarray(crop).save(src / "a.png")
     graphs = counters["stats"]["unique_graphs"]
     args = ["--model", "realesr-animevideov3", "--device", "cpu", "--compile", "--no-estimate"]
     assert main(args + [str(src), str(out)]) == 0
-    assert counters["stats"]["unique_graphs"] > graphs  # the compiled model ran, not the eager one
+    assert counters["stats"]["unique_graphs"] > graphs  # torch.compile compiled the model
     assert "compiled (torch.compile" in capsys.readouterr().err
     assert psnr(load_rgb(out / "a.png"), animev3.enhance_batch([crop])[0]) >= 45.0
     compiled = create_enhancer("realesr-animevideov3", device="cpu", compile=True)
+    calls, fn = [], compiled._compiled
+    compiled._compiled = lambda x: calls.append(tuple(x.shape)) or fn(x)
+    assert psnr(compiled.enhance_batch([crop])[0], animev3.enhance_batch([crop])[0]) >= 45.0
+    assert calls == [(1, 3, 42, 42)]  # the image went through the compiled model (32 px + the 10 px pre-pad)
     assert compiled.provenance()["compiled"] is True and animev3.provenance()["compiled"] is False
     assert cache_path(tmp_path, compiled, "ab" * 20) != cache_path(tmp_path, animev3, "ab" * 20)
+
+
+def test_a_compiler_that_cannot_work_fails_at_once_in_one_line(monkeypatch):
+    """torch.compile compiles on first use: the enhancer compiles a small probe at once, so that a machine
+    without a working compiler fails before any image, in one line, not image by image."""
+    def broken(model, **kw):
+        def run(x):
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\n  (long compiler output)")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(ValueError) as e:
+        create_enhancer("realesr-animevideov3", device="cpu", compile=True)
+    assert str(e.value).startswith("--compile: torch.compile failed on cpu (RuntimeError: InductorError")
+    assert "\n" not in str(e.value) and str(e.value).endswith("run without --compile")

@@ -54,6 +54,7 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path):
     assert st["enhance"]["ours_images"] == 3 and st["enhance"]["psnr_db_vs_official_fp32"]["min"] > 45
     comp = st["compile"]  # torch.compile on the same file -> file path (the compact model in the dry run)
     assert comp["images"] == 3 and comp["compile_s"] > 0 and comp["psnr_db_vs_eager"]["min"] >= 45
+    assert comp["graphs_compiled"] >= 1 and comp["compiled_images_per_s"] > 0 and comp["eager_images_per_s"] > 0
     assert st["train"]["paper_batch_images_per_s"] > 0
     assert st["study"]["status"] == "finished" and st["study"]["kernels"]["deterministic"] is True
     assert (out / "gpu-paper.json").is_file() and st["estimate"]["total_min_without_decode"] > 0

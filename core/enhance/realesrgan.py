@@ -27,6 +27,7 @@ AUTO_BATCH = {"cpu": 1, "cuda": 8}
 MAX_AUTO_BATCH = 64
 FREE_FRACTION = 0.6  # of the free GPU memory that the auto batch may fill (the rest: cuDNN workspaces, the reader)
 PROBE_SHAPE = (240, 320)  # a Kaggle frame: the batch is sized for it (smaller regions fit more)
+COMPILE_PROBE_SHAPE = (32, 32)  # the first compiled forward (--compile): small, so it costs the compile time only
 
 
 @dataclass(frozen=True)
@@ -116,10 +117,26 @@ class RealESRGANEnhancer:
         self.compiled, self._compiled = bool(compile), None
         if self.device == "cuda" and auto_batch:
             self._fit_to_memory()  # measured on the eager model, before any compilation
-        if compile:  # torch.compile (inductor) fuses the activations, residual adds and concatenations around
-            # the convolutions. It compiles once per batch shape on first use (tens of seconds); the outputs differ
-            # from the eager model's by rounding only. Tiles (after an out-of-memory) run eagerly.
-            self._compiled = torch.compile(self.model, dynamic=False)
+        if compile:
+            self._compile()
+
+    def _compile(self) -> None:
+        """torch.compile (inductor): the activations, residual adds and concatenations fused around the
+        convolutions; the outputs differ from the eager model's by rounding only. A first forward here compiles
+        for one small shape, so that a compiler that cannot work (no C compiler, no Triton) fails now, in one
+        line, and not image by image; the next new shape compiles once more, shape-generic (torch's automatic
+        dynamic shapes: the cell regions vary in size). Tiles (after an out-of-memory) run eagerly."""
+        import torch
+
+        self._compiled = torch.compile(self.model)
+        try:
+            self._run(np.zeros((1, *COMPILE_PROBE_SHAPE, 3), np.uint8))
+        except Exception as e:
+            from core.store import first_line
+
+            self._compiled = None
+            raise ValueError(f"--compile: torch.compile failed on {self.device} ({type(e).__name__}: "
+                             f"{first_line(e)}); run without --compile") from e
 
     def _fit_to_memory(self) -> None:
         """Batch (and, if one frame does not fit, tile) from the free GPU memory: a one-frame probe measures
