@@ -81,7 +81,8 @@ def add_study_parser(sub) -> None:
     p.add_argument("--split", help="grouped (default: no source cell on both sides) | random (paper, leaky)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float, help="the optimizer's weight decay (default 1e-4)")
+    p.add_argument("--weight-decay", type=float,
+                   help="the optimizer's weight decay (default: the preset's; 1e-4, cpu preset 0.05)")
     p.add_argument("--optimizer", help="adamw | sgd")
     p.add_argument("--patience", type=int)
     p.add_argument("--freeze-backbone", action="store_true", default=None, help="train only the head")
@@ -360,9 +361,9 @@ def cmd_report(args) -> int:
         print(f"error: {f'{kind}: ' if kind else ''}{info.error_message}")
     print(f"input: {_input_words(cfg)}")
     stats = r.table("stats")
-    from core.scorecard import scorecard, scorecard_text
+    from core.scorecard import fallback_predictions, scorecard, scorecard_text
 
-    print(scorecard_text(scorecard(r.table("validation"), stats, info.test_source, r.table("predictions"))))
+    print(scorecard_text(scorecard(r.table("validation"), stats, info.test_source, fallback_predictions(r, stats))))
     metrics, confusion = r.table("metrics"), r.table("confusion")
     if not metrics.empty:
         print()

@@ -56,10 +56,11 @@ def _about(run: Run, info) -> list[Block]:
 
 
 def _scorecard(run: Run) -> list[Block]:
-    from core.scorecard import PAPER_CITATION, scorecard, scorecard_text
+    from core.scorecard import (NO_CI_WORDS, PAPER_CITATION, AccuracySource, fallback_predictions, scorecard,
+                                scorecard_text)
 
-    card = scorecard(run.table(Table.VALIDATION), run.table(Table.STATS), run.info.test_source,
-                     run.table(Table.PREDICTIONS))
+    stats = run.table(Table.STATS)
+    card = scorecard(run.table(Table.VALIDATION), stats, run.info.test_source, fallback_predictions(run, stats))
     if card.empty:
         return [Block("h2", "Replication scorecard"), Block("p", scorecard_text(card))]
     shown = card[["variant", "image_size", "paper_val_accuracy", "val_accuracy", "val_split", "n_val",
@@ -67,6 +68,8 @@ def _scorecard(run: Run) -> list[Block]:
     words = ("The validation split is random, so it is leaky (near-copies of training cells in it), like the "
              "paper's: read the test columns." if card["val_leaky"].any() else
              "Validation is grouped: no source cell is on both sides.")
+    if (card["test_from"] == AccuracySource.PREDICTIONS).any():
+        words += f" Test accuracy from the predictions ({NO_CI_WORDS})."
     return [Block("h2", "Replication scorecard"), Block("p", f"Paper's figures: {PAPER_CITATION}. {words}"),
             Block("table", table=shown.round(3))]
 

@@ -70,6 +70,19 @@ def _test_accuracy(tests: pd.DataFrame, variant: str, size: int) -> dict:
             "test_from": AccuracySource.STATS}
 
 
+def fallback_predictions(run, stats: pd.DataFrame | None) -> pd.DataFrame | None:
+    """A run's predictions where its statistics are missing (a run stopped before them), else ``None``: only
+    then does :func:`scorecard` need them. A damaged predictions table counts as absent."""
+    if stats is not None and not stats.empty:
+        return None
+    from core.store import DamagedTable, Table
+
+    try:
+        return run.table(Table.PREDICTIONS)
+    except DamagedTable:
+        return None
+
+
 def _predicted_accuracy(predictions: pd.DataFrame | None, variant: str, size: int) -> float | None:
     """The seed mean of one model set's test accuracy, straight from its predictions (no interval)."""
     if predictions is None or predictions.empty:

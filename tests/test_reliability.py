@@ -428,11 +428,12 @@ def test_bad_rate_or_sizes_fail_before_any_run_folder(flags, words, data_dir, tm
 def test_weight_decay_flag_sets_the_config_and_the_preset_default_stays():
     from core.cli import build_parser, config_from_args
 
-    def cfg(*flags):
-        return config_from_args(build_parser().parse_args(["study", "--preset", "quick", *flags]))
+    def cfg(preset, *flags):
+        return config_from_args(build_parser().parse_args(["study", "--preset", preset, *flags]))
 
-    assert cfg("--weight-decay", "0.05").weight_decay == 0.05
-    assert cfg().weight_decay == make_config("quick").weight_decay
+    assert cfg("quick", "--weight-decay", "0.05").weight_decay == 0.05
+    assert cfg("quick").weight_decay == 1e-4 and cfg("cpu").weight_decay == 0.05  # the presets' own (BENCHMARKS)
+    assert cfg("cpu", "--weight-decay", "0").weight_decay == 0.0
 
 
 @pytest.mark.parametrize("how", ["no class folders", "class folders of text files", "empty class folders",

@@ -78,8 +78,6 @@ def config_diff(meta_a: dict, meta_b: dict) -> list[tuple[str, str, str]]:
                 out[f"{v} weights"] = prov["sha256"][:16]
             if prov.get("precision"):
                 out[f"{v} precision"] = prov["precision"]
-            if prov.get("compiled") is True:  # torch.compile: pixels differ from eager ones by rounding
-                out[f"{v} compiled"] = "yes"
         out["device"] = meta.get("device")
         for k, v in (meta.get("versions") or {}).items():
             out[f"version: {k}"] = v
