@@ -62,6 +62,14 @@ SIZES = {
 }
 
 
+def sync() -> None:
+    """Wait for the GPU (timings must not end while its work is queued); nothing on a CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def log(msg: str) -> None:
     print(msg, flush=True)
 
@@ -134,10 +142,6 @@ def enhance(images: list[Path], sz: dict, work: Path) -> dict:
         images = sorted(small.glob("*.png"), key=lambda p: int(p.stem))
     srcs = [images[i % len(images)] for i in range(sz["ours_n"])]
 
-    def sync():
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
     # warm-up (kernels, cuDNN autotune) on one batch, not timed
     ours.enhance_batch([load_rgb(p) for p in images[: ours.batch_size]])
     sync()
@@ -206,10 +210,6 @@ def enhance_compiled(images: list[Path], sz: dict, work: Path, doc: dict) -> dic
     from core.enhance import create_enhancer, load_rgb
     from core.enhance.cache import enhance_files
     from core.enhance.realesrgan import psnr
-
-    def sync():
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
 
     from torch._dynamo.utils import counters
 

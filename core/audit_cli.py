@@ -106,7 +106,7 @@ def check_args(args) -> Path:
     import math
 
     from core.devices import resolve_device
-    from core.store import check_writable
+    from core.store import check_output_file
 
     resolve_device(getattr(args, "device", "cpu"))
     per_class = getattr(args, "per_class", None)
@@ -116,12 +116,7 @@ def check_args(args) -> Path:
     if t is not None and not (math.isfinite(t) and 0 < t < 2):
         raise ValueError(f"--threshold: a cosine-distance cut in (0, 2), got {t}")
     out = Path(getattr(args, "out", None) or "audit.parquet").expanduser()
-    if out.is_dir():
-        raise ValueError(f"--out: {out} is a folder; give a file name, e.g. {out / 'audit.parquet'}")
-    if out.exists() and out.suffix.lower() != ".parquet":
-        raise ValueError(f"--out: {out} exists and is not a .parquet file; refusing to overwrite it")
-    check_writable(out.parent, "--out")
-    return out
+    return check_output_file(out, "--out", (".parquet",), "a .parquet", "audit.parquet")
 
 
 def cmd_audit(args) -> int:

@@ -290,14 +290,9 @@ def _report_files(r, args) -> int:
 def _html_target(out: Path, r) -> Path:
     """Where ``--html`` may write: a file that is new or an earlier report (``.html``). Anything else (a run's
     run.json, a table, a folder) is refused before the report is made, so no run and no other file is lost."""
-    from core.store import check_writable
+    from core.store import check_output_file
 
-    if out.is_dir():
-        raise ValueError(f"--html: {out} is a folder; give a file name, e.g. {out / (r.run_id + '.html')}")
-    if out.exists() and out.suffix.lower() not in (".html", ".htm"):
-        raise ValueError(f"--html: {out} exists and is not an .html file; refusing to overwrite it")
-    check_writable(out.parent, "--html")
-    return out
+    return check_output_file(out, "--html", (".html", ".htm"), "an .html", r.run_id + ".html")
 
 
 def _sr_change(r, t0: float) -> int:

@@ -271,6 +271,18 @@ def check_name(name: str, what: str = "variant") -> str:
     return name
 
 
+def check_output_file(out: Path, flag: str, suffixes: tuple[str, ...], kind: str, example: str) -> Path:
+    """A file a command is about to write (``--html``, ``audit --out``), checked before the work: not a folder,
+    not an existing file of another kind (so no run.json, table or notes are overwritten), and in a writable
+    folder. ``kind`` names the allowed kind ("an .html"), ``example`` a file name to suggest inside a folder."""
+    if out.is_dir():
+        raise ValueError(f"{flag}: {out} is a folder; give a file name, e.g. {out / example}")
+    if out.exists() and out.suffix.lower() not in suffixes:
+        raise ValueError(f"{flag}: {out} exists and is not {kind} file; refusing to overwrite it")
+    check_writable(out.parent, flag)
+    return out
+
+
 def check_writable(folder: str | os.PathLike, what: str) -> Path:
     """Create ``folder`` if needed and prove a file can be written in it, in milliseconds, before long work.
 

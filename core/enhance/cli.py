@@ -217,7 +217,7 @@ def _enhance(args, w) -> int:
             return 1
         prov = enhancer.provenance()
         say(f"weights: {prov.get('source', '-')} {prov.get('path', '')} sha256={enhancer.weights_id()[:16]}"
-            + ("; compiled (torch.compile, once per batch shape)" if prov.get("compiled") else ""), file=sys.stderr)
+            + ("; compiled (torch.compile)" if prov.get("compiled") else ""), file=sys.stderr)
 
         rest = todo
         if not args.no_estimate and len(todo) > 2:
