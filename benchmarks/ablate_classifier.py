@@ -39,6 +39,7 @@ ROWS: dict[str, dict] = {
     "crop=160 (a wider region around the cell, same 128 px input)": dict(crop=160),
     "crop=176 (a wider region around the cell, same 128 px input)": dict(crop=176),
     "weight_decay=0.05 (AdamW decay at the usual fine-tuning strength, not 1e-4)": dict(weight_decay=0.05),
+    "augment=dihedral+jitter+hed (also jitter each stain's amount)": dict(augment="dihedral+jitter+hed"),
 }
 KEYS = {"base": "base", "full": "policy=full (the paper's squashed frame)",
         "center": "policy=center (200 px centred square)", "nojitter": "augment=dihedral (no zoom/shift/stain jitter)",
@@ -50,7 +51,8 @@ KEYS = {"base": "base", "full": "policy=full (the paper's squashed frame)",
         "bblr": "backbone_lr=0.1 (pretrained layers at a tenth of the head's rate)",
         "crop160": "crop=160 (a wider region around the cell, same 128 px input)",
         "crop176": "crop=176 (a wider region around the cell, same 128 px input)",
-        "wd05": "weight_decay=0.05 (AdamW decay at the usual fine-tuning strength, not 1e-4)"}
+        "wd05": "weight_decay=0.05 (AdamW decay at the usual fine-tuning strength, not 1e-4)",
+        "hed": "augment=dihedral+jitter+hed (also jitter each stain's amount)"}
 
 
 def row_metrics(r) -> dict:

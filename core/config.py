@@ -27,8 +27,9 @@ OPTIMIZERS = ("adamw", "sgd")
 PRETRAINED = ("imagenet", "none")  # or a path to a state dict
 ENHANCE_PRECISIONS = ("auto", "fp32", "half")  # the CLI's --enhance-precision -> enhance_half None/False/True
 # The training recipe's choices (core.engine): augment none | dihedral-batch (one flip/quarter turn per batch,
-# the old recipe) | dihedral (per image) | dihedral+jitter (also zoom, shift, stain jitter); checkpoint rule.
-AUGMENTS = ("none", "dihedral-batch", "dihedral", "dihedral+jitter")
+# the old recipe) | dihedral (per image) | dihedral+jitter (also zoom, shift, stain jitter) | dihedral+jitter+hed
+# (also each stain's amount jittered in haematoxylin-eosin space); checkpoint rule.
+AUGMENTS = ("none", "dihedral-batch", "dihedral", "dihedral+jitter", "dihedral+jitter+hed")
 SELECT_BY = ("macro_f1", "val_loss")
 TTA_VIEWS = (1, 2, 4, 8)
 

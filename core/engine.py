@@ -74,11 +74,12 @@ def dihedral_view(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def augment_batch(x: torch.Tensor, view: int, gen: torch.Generator, jitter: bool,
-                  rows: torch.Tensor | None = None, n_global: int | None = None) -> torch.Tensor:
+                  rows: torch.Tensor | None = None, n_global: int | None = None, hed: bool = False) -> torch.Tensor:
     """Per-image training augmentation of a float (B, 3, D, D) batch in 0-255 -> (B, 3, view, view).
 
     Each image gets its own dihedral transform; with ``jitter`` also a zoom (0.87-1.15x), a shift (up to 8%
-    of the view) and a stain jitter (per-channel gain 0.9-1.1 and offset +-12 grey levels). Under torchrun,
+    of the view) and a stain jitter (per-channel gain 0.9-1.1 and offset +-12 grey levels); with ``hed`` also a
+    jitter of each stain's amount (see :func:`hed_jitter`). Under torchrun,
     ``x`` is this rank's ``rows`` of an ``n_global`` batch: every rank draws the whole batch's parameters
     from the same generator and applies its rows', so that N ranks augment exactly as one process does.
     """
@@ -91,6 +92,9 @@ def augment_batch(x: torch.Tensor, view: int, gen: torch.Generator, jitter: bool
     shift = pick((torch.rand(b, 2, generator=gen) * 2 - 1) * 0.08 * view / d)
     gain = pick(1 + (torch.rand(b, 3, 1, 1, generator=gen) * 2 - 1) * 0.1)
     offset = pick((torch.rand(b, 3, 1, 1, generator=gen) * 2 - 1) * 12)
+    if hed:  # drawn after the others, so that the plain jitter's draws stay what they were
+        scale = pick(1 + (torch.rand(b, 3, generator=gen) * 2 - 1) * HED_SCALE)
+        shift_od = pick((torch.rand(b, 3, generator=gen) * 2 - 1) * HED_SHIFT)
     if not len(x):  # this rank holds none of the batch (the draws above keep every rank's generator in step)
         return x.new_zeros((0, x.shape[1], view, view))
     theta = torch.zeros(len(x), 2, 3)
@@ -98,7 +102,25 @@ def augment_batch(x: torch.Tensor, view: int, gen: torch.Generator, jitter: bool
     theta[:, :, 2] = shift
     grid = nn.functional.affine_grid(theta.to(x.device), [len(x), 3, view, view], align_corners=False)
     x = nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    return (x * gain.to(x.device) + offset.to(x.device)).clamp(0, 255)
+    x = (x * gain.to(x.device) + offset.to(x.device)).clamp(0, 255)
+    return hed_jitter(x, scale.to(x.device), shift_od.to(x.device)) if hed else x
+
+
+# Stain jitter in haematoxylin-eosin-DAB space (Ruifrok & Johnston 2001 stain vectors, as in skimage's rgb2hed;
+# Tellez et al. 2019, "Quantifying the effects of data augmentation and stain color normalization"): each
+# image's amount of each stain scaled by 1 +- HED_SCALE and shifted by +- HED_SHIFT optical density.
+_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
+HED_SCALE, HED_SHIFT = 0.2, 0.05
+
+
+def hed_jitter(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """A float (B, 3, H, W) batch in 0-255 with image i's stain amounts ``hed * scale[i] + shift[i]`` (B, 3)."""
+    od = -torch.log((x + 1) / 256)  # optical density per channel, >= 0
+    hed = torch.einsum("bchw,cs->bshw", od, _HED_FROM_RGB.to(x))
+    hed = hed * scale[:, :, None, None] + shift[:, :, None, None]
+    od = torch.einsum("bshw,sc->bchw", hed, _RGB_FROM_HED.to(x))
+    return (256 * torch.exp(-od) - 1).clamp(0, 255)
 
 
 def dihedral_per_image(x: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
@@ -213,7 +235,8 @@ def _prepare(xb: torch.Tensor, s: TrainSettings, device, gen, train: bool, rows=
         return centre_crop(xb, view).float()
     if s.augment == "dihedral-batch":
         return centre_crop(_dihedral_batch(xb, gen), view).float()
-    return augment_batch(xb.float(), view, gen, jitter=s.augment == "dihedral+jitter", rows=rows, n_global=n_global)
+    return augment_batch(xb.float(), view, gen, jitter=s.augment.startswith("dihedral+jitter"), rows=rows,
+                         n_global=n_global, hed=s.augment == "dihedral+jitter+hed")
 
 
 def run_epoch(model, norm, x, y, s: TrainSettings, device, gen, optimizer=None, scheduler=None,

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from core import make_config, run_study
 from core.config import CLASSES
-from core.engine import TrainSettings, augment_batch, dihedral_view, fit, macro_f1, predict
+from core.engine import TrainSettings, augment_batch, dihedral_view, fit, hed_jitter, macro_f1, predict
 from core.models import ClassifierSpec, with_spec
 from core.enhance import create_enhancer
 from core.enhance.cache import enhance_to_cache, load_rgb
@@ -105,6 +105,27 @@ def test_per_image_augmentation_gives_each_image_its_own_transform():
     assert len(views) == 8  # 64 identical images -> all 8 dihedral views occur in one batch
     jit = augment_batch(x * 10, 3, torch.Generator().manual_seed(0), jitter=True)
     assert jit.shape == (64, 3, 3, 3) and 0 <= float(jit.min()) and float(jit.max()) <= 255
+
+
+def test_stain_jitter_in_hed_space_changes_stain_amounts_and_nothing_else():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (6, 3, 10, 10), generator=g).float()
+    ones, zeros = torch.ones(6, 3), torch.zeros(6, 3)
+    torch.testing.assert_close(hed_jitter(x, ones, zeros), x, atol=1e-3, rtol=0)  # the round trip is exact
+    pink = torch.tensor([200.0, 120.0, 180.0]).view(1, 3, 1, 1).repeat(6, 1, 4, 4)  # a stained pixel
+    more_eosin = hed_jitter(pink, torch.tensor([[1.0, 1.5, 1.0]]).repeat(6, 1), zeros) - pink
+    assert float(more_eosin[:, 1].mean()) < -10  # eosin absorbs green: more of it darkens green most
+    assert float(more_eosin[:, 1].mean()) < float(more_eosin[:, 0].mean()) < 0
+    # The plain jitter draws what it drew before the stain jitter existed; the stain jitter changes only colour.
+    a = augment_batch(x, 8, torch.Generator().manual_seed(0), jitter=True)
+    b = augment_batch(x, 8, torch.Generator().manual_seed(0), jitter=True, hed=True)
+    assert not torch.allclose(a, b)
+    rows = torch.tensor([1, 4])  # a rank holding 2 of the 6 images augments them as one process does
+    part = augment_batch(x[rows], 8, torch.Generator().manual_seed(0), jitter=True, rows=rows, n_global=6, hed=True)
+    torch.testing.assert_close(part, b[rows])
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        make_config("quick", augment="dihedral+hed").validate()
+    make_config("quick", augment="dihedral+jitter+hed").validate()
 
 
 def test_tta_averages_the_eight_dihedral_views():
