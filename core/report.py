@@ -64,7 +64,7 @@ def _scorecard(run: Run) -> list[Block]:
     if card.empty:
         return [Block("h2", "Replication scorecard"), Block("p", scorecard_text(card))]
     shown = card[["variant", "image_size", "paper_val_accuracy", "val_accuracy", "val_split", "n_val",
-                  "test_accuracy", "test_ci_low", "test_ci_high", "seeds"]]
+                  "test_accuracy", "test_ci_low", "test_ci_high", "seeds", "test_seeds"]]
     words = ("The validation split is random, so it is leaky (near-copies of training cells in it), like the "
              "paper's: read the test columns." if card["val_leaky"].any() else
              "Validation is grouped: no source cell is on both sides.")

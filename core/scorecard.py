@@ -20,7 +20,7 @@ PAPER_CITATION = ("paper, Tables 3-4: ResNet-50, 224 px, validation = random 20%
 SPLIT_WORDS = {"grouped": "grouped (no source cell on both sides)",
                "random": "random (leaky: near-copies of training cells in validation)"}
 COLUMNS = ["variant", "image_size", "paper_val_accuracy", "val_accuracy", "val_split", "val_leaky", "n_val",
-           "test_source", "test_accuracy", "test_ci_low", "test_ci_high", "test_from", "seeds"]
+           "test_source", "test_accuracy", "test_ci_low", "test_ci_high", "test_from", "seeds", "test_seeds"]
 
 
 class AccuracySource(StrEnum):
@@ -49,7 +49,7 @@ def scorecard(validation: pd.DataFrame, stats: pd.DataFrame, test_source: str | 
     for (variant, size), v in validation.groupby(["variant", "image_size"], sort=False):
         acc = _test_accuracy(tests, variant, int(size))
         if acc["test_accuracy"] is None:
-            acc["test_accuracy"] = _predicted_accuracy(predictions, variant, int(size))
+            acc["test_accuracy"], acc["test_seeds"] = _predicted_accuracy(predictions, variant, int(size))
             acc["test_from"] = None if acc["test_accuracy"] is None else AccuracySource.PREDICTIONS
         split = str(v["split"].iloc[0])
         rows.append({"variant": variant, "image_size": int(size),
@@ -58,16 +58,16 @@ def scorecard(validation: pd.DataFrame, stats: pd.DataFrame, test_source: str | 
                      "val_leaky": bool(v["leaky"].any()) or split == "random", "n_val": int(v["n_val"].iloc[0]),
                      "test_source": test_source, **acc, "seeds": int(v["seed"].nunique())})
     # numbers stay numbers where a run has none (no paper figure; no stats yet: stopped before its test)
-    return pd.DataFrame(rows, columns=COLUMNS).astype({c: float for c in _NUMBERS})
+    return pd.DataFrame(rows, columns=COLUMNS).astype({**{c: float for c in _NUMBERS}, "test_seeds": "Int64"})
 
 
 def _test_accuracy(tests: pd.DataFrame, variant: str, size: int) -> dict:
     """The test accuracy and CI of one model set, from ``core.stats.model_summary`` indexed by (variant, size)."""
     if (variant, size) not in tests.index:
-        return {"test_accuracy": None, "test_ci_low": None, "test_ci_high": None, "test_from": None}
+        return {"test_accuracy": None, "test_ci_low": None, "test_ci_high": None, "test_from": None, "test_seeds": None}
     r = tests.loc[(variant, size)]
     return {"test_accuracy": float(r["estimate"]), "test_ci_low": _num(r["ci_low"]), "test_ci_high": _num(r["ci_high"]),
-            "test_from": AccuracySource.STATS}
+            "test_from": AccuracySource.STATS, "test_seeds": int(r["n_seeds"])}
 
 
 def fallback_predictions(run, stats: pd.DataFrame | None) -> pd.DataFrame | None:
@@ -83,12 +83,23 @@ def fallback_predictions(run, stats: pd.DataFrame | None) -> pd.DataFrame | None
         return None
 
 
-def _predicted_accuracy(predictions: pd.DataFrame | None, variant: str, size: int) -> float | None:
-    """The seed mean of one model set's test accuracy, straight from its predictions (no interval)."""
+def _predicted_accuracy(predictions: pd.DataFrame | None, variant: str, size: int) -> tuple[float | None, int | None]:
+    """The seed mean of one model set's test accuracy, straight from its predictions (no interval), and how
+    many seeds it averages: a run stopped between seeds has predictions for fewer seeds than validation."""
     if predictions is None or predictions.empty:
-        return None
+        return None, None
     p = predictions[(predictions["variant"] == variant) & (predictions["image_size"] == size)]
-    return float(p.groupby("seed")["correct"].mean().mean()) if len(p) else None
+    if not len(p):
+        return None, None
+    per_seed = p.groupby("seed")["correct"].mean()
+    return float(per_seed.mean()), len(per_seed)
+
+
+def test_seeds_words(test_seeds, seeds) -> str:
+    """' (test: mean of 1 of 3 seeds)' where the test accuracy averages fewer seeds than validation, else ''."""
+    if test_seeds is None or pd.isna(test_seeds) or int(test_seeds) == int(seeds):
+        return ""
+    return f" (test: mean of {int(test_seeds)} of {int(seeds)} seeds)"
 
 
 def _num(x):
@@ -107,6 +118,7 @@ def scorecard_text(card: pd.DataFrame) -> str:
             test += f" [95% CI {r.test_ci_low:.3f}-{r.test_ci_high:.3f}]"
         elif r.test_from == AccuracySource.PREDICTIONS:
             test += f" ({NO_CI_WORDS})"
+        test += test_seeds_words(r.test_seeds, r.seeds)
         seeds = f", mean of {r.seeds} seeds" if r.seeds > 1 else ""
         lines.append(f"- {r.variant} ({r.image_size} px{seeds}): paper validation {paper} | this run validation "
                      f"{r.val_accuracy:.3f} on {r.n_val} images, {SPLIT_WORDS.get(r.val_split, r.val_split)} | "

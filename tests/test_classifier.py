@@ -236,6 +236,13 @@ def test_scorecard_says_no_ci_only_where_the_accuracy_comes_from_predictions():
     card = scorecard(val, stats.iloc[:0], "TEST_SIMPLE", pred)
     assert card["test_from"].tolist() == ["predictions"] and card["test_accuracy"].tolist() == [0.75]
     assert "0.750 (no CI: the run stopped before its statistics)" in scorecard_text(card)
+    # validation and predictions for the same 2 seeds: nothing to add; stopped after seed 0's predictions but
+    # with both seeds' validation: say that the test mean is of 1 seed of 2
+    val2 = pd.concat([val, val.assign(seed=1, val_accuracy=0.6)])
+    assert "test: mean of" not in scorecard_text(scorecard(val2, stats.iloc[:0], "TEST_SIMPLE", pred))
+    card = scorecard(val2, stats.iloc[:0], "TEST_SIMPLE", pred[pred["seed"] == 0])
+    assert card["test_accuracy"].tolist() == [0.5] and card["val_accuracy"].tolist() == [0.7]
+    assert "0.500 (no CI: the run stopped before its statistics) (test: mean of 1 of 2 seeds)" in scorecard_text(card)
     assert scorecard(val, stats.iloc[:0], "TEST_SIMPLE")["test_accuracy"].isna().all()  # no predictions either
 
 

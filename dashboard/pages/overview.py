@@ -75,7 +75,7 @@ def _accuracy_rows(stats: pd.DataFrame) -> pd.DataFrame:
 
 def scorecard_frame(state, run_id) -> pd.DataFrame:
     """The replication scorecard (core.scorecard) for display: paper vs this run's validation vs test."""
-    from core.scorecard import SPLIT_WORDS, AccuracySource, scorecard
+    from core.scorecard import SPLIT_WORDS, AccuracySource, scorecard, test_seeds_words
 
     rd = state.run_dir(run_id)
     (val, _), (stats, _) = load_table(rd, Table.VALIDATION), load_table(rd, Table.STATS)
@@ -92,8 +92,9 @@ def scorecard_frame(state, run_id) -> pd.DataFrame:
                                  for v, x in zip(card["variant"], card["paper_val_accuracy"])],
         "this run validation acc": card["val_accuracy"].round(3),
         "test acc (unseen cells)": card["test_accuracy"].round(3),
-        "test 95% CI": [f"[{a:.3f}, {b:.3f}]" if a == a else "none: no statistics" if f == AccuracySource.PREDICTIONS
-                        else "" for a, b, f in zip(card["test_ci_low"], card["test_ci_high"], card["test_from"])],
+        "test 95% CI": [(f"[{a:.3f}, {b:.3f}]" if a == a else "none: no statistics" if f == AccuracySource.PREDICTIONS
+                         else "") + test_seeds_words(t, n) for a, b, f, t, n in
+                        zip(card["test_ci_low"], card["test_ci_high"], card["test_from"], card["test_seeds"], card["seeds"])],
         "validation split": [SPLIT_WORDS.get(s, s) for s in card["val_split"]],
         "test set": card["test_source"], "seeds": card["seeds"]})
     return out
