@@ -183,6 +183,25 @@ def test_runs_delta_is_the_overview_accuracy_difference(env):
             assert f"{v}: {g['accuracy diff'].mean():+.3f} " in cell
 
 
+def test_runs_table_says_why_a_run_has_no_accuracy(env):
+    """A failed or unreadable run's reason shows in the accuracy column (on screen without scrolling), escaped."""
+    from dashboard.pages.runs import runs_frame
+    from dashboard.state import AppState
+
+    frame = runs_frame(AppState()).set_index("run_id")
+    assert "error" not in frame.columns and "warning" not in frame.columns  # folded into the accuracy column
+    failed = frame.loc[env["failed_run_id"], "accuracy [95% CI]"]
+    assert failed.startswith('<span style="color: #d62728') and "error: " in failed and "out of memory" in failed
+    assert "unreadable" in frame.loc[env["broken"]["truncated"], "accuracy [95% CI]"]
+    for rid in env["run_ids"][:3]:
+        assert "error: " not in frame.loc[rid, "accuracy [95% CI]"]
+    long = "<b>x</b>" + "y" * 200
+    from dashboard.pages.runs import _why_cell
+
+    cell = _why_cell(long, None)
+    assert "<b>" not in cell and "&lt;b&gt;" in cell and cell.endswith("…</span>") and len(cell) < 200
+
+
 def test_config_diff_names_what_differs():
     from dashboard.pages.runs import config_diff
 

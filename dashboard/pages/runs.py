@@ -40,6 +40,15 @@ def _acc_cells(state, df: pd.DataFrame) -> tuple[list[str], list[str]]:
     return acc_col, paired_col
 
 
+def _why_cell(error, warning) -> str:
+    """'error: ...' (or the warning) in red, escaped, for a row with no accuracy to show; '' for neither."""
+    for word, text in (("error", error), ("warning", warning)):
+        if isinstance(text, str) and text.strip():
+            short = text if len(text) <= 90 else text[:89] + "…"
+            return f'<span style="color: #d62728; white-space: normal">{word}: {esc(short)}</span>'
+    return ""
+
+
 def _num(x) -> str:
     try:
         return f"{float(x):.3f}" if x is not None and x == x else "?"
@@ -60,10 +69,14 @@ def runs_frame(state):
     out = df[COLUMNS + accs + AFTER + ["date", "duration", "error", "warning"]].copy()
     acc_cells, paired = _acc_cells(state, out)
     out = out.drop(columns=accs)
+    # a failed or unreadable run says why under its accuracy (if any), where it shows without scrolling sideways;
+    # clicking the row shows the whole error
+    acc_cells = ["<br>".join(x for x in (cell, _why_cell(err, warn)) if x)
+                 for cell, err, warn in zip(acc_cells, out["error"], out["warning"])]
+    out = out.drop(columns=["error", "warning"])
     out.insert(len(COLUMNS), "accuracy [95% CI]", acc_cells)
     out.insert(len(COLUMNS) + 1, "Δ vs baseline (McNemar p)", paired)
-    out["error"] = out["error"].fillna("").astype(str).str.slice(0, 80)
-    out["warning"] = out["warning"].fillna("").astype(str).str.slice(0, 120)
+    out["variants"] = out["variants"].fillna("").astype(str).str.replace(",", ", ")  # wraps in its column
     out["status"] = [f'<span style="{_style_status(s)}">{esc(s)}</span>' for s in out["status"].astype(str)]
     return out
 
@@ -100,13 +113,15 @@ class RunsPage(Page):
     css = "wbc-page-runs"
 
     def layout(self) -> list:
+        wrap = {"type": "textarea"}  # plain text (Tabulator escapes it) that wraps within the column's width
         formatters = {"status": {"type": "html"}, "accuracy [95% CI]": {"type": "html"},
-                      "Δ vs baseline (McNemar p)": {"type": "html"}}
+                      "Δ vs baseline (McNemar p)": {"type": "html"}, "variants": wrap}
         self.table = pn.widgets.Tabulator(
             runs_frame(self.state), show_index=False, formatters=formatters, selectable=2, disabled=True,
             pagination="local", page_size=15, sizing_mode="stretch_width", css_classes=["wbc-runs-table"],
             layout="fit_data_table", header_filters=False, frozen_columns=["run_id"],
             titles={"test_set": "test set", "duration": "time"},
+            widths={"accuracy [95% CI]": 300, "variants": 150},
             # the selected row is dark: its coloured status text turns white to stay readable
             stylesheets=[".tabulator-row.tabulator-selected span { color: #fff !important; }"])
         help_md = pn.pane.Markdown(
@@ -127,7 +142,8 @@ class RunsPage(Page):
     def update_table(self) -> None:
         df = runs_frame(self.state)
         self.table.value = df
-        bad = df[df["status"].str.contains(">unreadable<", regex=False)]
+        listing = list_runs(self.state.runs_dir)
+        bad = listing[listing["status"] == Status.UNREADABLE]
         ws = [f"{r.run_id}: unreadable run folder ({r.warning})" for r in bad.itertuples()]
         self.warn.object = warnings_md(ws)
         self.warn.visible = bool(ws)
