@@ -58,7 +58,8 @@ class StudyConfig:
     patience: int = 3  # early stopping on validation loss
     freeze_backbone: bool = False  # train only the classifier head
     # The recipe (docs/BENCHMARKS.md has the ablation). augment: none | dihedral-batch (one flip/quarter turn
-    # per batch, the old recipe) | dihedral (per image) | dihedral+jitter (also zoom, shift, stain jitter).
+    # per batch, the old recipe) | dihedral (per image) | dihedral+jitter (also zoom, shift, stain jitter) |
+    # dihedral+jitter+hed (also each stain's amount, core.engine.hed_jitter).
     augment: str = "dihedral+jitter"
     label_smoothing: float = 0.1
     select_by: str = "macro_f1"  # best checkpoint by grouped-validation macro-F1 (or val_loss)

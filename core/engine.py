@@ -108,7 +108,8 @@ def augment_batch(x: torch.Tensor, view: int, gen: torch.Generator, jitter: bool
 
 # Stain jitter in haematoxylin-eosin-DAB space (Ruifrok & Johnston 2001 stain vectors, as in skimage's rgb2hed;
 # Tellez et al. 2019, "Quantifying the effects of data augmentation and stain color normalization"): each
-# image's amount of each stain scaled by 1 +- HED_SCALE and shifted by +- HED_SHIFT optical density.
+# image's amount of each stain scaled by 1 +- HED_SCALE and shifted by +- HED_SHIFT optical density (natural log:
+# -ln(I / I0); skimage's units are these divided by -ln(1e-6) = 13.8).
 _RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 _HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
 HED_SCALE, HED_SHIFT = 0.2, 0.05

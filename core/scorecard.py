@@ -97,7 +97,7 @@ def _predicted_accuracy(predictions: pd.DataFrame | None, variant: str, size: in
 
 def test_seeds_words(test_seeds, seeds) -> str:
     """' (test: mean of 1 of 3 seeds)' where the test accuracy averages fewer seeds than validation, else ''."""
-    if test_seeds is None or pd.isna(test_seeds) or int(test_seeds) == int(seeds):
+    if test_seeds is None or pd.isna(test_seeds) or int(test_seeds) >= int(seeds):
         return ""
     return f" (test: mean of {int(test_seeds)} of {int(seeds)} seeds)"
 

@@ -115,11 +115,21 @@ def test_stain_jitter_in_hed_space_changes_stain_amounts_and_nothing_else():
     pink = torch.tensor([200.0, 120.0, 180.0]).view(1, 3, 1, 1).repeat(6, 1, 4, 4)  # a stained pixel
     more_eosin = hed_jitter(pink, torch.tensor([[1.0, 1.5, 1.0]]).repeat(6, 1), zeros) - pink
     assert float(more_eosin[:, 1].mean()) < -10  # eosin absorbs green: more of it darkens green most
-    assert float(more_eosin[:, 1].mean()) < float(more_eosin[:, 0].mean()) < 0
-    # The plain jitter draws what it drew before the stain jitter existed; the stain jitter changes only colour.
+    # ... and the optical density added is along eosin's vector (0.07, 0.99, 0.11), not another row or column
+    od = lambda t: -torch.log((t + 1) / 256)  # noqa: E731
+    added = (od(pink + more_eosin) - od(pink))[0, :, 0, 0]
+    torch.testing.assert_close(added / added[1], torch.tensor([0.07, 0.99, 0.11]) / 0.99, atol=1e-3, rtol=0)
+    # The plain jitter draws what it drew before the stain jitter existed, and the stain jitter is applied on top
+    # of it with the two draws that follow (so it changes only colour)
     a = augment_batch(x, 8, torch.Generator().manual_seed(0), jitter=True)
     b = augment_batch(x, 8, torch.Generator().manual_seed(0), jitter=True, hed=True)
-    assert not torch.allclose(a, b)
+    g = torch.Generator().manual_seed(0)
+    torch.randint(0, 8, (6,), generator=g)  # replay the draws before the stain jitter's: dihedral view, ...
+    for shape in ((6,), (6, 2), (6, 3, 1, 1), (6, 3, 1, 1)):  # ... zoom, shift, gain, offset
+        torch.rand(*shape, generator=g)
+    scale = 1 + (torch.rand(6, 3, generator=g) * 2 - 1) * 0.2
+    shift = (torch.rand(6, 3, generator=g) * 2 - 1) * 0.05
+    torch.testing.assert_close(b, hed_jitter(a, scale, shift), atol=1e-3, rtol=0)
     rows = torch.tensor([1, 4])  # a rank holding 2 of the 6 images augments them as one process does
     part = augment_batch(x[rows], 8, torch.Generator().manual_seed(0), jitter=True, rows=rows, n_global=6, hed=True)
     torch.testing.assert_close(part, b[rows])
@@ -236,6 +246,7 @@ def test_scorecard_says_no_ci_only_where_the_accuracy_comes_from_predictions():
     card = scorecard(val, stats.iloc[:0], "TEST_SIMPLE", pred)
     assert card["test_from"].tolist() == ["predictions"] and card["test_accuracy"].tolist() == [0.75]
     assert "0.750 (no CI: the run stopped before its statistics)" in scorecard_text(card)
+    assert "test: mean of" not in scorecard_text(card)  # more seeds in the predictions than validation: no words
     # validation and predictions for the same 2 seeds: nothing to add; stopped after seed 0's predictions but
     # with both seeds' validation: say that the test mean is of 1 seed of 2
     val2 = pd.concat([val, val.assign(seed=1, val_accuracy=0.6)])

@@ -123,7 +123,9 @@ class RunsPage(Page):
             titles={"test_set": "test set", "duration": "time"},
             widths={"accuracy [95% CI]": 300, "variants": 150},
             # the selected row is dark: its coloured status text turns white to stay readable
-            stylesheets=[".tabulator-row.tabulator-selected span { color: #fff !important; }"])
+            stylesheets=[".tabulator-row.tabulator-selected span { color: #fff !important; }",
+                         # a long accuracy line (several seeds, sizes) wraps instead of being cut off
+                         '.tabulator-cell[tabulator-field="accuracy [95% CI]"] { white-space: normal; }'])
         help_md = pn.pane.Markdown(
             "Click a row to analyse that run; click a second row to compare the two (the first stays the main "
             "run). Unreadable folders (no or damaged `run.json`) are listed with a warning and ignored.",
