@@ -39,8 +39,13 @@ def test_page_loads_over_fixture_store(dashboard_page, dashboard_server, dashboa
     expect(page.locator(".wbc-warning div").filter(has_text="halfwritten").first).to_be_visible()
     page.screenshot(path=str(artifacts_dir / "dashboard-01-runs.png"), full_page=True)
 
+    # the failed run says why in its accuracy cell, which wraps rather than cutting a long line off
+    failed_row = page.locator(".wbc-runs-table .tabulator-row", has_text=dashboard_store["failed_run_id"]).first
+    acc_cell = failed_row.locator('.tabulator-cell[tabulator-field="accuracy [95% CI]"]')
+    expect(acc_cell).to_contain_text("error: ")
+    assert acc_cell.evaluate("e => getComputedStyle(e).whiteSpace") == "normal"
     # the failed run shows its error
-    page.locator(".wbc-runs-table .tabulator-row", has_text=dashboard_store["failed_run_id"]).first.click()
+    failed_row.click()
     expect(page.locator(".wbc-run-error div").filter(has_text="CUDA out of memory").first).to_be_visible()
     page.screenshot(path=str(artifacts_dir / "dashboard-02-failed-run.png"), full_page=True)
 

@@ -125,7 +125,7 @@ class RunsPage(Page):
             # the selected row is dark: its coloured status text turns white to stay readable
             stylesheets=[".tabulator-row.tabulator-selected span { color: #fff !important; }",
                          # a long accuracy line (several seeds, sizes) wraps instead of being cut off
-                         '.tabulator-cell[tabulator-field="accuracy [95% CI]"] { white-space: normal; }'])
+                         '.tabulator-cell[tabulator-field="accuracy [95% CI]"] { white-space: normal !important; }'])
         help_md = pn.pane.Markdown(
             "Click a row to analyse that run; click a second row to compare the two (the first stays the main "
             "run). Unreadable folders (no or damaged `run.json`) are listed with a warning and ignored.",
