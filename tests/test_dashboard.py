@@ -791,6 +791,30 @@ def test_launch_form_takes_each_preset(tmp_path):
     assert page.epochs == 7 and page.preset == "custom"
 
 
+def test_launch_refuses_bad_numbers_in_one_line(tmp_path):
+    """An empty box or an absurd number is refused on Start with the field's name, and nothing starts; the
+    widget keeps what was typed rather than quietly putting the old value back."""
+    from dashboard.pages.launch import MANAGER, LaunchPage
+    from dashboard.safe import esc
+    from dashboard.state import AppState
+
+    page = LaunchPage(AppState(runs_dir=str(tmp_path / "runs")))
+    page.__panel__()
+    for field, bad, words in (("epochs", None, "Epochs: enter a whole number"),
+                              ("epochs", 0, "Epochs: must be between 1 and 500, got 0"),
+                              ("epochs", 10**9, "Epochs: must be between 1 and 500, got 1000000000"),
+                              ("per_class", -1, "Train imgs/class: must be 0 or more, got -1"),
+                              ("test_per_class", 1, "Test imgs/class: must be 0 (all) or at least 2, got 1"),
+                              ("image_size", 100000, "Image size: must be between 32 and 1024, got 100000")):
+        page.param.update(epochs=6, per_class=300, test_per_class=0, image_size=128)  # all good but one
+        setattr(page, field, bad)
+        assert getattr(page, field) == bad  # kept as typed
+        page.start()
+        assert page.message.object == f"Not started: {esc(words)}" and page.message.alert_type == "danger"
+        assert MANAGER.current is None or MANAGER.current.runs_dir != tmp_path / "runs"
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 def test_pages_render_a_version_1_run(tmp_path):
     """A run stored before schema versions (tests/fixtures/store-v1) shows on every page, without warnings."""
     import shutil

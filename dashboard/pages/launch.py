@@ -106,6 +106,25 @@ def build_args(values: dict) -> list[str]:
     return a
 
 
+# The form's whole-number fields: (label, lowest, highest). The widgets keep whatever is typed (an empty box, 0,
+# 10^9) so that Start can say what is wrong, instead of the widget quietly putting the old value back.
+NUMBERS = {"epochs": ("Epochs", 1, 500), "per_class": ("Train imgs/class", 0, None),
+           "test_per_class": ("Test imgs/class", 0, None), "image_size": ("Image size", 32, 1024)}
+
+
+def check_numbers(values: dict) -> None:
+    """ValueError naming the first form number that is empty or out of range (0 = all for the per-class ones)."""
+    for name, (label, lo, hi) in NUMBERS.items():
+        v = values.get(name)
+        if v is None:
+            raise ValueError(f"{label}: enter a whole number")
+        if v < lo or (hi is not None and v > hi):
+            raise ValueError(f"{label}: must be between {lo} and {hi}, got {v}" if hi is not None
+                             else f"{label}: must be {lo} or more, got {v}")
+        if name.endswith("per_class") and v == 1:
+            raise ValueError(f"{label}: must be 0 (all) or at least 2, got 1")
+
+
 # The form's fields (LaunchPage parameters), in the order build_args reads them.
 FORM_FIELDS = ("preset", "variants", "classifier", "pretrained", "epochs", "per_class", "test_per_class", "image_size",
                "seeds", "split", "input_policy", "device", "precision")
@@ -124,10 +143,10 @@ class LaunchPage(Page):
     variants = param.ListSelector(default=[], objects=list_enhancers())
     classifier = param.Selector(default="efficientnet_lite0", objects=list_classifiers())
     pretrained = param.Selector(default="imagenet", objects=list(PRETRAINED))
-    epochs = param.Integer(default=3, bounds=(1, 200))
-    per_class = param.Integer(default=40, bounds=(0, None))
-    test_per_class = param.Integer(default=0, bounds=(0, None))
-    image_size = param.Integer(default=224, bounds=(32, 1024))
+    epochs = param.Integer(default=3, allow_None=True)  # checked on Start (NUMBERS), not by the widget
+    per_class = param.Integer(default=40, allow_None=True)
+    test_per_class = param.Integer(default=0, allow_None=True)
+    image_size = param.Integer(default=224, allow_None=True)
     seeds = param.String(default="0")
     split = param.Selector(default="grouped", objects=list(SPLITS))
     input_policy = param.Selector(default="cell", objects=list(POLICIES))
@@ -178,6 +197,7 @@ class LaunchPage(Page):
         """The form as build_args wants it, every path checked; ValueError / PathNotAllowed says what is wrong."""
         from core.data import find_split_dirs
 
+        check_numbers({k: getattr(self, k) for k in NUMBERS})
         data = safe_data_folder(self.data_path.strip() or self.data)
         if "TRAIN" not in find_split_dirs(data):
             raise PathNotAllowed(f"data folder {data} has no TRAIN/ class folders")
