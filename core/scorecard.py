@@ -31,6 +31,8 @@ class AccuracySource(StrEnum):
 
 
 NO_CI_WORDS = "no CI: the run stopped before its statistics"
+NO_VALIDATION_WORDS = ("No validation figures in this run: it stopped before any model finished, or it was made "
+                       "before they were stored.")
 _NUMBERS = ("paper_val_accuracy", "val_accuracy", "test_accuracy", "test_ci_low", "test_ci_high")
 
 
@@ -109,7 +111,7 @@ def _num(x):
 def scorecard_text(card: pd.DataFrame) -> str:
     """The scorecard as plain text for ``wbc report``."""
     if card.empty:
-        return "Replication scorecard: no validation figures in this run (made before they were stored)."
+        return f"Replication scorecard: {NO_VALIDATION_WORDS}"
     lines = [f"Replication scorecard (paper's figures: {PAPER_CITATION})"]
     for r in card.itertuples():
         paper = "-" if _num(r.paper_val_accuracy) is None else f"{r.paper_val_accuracy:.2f}"

@@ -229,9 +229,15 @@ def test_unfinished_run_says_so_instead_of_empty_pages(env, tmp_path):
                        percent=30.0)
     banner, show = run_banner(state, "zz-running")
     assert not show and "training original, 30%" in banner.object and "2 min 05 s left" in banner.object
-    run.update_meta(status="failed", error={"type": "RuntimeError", "message": "boom"})
+    run.update_meta(status="failed", error={"type": "RuntimeError", "message": "boom",
+                                            "traceback": "Traceback (most recent call last): ..."})
     banner, show = run_banner(state, "zz-running")
-    assert show and "failed" in banner.object
+    assert show and "is failed: RuntimeError&#58; boom." in banner.object  # the error in words, not a dict
+    assert "Traceback" not in banner.object and "{" not in banner.object
+    from dashboard.pages.common import error_line
+
+    assert error_line({"message": "only a message"}) == "only a message"  # a hand-edited run.json
+    assert error_line("a plain string") == "a plain string" and error_line(None) == ""
     assert run_banner(AppState(), env["run_ids"][0]) == (None, True)  # finished: no banner
 
 
@@ -857,3 +863,7 @@ def test_eos_neu_says_why_super_resolution_change_cannot_be_measured(env, tmp_pa
     state.page = "EOS/NEU"
     words = [m.object for m in tpl.main[0].select(pn.pane.Markdown) if "wbc-sr-test" in m.css_classes]
     assert any("enhanced images are no longer on disk" in w for w in words), words
+    # the Errors page says why its enhanced thumbnails are grey boxes
+    state.page = "Errors"
+    alerts = [a.object for a in tpl.main[0].select(pn.pane.Alert) if a.visible and a.object]
+    assert any("enhanced images show as grey boxes" in a and "no longer on disk" in a for a in alerts), alerts

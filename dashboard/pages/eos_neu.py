@@ -15,7 +15,7 @@ from core.store import Table
 from dashboard.data import load_table, run_variants, sr_change_frame
 from dashboard.gallery import Gallery, gallery_items
 from dashboard.pages.base import Page
-from dashboard.pages.common import ab, no_run, variant_colors, warnings_alert, why_view
+from dashboard.pages.common import ENHANCED_GONE, ab, no_run, variant_colors, warnings_alert, why_view
 from dashboard.safe import esc
 
 EOS, NEU = "eosinophil", "neutrophil"
@@ -163,6 +163,5 @@ def sr_missing_words(change: pd.DataFrame, variant: str) -> str:
     """Why a variant has no super-resolution change to plot."""
     mine = change[change["variant"] == variant]
     if len(mine) and mine["hf_gain"].isna().all():
-        return ("nothing to measure: this run's enhanced images are no longer on disk (its cache was cleared or "
-                "moved). Run the study again with the same --cache-dir to make them again.")
+        return f"nothing to measure: {ENHANCED_GONE}"
     return "no test images of the chosen classes to compare."

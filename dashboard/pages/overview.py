@@ -101,12 +101,11 @@ def scorecard_frame(state, run_id) -> pd.DataFrame:
 
 
 def _scorecard_parts(state, run_id) -> list:
-    from core.scorecard import PAPER_CITATION
+    from core.scorecard import NO_VALIDATION_WORDS, PAPER_CITATION
 
     card = scorecard_frame(state, run_id)
     if card.empty:
-        return [pn.pane.Markdown("### Replication scorecard\nThis run stored no validation figures (it was made "
-                                 "before they were).", css_classes=["wbc-scorecard"])]
+        return [pn.pane.Markdown(f"### Replication scorecard\n{NO_VALIDATION_WORDS}", css_classes=["wbc-scorecard"])]
     leaky = card["validation split"].str.startswith("random").any()
     text = (f"### Replication scorecard\nThe paper reports validation accuracy ({esc(PAPER_CITATION)}). "
             "Beside it: this run's validation accuracy at the restored epoch, and its accuracy on test images of "

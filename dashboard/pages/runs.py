@@ -8,7 +8,7 @@ import panel as pn
 from core.store import Metric, StatKind, Status, Table
 from dashboard.data import list_runs, load_table, read_meta, run_state
 from dashboard.pages.base import Page
-from dashboard.pages.common import fmt_p, warnings_alert, warnings_md
+from dashboard.pages.common import error_line, fmt_p, warnings_alert, warnings_md
 from dashboard.safe import esc
 
 COLUMNS = ["run_id", "status", "preset"]  # then accuracy and Δ (the columns read most), then AFTER
@@ -85,7 +85,7 @@ def config_diff(meta_a: dict, meta_b: dict) -> list[tuple[str, str, str]]:
     """(setting, value in A, value in B) for every setting that differs between two runs' run.json:
     the config, and for each enhancer its weights (sha256) and precision."""
     def flat(meta: dict) -> dict:
-        out = {k: v for k, v in (meta.get("config") or {}).items() if k not in ("notes", "preset")}
+        out = {k: v for k, v in (meta.get("config") or {}).items() if k not in ("notes", "preset", "runs_dir")}
         for v, prov in ((meta.get("weights") or {}).get("enhancers") or {}).items():
             if prov.get("sha256"):
                 out[f"{v} weights"] = prov["sha256"][:16]
@@ -127,8 +127,9 @@ class RunsPage(Page):
                          # a long accuracy line (several seeds, sizes) wraps instead of being cut off
                          '.tabulator-cell[tabulator-field="accuracy [95% CI]"] { white-space: normal !important; }'])
         help_md = pn.pane.Markdown(
-            "Click a row to analyse that run; click a second row to compare the two (the first stays the main "
-            "run). Unreadable folders (no or damaged `run.json`) are listed with a warning and ignored.",
+            "Click a row to analyse that run; Ctrl-click (⌘-click on a Mac) a second row to compare the two (the "
+            "first stays the main run), or pick it under *Compare with*. Unreadable folders (no or damaged "
+            "`run.json`) are listed with a warning and ignored.",
             sizing_mode="stretch_width")
         self.warn = warnings_alert([])
         self.detail = pn.Column(sizing_mode="stretch_width", css_classes=["wbc-run-detail"])
@@ -197,11 +198,10 @@ def run_detail(run_dir, rid: str, role: str) -> list:
         f"{esc(meta.get('device'))}", sizing_mode="stretch_width")]
     err = meta.get("error")
     if err:
-        err = err if isinstance(err, dict) else {"type": "error", "message": err}
-        tb = esc(err.get("traceback") or "")
+        tb = esc(err.get("traceback") or "") if isinstance(err, dict) else ""
         items.append(pn.pane.Alert(
-            f"**Run failed: {esc(err.get('type'))}: {esc(err.get('message'))}**"
-            f"<details><summary>traceback</summary><pre>{tb}</pre></details>",
+            f"**Run failed: {esc(error_line(err))}**"
+            + (f"<details><summary>traceback</summary><pre>{tb}</pre></details>" if tb else ""),
             alert_type="danger", css_classes=["wbc-run-error"], sizing_mode="stretch_width"))
     if meta.get("skipped"):
         items.append(pn.pane.Markdown(f"{len(meta['skipped'])} unreadable image(s) were skipped."))
