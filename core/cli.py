@@ -352,8 +352,7 @@ def cmd_report(args) -> int:
             extra = f", {prov['precision']} on {prov.get('device', '?')}" if prov.get("precision") else ""
             print(f"variant {v}: {how}{extra}")
     if info.error:
-        kind = info.error.get("type")
-        print(f"error: {f'{kind}: ' if kind else ''}{info.error_message}")
+        print(f"error: {info.error_line}")
     print(f"input: {_input_words(cfg)}")
     stats = r.table("stats")
     from core.scorecard import fallback_predictions, scorecard, scorecard_text

@@ -31,6 +31,8 @@ ENHANCE_PRECISIONS = ("auto", "fp32", "half")  # the CLI's --enhance-precision -
 # (also each stain's amount jittered in haematoxylin-eosin space); checkpoint rule.
 AUGMENTS = ("none", "dihedral-batch", "dihedral", "dihedral+jitter", "dihedral+jitter+hed")
 SELECT_BY = ("macro_f1", "val_loss")
+IMAGE_SIZE_RANGE = (32, 1024)  # pixels the classifier may be given (--image-size)
+MIN_PER_CLASS = 2  # --per-class / --test-per-class: fewer cannot be split or bootstrapped
 TTA_VIEWS = (1, 2, 4, 8)
 
 
@@ -95,15 +97,16 @@ class StudyConfig:
             raise ValueError(f"--epochs: must be >= 1, got {self.epochs}")
         for name in ("per_class", "test_per_class"):
             n = getattr(self, name)
-            if n is not None and n < 2:
-                raise ValueError(f"--{name.replace('_', '-')}: must be >= 2, got {n}")
+            if n is not None and n < MIN_PER_CLASS:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= {MIN_PER_CLASS}, got {n}")
         if not self.image_sizes:
             raise ValueError("--image-size: at least one size is needed")
         if len(set(self.image_sizes)) != len(self.image_sizes):
             raise ValueError(f"--image-size: duplicate size in {','.join(map(str, self.image_sizes))}")
+        lo, hi = IMAGE_SIZE_RANGE
         for s in self.image_sizes:
-            if not 32 <= s <= 1024:
-                raise ValueError(f"--image-size: must be between 32 and 1024, got {s}")
+            if not lo <= s <= hi:
+                raise ValueError(f"--image-size: must be between {lo} and {hi}, got {s}")
         if not self.seeds:
             raise ValueError("--seeds: at least one seed is needed")
         if self.split not in SPLITS:

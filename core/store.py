@@ -485,6 +485,15 @@ class RunInfo:
     def error_message(self) -> str | None:
         return _text((self.error or {}).get("message")) if self.error else None
 
+    @property
+    def error_line(self) -> str | None:
+        """The error as 'Type: message' (either alone where the other is missing), or None: the one wording
+        of ``wbc report``, the dashboard's banners and its Runs detail."""
+        if not self.error:
+            return None
+        kind, msg = _text(self.error.get("type")), self.error_message
+        return f"{kind}: {msg}" if kind and msg else (msg or kind)
+
     def accuracy(self) -> dict:
         """{variant: seed-mean test accuracy}; with several image sizes {"variant@SIZEpx": ...} for every size."""
         by_size = self.summary.get("accuracy_by_size") or {}

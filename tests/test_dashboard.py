@@ -234,10 +234,11 @@ def test_unfinished_run_says_so_instead_of_empty_pages(env, tmp_path):
     banner, show = run_banner(state, "zz-running")
     assert show and "is failed: RuntimeError&#58; boom." in banner.object  # the error in words, not a dict
     assert "Traceback" not in banner.object and "{" not in banner.object
-    from dashboard.pages.common import error_line
-
-    assert error_line({"message": "only a message"}) == "only a message"  # a hand-edited run.json
-    assert error_line("a plain string") == "a plain string" and error_line(None) == ""
+    for hand_edited in ({"message": "only a message"}, "only a message"):  # a hand-edited run.json
+        run.update_meta(error=hand_edited)
+        assert "is failed: only a message." in run_banner(state, "zz-running")[0].object
+    run.update_meta(error={"type": "RuntimeError"})
+    assert "is failed: RuntimeError." in run_banner(state, "zz-running")[0].object
     assert run_banner(AppState(), env["run_ids"][0]) == (None, True)  # finished: no banner
 
 

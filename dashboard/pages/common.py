@@ -94,16 +94,6 @@ def enhanced_gone_warning(paths) -> list[str]:
     return [f"{gone} of {len(wanted)} enhanced images show as grey boxes: {ENHANCED_GONE}"] if gone else []
 
 
-def error_line(error) -> str:
-    """A stored error ({"type", "message", "traceback"}, or a hand-written string) as 'Type: message', unescaped."""
-    if not error:
-        return ""
-    if not isinstance(error, dict):
-        return str(error)
-    kind, msg = error.get("type"), error.get("message")
-    return f"{kind}: {msg}" if kind and msg else str(msg or kind or "")
-
-
 def run_banner(state, run_id) -> tuple[pn.pane.Alert | None, bool]:
     """(a banner for a run that is not finished, whether its results can be shown at all). A run whose process
     is gone is ``interrupted`` (core.store.effective_status): what it stored is shown."""
@@ -119,7 +109,7 @@ def run_banner(state, run_id) -> tuple[pn.pane.Alert | None, bool]:
                 + (f", about {eta} left" if eta else "")
                 + ". Its results appear here when it finishes (press Refresh on the Runs page).")
         return pn.pane.Alert(text, alert_type="info", css_classes=["wbc-run-banner"], sizing_mode="stretch_width"), False
-    err = esc(error_line(info.error if info else None)[:300])  # cut before escaping: no half entities
+    err = esc(((info.error_line if info else None) or "")[:300])  # cut before escaping: no half entities
     resume = f" Continue it with <code>wbc study --resume {rid}</code>." if status in RESUMABLE_STATUSES else ""
     text = f"Run <code>{rid}</code> is {esc(status)}" + (f": {err}" if err else "") + \
         ". What it stored before stopping is shown below." + resume

@@ -10,7 +10,8 @@ from pathlib import Path
 import panel as pn
 import param
 
-from core.config import DEVICES, ENHANCE_PRECISIONS, POLICIES, PRESETS, PRETRAINED, SPLITS
+from core.config import (DEVICES, ENHANCE_PRECISIONS, IMAGE_SIZE_RANGE, MIN_PER_CLASS, POLICIES, PRESETS, PRETRAINED,
+                         SPLITS)
 from core.enhance.registry import list_enhancers
 from core.models import list_classifiers
 from core.store import Status
@@ -108,8 +109,10 @@ def build_args(values: dict) -> list[str]:
 
 # The form's whole-number fields: (label, lowest, highest). The widgets keep whatever is typed (an empty box, 0,
 # 10^9) so that Start can say what is wrong, instead of the widget quietly putting the old value back.
+# The image size and the per-class minimum are core.config's (its validation says the same in --flag words).
 NUMBERS = {"epochs": ("Epochs", 1, 500), "per_class": ("Train imgs/class", 0, None),
-           "test_per_class": ("Test imgs/class", 0, None), "image_size": ("Image size", 32, 1024)}
+           "test_per_class": ("Test imgs/class", 0, None), "image_size": ("Image size", *IMAGE_SIZE_RANGE)}
+PER_CLASS_FIELDS = ("per_class", "test_per_class")  # 0 = all images
 
 
 def check_numbers(values: dict) -> None:
@@ -121,8 +124,8 @@ def check_numbers(values: dict) -> None:
         if v < lo or (hi is not None and v > hi):
             raise ValueError(f"{label}: must be between {lo} and {hi}, got {v}" if hi is not None
                              else f"{label}: must be {lo} or more, got {v}")
-        if name.endswith("per_class") and v == 1:
-            raise ValueError(f"{label}: must be 0 (all) or at least 2, got 1")
+        if name in PER_CLASS_FIELDS and 0 < v < MIN_PER_CLASS:
+            raise ValueError(f"{label}: must be 0 (all) or at least {MIN_PER_CLASS}, got {v}")
 
 
 # The form's fields (LaunchPage parameters), in the order build_args reads them.

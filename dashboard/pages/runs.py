@@ -6,9 +6,9 @@ import pandas as pd
 import panel as pn
 
 from core.store import Metric, StatKind, Status, Table
-from dashboard.data import list_runs, load_table, read_meta, run_state
+from dashboard.data import list_runs, load_table, read_info, read_meta, run_state
 from dashboard.pages.base import Page
-from dashboard.pages.common import error_line, fmt_p, warnings_alert, warnings_md
+from dashboard.pages.common import fmt_p, warnings_alert, warnings_md
 from dashboard.safe import esc
 
 COLUMNS = ["run_id", "status", "preset"]  # then accuracy and Δ (the columns read most), then AFTER
@@ -63,8 +63,9 @@ def _summary_cell(df: pd.DataFrame, i: int) -> str:
                        if df[c].iloc[i] is not None and df[c].iloc[i] == df[c].iloc[i])
 
 
-def runs_frame(state):
-    df = list_runs(state.runs_dir).copy()
+def runs_frame(state, listing: pd.DataFrame | None = None):
+    """The Runs table from the store's listing (``dashboard.data.list_runs``; read here unless given)."""
+    df = (list_runs(state.runs_dir) if listing is None else listing).copy()
     accs = [c for c in df.columns if c.startswith("acc ")]
     out = df[COLUMNS + accs + AFTER + ["date", "duration", "error", "warning"]].copy()
     acc_cells, paired = _acc_cells(state, out)
@@ -116,8 +117,9 @@ class RunsPage(Page):
         wrap = {"type": "textarea"}  # plain text (Tabulator escapes it) that wraps within the column's width
         formatters = {"status": {"type": "html"}, "accuracy [95% CI]": {"type": "html"},
                       "Δ vs baseline (McNemar p)": {"type": "html"}, "variants": wrap}
+        listing = list_runs(self.state.runs_dir)
         self.table = pn.widgets.Tabulator(
-            runs_frame(self.state), show_index=False, formatters=formatters, selectable=2, disabled=True,
+            runs_frame(self.state, listing), show_index=False, formatters=formatters, selectable=2, disabled=True,
             pagination="local", page_size=15, sizing_mode="stretch_width", css_classes=["wbc-runs-table"],
             layout="fit_data_table", header_filters=False, frozen_columns=["run_id"],
             titles={"test_set": "test set", "duration": "time"},
@@ -139,13 +141,16 @@ class RunsPage(Page):
         self.table.param.watch(self.on_select, "selection")
         self.state.param.watch(lambda *_: self.when_shown(self.update_table), "refresh")
         self.state.param.watch(lambda *_: self.when_shown(self.sync_selection), ["run_id", "compare_run_id"])
-        self.update_table()
+        self.show_listing(listing)
         return [pn.Row(help_md, refresh), self.warn, self.table, self.detail]
 
     def update_table(self) -> None:
-        df = runs_frame(self.state)
-        self.table.value = df
         listing = list_runs(self.state.runs_dir)
+        self.table.value = runs_frame(self.state, listing)
+        self.show_listing(listing)
+
+    def show_listing(self, listing: pd.DataFrame) -> None:
+        """The warning for unreadable folders, and the selection, for the listing the table was built from."""
         bad = listing[listing["status"] == Status.UNREADABLE]
         ws = [f"{r.run_id}: unreadable run folder ({r.warning})" for r in bad.itertuples()]
         self.warn.object = warnings_md(ws)
@@ -185,10 +190,10 @@ class RunsPage(Page):
 
 def run_detail(run_dir, rid: str, role: str) -> list:
     """A run's settings in one line, its error with the traceback, and skipped images."""
-    meta, w = read_meta(run_dir)
+    info, w = read_info(run_dir)
     if w:
         return [pn.pane.Alert(f"**{role} <code>{esc(rid)}</code>**: {esc(w)}", alert_type="warning")]
-    cfg = meta.get("config") or {}
+    meta, cfg = info.raw, info.config
     status, _, _ = run_state(run_dir)
     items = [pn.pane.Markdown(
         f"**{role}: <code>{esc(rid)}</code>** — status **{esc(status)}**, preset {esc(cfg.get('preset'))}, "
@@ -196,11 +201,10 @@ def run_detail(run_dir, rid: str, role: str) -> list:
         f"{esc(', '.join(map(str, cfg.get('variants') or [])))}, epochs {esc(cfg.get('epochs'))}, seeds "
         f"{esc(cfg.get('seeds'))}, test set {esc((meta.get('data') or {}).get('test_source'))}, device "
         f"{esc(meta.get('device'))}", sizing_mode="stretch_width")]
-    err = meta.get("error")
-    if err:
-        tb = esc(err.get("traceback") or "") if isinstance(err, dict) else ""
+    if info.error:
+        tb = esc(str(info.error.get("traceback") or ""))
         items.append(pn.pane.Alert(
-            f"**Run failed: {esc(error_line(err))}**"
+            f"**Run failed: {esc(info.error_line)}**"
             + (f"<details><summary>traceback</summary><pre>{tb}</pre></details>" if tb else ""),
             alert_type="danger", css_classes=["wbc-run-error"], sizing_mode="stretch_width"))
     if meta.get("skipped"):
