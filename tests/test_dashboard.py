@@ -157,6 +157,9 @@ def test_overview_numbers(env):
     assert acc["seed_sd"].notna().all()  # two seeds: seed spread shown
     # two seeds: one seed-averaged difference with the CI of that mean (core.stats), not two per-seed rows
     assert len(paired) == 1 and paired["seed"].iloc[0] == -1
+    from dashboard.pages.overview import _seed_words
+
+    assert list(_seed_words(paired)["seed"]) == ["mean"] and paired["seed"].iloc[0] == -1  # display only
     assert (paired["ci_low"] <= paired["accuracy diff"]).all() and (paired["accuracy diff"] <= paired["ci_high"]).all()
     stats = pd.read_parquet(Path(state.run_dir(env["run_ids"][0])) / "stats.parquet")
     seeds = stats[(stats["kind"] == "seeds") & (stats["metric"] == "accuracy")].set_index("variant")
@@ -166,6 +169,18 @@ def test_overview_numbers(env):
         assert r.ci_low != pytest.approx(per_seed[r.variant], abs=1e-9)
     acc2, _, w2 = accuracy_table(state, env["broken"]["corrupt"])  # stats intact there, predictions not
     assert len(acc2) == 2
+
+
+def test_overview_scorecard_in_compare_mode_shows_both_runs_labelled(env):
+    from dashboard.pages.overview import _scorecard_parts
+    from dashboard.state import AppState
+
+    state, (a, b) = AppState(), env["run_ids"][:2]
+    alone = _scorecard_parts(state, a)[1].value
+    both = _scorecard_parts(state, a, b)[1].value
+    assert "run" not in alone.columns and len(alone) == 2
+    assert list(both.columns[:2]) == ["run", "variant"] and list(both["run"]) == [a, a, b, b]
+    assert both.drop(columns="run").iloc[:2].equals(alone)
 
 
 def test_runs_delta_is_the_overview_accuracy_difference(env):
@@ -200,6 +215,9 @@ def test_runs_table_says_why_a_run_has_no_accuracy(env):
 
     cell = _why_cell(long, None)
     assert "<b>" not in cell and "&lt;b&gt;" in cell and cell.endswith("…</span>") and len(cell) < 200
+    stopped = _why_cell("cancelled by user", None, "cancelled")  # a cancel is not an error: grey, 'stopped'
+    assert "stopped: cancelled by user" in stopped and "#d62728" not in stopped and "error" not in stopped
+    assert "#d62728" in _why_cell("boom", None, "failed")
 
 
 def test_config_diff_names_what_differs():

@@ -109,16 +109,17 @@ class ErrorsPage(Page):
 
     def layout(self) -> list:
         st = self.state
-        self.variant_w = pn.widgets.Select(name="Variant", options=[ANY], value=ANY, width=200,
+        self.variant_w = pn.widgets.Select(name="Variant", options=[ANY], value=ANY, width=180,
                                            css_classes=["wbc-f-variant"])
-        filters = pn.Row(
+        filters = pn.FlexBox(  # wraps onto a second line in a narrow window instead of running off the edge
             self.variant_w,
             pn.widgets.Select.from_param(st.param.true_label, name="True class", width=160, css_classes=["wbc-f-true"]),
             pn.widgets.Select.from_param(st.param.pred_label, name="Predicted class", width=160,
                                          css_classes=["wbc-f-pred"]),
             pn.widgets.RangeSlider.from_param(st.param.confidence, name="Confidence (max probability)", step=0.01,
-                                              width=240, css_classes=["wbc-f-conf"]),
-            self._page_widget(), self._reset_button(), sizing_mode="stretch_width", css_classes=["wbc-filters"])
+                                              width=220, css_classes=["wbc-f-conf"]),
+            self._page_widget(), self._reset_button(), flex_wrap="wrap", align_items="flex-end",
+            sizing_mode="stretch_width", css_classes=["wbc-filters"])
         self.count = pn.pane.Markdown("", css_classes=["wbc-error-count"])
         self.warn = warnings_alert([])
         self.gallery = Gallery(sizing_mode="stretch_width", css_classes=["wbc-gallery-pane"], min_height=120)

@@ -100,10 +100,16 @@ def scorecard_frame(state, run_id) -> pd.DataFrame:
     return out
 
 
-def _scorecard_parts(state, run_id) -> list:
+def _scorecard_parts(state, run_id, compare: str | None = None) -> list:
+    """The scorecard's words and table: the main run's rows, then (in compare mode) the compared run's, labelled."""
     from core.scorecard import NO_VALIDATION_WORDS, PAPER_CITATION
 
-    card = scorecard_frame(state, run_id)
+    cards = [(rid, scorecard_frame(state, rid)) for rid in (run_id, compare) if rid]
+    card = pd.concat([c.assign(run=rid) for rid, c in cards if not c.empty] or [pd.DataFrame()], ignore_index=True)
+    if compare and not card.empty:
+        card = card[["run"] + [c for c in card.columns if c != "run"]]
+    else:
+        card = card.drop(columns=["run"], errors="ignore")
     if card.empty:
         return [pn.pane.Markdown(f"### Replication scorecard\n{NO_VALIDATION_WORDS}", css_classes=["wbc-scorecard"])]
     leaky = card["validation split"].str.startswith("random").any()
@@ -207,7 +213,7 @@ class OverviewPage(Page):
                 paired = paired[["run"] + [c for c in paired.columns if c != "run"]]
         meta, _ = read_meta(self.state.run_dir(run_id))
         parts = [warnings_alert(warnings), notes_alert(meta), *self.accuracy_parts(acc, both, run_id, compare),
-                 *_scorecard_parts(self.state, run_id), *difference_parts(acc, paired), *provenance_parts(meta, run_id)]
+                 *_scorecard_parts(self.state, run_id, compare), *difference_parts(acc, paired), *provenance_parts(meta, run_id)]
         return pn.Column(*parts, sizing_mode="stretch_width")
 
     @staticmethod
@@ -241,10 +247,15 @@ def difference_parts(acc: pd.DataFrame, paired: pd.DataFrame) -> list:
         return [pn.pane.Markdown("### Difference between variants\n" + "\n".join(lines))]
     lines = [_difference_line(d) for d in paired.to_dict("records")]
     return [pn.pane.Markdown("### Difference between variants (paired, same test images)\n" + "\n".join(lines)),
-            pn.widgets.Tabulator(paired.copy(), show_index=False, disabled=True, sizing_mode="stretch_width",
+            pn.widgets.Tabulator(_seed_words(paired), show_index=False, disabled=True, sizing_mode="stretch_width",
                                  css_classes=["wbc-paired-table"], layout="fit_data_table",
                                  formatters={c: {"type": "money", "precision": 4}
                                              for c in ["accuracy diff", "ci_low", "ci_high"]})]
+
+
+def _seed_words(paired: pd.DataFrame) -> pd.DataFrame:
+    """The paired table for display: the seed mean's row (stored as seed -1) says 'mean', not -1."""
+    return paired.assign(seed=["mean" if s == -1 else str(s) for s in paired["seed"]])
 
 
 def _difference_line(d: dict) -> str:

@@ -40,12 +40,14 @@ def _acc_cells(state, df: pd.DataFrame) -> tuple[list[str], list[str]]:
     return acc_col, paired_col
 
 
-def _why_cell(error, warning) -> str:
-    """'error: ...' (or the warning) in red, escaped, for a row with no accuracy to show; '' for neither."""
+def _why_cell(error, warning, status=None) -> str:
+    """'error: ...' (or the warning) in red, escaped, for a row with no accuracy to show; '' for neither.
+    A cancelled run's reason ('cancelled by user') is not an error: it shows in grey, as 'stopped: ...'."""
     for word, text in (("error", error), ("warning", warning)):
         if isinstance(text, str) and text.strip():
             short = text if len(text) <= 90 else text[:89] + "…"
-            return f'<span style="color: #d62728; white-space: normal">{word}: {esc(short)}</span>'
+            word, colour = ("stopped", "#666") if word == "error" and status == Status.CANCELLED else (word, "#d62728")
+            return f'<span style="color: {colour}; white-space: normal">{word}: {esc(short)}</span>'
     return ""
 
 
@@ -72,8 +74,8 @@ def runs_frame(state, listing: pd.DataFrame | None = None):
     out = out.drop(columns=accs)
     # a failed or unreadable run says why under its accuracy (if any), where it shows without scrolling sideways;
     # clicking the row shows the whole error
-    acc_cells = ["<br>".join(x for x in (cell, _why_cell(err, warn)) if x)
-                 for cell, err, warn in zip(acc_cells, out["error"], out["warning"])]
+    acc_cells = ["<br>".join(x for x in (cell, _why_cell(err, warn, status)) if x)
+                 for cell, err, warn, status in zip(acc_cells, out["error"], out["warning"], out["status"])]
     out = out.drop(columns=["error", "warning"])
     out.insert(len(COLUMNS), "accuracy [95% CI]", acc_cells)
     out.insert(len(COLUMNS) + 1, "Δ vs baseline (McNemar p)", paired)
