@@ -40,6 +40,7 @@ ROWS: dict[str, dict] = {
     "crop=176 (a wider region around the cell, same 128 px input)": dict(crop=176),
     "weight_decay=0.05 (AdamW decay at the usual fine-tuning strength, not 1e-4)": dict(weight_decay=0.05),
     "augment=dihedral+jitter+hed (also jitter each stain's amount)": dict(augment="dihedral+jitter+hed"),
+    "augment=dihedral+zoom (zoom/shift jitter, no stain jitter)": dict(augment="dihedral+zoom"),
 }
 KEYS = {"base": "base", "full": "policy=full (the paper's squashed frame)",
         "center": "policy=center (200 px centred square)", "nojitter": "augment=dihedral (no zoom/shift/stain jitter)",
@@ -52,7 +53,8 @@ KEYS = {"base": "base", "full": "policy=full (the paper's squashed frame)",
         "crop160": "crop=160 (a wider region around the cell, same 128 px input)",
         "crop176": "crop=176 (a wider region around the cell, same 128 px input)",
         "wd05": "weight_decay=0.05 (AdamW decay at the usual fine-tuning strength, not 1e-4)",
-        "hed": "augment=dihedral+jitter+hed (also jitter each stain's amount)"}
+        "hed": "augment=dihedral+jitter+hed (also jitter each stain's amount)",
+        "nocolour": "augment=dihedral+zoom (zoom/shift jitter, no stain jitter)"}
 
 
 def row_metrics(r) -> dict:

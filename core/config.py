@@ -27,9 +27,10 @@ OPTIMIZERS = ("adamw", "sgd")
 PRETRAINED = ("imagenet", "none")  # or a path to a state dict
 ENHANCE_PRECISIONS = ("auto", "fp32", "half")  # the CLI's --enhance-precision -> enhance_half None/False/True
 # The training recipe's choices (core.engine): augment none | dihedral-batch (one flip/quarter turn per batch,
-# the old recipe) | dihedral (per image) | dihedral+jitter (also zoom, shift, stain jitter) | dihedral+jitter+hed
+# the old recipe) | dihedral (per image) | dihedral+zoom (also zoom, shift) | dihedral+jitter (also zoom, shift,
+# stain jitter) | dihedral+jitter+hed
 # (also each stain's amount jittered in haematoxylin-eosin space); checkpoint rule.
-AUGMENTS = ("none", "dihedral-batch", "dihedral", "dihedral+jitter", "dihedral+jitter+hed")
+AUGMENTS = ("none", "dihedral-batch", "dihedral", "dihedral+zoom", "dihedral+jitter", "dihedral+jitter+hed")
 SELECT_BY = ("macro_f1", "val_loss")
 IMAGE_SIZE_RANGE = (32, 1024)  # pixels the classifier may be given (--image-size)
 MIN_PER_CLASS = 2  # --per-class / --test-per-class: fewer cannot be split or bootstrapped
@@ -60,7 +61,8 @@ class StudyConfig:
     patience: int = 3  # early stopping on validation loss
     freeze_backbone: bool = False  # train only the classifier head
     # The recipe (docs/BENCHMARKS.md has the ablation). augment: none | dihedral-batch (one flip/quarter turn
-    # per batch, the old recipe) | dihedral (per image) | dihedral+jitter (also zoom, shift, stain jitter) |
+    # per batch, the old recipe) | dihedral (per image) | dihedral+zoom (also zoom, shift) | dihedral+jitter
+    # (also zoom, shift, stain jitter) |
     # dihedral+jitter+hed (also each stain's amount, core.engine.hed_jitter).
     augment: str = "dihedral+jitter"
     label_smoothing: float = 0.1

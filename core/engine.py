@@ -74,11 +74,13 @@ def dihedral_view(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def augment_batch(x: torch.Tensor, view: int, gen: torch.Generator, jitter: bool,
-                  rows: torch.Tensor | None = None, n_global: int | None = None, hed: bool = False) -> torch.Tensor:
+                  rows: torch.Tensor | None = None, n_global: int | None = None, hed: bool = False,
+                  colour: bool = True) -> torch.Tensor:
     """Per-image training augmentation of a float (B, 3, D, D) batch in 0-255 -> (B, 3, view, view).
 
     Each image gets its own dihedral transform; with ``jitter`` also a zoom (0.87-1.15x), a shift (up to 8%
-    of the view) and a stain jitter (per-channel gain 0.9-1.1 and offset +-12 grey levels); with ``hed`` also a
+    of the view) and a stain jitter (per-channel gain 0.9-1.1 and offset +-12 grey levels; not with ``colour=False``,
+    which still draws them, so that the zoom and shift stay what they were); with ``hed`` also a
     jitter of each stain's amount (see :func:`hed_jitter`). Under torchrun,
     ``x`` is this rank's ``rows`` of an ``n_global`` batch: every rank draws the whole batch's parameters
     from the same generator and applies its rows', so that N ranks augment exactly as one process does.
@@ -102,7 +104,8 @@ def augment_batch(x: torch.Tensor, view: int, gen: torch.Generator, jitter: bool
     theta[:, :, 2] = shift
     grid = nn.functional.affine_grid(theta.to(x.device), [len(x), 3, view, view], align_corners=False)
     x = nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    x = (x * gain.to(x.device) + offset.to(x.device)).clamp(0, 255)
+    if colour:
+        x = (x * gain.to(x.device) + offset.to(x.device)).clamp(0, 255)
     return hed_jitter(x, scale.to(x.device), shift_od.to(x.device)) if hed else x
 
 
@@ -236,8 +239,8 @@ def _prepare(xb: torch.Tensor, s: TrainSettings, device, gen, train: bool, rows=
         return centre_crop(xb, view).float()
     if s.augment == "dihedral-batch":
         return centre_crop(_dihedral_batch(xb, gen), view).float()
-    return augment_batch(xb.float(), view, gen, jitter=s.augment.startswith("dihedral+jitter"), rows=rows,
-                         n_global=n_global, hed=s.augment == "dihedral+jitter+hed")
+    return augment_batch(xb.float(), view, gen, jitter=s.augment != "dihedral", rows=rows, n_global=n_global,
+                         hed=s.augment == "dihedral+jitter+hed", colour=s.augment != "dihedral+zoom")
 
 
 def run_epoch(model, norm, x, y, s: TrainSettings, device, gen, optimizer=None, scheduler=None,

@@ -107,6 +107,31 @@ def test_per_image_augmentation_gives_each_image_its_own_transform():
     assert jit.shape == (64, 3, 3, 3) and 0 <= float(jit.min()) and float(jit.max()) <= 255
 
 
+def test_zoom_only_augmentation_is_the_jitter_without_its_colour_change():
+    """augment=dihedral+zoom: the same dihedral view, zoom and shift as dihedral+jitter, and no gain or offset."""
+    from core.engine import TrainSettings, _prepare
+
+    g = torch.Generator().manual_seed(5)
+    x = 40 + torch.rand(8, 3, 24, 24, generator=g) * 170  # away from 0 and 255, so no clamp hides a gain
+    zoom = augment_batch(x, 20, torch.Generator().manual_seed(0), jitter=True, colour=False)
+    full = augment_batch(x, 20, torch.Generator().manual_seed(0), jitter=True)
+    assert not torch.allclose(zoom, full)
+    for i in range(8):  # full == gain * zoom + offset per image and channel: same geometry, colour apart
+        for c in range(3):
+            a = torch.stack([zoom[i, c].flatten(), torch.ones(400)], 1)
+            coef = torch.linalg.lstsq(a, full[i, c].flatten()[:, None]).solution
+            assert 0.9 - 1e-4 <= float(coef[0]) <= 1.1 + 1e-4 and abs(float(coef[1])) <= 12 + 1e-3
+            torch.testing.assert_close(a @ coef, full[i, c].flatten()[:, None], atol=1e-3, rtol=0)
+    grey = torch.full((4, 3, 24, 24), 128.0)  # a flat image keeps its colour exactly, whatever the geometry
+    out = _prepare(grey.to(torch.uint8), TrainSettings(augment="dihedral+zoom", view=20), torch.device("cpu"),
+                   torch.Generator().manual_seed(1), train=True)
+    assert out.shape == (4, 3, 20, 20) and float((out - 128).abs().max()) < 1e-3
+    jit = _prepare(grey.to(torch.uint8), TrainSettings(augment="dihedral+jitter", view=20), torch.device("cpu"),
+                   torch.Generator().manual_seed(1), train=True)
+    assert float((jit - 128).abs().max()) > 1  # the stain jitter does change it
+    make_config("quick", augment="dihedral+zoom").validate()
+
+
 def test_stain_jitter_in_hed_space_changes_stain_amounts_and_nothing_else():
     g = torch.Generator().manual_seed(3)
     x = torch.randint(0, 256, (6, 3, 10, 10), generator=g).float()
