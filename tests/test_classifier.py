@@ -129,6 +129,14 @@ def test_zoom_only_augmentation_is_the_jitter_without_its_colour_change():
     jit = _prepare(grey.to(torch.uint8), TrainSettings(augment="dihedral+jitter", view=20), torch.device("cpu"),
                    torch.Generator().manual_seed(1), train=True)
     assert float((jit - 128).abs().max()) > 1  # the stain jitter does change it
+    u8 = x.to(torch.uint8)  # and the training path routes the option to exactly this: zoom and shift, no colour
+    routed = _prepare(u8, TrainSettings(augment="dihedral+zoom", view=20), torch.device("cpu"),
+                      torch.Generator().manual_seed(1), train=True)
+    torch.testing.assert_close(routed, augment_batch(u8.float(), 20, torch.Generator().manual_seed(1), jitter=True,
+                                                     colour=False))
+    plain = _prepare(u8, TrainSettings(augment="dihedral", view=20), torch.device("cpu"),
+                     torch.Generator().manual_seed(1), train=True)
+    assert not torch.allclose(routed, plain)
     make_config("quick", augment="dihedral+zoom").validate()
 
 

@@ -160,6 +160,8 @@ def test_overview_numbers(env):
     from dashboard.pages.overview import _seed_words
 
     assert list(_seed_words(paired)["seed"]) == ["mean"] and paired["seed"].iloc[0] == -1  # display only
+    odd = pd.DataFrame({"seed": pd.array([-1, 2, None], dtype="Int64")})  # a missing seed: blank, no crash
+    assert list(_seed_words(odd)["seed"]) == ["mean", "2", ""]
     assert (paired["ci_low"] <= paired["accuracy diff"]).all() and (paired["accuracy diff"] <= paired["ci_high"]).all()
     stats = pd.read_parquet(Path(state.run_dir(env["run_ids"][0])) / "stats.parquet")
     seeds = stats[(stats["kind"] == "seeds") & (stats["metric"] == "accuracy")].set_index("variant")
@@ -218,6 +220,28 @@ def test_runs_table_says_why_a_run_has_no_accuracy(env):
     stopped = _why_cell("cancelled by user", None, "cancelled")  # a cancel is not an error: grey, 'stopped'
     assert "stopped: cancelled by user" in stopped and "#d62728" not in stopped and "error" not in stopped
     assert "#d62728" in _why_cell("boom", None, "failed")
+    import json
+    import shutil
+
+    import panel as pn
+
+    from dashboard.pages.runs import run_detail
+
+    src = Path(AppState().run_dir(env["failed_run_id"]))
+    failed = [p for p in run_detail(src, "f", "Main run") if isinstance(p, pn.pane.Alert)]
+    assert failed[0].alert_type == "danger" and "Run failed: RuntimeError" in failed[0].object
+    cancelled = src.parent / "20261122-080000-quick-cancel"  # the same run, cancelled instead
+    shutil.copytree(src, cancelled)
+    try:
+        meta = json.loads((cancelled / "run.json").read_text())
+        meta.update(run_id=cancelled.name, status="cancelled", error={"type": "Cancelled", "message": "cancelled by user"})
+        (cancelled / "run.json").write_text(json.dumps(meta))
+        alert = [p for p in run_detail(cancelled, "c", "Main run") if isinstance(p, pn.pane.Alert)][0]
+        assert alert.alert_type == "warning" and alert.object.startswith("**Run stopped: Cancelled") and "cancelled by user" in alert.object
+        cell = runs_frame(AppState()).set_index("run_id").loc[cancelled.name, "accuracy [95% CI]"]
+        assert "stopped: Cancelled" in cell or "stopped: cancelled by user" in cell
+    finally:
+        shutil.rmtree(cancelled)
 
 
 def test_config_diff_names_what_differs():

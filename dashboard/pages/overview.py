@@ -114,7 +114,8 @@ def _scorecard_parts(state, run_id, compare: str | None = None) -> list:
         return [pn.pane.Markdown(f"### Replication scorecard\n{NO_VALIDATION_WORDS}", css_classes=["wbc-scorecard"])]
     leaky = card["validation split"].str.startswith("random").any()
     text = (f"### Replication scorecard\nThe paper reports validation accuracy ({esc(PAPER_CITATION)}). "
-            "Beside it: this run's validation accuracy at the restored epoch, and its accuracy on test images of "
+            f"Beside it: {'each' if compare else 'this'} run's validation accuracy at the restored epoch, and its "
+            "accuracy on test images of "
             "source cells it never saw, with the 95% CI (of the seed mean when there are several seeds).")
     if leaky:
         text += ("\n\n**The validation split is random, so it is leaky** (near-copies of training cells are in it), "
@@ -255,12 +256,13 @@ def difference_parts(acc: pd.DataFrame, paired: pd.DataFrame) -> list:
 
 def _seed_words(paired: pd.DataFrame) -> pd.DataFrame:
     """The paired table for display: the seed mean's row (stored as seed -1) says 'mean', not -1."""
-    return paired.assign(seed=["mean" if s == -1 else str(s) for s in paired["seed"]])
+    return paired.assign(seed=["mean" if pd.notna(s) and s == -1 else "" if pd.isna(s) else str(s)
+                               for s in paired["seed"]])
 
 
 def _difference_line(d: dict) -> str:
     where = f"<code>{esc(d['run'])}</code>: " if "run" in d else ""
-    seed = "mean of seeds" if d["seed"] == -1 else f"seed {esc(d['seed'])}"
+    seed = "mean of seeds" if pd.notna(d["seed"]) and d["seed"] == -1 else f"seed {esc(d['seed'])}"
     pts = f"{100 * d['accuracy diff']:+.1f} points (95% CI {100 * d['ci_low']:+.1f} to {100 * d['ci_high']:+.1f})"
     ps = "" if not d["McNemar p"] else (f", McNemar p = {d['McNemar p']}" + (
         f", group-bootstrap p = {d['group-bootstrap p']} (copies of one cell are not independent)"

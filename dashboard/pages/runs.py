@@ -205,10 +205,11 @@ def run_detail(run_dir, rid: str, role: str) -> list:
         f"{esc(meta.get('device'))}", sizing_mode="stretch_width")]
     if info.error:
         tb = esc(str(info.error.get("traceback") or ""))
+        stopped = status == Status.CANCELLED  # a cancel is not a failure: say so, in a warning's colour
         items.append(pn.pane.Alert(
-            f"**Run failed: {esc(info.error_line)}**"
+            f"**Run {'stopped' if stopped else 'failed'}: {esc(info.error_line)}**"
             + (f"<details><summary>traceback</summary><pre>{tb}</pre></details>" if tb else ""),
-            alert_type="danger", css_classes=["wbc-run-error"], sizing_mode="stretch_width"))
+            alert_type="warning" if stopped else "danger", css_classes=["wbc-run-error"], sizing_mode="stretch_width"))
     if meta.get("skipped"):
         items.append(pn.pane.Markdown(f"{len(meta['skipped'])} unreadable image(s) were skipped."))
     return items
