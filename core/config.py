@@ -194,7 +194,7 @@ PRESETS: dict[str, dict] = {
     # More data and epochs, still CPU-only: under an hour on 2 cores (docs/BENCHMARKS.md: 1,500/class raised
     # grouped-validation accuracy over 1,000 and fits the hour with the enhancement in bf16).
     # weight_decay 0.05: higher grouped validation on 3 of 3 paired seeds at 600/class (docs/BENCHMARKS.md,
-    # "Recipe ablation", 2026-11-27); quick keeps 1e-4, with which its figures were timed.
+    # "Recipe ablation", 2026-11-27); quick keeps 1e-4: at 300/class 0.05 was higher on 1 seed of 3 only (same section).
     "cpu": dict(
         _CPU_RECIPE, epochs=8, per_class=1500, patience=8, weight_decay=0.05,
         enhance_half=True,  # bf16 on CPU, fp16 on CUDA, as in quick

@@ -239,6 +239,8 @@ def _prepare(xb: torch.Tensor, s: TrainSettings, device, gen, train: bool, rows=
         return centre_crop(xb, view).float()
     if s.augment == "dihedral-batch":
         return centre_crop(_dihedral_batch(xb, gen), view).float()
+    if s.augment not in ("dihedral", "dihedral+zoom", "dihedral+jitter", "dihedral+jitter+hed"):
+        raise ValueError(f"unknown augmentation {s.augment!r}")  # validate_config says so first, in one line
     return augment_batch(xb.float(), view, gen, jitter=s.augment != "dihedral", rows=rows, n_global=n_global,
                          hed=s.augment == "dihedral+jitter+hed", colour=s.augment != "dihedral+zoom")
 
