@@ -880,7 +880,12 @@ def test_pages_render_a_version_1_run(tmp_path):
     for page in PAGES:
         state.page = page
     alerts = [a for a in tpl.main[0].select(pn.pane.Alert) if a.visible and a.object and a.alert_type == "warning"]
-    assert not alerts, [a.object for a in alerts]
+    # The run's images were made under /tmp/v1, gone on this machine: the one warning due is that its enhanced
+    # images show as grey boxes (the run is readable; its files are not here). Nothing about its format.
+    gone = [a for a in alerts if "show as grey boxes" in a.object]
+    assert not [a for a in alerts if a not in gone], [a.object for a in alerts]
+    enhanced = pd.read_parquet(tmp_path / "runs" / state.run_id / "predictions.parquet")["enhanced_path"].dropna()
+    assert bool(gone) == any(not Path(p).is_file() for p in enhanced)
     tables = [t for t in tpl.main[0].select(pn.widgets.Tabulator) if "wbc-acc-table" in t.css_classes]
     assert tables and set(tables[0].value["variant"]) == {"original", "bicubic-x4"}
 
