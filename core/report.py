@@ -89,9 +89,18 @@ def _accuracy(run: Run) -> list[Block]:
     paired = model_summary(stats, Metric.ACCURACY_DIFF, kind=StatKind.PAIRED)
     return [Block("h2", "Accuracy on the test set, with 95% CIs"), Block("table", table=pd.DataFrame(rows).round(4)),
             Block("h2", "Difference between variants (paired, same test images)"),
-            Block("table", table=paired.drop(columns=["sd"]).round(4)) if len(paired) else Block("p", "One variant."),
+            Block("table", table=_points(paired)) if len(paired) else Block("p", "One variant."),
             *[Block("p", line) for line in summary_text(stats).splitlines() if line.strip()]]
 
+
+
+def _points(paired: pd.DataFrame) -> pd.DataFrame:
+    """The paired differences in percentage points (as the summary lines below the table say), one decimal."""
+    out = paired.drop(columns=["sd"]).rename(columns={"estimate": "difference (points)", "ci_low": "CI low (points)",
+                                                      "ci_high": "CI high (points)"})
+    for c in ("difference (points)", "CI low (points)", "CI high (points)"):
+        out[c] = (100 * out[c]).round(1)
+    return out.round(4)
 
 def _per_class(run: Run) -> list[Block]:
     """Per-class precision / recall / F1 / support per variant (mean over seeds), as in the paper's Tables 3-4."""

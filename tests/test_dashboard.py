@@ -281,6 +281,8 @@ def test_unfinished_run_says_so_instead_of_empty_pages(env, tmp_path):
         assert "is failed: only a message." in run_banner(state, "zz-running")[0].object
     run.update_meta(error={"type": "RuntimeError"})
     assert "is failed: RuntimeError." in run_banner(state, "zz-running")[0].object
+    run.update_meta(status="cancelled", error={"type": "Cancelled", "message": "cancelled by user"})
+    assert "is cancelled: cancelled by user." in run_banner(state, "zz-running")[0].object  # not 'Cancelled: ...'
     assert run_banner(AppState(), env["run_ids"][0]) == (None, True)  # finished: no banner
 
 
@@ -328,6 +330,39 @@ def test_confusion_tap_opens_filtered_browser(env):
     state.show_errors("realesrgan-x4plus", "neutrophil", "eosinophil")
     assert (state.page, state.variant, state.true_label, state.pred_label) == \
         ("Errors", "realesrgan-x4plus", "neutrophil", "eosinophil")
+
+
+def test_a_diagonal_confusion_cell_says_those_are_correct_instead_of_opening_an_empty_browser(env):
+    from dashboard.app import _extensions
+    from dashboard.pages.confusion import ConfusionPage
+    from dashboard.state import AppState
+
+    _extensions()
+    state = AppState(run_id=env["run_ids"][0], page="Confusion")
+    page = ConfusionPage(state)
+    page.__panel__()
+    page.open_cell(state.run_id, "original", "NEU", "NEU")  # correct predictions: not in the Errors page
+    assert state.page == "Confusion" and page.note.visible and "correct predictions" in page.note.object
+    page.open_cell(state.run_id, "original", "NEU", "EOS")  # true EOS called NEU: browse them
+    assert (state.page, state.true_label, state.pred_label) == ("Errors", "eosinophil", "neutrophil")
+    assert not page.note.visible
+
+
+def test_errors_page_box_brings_an_out_of_range_page_back_into_range(env):
+    from dashboard.app import _extensions
+    from dashboard.pages.errors import PAGE_SIZE, ErrorsPage
+    from dashboard.state import AppState
+
+    _extensions()
+    state = AppState(run_id=env["run_ids"][0], page="Errors")
+    page = ErrorsPage(state)
+    page.__panel__()
+    pages = -(-len(page.df) // PAGE_SIZE)
+    assert pages >= 2
+    for typed, shown in ((99, pages), (0, 1), (-3, 1), (2, 2)):
+        page.page_w.value = typed  # what the browser sends
+        assert page.page_number == shown and page.page_w.value == shown, typed
+        assert f"page {shown}/{pages}" in page.count.object
 
 
 def test_path_safety(env, tmp_path):

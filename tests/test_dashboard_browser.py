@@ -130,6 +130,23 @@ def test_confusion_cell_click_filters_browser(dashboard_page, dashboard_server, 
     page.screenshot(path=str(artifacts_dir / "dashboard-08-confusion-click.png"), full_page=True)
 
 
+def test_header_busy_spinner_stays_still_while_nothing_runs(dashboard_page, dashboard_server):
+    """The Launch page polls its job once a second; that poll is not work to wait for, so the header's busy
+    spinner must not flash with it (it spun about half the time before the poll ran in the background)."""
+    page = dashboard_page
+    page.goto(dashboard_server)
+    open_tab(page, "Launch")
+    expect(page.locator(".wbc-l-epochs input")).to_be_visible()
+    loader = page.locator(".pn-busy-container .loader")
+    expect(loader).to_have_count(1)
+    page.wait_for_timeout(1500)  # the tab's own first render is real work: let it finish
+    spinning = []
+    for _ in range(30):  # 3 s: three polls
+        spinning.append(int("spin" in (loader.get_attribute("class") or "").split()))
+        page.wait_for_timeout(100)
+    assert sum(spinning) == 0, spinning
+
+
 def test_launch_tiny_study_shows_progress_and_new_run(dashboard_page, dashboard_server, dashboard_launch_data,
                                                       artifacts_dir):
     page = dashboard_page

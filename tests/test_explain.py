@@ -103,8 +103,11 @@ def test_html_report_is_complete_and_self_contained(tiny, tmp_path):
     text = out.read_text()
     conf = tiny.table(Table.CONFUSION)
     eos = conf[(conf["true_label"] == "eosinophil") & (conf["pred_label"] == "eosinophil")]
+    stats = tiny.table(Table.STATS)
+    diff = stats[(stats["kind"] == "paired") & (stats["metric"] == "accuracy_diff")]["estimate"].iloc[0]
     wanted = [*CLASSES, *conf["variant"].unique(), f"<td>{int(eos['count'].iloc[0])}</td>", "Replication scorecard",
-              "Provenance", "Training curves", "data:image/"]
+              "Provenance", "Training curves", "data:image/",
+              "difference (points)", f"<td>{round(100 * diff, 1)}</td>"]  # in points, as its summary lines say
     missing = [w for w in wanted if w not in text]  # (a report is megabytes: name what is missing, not the file)
     assert not missing, missing
     markup = re.sub(r"<script.*?</script>", "", text, flags=re.S)  # Bokeh's code mentions a CDN it never uses here

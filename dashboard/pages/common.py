@@ -109,7 +109,9 @@ def run_banner(state, run_id) -> tuple[pn.pane.Alert | None, bool]:
                 + (f", about {eta} left" if eta else "")
                 + ". Its results appear here when it finishes (press Refresh on the Runs page).")
         return pn.pane.Alert(text, alert_type="info", css_classes=["wbc-run-banner"], sizing_mode="stretch_width"), False
-    err = esc(((info.error_line if info else None) or "")[:300])  # cut before escaping: no half entities
+    # a cancel's reason ('cancelled by user') reads on its own; a failure's keeps its type ('RuntimeError: ...')
+    line = (info.error_message if status == Status.CANCELLED else info.error_line) if info else None
+    err = esc((line or "")[:300])  # cut before escaping: no half entities
     resume = f" Continue it with <code>wbc study --resume {rid}</code>." if status in RESUMABLE_STATUSES else ""
     text = f"Run <code>{rid}</code> is {esc(status)}" + (f": {err}" if err else "") + \
         ". What it stored before stopping is shown below." + resume

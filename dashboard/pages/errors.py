@@ -105,7 +105,8 @@ class ErrorsPage(Page):
 
     title = "Errors"
     css = "wbc-page-errors"
-    page_number = param.Integer(default=1, bounds=(1, None), doc="The gallery page shown.")
+    # no bounds: a number typed outside 1..pages is brought back into range (and shown so), not silently refused
+    page_number = param.Integer(default=1, doc="The gallery page shown.")
 
     def layout(self) -> list:
         st = self.state
@@ -137,7 +138,7 @@ class ErrorsPage(Page):
         return [filters, self.banner, self.warn, self.count, self.detail, self.gallery]
 
     def _page_widget(self):
-        self.page_w = pn.widgets.IntInput.from_param(self.param.page_number, name="Page", start=1, width=90,
+        self.page_w = pn.widgets.IntInput.from_param(self.param.page_number, name="Page", width=90,
                                                      css_classes=["wbc-f-page"])
         return self.page_w
 
@@ -185,9 +186,9 @@ class ErrorsPage(Page):
             return
         rows = filter_errors(self.df, st.variant, st.true_label, st.pred_label, st.confidence)
         n_pages = max(1, int(np.ceil(len(rows) / PAGE_SIZE)))
-        self.page_w.end = n_pages
-        if self.page_number > n_pages:
-            self.page_number = 1
+        if not 1 <= self.page_number <= n_pages:
+            self.page_number = min(max(self.page_number, 1), n_pages)  # triggers update with the page in range
+            return
         start = (self.page_number - 1) * PAGE_SIZE
         self.shown_rows = rows.iloc[start:start + PAGE_SIZE]
         self.gallery.items = gallery_items(self.shown_rows, runs_dir=st.runs_dir)

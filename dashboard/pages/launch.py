@@ -310,7 +310,11 @@ class LaunchPage(Page):
         """Poll once a second while the browser session lives (not outside a served session: tests)."""
         if pn.state.curdoc is None or pn.state.curdoc.session_context is None:
             return
-        cb = pn.state.add_periodic_callback(self.poll, period=1000)
+        from panel.io.callbacks import PeriodicCallback
+
+        # background: a once-a-second poll is not work the user waits for, so the header's busy spinner stays still
+        cb = PeriodicCallback(callback=self.poll, period=1000, background=True)
+        cb.start()
 
         def stop(_ctx):
             try:
