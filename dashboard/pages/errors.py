@@ -71,33 +71,38 @@ def filter_errors(df: pd.DataFrame, variant, true_label, pred_label, conf) -> pd
     return df[mask].sort_values("confidence", ascending=False, kind="stable")
 
 
+SHOWN = 336  # px the larger view shows each image at (made at LARGE_SIZE): two images and the scores fit at 1400 px
+
+
 def detail_view(row: dict, runs_dir, run_dir=None) -> pn.viewable.Viewable:
     def big(path, label, box=None):
         uri = thumbnail_uri(path, size=LARGE_SIZE, runs_dir=runs_dir, box=box) if path else None
-        img = (f'<img src="{uri}" style="width:{LARGE_SIZE}px;height:{LARGE_SIZE * 3 // 4}px;object-fit:contain;'
+        img = (f'<img src="{uri}" style="width:{SHOWN}px;height:{SHOWN * 3 // 4}px;object-fit:contain;'
                f'background:#eee">' if uri
                else '<div style="color:#999">not available</div>')
-        return pn.pane.HTML(f"<div style='margin-right:12px'><b>{esc(label)}</b><br>{img}</div>",
-                            css_classes=["wbc-large"])
+        return pn.pane.HTML(f"<div style='margin-right:12px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis'>"
+                            f"<b>{esc(label)}</b><br>{img}</div>", css_classes=["wbc-large"], width=SHOWN + 12)
 
     probs = "".join(
-        f"<tr><td>{c}</td><td><div style='background:#4c78a8;height:10px;width:{int(200 * float(row[p]))}px'></div></td>"
+        f"<tr><td>{c}</td><td><div style='background:#4c78a8;height:10px;width:{int(100 * float(row[p]))}px'></div></td>"
         f"<td>{float(row[p]):.3f}</td></tr>" for c, p in zip(CLASSES, PROB_COLUMNS) if p in row)
     info = pn.pane.HTML(
         f"<b>{esc(row.get('image_id'))}</b><br>variant <b>{esc(row['variant'])}</b>, "
         f"seed {esc(row['seed'])}, size {esc(row['image_size'])}<br>true <b>{esc(row['true_label'])}</b>, predicted "
-        f"<b>{esc(row['pred_label'])}</b><table>{probs}</table>", css_classes=["wbc-detail-info"])
+        f"<b>{esc(row['pred_label'])}</b><table>{probs}</table>", css_classes=["wbc-detail-info"], width=250)
     box = region_of_row(row)
-    region = "" if box is None else ", the region the model saw"
-    imgs = [big(row.get("path"), f"original{region}", box)]
+    imgs = [big(row.get("path"), "original", box)]  # short captions: one line each, so the two images align
     if isinstance(row.get("enhanced_path"), str):
-        imgs.append(big(row.get("enhanced_path"), f"enhanced ({row.get('enhanced_from') or row['variant']}){region}"))
+        imgs.append(big(row.get("enhanced_path"), f"enhanced ({row.get('enhanced_from') or row['variant']})"))
+    if box is not None:
+        info.object += "<p style='color:#666'>The images show the region the model saw.</p>"
+    row_ = pn.FlexBox(*imgs, info, flex_wrap="wrap", sizing_mode="stretch_width")  # info below when narrow
     if run_dir is None:
-        return pn.Row(*imgs, info)
+        return row_
     why = pn.Column(sizing_mode="stretch_width")
     button = pn.widgets.Button(name="Why? Grad-CAM of every variant", width=260, css_classes=["wbc-why-button"])
     button.on_click(lambda e: setattr(why, "objects", [why_view(run_dir, row)]))
-    return pn.Column(pn.Row(*imgs, info), button, why, sizing_mode="stretch_width")
+    return pn.Column(row_, button, why, sizing_mode="stretch_width")
 
 
 class ErrorsPage(Page):
@@ -131,6 +136,7 @@ class ErrorsPage(Page):
         st.param.watch(lambda e: setattr(self.variant_w, "value", e.new) if e.new in self.variant_w.options else None,
                        "variant")
         st.param.watch(lambda *_: self.when_shown(self.load), ["run_id", "refresh"])
+        st.param.watch(lambda *_: self.when_shown(self.update), "compare_run_id")  # the count says whose errors
         st.param.watch(lambda *_: self.when_shown(self.first_page), ["variant", "true_label", "pred_label", "confidence"])
         self.param.watch(lambda *_: self.update(), "page_number")
         self.gallery.param.watch(self.on_click, "selected")
@@ -194,7 +200,10 @@ class ErrorsPage(Page):
         self.gallery.items = gallery_items(self.shown_rows, runs_dir=st.runs_dir)
         self.count.object = (f"**{len(rows)}** misclassified image(s) match (of {len(self.df)}); page "
                              f"{self.page_number}/{n_pages} <span style='color:#999'>"
-                             f"({1000 * (time.perf_counter() - t0):.0f} ms)</span>")
+                             f"({1000 * (time.perf_counter() - t0):.0f} ms)</span>"
+                             + (f". Main run <code>{esc(st.run_id)}</code> only; to browse "
+                                f"<code>{esc(st.compare_run_id)}</code>, make it the main run on Runs"
+                                if st.compare_run_id and st.compare_run_id != st.run_id else ""))
         self.detail.objects = []
 
     def on_click(self, e) -> None:
