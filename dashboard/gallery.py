@@ -36,7 +36,8 @@ class Gallery(JSComponent):
           const card = document.createElement('div');
           card.className = 'wbc-card' + (it.correct ? ' ok' : ' bad');
           card.dataset.key = it.key;
-          card.title = it.key + ' (click for a larger view)';
+          card.title = it.key + (it.enh !== null && it.enh !== undefined ? ' (left: original, right: enhanced)' : '')
+                       + ' (click for a larger view)';
           let imgs = '<div class="wbc-imgs">';
           imgs += it.orig ? `<img class="orig" src="${it.orig}">` : '<div class="missing">missing</div>';
           if (it.enh !== null && it.enh !== undefined) {

@@ -363,7 +363,7 @@ def test_errors_page_box_brings_an_out_of_range_page_back_into_range(env):
         page.page_w.value = typed  # what the browser sends
         assert page.page_number == shown and page.page_w.value == shown, typed
         assert f"page {shown}/{pages}" in page.count.object
-    assert "only" not in page.count.object
+    assert "only" not in page.count.object and "each card: original left, enhanced right" in page.count.object
     state.compare_run_id = env["run_ids"][1]  # compare mode: the gallery is the main run's, and says so
     assert f"Main run <code>{state.run_id}</code> only" in page.count.object
 

@@ -198,8 +198,10 @@ class ErrorsPage(Page):
         start = (self.page_number - 1) * PAGE_SIZE
         self.shown_rows = rows.iloc[start:start + PAGE_SIZE]
         self.gallery.items = gallery_items(self.shown_rows, runs_dir=st.runs_dir)
+        pair = "enhanced_path" in rows and rows["enhanced_path"].notna().any()  # cards show two images
         self.count.object = (f"**{len(rows)}** misclassified image(s) match (of {len(self.df)}); page "
-                             f"{self.page_number}/{n_pages} <span style='color:#999'>"
+                             f"{self.page_number}/{n_pages}" + ("; each card: original left, enhanced right" if pair
+                                                                else "") + " <span style='color:#999'>"
                              f"({1000 * (time.perf_counter() - t0):.0f} ms)</span>"
                              + (f". Main run <code>{esc(st.run_id)}</code> only; to browse "
                                 f"<code>{esc(st.compare_run_id)}</code>, make it the main run on Runs"
