@@ -368,6 +368,25 @@ def test_errors_page_box_brings_an_out_of_range_page_back_into_range(env):
     assert f"Main run <code>{state.run_id}</code> only" in page.count.object
 
 
+def test_overview_in_compare_mode_says_when_the_compared_run_is_not_finished(env):
+    import panel as pn
+
+    from dashboard.app import _extensions
+    from dashboard.pages.overview import OverviewPage
+    from dashboard.state import AppState
+
+    _extensions()
+    state = AppState(run_id=env["run_ids"][0], page="Overview")
+    page = OverviewPage(state)
+    view = page.__panel__()
+    banners = lambda: [b.object for b in view.select(pn.pane.Alert) if "wbc-run-banner" in b.css_classes]  # noqa
+    assert banners() == []
+    state.compare_run_id = env["failed_run_id"]
+    assert len(banners()) == 1 and env["failed_run_id"] in banners()[0] and "is failed" in banners()[0]
+    state.compare_run_id = env["run_ids"][1]
+    assert banners() == []
+
+
 def test_path_safety(env, tmp_path):
     from dashboard.security import PathNotAllowed, data_roots, resolve_under, safe_data_folder
 

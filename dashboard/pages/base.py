@@ -58,19 +58,25 @@ class Page(pn.viewable.Viewer):
     def live(self, render: Callable[[], pn.viewable.Viewable], *watch: tuple, banner: bool = False) -> pn.Column:
         """A container holding ``render()``, drawn now and again (via :meth:`when_shown`) whenever one of the
         watched parameters changes; ``watch`` items are (parameterized object, [parameter names]). With
-        ``banner``, a run that is not finished says so above (or instead, if it has nothing to show)."""
+        ``banner``, a run that is not finished says so above (or instead, if it has nothing to show); on a page that
+        watches ``compare_run_id``, the compared run too."""
         holder = pn.Column(sizing_mode="stretch_width")
 
+        both = any("compare_run_id" in names for _, names in watch)  # a page that shows the compared run too
+
         def draw():
-            holder.objects = [self._with_banner(render) if banner else render()]
+            holder.objects = [self._with_banner(render, both) if banner else render()]
 
         for obj, names in watch:
             obj.param.watch(lambda *_: self.when_shown(draw), names)
         draw()
         return holder
 
-    def _with_banner(self, render):
+    def _with_banner(self, render, both: bool = False):
         note, show = run_banner(self.state, self.state.run_id)
-        if note is None:
+        compare = self.state.compare_run_id if both else None
+        other = run_banner(self.state, compare)[0] if compare and compare != self.state.run_id else None
+        notes = [n for n in (note, other) if n is not None]  # the compared run says so too when it is not finished
+        if not notes:
             return render()
-        return pn.Column(note, render(), sizing_mode="stretch_width") if show else note
+        return pn.Column(*notes, render(), sizing_mode="stretch_width") if show else pn.Column(*notes)
