@@ -139,4 +139,7 @@ def why_view(run_dir, row: dict) -> pn.viewable.Viewable:
 
 
 def _share(x) -> str:
-    return "n/a (no stained cell in view, or no evidence)" if x is None or x != x else f"{x:.2f}"
+    # None: the map is all zero (the model saw no evidence for this class anywhere: usual for the class it did not
+    # choose), or no stained cell was found to measure against (core.explain.heat_in_cell)
+    return ("n/a: no evidence for this class anywhere in the image (or no stained cell found)" if x is None or x != x
+            else f"{x:.2f}")
