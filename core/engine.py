@@ -230,6 +230,12 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+# The per-image augmentations (core.config.AUGMENTS but none / dihedral-batch) as augment_batch's flags:
+# (zoom/shift jitter, per-channel stain jitter, stain-amount jitter in HED space).
+_PER_IMAGE = {"dihedral": (False, False, False), "dihedral+zoom": (True, False, False),
+              "dihedral+jitter": (True, True, False), "dihedral+jitter+hed": (True, True, True)}
+
+
 def _prepare(xb: torch.Tensor, s: TrainSettings, device, gen, train: bool, rows=None, n_global=None) -> torch.Tensor:
     """uint8 (B, 3, D, D) on the CPU -> augmented (train) or centre-cropped (eval) float on ``device``, 0-255.
     ``rows``/``n_global``: this rank's part of the global batch (see :func:`augment_batch`)."""
@@ -239,10 +245,10 @@ def _prepare(xb: torch.Tensor, s: TrainSettings, device, gen, train: bool, rows=
         return centre_crop(xb, view).float()
     if s.augment == "dihedral-batch":
         return centre_crop(_dihedral_batch(xb, gen), view).float()
-    if s.augment not in ("dihedral", "dihedral+zoom", "dihedral+jitter", "dihedral+jitter+hed"):
+    if s.augment not in _PER_IMAGE:
         raise ValueError(f"unknown augmentation {s.augment!r}")  # validate_config says so first, in one line
-    return augment_batch(xb.float(), view, gen, jitter=s.augment != "dihedral", rows=rows, n_global=n_global,
-                         hed=s.augment == "dihedral+jitter+hed", colour=s.augment != "dihedral+zoom")
+    jitter, colour, hed = _PER_IMAGE[s.augment]
+    return augment_batch(xb.float(), view, gen, jitter=jitter, rows=rows, n_global=n_global, hed=hed, colour=colour)
 
 
 def run_epoch(model, norm, x, y, s: TrainSettings, device, gen, optimizer=None, scheduler=None,

@@ -93,7 +93,6 @@ def _accuracy(run: Run) -> list[Block]:
             *[Block("p", line) for line in summary_text(stats).splitlines() if line.strip()]]
 
 
-
 def _points(paired: pd.DataFrame) -> pd.DataFrame:
     """The paired differences in percentage points (as the summary lines below the table say), one decimal."""
     out = paired.drop(columns=["sd"]).rename(columns={"estimate": "difference (points)", "ci_low": "CI low (points)",
@@ -101,6 +100,7 @@ def _points(paired: pd.DataFrame) -> pd.DataFrame:
     for c in ("difference (points)", "CI low (points)", "CI high (points)"):
         out[c] = (100 * out[c]).round(1)
     return out.round(4)
+
 
 def _per_class(run: Run) -> list[Block]:
     """Per-class precision / recall / F1 / support per variant (mean over seeds), as in the paper's Tables 3-4."""

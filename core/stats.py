@@ -33,7 +33,7 @@ import pandas as pd
 
 from core.config import CLASSES
 from core.store import (DETAIL_B, DETAIL_C, DETAIL_N_BOOT, DETAIL_N_GROUPS, DETAIL_P_CLUSTER_BOOT, DETAIL_RESAMPLE,
-                        SCHEMAS, Metric, StatKind, class_metric, parse_detail)
+                        SCHEMAS, SEED_MEAN, Metric, StatKind, class_metric, parse_detail)
 
 CLASS_DIFF_CLASSES = ("eosinophil", "neutrophil")
 CI_METRICS = (Metric.ACCURACY, Metric.MACRO_F1, Metric.BALANCED_ACCURACY)  # "ci" rows per model
@@ -194,7 +194,7 @@ def compute_stats(predictions: pd.DataFrame, baseline: str = "original", n_boot:
         g = g.sort_values("seed")
         vals = g["estimate"].astype(float).tolist()
         lo, hi = seed_ci.get((variant, bl or None, int(size), metric), (None, None))
-        seeds_rows.append(_row(StatKind.SEEDS, variant, bl or None, -1, size, metric, float(np.mean(vals)),
+        seeds_rows.append(_row(StatKind.SEEDS, variant, bl or None, SEED_MEAN, size, metric, float(np.mean(vals)),
                                sd=float(np.std(vals, ddof=1)), lo=lo, hi=hi, n=len(vals), detail=vals))
     if seeds_rows:
         out = pd.concat([out, pd.DataFrame(seeds_rows, columns=SCHEMAS["stats"])], ignore_index=True)

@@ -77,7 +77,10 @@ class StatKind(StrEnum):
     CI = "ci"  # per model: a metric with its bootstrap CI
     PAIRED = "paired"  # variant minus baseline on the same images
     CLASS_DIFF = "class_diff"  # per-class recall/F1 differences (eosinophil, neutrophil)
-    SEEDS = "seeds"  # seed = -1: the seed mean, with the CI of the seed-averaged metric
+    SEEDS = "seeds"  # seed = SEED_MEAN: the seed mean, with the CI of the seed-averaged metric
+
+
+SEED_MEAN = -1  # the ``seed`` of a ``seeds`` stats row: the mean over seeds, not one seed
 
 
 class Metric(StrEnum):

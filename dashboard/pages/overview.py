@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import panel as pn
 
-from core.store import DETAIL_B, DETAIL_C, DETAIL_P_CLUSTER_BOOT, Metric, StatKind, Table, parse_detail
+from core.store import DETAIL_B, DETAIL_C, DETAIL_P_CLUSTER_BOOT, SEED_MEAN, Metric, StatKind, Table, parse_detail
 from dashboard.data import accuracy_from_predictions, load_table, read_meta, report_html
 from dashboard.pages.base import Page
 from dashboard.pages.common import fmt_p, no_run, warnings_alert
@@ -254,15 +254,18 @@ def difference_parts(acc: pd.DataFrame, paired: pd.DataFrame) -> list:
                                              for c in ["accuracy diff", "ci_low", "ci_high"]})]
 
 
+def _is_seed_mean(seed) -> bool:
+    return pd.notna(seed) and seed == SEED_MEAN
+
+
 def _seed_words(paired: pd.DataFrame) -> pd.DataFrame:
-    """The paired table for display: the seed mean's row (stored as seed -1) says 'mean', not -1."""
-    return paired.assign(seed=["mean" if pd.notna(s) and s == -1 else "" if pd.isna(s) else str(s)
-                               for s in paired["seed"]])
+    """The paired table for display: the seed mean's row (stored as SEED_MEAN, -1) says 'mean', not -1."""
+    return paired.assign(seed=["mean" if _is_seed_mean(s) else "" if pd.isna(s) else str(s) for s in paired["seed"]])
 
 
 def _difference_line(d: dict) -> str:
     where = f"<code>{esc(d['run'])}</code>: " if "run" in d else ""
-    seed = "mean of seeds" if pd.notna(d["seed"]) and d["seed"] == -1 else f"seed {esc(d['seed'])}"
+    seed = "mean of seeds" if _is_seed_mean(d["seed"]) else f"seed {esc(d['seed'])}"
     pts = f"{100 * d['accuracy diff']:+.1f} points (95% CI {100 * d['ci_low']:+.1f} to {100 * d['ci_high']:+.1f})"
     ps = "" if not d["McNemar p"] else (f", McNemar p = {d['McNemar p']}" + (
         f", group-bootstrap p = {d['group-bootstrap p']} (copies of one cell are not independent)"
