@@ -160,6 +160,9 @@ def test_overview_numbers(env):
     from dashboard.pages.overview import _seed_words
 
     assert list(_seed_words(paired)["seed"]) == ["mean"] and paired["seed"].iloc[0] == -1  # display only
+    shown = _seed_words(paired)  # the CI in one column, as on the accuracy table: the table fits the page
+    assert "ci_low" not in shown and shown["95% CI"].iloc[0] == (
+        f"[{paired['ci_low'].iloc[0]:+.4f}, {paired['ci_high'].iloc[0]:+.4f}]")
     odd = pd.DataFrame({"seed": pd.array([-1, 2, None], dtype="Int64")})  # a missing seed: blank, no crash
     assert list(_seed_words(odd)["seed"]) == ["mean", "2", ""]
     assert (paired["ci_low"] <= paired["accuracy diff"]).all() and (paired["accuracy diff"] <= paired["ci_high"]).all()
@@ -217,6 +220,10 @@ def test_runs_table_says_why_a_run_has_no_accuracy(env):
 
     cell = _why_cell(long, None)
     assert "<b>" not in cell and "&lt;b&gt;" in cell and cell.endswith("…</span>") and len(cell) < 200
+    from dashboard.pages.runs import _pending_cell
+
+    assert _pending_cell("original,<b>x</b>") == "original: —<br>&lt;b&gt;x&lt;/b&gt;: —"  # queued / running: no numbers yet
+    assert not failed.startswith("original: —")  # a failed run says why, not dashes
     stopped = _why_cell("cancelled by user", None, "cancelled")  # a cancel is not an error: grey, 'stopped'
     assert "stopped: cancelled by user" in stopped and "#d62728" not in stopped and "error" not in stopped
     assert "#d62728" in _why_cell("boom", None, "failed")
@@ -919,6 +926,30 @@ def test_launch_refuses_bad_numbers_in_one_line(tmp_path):
         assert page.message.object == f"Not started: {esc(words)}" and page.message.alert_type == "danger"
         assert MANAGER.current is None or MANAGER.current.runs_dir != tmp_path / "runs"
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_launch_says_what_is_wrong_while_the_form_is_filled(tmp_path):
+    """A bad number or seed list is named under the form as soon as it is entered, and Start is held until it is
+    fixed (Start itself still refuses it: the test above)."""
+    from dashboard.pages.launch import LaunchPage
+    from dashboard.safe import esc
+    from dashboard.state import AppState
+
+    page = LaunchPage(AppState(runs_dir=str(tmp_path / "runs")))
+    page.__panel__()
+    assert not page.form_check.visible and not page.start_b.disabled
+    for field, bad, words in (("epochs", 0, "Epochs: must be between 1 and 500, got 0"),
+                              ("image_size", None, "Image size: enter a whole number"),
+                              ("seeds", "0,0", "seeds: give distinct whole numbers >= 0"),
+                              ("seeds", "a", "seeds: 'a' is not a comma-separated list")):
+        good = getattr(page, field)
+        setattr(page, field, bad)
+        assert page.form_check.visible and page.form_check.object.startswith(esc(words)), page.form_check.object
+        assert page.start_b.disabled
+        setattr(page, field, good)
+        assert not page.form_check.visible and not page.start_b.disabled
+    page.preset = "cpu"  # a preset's values are all valid
+    assert not page.form_check.visible and not page.start_b.disabled
 
 
 def test_pages_render_a_version_1_run(tmp_path):

@@ -130,6 +130,41 @@ def test_confusion_cell_click_filters_browser(dashboard_page, dashboard_server, 
     page.screenshot(path=str(artifacts_dir / "dashboard-08-confusion-click.png"), full_page=True)
 
 
+SIDEWAYS_JS = "e => { const h = e.querySelector('.tabulator-tableholder'); return [h.scrollWidth, h.clientWidth] }"
+MAIN_JS = "() => { const m = document.querySelector('#main'); return [m.scrollHeight, m.clientHeight] }"
+
+
+def test_pages_fit_a_1400_px_window(dashboard_browser, dashboard_server, dashboard_store, artifacts_dir):
+    """At 1400 x 900 the wide tables (Runs, and Overview's in compare mode) fit without scrolling sideways, and a
+    short page is as tall as what it shows: it used to keep the tallest page's height (Bokeh hides an inactive tab
+    with visibility: hidden) and scroll into blank space."""
+    ctx = dashboard_browser.new_context(viewport={"width": 1400, "height": 900})
+    page = ctx.new_page()
+    try:
+        page.goto(dashboard_server)
+        runs = page.locator(".wbc-runs-table div.tabulator")
+        expect(runs).to_contain_text(dashboard_store["failed_run_id"])
+        wide, shown = runs.evaluate(SIDEWAYS_JS)
+        assert wide <= shown + 1, f"the Runs table scrolls sideways: {wide} px in {shown}"
+        page.locator(".wbc-run-select select").select_option(dashboard_store["run_ids"][0])
+        page.locator(".wbc-compare-select select").select_option(dashboard_store["run_ids"][1])
+        open_tab(page, "Overview")
+        expect(page.locator(".wbc-paired-table div.tabulator")).to_contain_text(dashboard_store["run_ids"][1])
+        for css in ("wbc-acc-table", "wbc-scorecard-table", "wbc-paired-table", "wbc-provenance-table"):
+            wide, shown = page.locator(f".{css} div.tabulator").evaluate(SIDEWAYS_JS)
+            assert wide <= shown + 1, f"{css} scrolls sideways: {wide} px in {shown}"
+        tall, _ = page.evaluate(MAIN_JS)
+        page.screenshot(path=str(artifacts_dir / "dashboard-1400-overview-compare.png"), full_page=True)
+        page.locator(".wbc-compare-select select").select_option("(none)")  # one run: one row of matrices
+        open_tab(page, "Confusion")
+        expect(page.locator(".wbc-confusion-original canvas").first).to_be_visible()
+        expect(page.locator(".wbc-page-confusion").filter(has_text=dashboard_store["run_ids"][1])).to_have_count(0)
+        height, window = page.evaluate(MAIN_JS)
+        assert height <= window < tall, f"Confusion scrolls to {height} px in a {window} px window (Overview: {tall})"
+    finally:
+        ctx.close()
+
+
 def test_header_busy_spinner_stays_still_while_nothing_runs(dashboard_page, dashboard_server):
     """The Launch page polls its job once a second; that poll is not work to wait for, so the header's busy
     spinner must not flash with it (it spun about half the time before the poll ran in the background)."""

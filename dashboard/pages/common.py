@@ -48,6 +48,26 @@ def escaped_titles(df) -> dict:
     return {c: esc(c) for c in df.columns}
 
 
+# Long cells and column titles wrap, so that a table with many columns fits the page instead of scrolling sideways.
+WRAP_CELLS = [".tabulator-cell { white-space: normal !important; overflow-wrap: break-word; }",
+              ".tabulator-col-title { white-space: normal !important; overflow-wrap: break-word; }"]
+# fitted_table's fixed column widths: a run id on one line, small numbers narrow; the other columns share the rest
+_FIXED_WIDTHS = {"run": 200, "variant": 145, "test set": 110, "n": 55, "n_seeds": 70, "seeds": 65, "seed": 65, "image_size": 70, "size px": 60, "sha256": 150}
+
+
+def fitted_table(df, css: str, **kw) -> pn.widgets.Tabulator:
+    """A read-only table whose columns share the page's width (no sideways scroll at 1400 px), long cells and
+    titles wrapped (titles at spaces: image_size reads 'image size')."""
+    cols = list(getattr(df, "columns", ()))
+    widths = {c: w for c, w in _FIXED_WIDTHS.items() if c in cols}
+    titles = {c: esc(str(c).replace("_", " ")) for c in cols}
+    return pn.widgets.Tabulator(df, show_index=False, disabled=True, sizing_mode="stretch_width", layout="fit_columns",
+                                css_classes=[css], stylesheets=WRAP_CELLS + kw.pop("stylesheets", []),
+                                widths={**widths, **kw.pop("widths", {})}, titles={**titles, **kw.pop("titles", {})},
+                                # a few rows: no sort arrows, whose room the wrapped titles need
+                                configuration={"columnDefaults": {"headerSort": False}}, **kw)
+
+
 def warnings_md(warnings) -> str:
     """A Markdown list of the warnings (they name run folders and quote errors: escaped)."""
     return "\n".join(f"* {esc(w)}" for w in warnings if w)

@@ -164,6 +164,7 @@ class LaunchPage(Page):
         self._job, self._job_done, self._run_appeared, self._ticks = None, False, False, 0
         self.apply_preset()
         self.update_tests()
+        self.check_form()
 
     # ---------------------------------------------------------------------------------------- the form
     @param.depends("preset", watch=True)
@@ -195,6 +196,19 @@ class LaunchPage(Page):
         self.param.test.objects = [AUTO_TEST] + found
         if self.test not in self.param.test.objects:
             self.test = AUTO_TEST
+
+    @param.depends(*NUMBERS, "seeds", watch=True)
+    def check_form(self) -> None:
+        """Say at once what Start would refuse in the numbers or the seeds, and hold Start until it is fixed."""
+        try:
+            check_numbers({k: getattr(self, k) for k in NUMBERS})
+            seed_args(self.seeds)
+            self.form_problem = ""
+        except ValueError as e:
+            self.form_problem = str(e)
+        if hasattr(self, "form_check"):
+            self.form_check.object, self.form_check.visible = esc(self.form_problem), bool(self.form_problem)
+            self.start_b.disabled = bool(self.form_problem) or bool(MANAGER.current and MANAGER.current.running)
 
     def checked_values(self) -> dict:
         """The form as build_args wants it, every path checked; ValueError / PathNotAllowed says what is wrong."""
@@ -248,6 +262,9 @@ class LaunchPage(Page):
                                           css_classes=["wbc-l-cancel"])
         self.note = pn.pane.Alert(self.path_note, alert_type="warning", visible=bool(self.path_note),
                                   css_classes=["wbc-l-path-note"], sizing_mode="stretch_width")
+        self.form_check = pn.pane.Alert(esc(self.form_problem), alert_type="warning", visible=bool(self.form_problem),
+                                   css_classes=["wbc-l-check"], sizing_mode="stretch_width")
+        self.start_b.disabled = bool(self.form_problem)
         self.start_b.on_click(self.start)
         self.cancel_b.on_click(self.cancel)
         return pn.Column(
@@ -255,7 +272,7 @@ class LaunchPage(Page):
             w["data"], w["data_path"], self.note, w["test"], w["variants"],
             pn.Row(w["epochs"], w["per_class"], w["test_per_class"]),
             pn.Row(w["image_size"], w["input_policy"], w["seeds"], w["split"], w["device"]),
-            pn.Row(w["precision"]), pn.Row(self.start_b, self.cancel_b), width=540, sizing_mode="fixed")
+            pn.Row(w["precision"]), self.form_check, pn.Row(self.start_b, self.cancel_b), width=540, sizing_mode="fixed")
 
     def widgets(self) -> dict:
         """One widget per form parameter: (widget class, label, width, description)."""
@@ -352,7 +369,7 @@ class LaunchPage(Page):
     def show_job(self, job) -> None:
         s, running = job.state(), job.running
         self.cancel_b.disabled = not running or job.cancel_requested
-        self.start_b.disabled = running
+        self.start_b.disabled = running or bool(self.form_problem)
         prog = job.run.progress
         pct = prog.fraction_percent()
         self.bar.visible = True
@@ -371,7 +388,7 @@ class LaunchPage(Page):
     def job_ended(self, job) -> None:
         self._job_done = True
         self.state.refresh += 1
-        self.start_b.disabled = False
+        self.start_b.disabled = bool(self.form_problem)
         s = job.state()
         kind = {Status.FINISHED: "success", Status.CANCELLED: "warning"}.get(s, "danger")
         extra = ""

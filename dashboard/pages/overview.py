@@ -10,7 +10,7 @@ import panel as pn
 from core.store import DETAIL_B, DETAIL_C, DETAIL_P_CLUSTER_BOOT, SEED_MEAN, Metric, StatKind, Table, parse_detail
 from dashboard.data import accuracy_from_predictions, load_table, read_meta, report_html
 from dashboard.pages.base import Page
-from dashboard.pages.common import fmt_p, no_run, warnings_alert
+from dashboard.pages.common import fitted_table, fmt_p, no_run, warnings_alert
 from dashboard.safe import esc
 
 
@@ -121,8 +121,7 @@ def _scorecard_parts(state, run_id, compare: str | None = None) -> list:
         text += ("\n\n**The validation split is random, so it is leaky** (near-copies of training cells are in it), "
                  "like the paper's: read the test column.")
     return [pn.pane.Markdown(text, css_classes=["wbc-scorecard"]),
-            pn.widgets.Tabulator(card, show_index=False, disabled=True, sizing_mode="stretch_width",
-                                 css_classes=["wbc-scorecard-table"], layout="fit_data_table")]
+            fitted_table(card, "wbc-scorecard-table")]
 
 
 def provenance_table(meta: dict) -> pd.DataFrame:
@@ -160,7 +159,7 @@ def _acc_plot(acc: pd.DataFrame, title: str):
     # the axis starts at 0: a few points of difference must not look like a landslide
     bars = hv.Bars(d, "bar", ["accuracy", "run"]).opts(
         ylim=(0.0, 1.0), tools=["hover"], responsive=True, height=320, title=title, alpha=0.6,
-        color="run" if two else "#4c78a8", cmap=["#4c78a8", "#f58518"], show_legend=two, legend_position="top",
+        color="run" if two else "#4c78a8", cmap=["#4c78a8", "#f58518"], show_legend=two, legend_position="bottom",
         xlabel="variant (run)" if two else "variant", ylabel="accuracy (95% CI)")
     err = hv.ErrorBars((d["bar"], d["accuracy"], lo, hi), kdims=["bar"], vdims=["accuracy", "yerrneg", "yerrpos"]).opts(
         line_width=2, color="black")
@@ -221,10 +220,8 @@ class OverviewPage(Page):
     def accuracy_parts(acc: pd.DataFrame, both: pd.DataFrame, run_id: str, compare: str | None) -> list:
         plot = _acc_plot(both, "Accuracy per variant" + (" (two runs)" if compare else ""))
         shown = _fmt(both if compare else acc)
-        table = pn.widgets.Tabulator(shown, show_index=False, disabled=True,
-                                     sizing_mode="stretch_width", css_classes=["wbc-acc-table"],
-                                     formatters={c: {"type": "money", "precision": 4}
-                                                 for c in ("accuracy", "macro_f1", "balanced_acc") if c in shown})
+        table = fitted_table(shown, "wbc-acc-table", formatters={c: {"type": "money", "precision": 4}
+                                                                 for c in ("accuracy", "macro_f1", "balanced_acc") if c in shown})
         title = f"### Accuracy — <code>{esc(run_id)}</code>" + (f" vs <code>{esc(compare)}</code>" if compare else "")
         return [pn.pane.Markdown(title),
                 pn.Row(pn.pane.HoloViews(plot, sizing_mode="stretch_width", height=340), sizing_mode="stretch_width"),
@@ -247,11 +244,11 @@ def difference_parts(acc: pd.DataFrame, paired: pd.DataFrame) -> list:
                  f"test stored)" for r in acc.iloc[1:].itertuples()]
         return [pn.pane.Markdown("### Difference between variants\n" + "\n".join(lines))]
     lines = [_difference_line(d) for d in paired.to_dict("records")]
-    return [pn.pane.Markdown("### Difference between variants (paired, same test images)\n" + "\n".join(lines)),
-            pn.widgets.Tabulator(_seed_words(paired), show_index=False, disabled=True, sizing_mode="stretch_width",
-                                 css_classes=["wbc-paired-table"], layout="fit_data_table",
-                                 formatters={c: {"type": "money", "precision": 4}
-                                             for c in ["accuracy diff", "ci_low", "ci_high"]})]
+    return [pn.pane.Markdown("### Difference between variants (paired, same test images)\n" + "\n".join(lines)
+                             + "\n\n*discordant b / c*: the test images that only the baseline / only the variant "
+                             "classified right (what McNemar's test counts)."),
+            fitted_table(_seed_words(paired), "wbc-paired-table",
+                         formatters={"accuracy diff": {"type": "money", "precision": 4}})]
 
 
 def _is_seed_mean(seed) -> bool:
@@ -259,8 +256,16 @@ def _is_seed_mean(seed) -> bool:
 
 
 def _seed_words(paired: pd.DataFrame) -> pd.DataFrame:
-    """The paired table for display: the seed mean's row (stored as SEED_MEAN, -1) says 'mean', not -1."""
-    return paired.assign(seed=["mean" if _is_seed_mean(s) else "" if pd.isna(s) else str(s) for s in paired["seed"]])
+    """The paired table for display: the seed mean's row (stored as SEED_MEAN, -1) says 'mean', not -1; the CI
+    in one column as on the accuracy table, and the discordant counts in one ('b / c'), so that it fits the page."""
+    out = paired.assign(seed=["mean" if _is_seed_mean(s) else "" if pd.isna(s) else str(s) for s in paired["seed"]])
+    for lo, hi, name, fmt in (("ci_low", "ci_high", "95% CI", "[{:+.4f}, {:+.4f}]"),
+                              ("b: only baseline right", "c: only variant right", "discordant b / c", "{:.0f} / {:.0f}")):
+        if lo in out and hi in out:
+            out.insert(out.columns.get_loc(lo), name, [fmt.format(x, y) if pd.notna(x) and pd.notna(y) else ""
+                                                       for x, y in zip(out[lo], out[hi])])
+            out = out.drop(columns=[lo, hi])
+    return out
 
 
 def _difference_line(d: dict) -> str:
@@ -284,5 +289,4 @@ def provenance_parts(meta: dict, run_id: str) -> list:
             f"<code>{esc(cfg.get('classifier', '?'))}</code>, weights: {esc(clf.get('source', cfg.get('pretrained', '?')))}"
             + (f" (sha256 <code>{esc(str(clf['sha256'])[:16])}</code>)" if clf.get("sha256") else ""))
     return [pn.pane.Markdown(head),
-            pn.widgets.Tabulator(prov, show_index=False, disabled=True, sizing_mode="stretch_width",
-                                 css_classes=["wbc-provenance-table"])]
+            fitted_table(prov, "wbc-provenance-table")]

@@ -8,11 +8,11 @@ import panel as pn
 from core.store import Metric, StatKind, Status, Table
 from dashboard.data import list_runs, load_table, read_info, read_meta, run_state
 from dashboard.pages.base import Page
-from dashboard.pages.common import fmt_p, warnings_alert, warnings_md
+from dashboard.pages.common import WRAP_CELLS, fmt_p, warnings_alert, warnings_md
 from dashboard.safe import esc
 
-COLUMNS = ["run_id", "status", "preset"]  # then accuracy and Δ (the columns read most), then AFTER
-AFTER = ["variants", "classifier", "test_set"]
+COLUMNS = ["run_id", "status", "preset"]  # then accuracy and Δ (the columns read most), then AFTER and "when"
+AFTER = ["classifier", "test_set"]  # the variants are named in the accuracy column
 
 
 def _acc_cells(state, df: pd.DataFrame) -> tuple[list[str], list[str]]:
@@ -58,6 +58,11 @@ def _num(x) -> str:
         return esc(x)
 
 
+def _pending_cell(variants) -> str:
+    """No accuracy and no error (queued, running): the run's variants ("a,b" as listed), each with a dash."""
+    return "<br>".join(f"{esc(v)}: —" for v in str(variants or "").split(",") if v)
+
+
 def _summary_cell(df: pd.DataFrame, i: int) -> str:
     """No stats (running, failed, older runs): run.json's summary accuracy, without a CI."""
     accs = [c for c in df.columns if c.startswith("acc ")]
@@ -69,17 +74,20 @@ def runs_frame(state, listing: pd.DataFrame | None = None):
     """The Runs table from the store's listing (``dashboard.data.list_runs``; read here unless given)."""
     df = (list_runs(state.runs_dir) if listing is None else listing).copy()
     accs = [c for c in df.columns if c.startswith("acc ")]
-    out = df[COLUMNS + accs + AFTER + ["date", "duration", "error", "warning"]].copy()
+    out = df[COLUMNS + ["variants"] + accs + AFTER + ["date", "duration", "error", "warning"]].copy()
     acc_cells, paired = _acc_cells(state, out)
     out = out.drop(columns=accs)
     # a failed or unreadable run says why under its accuracy (if any), where it shows without scrolling sideways;
     # clicking the row shows the whole error
-    acc_cells = ["<br>".join(x for x in (cell, _why_cell(err, warn, status)) if x)
-                 for cell, err, warn, status in zip(acc_cells, out["error"], out["warning"], out["status"])]
-    out = out.drop(columns=["error", "warning"])
+    # nothing to show yet (queued, running): the run's variants, each with a dash
+    acc_cells = ["<br>".join(x for x in (cell, _why_cell(err, warn, status)) if x) or _pending_cell(variants)
+                 for cell, err, warn, status, variants in zip(acc_cells, out["error"], out["warning"], out["status"],
+                                                              out["variants"])]
+    # the date and how long it took in one column: the table fits a 1400 px window without scrolling sideways
+    out["when"] = ["<br>".join(esc(x) for x in (d, t) if isinstance(x, str) and x) for d, t in zip(out["date"], out["duration"])]
+    out = out.drop(columns=["error", "warning", "variants", "date", "duration"])
     out.insert(len(COLUMNS), "accuracy [95% CI]", acc_cells)
     out.insert(len(COLUMNS) + 1, "Δ vs baseline (McNemar p)", paired)
-    out["variants"] = out["variants"].fillna("").astype(str).str.replace(",", ", ")  # wraps in its column
     out["status"] = [f'<span style="{_style_status(s)}">{esc(s)}</span>' for s in out["status"].astype(str)]
     return out
 
@@ -118,18 +126,21 @@ class RunsPage(Page):
     def layout(self) -> list:
         wrap = {"type": "textarea"}  # plain text (Tabulator escapes it) that wraps within the column's width
         formatters = {"status": {"type": "html"}, "accuracy [95% CI]": {"type": "html"},
-                      "Δ vs baseline (McNemar p)": {"type": "html"}, "variants": wrap}
+                      "Δ vs baseline (McNemar p)": {"type": "html"}, "when": {"type": "html"},
+                      "classifier": wrap, "test_set": wrap}
         listing = list_runs(self.state.runs_dir)
         self.table = pn.widgets.Tabulator(
             runs_frame(self.state, listing), show_index=False, formatters=formatters, selectable=2, disabled=True,
             pagination="local", page_size=15, sizing_mode="stretch_width", css_classes=["wbc-runs-table"],
-            layout="fit_data_table", header_filters=False, frozen_columns=["run_id"],
-            titles={"test_set": "test set", "duration": "time"},
-            widths={"accuracy [95% CI]": 300, "variants": 150},
+            # the columns share the page's width (no sideways scrolling at 1400 px) and long cells wrap
+            layout="fit_columns", header_filters=False, frozen_columns=["run_id"],
+            titles={"test_set": "test set"},
+            widths={"run_id": 140, "status": 80, "preset": 80, "accuracy [95% CI]": 210,
+                    "Δ vs baseline (McNemar p)": 150, "classifier": 125, "test_set": 110, "when": 100},
             # the selected row is dark: its coloured status text turns white to stay readable
             stylesheets=[".tabulator-row.tabulator-selected span { color: #fff !important; }",
-                         # a long accuracy line (several seeds, sizes) wraps instead of being cut off
-                         '.tabulator-cell[tabulator-field="accuracy [95% CI]"] { white-space: normal !important; }'])
+                         # a long cell (run id, several seeds or sizes, an error) wraps instead of being cut off
+                         *WRAP_CELLS])
         help_md = pn.pane.Markdown(
             "Click a row to analyse that run; Ctrl-click (⌘-click on a Mac) a second row to compare the two (the "
             "first stays the main run), or pick it under *Compare with*. Unreadable folders (no or damaged "
