@@ -443,15 +443,18 @@ def fit(model: nn.Module, train: tuple, val: tuple, s: TrainSettings, device: to
 
 @torch.inference_mode()
 def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 64,
-            view: int | None = None, tta: int = 1, features: bool = False):
+            view: int | None = None, tta: int = 1, features: bool = False, on_progress: ProgressFn | None = None):
     """Class probabilities (N, C) as float64 of the centre ``view``; ``tta`` > 1 averages the softmax over
     that many dihedral views (8 = every flip and quarter turn). ``features``: also the penultimate features
-    (N, F) float32, the head's input for the unturned view: returns (probabilities, features)."""
+    (N, F) float32, the head's input for the unturned view: returns (probabilities, features).
+    ``on_progress(done, total)`` after each batch, in images (a test folder of thousands takes minutes on a CPU)."""
     spec = spec_of(model)
     model.to(device).eval()
     norm = Normalizer(spec.mean, spec.std).to(device)
     out, feats, seen = [], [], []
     hook = getattr(model, spec.head).register_forward_pre_hook(lambda m, a: seen.append(a[0])) if features else None
+    if on_progress:
+        on_progress(0, len(x))
     try:
         for i in range(0, len(x), batch_size):
             xb = centre_crop(x[i : i + batch_size].to(device), view or x.shape[-1]).float()
@@ -464,6 +467,8 @@ def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size:
                     feats.append(seen.pop().float().flatten(1))
                 seen.clear()
             out.append(p / tta)
+            if on_progress:
+                on_progress(min(i + batch_size, len(x)), len(x))
     finally:
         if hook is not None:
             hook.remove()

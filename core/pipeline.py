@@ -44,6 +44,9 @@ class Progress:
     def __init__(self, run: Run, stages: list[str], on_progress: OnProgress | None = None):
         self.run, self.stages, self.on_progress = run, stages, on_progress
         self.stage, self.t_stage, self._last = "", time.perf_counter(), 0.0
+        # the sub-step a stage is in (decoding, training, predicting: one callback each) and when it began, so
+        # that each sub-step's ETA counts its own time only
+        self._step, self._t_step, self._t_call = None, self.t_stage, self.t_stage
         self.durations: dict[str, float] = {}
         self.cancel_event = threading.Event()
         self.info: dict = {"stage": "starting", "percent": 0.0}  # the last progress written
@@ -63,6 +66,7 @@ class Progress:
         if self.stage:
             self.durations[self.stage] = round(time.perf_counter() - self.t_stage, 3)
         self.stage, self.t_stage = stage, time.perf_counter()
+        self._step, self._t_step, self._t_call = None, self.t_stage, self.t_stage
         self.run.log(f"[{stage}] {message}".rstrip())
         self.update(0, 0, message, force=True)
 
@@ -79,14 +83,20 @@ class Progress:
         if self.on_progress:
             self.on_progress(info)
 
-    def update(self, done: int, total: int, message: str = "", force: bool = False) -> None:
+    def update(self, done: int, total: int, message: str = "", force: bool = False, step: str | None = None) -> None:
+        """``done`` of ``total`` in the current sub-step ``step`` (default: the message). A new sub-step starts its
+        clock where the last update left off, so its ETA is not inflated by the sub-steps before it."""
         if self.cancel_event.is_set() or self.run.cancel_requested():
             raise Cancelled("cancelled by user")
         now = time.perf_counter()
+        step = message if step is None else step
+        if step != self._step:
+            self._step, self._t_step = step, self._t_call
+        self._t_call = now
         if not force and now - self._last < 0.5 and done < total:
             return
         self._last = now
-        elapsed = now - self.t_stage
+        elapsed = now - self._t_step
         eta = elapsed / done * (total - done) if done and total else None
         idx = self.stages.index(self.stage) if self.stage in self.stages else 0
         frac = done / total if total else 0.0
@@ -98,7 +108,8 @@ class Progress:
             self.on_progress(info)
 
     def callback(self, message: str = ""):
-        return lambda done, total, msg=None: self.update(done, total, msg or message)
+        """``fn(done, total, msg=None)`` for one sub-step: its own ETA, whatever ``msg`` says (epoch 3/6, ...)."""
+        return lambda done, total, msg=None: self.update(done, total, msg or message, step=message)
 
 
 @dataclass
@@ -306,7 +317,7 @@ def train_and_evaluate(sd: StudyData, cfg: StudyConfig, variant: str, seed: int,
     result = fit(model, (x_tr, y["train"]), (x_va, y["val"]), s, device, on_progress=prog.callback("training"))
     # each rank predicts the test images it holds; all of them meet on every rank
     probs, feats = predict(model, x_te.x, device, batch_size=max(cfg.batch_size, 64), view=size, tta=cfg.tta,
-                           features=True)
+                           features=True, on_progress=prog.callback(f"predicting the test images ({cfg.tta} views)"))
     probs, feats = dist.gather_rows(probs, x_te.mine), dist.gather_rows(feats, x_te.mine)
     enhanced = te_files if variant in sd.enhanced else [None] * len(test)
     pred = predictions_frame(keys, test, probs, enhanced)

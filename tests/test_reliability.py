@@ -631,3 +631,36 @@ def test_enhance_that_cannot_start_leaves_no_empty_out_dir(how, tmp_path, capsys
     assert code in (1, 2) and "Traceback" not in err and lines[-1].startswith("wbc enhance: error:"), err
     assert sum("error" in line for line in lines) == 1 and not any(line.startswith(" ") for line in lines), err
     assert not out.exists(), how
+
+
+def test_each_sub_step_of_a_stage_has_its_own_eta(tmp_path, monkeypatch):
+    """A stage trains, then predicts a test folder of thousands: the prediction's ETA counts its own time, not the
+    training's before it (it said ~19x too long), and the model's predict reports its images as it goes."""
+    import core.pipeline as pipeline
+    from core.pipeline import Progress
+
+    clock = [0.0]
+    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: clock[0])
+    run = RunStore(tmp_path).create({})
+    prog = Progress(run, ["train"])
+    prog.start("train")
+    training, predicting = prog.callback("training"), prog.callback("predicting the test images (8 views)")
+    for t, done in ((10.0, 50), (20.0, 100)):
+        clock[0] = t
+        training(done, 100, f"epoch {done // 50}/2")  # the message changes by epoch: still one sub-step
+    assert run.read_progress()["eta_s"] == 0
+    clock[0] = 21.0
+    predicting(10, 100)
+    p = run.read_progress()
+    assert p["message"] == "predicting the test images (8 views)" and p["eta_s"] == pytest.approx(9.0)
+
+    import torch
+
+    from core.engine import predict
+    from core.models import create_classifier
+
+    model, _ = create_classifier("simple_cnn", 4, "none")
+    seen = []
+    predict(model, torch.zeros(5, 3, 32, 32, dtype=torch.uint8), torch.device("cpu"), batch_size=2, tta=2,
+            on_progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(0, 5), (2, 5), (4, 5), (5, 5)]
