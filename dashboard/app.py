@@ -159,7 +159,7 @@ def _tabs(state: AppState, eager: bool) -> pn.Tabs:
     # Bokeh hides an inactive tab with visibility: hidden, so it keeps its height and a short page scrolled into the
     # tallest page's blank space; display: none lets the page be as tall as what it shows
     tabs = pn.Tabs(*holders.values(), dynamic=False, css_classes=["wbc-tabs"], sizing_mode="stretch_width",
-                   stylesheets=['div[style*="visibility: hidden"] { display: none !important; }'])
+                   stylesheets=['div[aria-hidden="true"], div[style*="visibility: hidden"] { display: none !important; }'])
     for name in (PAGES if eager else [state.page if state.page in PAGES else "Runs"]):
         ensure(name)
     tabs.active = PAGES.index(state.page) if state.page in PAGES else 0

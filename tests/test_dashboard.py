@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
 from html.parser import HTMLParser
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -223,7 +225,6 @@ def test_runs_table_says_why_a_run_has_no_accuracy(env):
     from dashboard.pages.runs import _pending_cell
 
     assert _pending_cell("original,<b>x</b>") == "original: —<br>&lt;b&gt;x&lt;/b&gt;: —"  # queued / running: no numbers yet
-    assert not failed.startswith("original: —")  # a failed run says why, not dashes
     stopped = _why_cell("cancelled by user", None, "cancelled")  # a cancel is not an error: grey, 'stopped'
     assert "stopped: cancelled by user" in stopped and "#d62728" not in stopped and "error" not in stopped
     assert "#d62728" in _why_cell("boom", None, "failed")
@@ -263,6 +264,37 @@ def test_config_diff_names_what_differs():
     assert config_diff(a, b) == [("enhance_half", "None", "True"), ("v precision", "float32", "bfloat16"),
                                  ("version: code", "abc", "def")]
     assert config_diff(a, a) == []
+
+
+def test_runs_table_names_a_queued_runs_variants_and_when_it_ran(tmp_path):
+    """No numbers yet: each variant with a dash (the variants have no column of their own); the date and the
+    duration share one column, so that the table fits a 1400 px window."""
+    from core.store import RunStore
+    from dashboard.pages.runs import runs_frame
+    from dashboard.state import AppState
+
+    state = AppState(runs_dir=str(tmp_path / "runs"))
+    run = RunStore(state.runs_dir).create({"preset": "quick", "variants": ["original", "bicubic-x4"]}, run_id="q1")
+    run.update_meta(status="queued")
+    frame = runs_frame(state).set_index("run_id")
+    assert not {"variants", "date", "duration"} & set(frame.columns)
+    assert frame.loc["q1", "accuracy [95% CI]"] == "original: —<br>bicubic-x4: —"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d(:|&#58;)\d\d(<br>.+)?", frame.loc["q1", "when"]), frame.loc["q1", "when"]
+    run.update_meta(status="failed", error={"type": "RuntimeError", "message": "boom"})  # a reason, not dashes
+    cell = runs_frame(state).set_index("run_id").loc["q1", "accuracy [95% CI]"]
+    assert "boom" in cell and "—" not in cell
+
+
+def test_paired_table_shows_counts_read_from_disk_without_raising():
+    """The discordant counts come from the stats table's JSON detail: a number is shown, anything else (text, a
+    list, missing) leaves the cell blank instead of failing the page."""
+    from dashboard.pages.overview import _seed_words
+
+    odd = pd.DataFrame({"seed": [0, 0, 0, 0], "ci_low": [-0.1, -0.2, None, 0.0], "ci_high": [0.1, 0.2, 0.3, 0.1],
+                        "b: only baseline right": [7, "12", [1, 2], "x"], "c: only variant right": [2, 3, 4, 5]})
+    shown = _seed_words(odd)
+    assert list(shown["discordant b / c"]) == ["7 / 2", "12 / 3", "", ""]
+    assert list(shown["95% CI"]) == ["[-0.1000, +0.1000]", "[-0.2000, +0.2000]", "", "[+0.0000, +0.1000]"]
 
 
 def test_unfinished_run_says_so_instead_of_empty_pages(env, tmp_path):
@@ -928,7 +960,7 @@ def test_launch_refuses_bad_numbers_in_one_line(tmp_path):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
-def test_launch_says_what_is_wrong_while_the_form_is_filled(tmp_path):
+def test_launch_says_what_is_wrong_while_the_form_is_filled(tmp_path, monkeypatch):
     """A bad number or seed list is named under the form as soon as it is entered, and Start is held until it is
     fixed (Start itself still refuses it: the test above)."""
     from dashboard.pages.launch import LaunchPage
@@ -948,8 +980,15 @@ def test_launch_says_what_is_wrong_while_the_form_is_filled(tmp_path):
         assert page.start_b.disabled
         setattr(page, field, good)
         assert not page.form_check.visible and not page.start_b.disabled
-    page.preset = "cpu"  # a preset's values are all valid
-    assert not page.form_check.visible and not page.start_b.disabled
+    page.epochs = 0
+    assert page.start_b.disabled
+    page.preset = "cpu"  # a preset's values are all valid: the problem goes with it
+    assert page.epochs == 8 and not page.form_check.visible and not page.start_b.disabled
+    import dashboard.pages.launch as launch
+
+    monkeypatch.setattr(launch.MANAGER, "current", SimpleNamespace(running=True))  # a study is running
+    page.epochs, page.epochs = 0, 8  # fixing the form does not free Start while a study runs
+    assert not page.form_check.visible and page.start_b.disabled
 
 
 def test_pages_render_a_version_1_run(tmp_path):

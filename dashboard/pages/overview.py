@@ -11,7 +11,7 @@ from core.store import DETAIL_B, DETAIL_C, DETAIL_P_CLUSTER_BOOT, SEED_MEAN, Met
 from dashboard.data import accuracy_from_predictions, load_table, read_meta, report_html
 from dashboard.pages.base import Page
 from dashboard.pages.common import fitted_table, fmt_p, no_run, warnings_alert
-from dashboard.safe import esc
+from dashboard.safe import as_float, esc
 
 
 def accuracy_table(state, run_id) -> tuple[pd.DataFrame, pd.DataFrame, list]:
@@ -244,11 +244,13 @@ def difference_parts(acc: pd.DataFrame, paired: pd.DataFrame) -> list:
                  f"test stored)" for r in acc.iloc[1:].itertuples()]
         return [pn.pane.Markdown("### Difference between variants\n" + "\n".join(lines))]
     lines = [_difference_line(d) for d in paired.to_dict("records")]
-    return [pn.pane.Markdown("### Difference between variants (paired, same test images)\n" + "\n".join(lines)
-                             + "\n\n*discordant b / c*: the test images that only the baseline / only the variant "
-                             "classified right (what McNemar's test counts)."),
-            fitted_table(_seed_words(paired), "wbc-paired-table",
-                         formatters={"accuracy diff": {"type": "money", "precision": 4}})]
+    shown = _seed_words(paired)
+    if "discordant b / c" in shown and not shown["discordant b / c"].astype(bool).any():
+        shown = shown.drop(columns="discordant b / c")  # seed means: no counts to show
+    counts = ("\n\n*discordant b / c*: the test images that only the baseline / only the variant classified right "
+              "(what McNemar's test counts)." if "discordant b / c" in shown else "")
+    return [pn.pane.Markdown("### Difference between variants (paired, same test images)\n" + "\n".join(lines) + counts),
+            fitted_table(shown, "wbc-paired-table", formatters={"accuracy diff": {"type": "money", "precision": 4}})]
 
 
 def _is_seed_mean(seed) -> bool:
@@ -261,9 +263,10 @@ def _seed_words(paired: pd.DataFrame) -> pd.DataFrame:
     out = paired.assign(seed=["mean" if _is_seed_mean(s) else "" if pd.isna(s) else str(s) for s in paired["seed"]])
     for lo, hi, name, fmt in (("ci_low", "ci_high", "95% CI", "[{:+.4f}, {:+.4f}]"),
                               ("b: only baseline right", "c: only variant right", "discordant b / c", "{:.0f} / {:.0f}")):
-        if lo in out and hi in out:
-            out.insert(out.columns.get_loc(lo), name, [fmt.format(x, y) if pd.notna(x) and pd.notna(y) else ""
-                                                       for x, y in zip(out[lo], out[hi])])
+        if lo in out and hi in out:  # values read from disk: a number each, or the cell stays blank (never raises)
+            pairs = [(as_float(x), as_float(y)) for x, y in zip(out[lo], out[hi])]
+            out.insert(out.columns.get_loc(lo), name, [fmt.format(x, y) if x is not None and y is not None else ""
+                                                       for x, y in pairs])
             out = out.drop(columns=[lo, hi])
     return out
 

@@ -135,8 +135,9 @@ class RunsPage(Page):
             # the columns share the page's width (no sideways scrolling at 1400 px) and long cells wrap
             layout="fit_columns", header_filters=False, frozen_columns=["run_id"],
             titles={"test_set": "test set"},
-            widths={"run_id": 140, "status": 80, "preset": 80, "accuracy [95% CI]": 210,
-                    "Δ vs baseline (McNemar p)": 150, "classifier": 125, "test_set": 110, "when": 100},
+            # every column but the accuracy has a width; the accuracy takes what is left (wider or narrower windows)
+            widths={"run_id": 140, "status": 80, "preset": 80, "Δ vs baseline (McNemar p)": 150, "classifier": 125,
+                    "test_set": 110, "when": 100},
             # the selected row is dark: its coloured status text turns white to stay readable
             stylesheets=[".tabulator-row.tabulator-selected span { color: #fff !important; }",
                          # a long cell (run id, several seeds or sizes, an error) wraps instead of being cut off
