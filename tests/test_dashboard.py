@@ -387,6 +387,30 @@ def test_a_diagonal_confusion_cell_says_those_are_correct_instead_of_opening_an_
     assert not page.note.visible
 
 
+def test_errors_page_says_why_originals_outside_the_roots_are_grey(env, tmp_path, monkeypatch):
+    """A study run with --test-dir outside the data roots: the dashboard refuses to read those images (fail
+    closed), and the Errors page says so and how to allow them, instead of unexplained 'missing' boxes."""
+    from dashboard.app import _extensions
+    from dashboard.pages.errors import ErrorsPage
+    from dashboard.state import AppState
+
+    _extensions()
+    state = AppState(run_id=env["run_ids"][0], page="Errors")
+    page = ErrorsPage(state)
+    page.__panel__()
+    assert "outside the folders" not in page.warn.object  # the test images lie under the data root
+    other = tmp_path / "other-root"
+    other.mkdir()
+    monkeypatch.setenv("WBC_DATA_ROOTS", str(other))  # now they do not
+    page = ErrorsPage(AppState(run_id=env["run_ids"][0], page="Errors"))
+    page.__panel__()
+    n = page.df["path"].nunique()
+    assert page.warn.visible and f"{n} of {n} original images show as grey boxes" in page.warn.object
+    from dashboard.safe import esc
+
+    assert esc("WBC_DATA_ROOTS") in page.warn.object and esc(str(Path(page.df["path"].iloc[0]).parent.parent)) in page.warn.object
+
+
 def test_errors_page_box_brings_an_out_of_range_page_back_into_range(env):
     from dashboard.app import _extensions
     from dashboard.pages.errors import PAGE_SIZE, ErrorsPage

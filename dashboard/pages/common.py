@@ -114,6 +114,25 @@ def enhanced_gone_warning(paths) -> list[str]:
     return [f"{gone} of {len(wanted)} enhanced images show as grey boxes: {ENHANCED_GONE}"] if gone else []
 
 
+def outside_roots_warning(paths, runs_dir) -> list[str]:
+    """[a warning] when images a page shows are on disk but outside the folders the dashboard may read (a study run
+    with ``--test-dir`` elsewhere): they show as grey boxes, and the warning says which folder to allow. Else []."""
+    import os
+    from pathlib import Path
+
+    from dashboard.security import is_allowed_image
+
+    wanted = sorted({str(p) for p in paths if isinstance(p, str) and p})
+    refused = [p for p in wanted if Path(p).is_file() and not is_allowed_image(p, runs_dir)]
+    if not refused:
+        return []
+    folders = sorted({str(Path(p).parent.parent) for p in refused})  # the test folder above the class folders
+    shown = ", ".join(folders[:2]) + (f" and {len(folders) - 2} more" if len(folders) > 2 else "")
+    return [f"{len(refused)} of {len(wanted)} original images show as grey boxes: they lie outside the folders this "
+            f"dashboard may read ({shown}). To show them, start it with WBC_DATA_ROOTS naming that folder as well as "
+            f"the data root (separated by '{os.pathsep}')."]
+
+
 def run_banner(state, run_id) -> tuple[pn.pane.Alert | None, bool]:
     """(a banner for a run that is not finished, whether its results can be shown at all). A run whose process
     is gone is ``interrupted`` (core.store.effective_status): what it stored is shown."""

@@ -16,7 +16,7 @@ from core.store import Table
 from dashboard.data import LARGE_SIZE, load_table, run_variants, thumbnail_uri, warm_thumbnails
 from dashboard.gallery import Gallery, gallery_items, region_of_row
 from dashboard.pages.base import Page
-from dashboard.pages.common import enhanced_gone_warning, run_banner, warnings_alert, warnings_md, why_view
+from dashboard.pages.common import enhanced_gone_warning, outside_roots_warning, run_banner, warnings_alert, warnings_md, why_view
 from dashboard.safe import esc
 from dashboard.state import ANY
 
@@ -160,6 +160,8 @@ class ErrorsPage(Page):
         self.df, ws = load_errors(st, rid) if rid else (pd.DataFrame(), [])
         if "enhanced_path" in self.df:
             ws = [*ws, *enhanced_gone_warning(self.df["enhanced_path"])]
+        if "path" in self.df:
+            ws = [*ws, *outside_roots_warning(self.df["path"], st.runs_dir)]
         self.warn.object = warnings_md(ws)
         self.warn.visible = any(ws)
         b, _ = run_banner(st, rid)
