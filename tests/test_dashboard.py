@@ -193,16 +193,17 @@ def test_overview_scorecard_in_compare_mode_shows_both_runs_labelled(env):
 def test_runs_delta_is_the_overview_accuracy_difference(env):
     """The Runs table's "Δ vs baseline" is the paired accuracy difference (not mixed with macro-F1's)."""
     from dashboard.pages.overview import accuracy_table
-    from dashboard.pages.runs import runs_frame
+    from dashboard.pages.runs import DELTA, runs_frame
     from dashboard.state import AppState
 
     state = AppState()
     frame = runs_frame(state).set_index("run_id")
     for rid in env["run_ids"][:3]:
         _, paired, _ = accuracy_table(state, rid)
-        cell = frame.loc[rid, "Δ vs baseline (McNemar p)"]
-        for v, g in paired.groupby("variant"):
-            assert f"{v}: {g['accuracy diff'].mean():+.3f} " in cell
+        cell = frame.loc[rid, DELTA]
+        for v, g in paired.groupby("variant"):  # with its CI; no McNemar p (it treats copies as independent)
+            assert f"{v}: {g['accuracy diff'].mean():+.3f} [{g['ci_low'].mean():+.3f}, {g['ci_high'].mean():+.3f}]" in cell
+            assert "p=" not in cell
 
 
 def test_runs_table_says_why_a_run_has_no_accuracy(env):
@@ -1004,6 +1005,10 @@ def test_launch_says_what_is_wrong_while_the_form_is_filled(tmp_path, monkeypatc
         assert page.start_b.disabled
         setattr(page, field, good)
         assert not page.form_check.visible and not page.start_b.disabled
+    page.data_path = "/etc"  # a typed folder outside the data roots: said beside it, and Start waits too
+    assert page.note.visible and page.start_b.disabled and not page.form_check.visible
+    page.data_path = ""
+    assert not page.note.visible and not page.start_b.disabled
     page.epochs = 0
     assert page.start_b.disabled
     page.preset = "cpu"  # a preset's values are all valid: the problem goes with it

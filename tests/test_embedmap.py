@@ -106,3 +106,20 @@ def test_map_mode_refuses_grad_cam_options(store, capsys):
         assert main(["explain", store["run_ids"][0], "--runs-dir", str(store["runs_dir"]), "--map", *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "error:" in err[0], err
+
+
+def test_a_big_map_selection_shows_every_class_in_it():
+    """654 images selected, 59 EOS first then 595 NEU: the 48 cards are taken in turn from each class (the first 48
+    rows were all EOS), and the summary says how they were picked."""
+    import pandas as pd
+
+    from dashboard.pages.embedmap import MAX_CARDS, card_rows, selection_summary
+
+    rows = pd.DataFrame({"true_label": ["eosinophil"] * 59 + ["neutrophil"] * 595, "image_id": range(654),
+                         "correct_0": [True] * 654, "pred_0": ["eosinophil"] * 59 + ["neutrophil"] * 595})
+    cards = card_rows(rows, ["original"])
+    assert len(cards) == MAX_CARDS and (cards["true_label"] == "eosinophil").sum() == MAX_CARDS // 2
+    assert list(cards["image_id"][:4]) == [0, 59, 1, 60]  # in turn, each class in its own order
+    assert f"{MAX_CARDS} shown, taken in turn from each class" in selection_summary(rows, ["original"])
+    small = rows.iloc[:10]
+    assert list(card_rows(small, ["original"])["image_id"]) == list(range(10))

@@ -196,6 +196,8 @@ class LaunchPage(Page):
         self.param.test.objects = [AUTO_TEST] + found
         if self.test not in self.param.test.objects:
             self.test = AUTO_TEST
+        if hasattr(self, "form_problem"):
+            self.check_form()  # Start waits for a usable folder too
 
     @param.depends(*NUMBERS, "seeds", watch=True)
     def check_form(self) -> None:
@@ -208,7 +210,11 @@ class LaunchPage(Page):
             self.form_problem = str(e)
         if hasattr(self, "form_check"):
             self.form_check.object, self.form_check.visible = esc(self.form_problem), bool(self.form_problem)
-            self.start_b.disabled = bool(self.form_problem) or bool(MANAGER.current and MANAGER.current.running)
+            self.start_b.disabled = self.held() or bool(MANAGER.current and MANAGER.current.running)
+
+    def held(self) -> bool:
+        """Start waits: a number or the seeds are wrong, or the typed data folder is not usable (both said above it)."""
+        return bool(self.form_problem or self.path_note)
 
     def checked_values(self) -> dict:
         """The form as build_args wants it, every path checked; ValueError / PathNotAllowed says what is wrong."""
@@ -264,7 +270,7 @@ class LaunchPage(Page):
                                   css_classes=["wbc-l-path-note"], sizing_mode="stretch_width")
         self.form_check = pn.pane.Alert(esc(self.form_problem), alert_type="warning", visible=bool(self.form_problem),
                                    css_classes=["wbc-l-check"], sizing_mode="stretch_width")
-        self.start_b.disabled = bool(self.form_problem)
+        self.start_b.disabled = self.held()
         self.start_b.on_click(self.start)
         self.cancel_b.on_click(self.cancel)
         return pn.Column(
@@ -369,7 +375,7 @@ class LaunchPage(Page):
     def show_job(self, job) -> None:
         s, running = job.state(), job.running
         self.cancel_b.disabled = not running or job.cancel_requested
-        self.start_b.disabled = running or bool(self.form_problem)
+        self.start_b.disabled = running or self.held()
         prog = job.run.progress
         pct = prog.fraction_percent()
         self.bar.visible = True
@@ -388,7 +394,7 @@ class LaunchPage(Page):
     def job_ended(self, job) -> None:
         self._job_done = True
         self.state.refresh += 1
-        self.start_b.disabled = bool(self.form_problem)
+        self.start_b.disabled = self.held()
         s = job.state()
         kind = {Status.FINISHED: "success", Status.CANCELLED: "warning"}.get(s, "danger")
         extra = ""

@@ -13,7 +13,7 @@ from core.store import Table
 
 from dashboard.data import load_table, run_variants
 from dashboard.pages.base import Page
-from dashboard.pages.common import (color_key, escaped_titles, no_run, variant_color, variant_colors,
+from dashboard.pages.common import (color_key, escaped_titles, fitted_table, no_run, variant_color, variant_colors,
                                     warnings_alert)
 from dashboard.safe import esc
 
@@ -60,8 +60,7 @@ class MetricsPage(Page):
         return [color_key(list(dict.fromkeys(cls["variant"]))),
                 pn.pane.HoloViews(bars, sizing_mode="stretch_width", height=340),
                 pn.pane.Markdown("#### Per-class metrics (mean over seeds)"),
-                pn.widgets.Tabulator(table, show_index=False, disabled=True, titles=escaped_titles(table),
-                                     sizing_mode="stretch_width", css_classes=["wbc-metrics-table"])]
+                fitted_table(table, "wbc-metrics-table", titles=escaped_titles(table))]  # variant names as they are
 
 
 def curves(hist: pd.DataFrame) -> list:

@@ -8,16 +8,19 @@ import panel as pn
 from core.store import Metric, StatKind, Status, Table
 from dashboard.data import list_runs, load_table, read_info, read_meta, run_state
 from dashboard.pages.base import Page
-from dashboard.pages.common import WRAP_CELLS, fmt_p, warnings_alert, warnings_md
+from dashboard.pages.common import WRAP_CELLS, warnings_alert, warnings_md
 from dashboard.safe import esc
 
 COLUMNS = ["run_id", "status", "preset"]  # then accuracy and Δ (the columns read most), then AFTER and "when"
 AFTER = ["classifier", "test_set"]  # the variants are named in the accuracy column
+# The paired difference with its group-bootstrap CI: McNemar's p counts copies of one cell as independent, so the
+# Runs table does not show it (Overview shows it beside the group-bootstrap p, with that caveat)
+DELTA = "Δ vs baseline [95% CI]"
 
 
 def _acc_cells(state, df: pd.DataFrame) -> tuple[list[str], list[str]]:
     """Per run: each (variant, image size)'s accuracy [95% CI] (the seed mean and its own CI with several
-    seeds; core.stats.model_summary), and the paired difference vs the baseline with McNemar's p."""
+    seeds; core.stats.model_summary), and the paired difference vs the baseline with its 95% CI."""
     from core.stats import model_summary
 
     acc_col, paired_col = [], []
@@ -35,7 +38,7 @@ def _acc_cells(state, df: pd.DataFrame) -> tuple[list[str], list[str]]:
                                    for r in acc.itertuples()) or _summary_cell(df, i))
         paired_col.append("<br>".join(
             f"{esc(r.variant)}{f' @{esc(r.image_size)}px' if many else ''}: {r.estimate:+.3f}"
-            + (f" (p={fmt_p(r.p_value)})" if r.p_value == r.p_value else f" [{_num(r.ci_low)}, {_num(r.ci_high)}]")
+            + (f" [{r.ci_low:+.3f}, {r.ci_high:+.3f}]" if r.ci_low == r.ci_low and r.ci_high == r.ci_high else "")
             for r in paired.itertuples()))
     return acc_col, paired_col
 
@@ -87,7 +90,7 @@ def runs_frame(state, listing: pd.DataFrame | None = None):
     out["when"] = ["<br>".join(esc(x) for x in (d, t) if isinstance(x, str) and x) for d, t in zip(out["date"], out["duration"])]
     out = out.drop(columns=["error", "warning", "variants", "date", "duration"])
     out.insert(len(COLUMNS), "accuracy [95% CI]", acc_cells)
-    out.insert(len(COLUMNS) + 1, "Δ vs baseline (McNemar p)", paired)
+    out.insert(len(COLUMNS) + 1, DELTA, paired)
     out["status"] = [f'<span style="{_style_status(s)}">{esc(s)}</span>' for s in out["status"].astype(str)]
     return out
 
@@ -126,7 +129,7 @@ class RunsPage(Page):
     def layout(self) -> list:
         wrap = {"type": "textarea"}  # plain text (Tabulator escapes it) that wraps within the column's width
         formatters = {"status": {"type": "html"}, "accuracy [95% CI]": {"type": "html"},
-                      "Δ vs baseline (McNemar p)": {"type": "html"}, "when": {"type": "html"},
+                      DELTA: {"type": "html"}, "when": {"type": "html"},
                       "classifier": wrap, "test_set": wrap}
         listing = list_runs(self.state.runs_dir)
         self.table = pn.widgets.Tabulator(
@@ -136,7 +139,7 @@ class RunsPage(Page):
             layout="fit_columns", header_filters=False, frozen_columns=["run_id"],
             titles={"test_set": "test set"},
             # every column but the accuracy has a width; the accuracy takes what is left (wider or narrower windows)
-            widths={"run_id": 140, "status": 80, "preset": 80, "Δ vs baseline (McNemar p)": 150, "classifier": 125,
+            widths={"run_id": 140, "status": 80, "preset": 80, DELTA: 150, "classifier": 125,
                     "test_set": 110, "when": 100},
             # the selected row is dark: its coloured status text turns white to stay readable
             stylesheets=[".tabulator-row.tabulator-selected span { color: #fff !important; }",
