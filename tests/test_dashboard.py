@@ -891,6 +891,38 @@ def test_launch_checks_a_typed_path_before_scanning_it(env, tmp_path, monkeypatc
     assert found == [] and "outside the allowed roots" in why
 
 
+def test_launch_takes_a_typed_test_folder(env, tmp_path, monkeypatch):
+    """A Kaggle TEST kept apart from the data (also nested as in the Kaggle download) can be typed as the test
+    folder; one outside the roots or without class folders is said at once, and Start waits."""
+    import os
+
+    import dashboard.pages.launch as launch
+    from dashboard.state import AppState
+
+    monkeypatch.setenv("WBC_DATA_ROOTS", os.pathsep.join([str(env["data_dir"]), str(tmp_path / "extra")]))
+    kaggle = tmp_path / "extra" / "dataset2-master" / "dataset2-master" / "images" / "TEST"
+    for c in ("EOSINOPHIL", "NEUTROPHIL"):
+        (kaggle / c).mkdir(parents=True)
+    (tmp_path / "extra" / "empty").mkdir()
+    (tmp_path / "elsewhere" / "TEST" / "EOSINOPHIL").mkdir(parents=True)
+    page = launch.LaunchPage(AppState(runs_dir=str(tmp_path / "runs")))
+    page.__panel__()
+    page.data = str(env["data_dir"])
+    for typed, words in ((str(tmp_path / "elsewhere" / "TEST"), "outside the allowed roots"),
+                         (str(tmp_path / "extra" / "empty"), "has no class folders")):
+        page.test_path = typed
+        assert page.note.visible and "Test folder not usable" in page.note.object and words in page.note.object
+        assert page.start_b.disabled
+    page.test_path = str(tmp_path / "extra" / "dataset2-master")  # the Kaggle download's top folder
+    assert not page.note.visible and not page.start_b.disabled
+    values = page.checked_values()
+    assert values["test_dir"] == str((tmp_path / "extra" / "dataset2-master").resolve())
+    args = launch.build_args(values)
+    assert args[args.index("--test-dir") + 1] == values["test_dir"]
+    page.test_path = ""
+    assert page.checked_values()["test_dir"] is None  # back to the data folder's own test set
+
+
 def _fake_study(monkeypatch):
     import dashboard.jobs as jobs
 

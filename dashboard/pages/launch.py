@@ -72,6 +72,24 @@ def allowed_test_folders(folder: str) -> tuple[list[str], str | None]:
     return out, None
 
 
+def typed_test_folder(path: str) -> tuple[str | None, str | None]:
+    """A typed test folder (a Kaggle TEST kept apart from the data, say): (its resolved path, None) when it lies
+    under a data root and holds class folders as ``--test-dir`` reads them (also nested), else (None, why)."""
+    from core.data import find_split_dirs
+
+    try:
+        p = resolve_under(path, data_roots(), "test folder")
+    except PathNotAllowed as e:
+        return None, str(e)
+    try:
+        dirs = find_split_dirs(p) if p.is_dir() else {}
+    except OSError:
+        dirs = {}
+    if not any(k in dirs for k in ("TEST", "TRAIN", "TEST_SIMPLE")):  # as core.data.split_dirs accepts it
+        return None, f"test folder {path} has no class folders (EOSINOPHIL/ ...)"
+    return str(p), None
+
+
 def seed_args(seeds) -> list[str]:
     """``--seed N`` for one seed, ``--seeds a,b,c`` for several (the form's text "0,1,2" or an int)."""
     try:
@@ -143,6 +161,7 @@ class LaunchPage(Page):
     data = param.Selector(default=None, objects=[], allow_None=True, doc="A data folder under the allowed roots.")
     data_path = param.String(default="", doc="A typed data folder (checked against the roots before a scan).")
     test = param.Selector(default=AUTO_TEST, objects=[AUTO_TEST])
+    test_path = param.String(default="", doc="A typed test folder (checked against the roots; it replaces 'test').")
     variants = param.ListSelector(default=[], objects=list_enhancers())
     classifier = param.Selector(default="efficientnet_lite0", objects=list_classifiers())
     pretrained = param.Selector(default="imagenet", objects=list(PRETRAINED))
@@ -158,6 +177,7 @@ class LaunchPage(Page):
 
     def __init__(self, state, **params):
         super().__init__(state, **params)
+        self.test_note = ""  # a typed test folder that is not usable, said under the folders
         folders = candidate_data_folders()
         self.param.data.objects = folders
         self.data = folders[0] if folders else None
@@ -191,13 +211,27 @@ class LaunchPage(Page):
         folder = typed or self.data
         found, why = allowed_test_folders(folder) if folder else ([], None)
         self.path_note = f"Data folder not usable: {esc(why)}" if typed and why else ""
-        if hasattr(self, "note"):
-            self.note.object, self.note.visible = self.path_note, bool(self.path_note)
+        self.show_path_notes()
         self.param.test.objects = [AUTO_TEST] + found
         if self.test not in self.param.test.objects:
             self.test = AUTO_TEST
         if hasattr(self, "form_problem"):
             self.check_form()  # Start waits for a usable folder too
+
+    @param.depends("test_path", watch=True)
+    def check_test_path(self) -> None:
+        """A typed test folder is checked as it is entered (outside the roots or without class folders: said)."""
+        typed = self.test_path.strip()
+        why = typed_test_folder(typed)[1] if typed else None
+        self.test_note = f"Test folder not usable: {esc(why)}" if why else ""
+        self.show_path_notes()
+        if hasattr(self, "form_problem"):
+            self.check_form()
+
+    def show_path_notes(self) -> None:
+        if hasattr(self, "note"):
+            text = "<br>".join(t for t in (self.path_note, self.test_note) if t)
+            self.note.object, self.note.visible = text, bool(text)
 
     @param.depends(*NUMBERS, "seeds", watch=True)
     def check_form(self) -> None:
@@ -214,7 +248,7 @@ class LaunchPage(Page):
 
     def held(self) -> bool:
         """Start waits: a number or the seeds are wrong, or the typed data folder is not usable (both said above it)."""
-        return bool(self.form_problem or self.path_note)
+        return bool(self.form_problem or self.path_note or self.test_note)
 
     def checked_values(self) -> dict:
         """The form as build_args wants it, every path checked; ValueError / PathNotAllowed says what is wrong."""
@@ -225,7 +259,11 @@ class LaunchPage(Page):
         if "TRAIN" not in find_split_dirs(data):
             raise PathNotAllowed(f"data folder {data} has no TRAIN/ class folders")
         test = None
-        if self.test and self.test != AUTO_TEST:
+        if self.test_path.strip():
+            test, why = typed_test_folder(self.test_path.strip())
+            if why:
+                raise PathNotAllowed(why)
+        elif self.test and self.test != AUTO_TEST:
             test = str(resolve_under(self.test, data_roots(), "test folder"))
         if not self.variants:
             raise ValueError("choose at least one variant")
@@ -266,8 +304,9 @@ class LaunchPage(Page):
                                          css_classes=["wbc-l-start"])
         self.cancel_b = pn.widgets.Button(name="Cancel", button_type="danger", width=100, disabled=True,
                                           css_classes=["wbc-l-cancel"])
-        self.note = pn.pane.Alert(self.path_note, alert_type="warning", visible=bool(self.path_note),
-                                  css_classes=["wbc-l-path-note"], sizing_mode="stretch_width")
+        self.note = pn.pane.Alert("", alert_type="warning", visible=False, css_classes=["wbc-l-path-note"],
+                                  sizing_mode="stretch_width")
+        self.show_path_notes()
         self.form_check = pn.pane.Alert(esc(self.form_problem), alert_type="warning", visible=bool(self.form_problem),
                                    css_classes=["wbc-l-check"], sizing_mode="stretch_width")
         self.start_b.disabled = self.held()
@@ -275,7 +314,7 @@ class LaunchPage(Page):
         self.cancel_b.on_click(self.cancel)
         return pn.Column(
             pn.pane.Markdown("### Start a study"), roots_markdown(), pn.Row(w["preset"], w["classifier"], w["pretrained"]),
-            w["data"], w["data_path"], self.note, w["test"], w["variants"],
+            w["data"], w["data_path"], w["test"], w["test_path"], self.note, w["variants"],
             pn.Row(w["epochs"], w["per_class"], w["test_per_class"]),
             pn.Row(w["image_size"], w["input_policy"], w["seeds"], w["split"], w["device"]),
             pn.Row(w["precision"]), self.form_check, pn.Row(self.start_b, self.cancel_b), width=540, sizing_mode="fixed")
@@ -288,7 +327,10 @@ class LaunchPage(Page):
             "pretrained": (W.Select, "Pretrained", 120, None),
             "data": (W.Select, "Data folder (under the allowed roots)", 500, None),
             "data_path": (W.TextInput, "…or type a data folder path", 420, None),
-            "test": (W.Select, "Test folder", 420, None), "variants": (W.MultiChoice, "Variants", 420, None),
+            "test": (W.Select, "Test folder", 420, None),
+            "test_path": (W.TextInput, "…or type a test folder path", 420, "A TEST folder in the Kaggle layout "
+                          "(class folders, also nested) under an allowed root; it replaces the choice above."),
+            "variants": (W.MultiChoice, "Variants", 420, None),
             "epochs": (W.IntInput, "Epochs", 90, None), "per_class": (W.IntInput, "Train imgs/class (0=all)", 170, None),
             "test_per_class": (W.IntInput, "Test imgs/class (0=all)", 170, None),
             "image_size": (W.IntInput, "Image size", 100, None),
@@ -304,7 +346,7 @@ class LaunchPage(Page):
         out = {}
         for name, (cls, label, width, desc) in spec.items():
             kw = {"description": desc} if desc else {}
-            if name == "data_path":
+            if name in ("data_path", "test_path"):
                 kw["placeholder"] = "/path/under/a/data/root"
             out[name] = cls.from_param(self.param[name], name=label, width=width,
                                        css_classes=[f"wbc-l-{css.get(name, name).replace('_', '-')}"], **kw)
