@@ -449,6 +449,13 @@ def test_overview_in_compare_mode_says_when_the_compared_run_is_not_finished(env
     assert len(banners()) == 1 and env["failed_run_id"] in banners()[0] and "is failed" in banners()[0]
     state.compare_run_id = env["run_ids"][1]
     assert banners() == []
+    made = [m.object for m in view.select(pn.pane.Markdown) if "How each variant was made" in str(m.object)]
+    assert len(made) == 2 and env["run_ids"][0] in made[0] and env["run_ids"][1] in made[1]  # both runs' provenance
+    from dashboard.pages.metrics import MetricsPage
+
+    mview = MetricsPage(state).__panel__()
+    heads = [m.object for m in mview.select(pn.pane.Markdown) if "wbc-metrics-run" in m.css_classes]
+    assert len(heads) == 2 and env["run_ids"][0] in heads[0] and env["run_ids"][1] in heads[1]  # each run headed
 
 
 def test_path_safety(env, tmp_path):

@@ -33,9 +33,11 @@ class MetricsPage(Page):
         if not run_id:
             return no_run()
         parts = [self.render_run(run_id)]
-        if compare and compare != run_id:
-            parts += [pn.layout.Divider(), pn.pane.Markdown(f"### Compared with <code>{esc(compare)}</code>"),
-                      self.render_run(compare)]
+        if compare and compare != run_id:  # each run under its own heading
+            parts = [pn.pane.Markdown(f"### Run <code>{esc(run_id)}</code>", css_classes=["wbc-metrics-run"]), *parts,
+                     pn.layout.Divider(), pn.pane.Markdown(f"### Compared with <code>{esc(compare)}</code>",
+                                                           css_classes=["wbc-metrics-run"]),
+                     self.render_run(compare)]
         return pn.Column(*parts, sizing_mode="stretch_width")
 
     def render_run(self, run_id: str):
