@@ -180,12 +180,18 @@ class Manifest:
         return self.df[self.df["split"] == name].reset_index(drop=True)
 
 
+def test_split_dir(test_dir: str | os.PathLike) -> Path | None:
+    """The class folders ``--test-dir`` reads: its TEST, else the folder itself (or a TRAIN), else TEST_SIMPLE,
+    found also when nested (``dataset2-master/dataset2-master/images/TEST``); None when there are none."""
+    tdirs = find_split_dirs(Path(test_dir))
+    return tdirs.get("TEST") or tdirs.get("TRAIN") or tdirs.get("TEST_SIMPLE")
+
+
 def split_dirs(root: Path, test_dir: str | os.PathLike | None = None, require_train: bool = True) -> dict[str, Path]:
     """The split folders of a data root, with ``--test-dir`` as TEST; raises when a needed one is missing."""
     dirs = find_split_dirs(root)
     if test_dir is not None:
-        tdirs = find_split_dirs(Path(test_dir))
-        tdir = tdirs.get("TEST") or tdirs.get("TRAIN") or tdirs.get("TEST_SIMPLE")
+        tdir = test_split_dir(test_dir)
         if tdir is None:
             raise DataNotFoundError(f"--test-dir {test_dir}: no class folders (EOSINOPHIL/ ...) found there")
         dirs["TEST"] = tdir

@@ -52,7 +52,8 @@ def escaped_titles(df) -> dict:
 WRAP_CELLS = [".tabulator-cell { white-space: normal !important; overflow-wrap: break-word; }",
               ".tabulator-col-title { white-space: normal !important; overflow-wrap: break-word; }"]
 # fitted_table's fixed column widths: a run id on one line, small numbers narrow; the other columns share the rest
-_FIXED_WIDTHS = {"run": 200, "variant": 145, "test set": 110, "n": 55, "n_seeds": 70, "seeds": 65, "seed": 65, "image_size": 70, "size px": 60, "sha256": 150}
+_FIXED_WIDTHS = {"run": 200, "variant": 145, "test set": 110, "n": 55, "n_seeds": 70, "seeds": 65, "seed": 65,
+                 "image_size": 70, "size px": 60, "sha256": 150}
 
 
 def fitted_table(df, css: str, **kw) -> pn.widgets.Tabulator:

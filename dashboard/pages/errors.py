@@ -16,7 +16,8 @@ from core.store import Table
 from dashboard.data import LARGE_SIZE, load_table, run_variants, thumbnail_uri, warm_thumbnails
 from dashboard.gallery import Gallery, gallery_items, region_of_row
 from dashboard.pages.base import Page
-from dashboard.pages.common import enhanced_gone_warning, outside_roots_warning, run_banner, warnings_alert, warnings_md, why_view
+from dashboard.pages.common import (enhanced_gone_warning, outside_roots_warning, run_banner, warnings_alert, warnings_md,
+                                    why_view)
 from dashboard.safe import esc
 from dashboard.state import ANY
 

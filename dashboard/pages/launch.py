@@ -75,17 +75,17 @@ def allowed_test_folders(folder: str) -> tuple[list[str], str | None]:
 def typed_test_folder(path: str) -> tuple[str | None, str | None]:
     """A typed test folder (a Kaggle TEST kept apart from the data, say): (its resolved path, None) when it lies
     under a data root and holds class folders as ``--test-dir`` reads them (also nested), else (None, why)."""
-    from core.data import find_split_dirs
+    from core.data import test_split_dir
 
     try:
         p = resolve_under(path, data_roots(), "test folder")
     except PathNotAllowed as e:
         return None, str(e)
     try:
-        dirs = find_split_dirs(p) if p.is_dir() else {}
+        found = test_split_dir(p) if p.is_dir() else None  # the rule `wbc study --test-dir` applies
     except OSError:
-        dirs = {}
-    if not any(k in dirs for k in ("TEST", "TRAIN", "TEST_SIMPLE")):  # as core.data.split_dirs accepts it
+        found = None
+    if found is None:
         return None, f"test folder {path} has no class folders (EOSINOPHIL/ ...)"
     return str(p), None
 
@@ -177,7 +177,7 @@ class LaunchPage(Page):
 
     def __init__(self, state, **params):
         super().__init__(state, **params)
-        self.test_note = ""  # a typed test folder that is not usable, said under the folders
+        self.form_problem, self.test_note = "", ""  # what Start waits for (besides path_note): said above it
         folders = candidate_data_folders()
         self.param.data.objects = folders
         self.data = folders[0] if folders else None
@@ -215,8 +215,7 @@ class LaunchPage(Page):
         self.param.test.objects = [AUTO_TEST] + found
         if self.test not in self.param.test.objects:
             self.test = AUTO_TEST
-        if hasattr(self, "form_problem"):
-            self.check_form()  # Start waits for a usable folder too
+        self.refresh_start()  # Start waits for a usable folder too
 
     @param.depends("test_path", watch=True)
     def check_test_path(self) -> None:
@@ -225,8 +224,7 @@ class LaunchPage(Page):
         why = typed_test_folder(typed)[1] if typed else None
         self.test_note = f"Test folder not usable: {esc(why)}" if why else ""
         self.show_path_notes()
-        if hasattr(self, "form_problem"):
-            self.check_form()
+        self.refresh_start()
 
     def show_path_notes(self) -> None:
         if hasattr(self, "note"):
@@ -244,11 +242,17 @@ class LaunchPage(Page):
             self.form_problem = str(e)
         if hasattr(self, "form_check"):
             self.form_check.object, self.form_check.visible = esc(self.form_problem), bool(self.form_problem)
-            self.start_b.disabled = self.held() or bool(MANAGER.current and MANAGER.current.running)
+        self.refresh_start()
 
     def held(self) -> bool:
-        """Start waits: a number or the seeds are wrong, or the typed data folder is not usable (both said above it)."""
+        """Start waits: a number or the seeds are wrong, or a typed data or test folder is not usable (said above it)."""
         return bool(self.form_problem or self.path_note or self.test_note)
+
+    def refresh_start(self) -> None:
+        """Start is off while a study runs or the form holds it (the one place that decides)."""
+        if hasattr(self, "start_b"):
+            job = MANAGER.current
+            self.start_b.disabled = self.held() or bool(job and job.running)
 
     def checked_values(self) -> dict:
         """The form as build_args wants it, every path checked; ValueError / PathNotAllowed says what is wrong."""
@@ -309,7 +313,7 @@ class LaunchPage(Page):
         self.show_path_notes()
         self.form_check = pn.pane.Alert(esc(self.form_problem), alert_type="warning", visible=bool(self.form_problem),
                                    css_classes=["wbc-l-check"], sizing_mode="stretch_width")
-        self.start_b.disabled = self.held()
+        self.refresh_start()
         self.start_b.on_click(self.start)
         self.cancel_b.on_click(self.cancel)
         return pn.Column(
@@ -417,7 +421,7 @@ class LaunchPage(Page):
     def show_job(self, job) -> None:
         s, running = job.state(), job.running
         self.cancel_b.disabled = not running or job.cancel_requested
-        self.start_b.disabled = running or self.held()
+        self.refresh_start()
         prog = job.run.progress
         pct = prog.fraction_percent()
         self.bar.visible = True
@@ -436,7 +440,7 @@ class LaunchPage(Page):
     def job_ended(self, job) -> None:
         self._job_done = True
         self.state.refresh += 1
-        self.start_b.disabled = self.held()
+        self.refresh_start()
         s = job.state()
         kind = {Status.FINISHED: "success", Status.CANCELLED: "warning"}.get(s, "danger")
         extra = ""

@@ -212,8 +212,9 @@ class OverviewPage(Page):
                 paired = pd.concat(parts_p, ignore_index=True)
                 paired = paired[["run"] + [c for c in paired.columns if c != "run"]]
         meta, _ = read_meta(self.state.run_dir(run_id))
-        made = [part for rid in (run_id, compare) if rid  # how each run's images were made, both in compare mode
-                for part in provenance_parts(read_meta(self.state.run_dir(rid))[0], rid)]
+        made = provenance_parts(meta, run_id)  # how each run's images were made, both in compare mode
+        if compare:
+            made += provenance_parts(read_meta(self.state.run_dir(compare))[0], compare)
         parts = [warnings_alert(warnings), notes_alert(meta), *self.accuracy_parts(acc, both, run_id, compare),
                  *_scorecard_parts(self.state, run_id, compare), *difference_parts(acc, paired), *made]
         return pn.Column(*parts, sizing_mode="stretch_width")

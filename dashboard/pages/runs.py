@@ -16,6 +16,7 @@ AFTER = ["classifier", "test_set"]  # the variants are named in the accuracy col
 # The paired difference with its group-bootstrap CI: McNemar's p counts copies of one cell as independent, so the
 # Runs table does not show it (Overview shows it beside the group-bootstrap p, with that caveat)
 DELTA = "Δ vs baseline [95% CI]"
+ACC = "accuracy [95% CI]"  # each variant's accuracy; a failed run's reason, or a pending run's variants
 
 
 def _acc_cells(state, df: pd.DataFrame) -> tuple[list[str], list[str]]:
@@ -89,7 +90,7 @@ def runs_frame(state, listing: pd.DataFrame | None = None):
     # the date and how long it took in one column: the table fits a 1400 px window without scrolling sideways
     out["when"] = ["<br>".join(esc(x) for x in (d, t) if isinstance(x, str) and x) for d, t in zip(out["date"], out["duration"])]
     out = out.drop(columns=["error", "warning", "variants", "date", "duration"])
-    out.insert(len(COLUMNS), "accuracy [95% CI]", acc_cells)
+    out.insert(len(COLUMNS), ACC, acc_cells)
     out.insert(len(COLUMNS) + 1, DELTA, paired)
     out["status"] = [f'<span style="{_style_status(s)}">{esc(s)}</span>' for s in out["status"].astype(str)]
     return out
@@ -128,7 +129,7 @@ class RunsPage(Page):
 
     def layout(self) -> list:
         wrap = {"type": "textarea"}  # plain text (Tabulator escapes it) that wraps within the column's width
-        formatters = {"status": {"type": "html"}, "accuracy [95% CI]": {"type": "html"},
+        formatters = {"status": {"type": "html"}, ACC: {"type": "html"},
                       DELTA: {"type": "html"}, "when": {"type": "html"},
                       "classifier": wrap, "test_set": wrap}
         listing = list_runs(self.state.runs_dir)
