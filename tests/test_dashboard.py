@@ -380,12 +380,14 @@ def test_a_diagonal_confusion_cell_says_those_are_correct_instead_of_opening_an_
     _extensions()
     state = AppState(run_id=env["run_ids"][0], page="Confusion")
     page = ConfusionPage(state)
-    page.__panel__()
+    top = page.layout()[0]
+    assert page.note in top.objects and page.hint in top.objects  # the note takes the hint's place: nothing moves
     page.open_cell(state.run_id, "original", "NEU", "NEU")  # correct predictions: not in the Errors page
     assert state.page == "Confusion" and page.note.visible and "correct predictions" in page.note.object
+    assert not page.hint.visible
     page.open_cell(state.run_id, "original", "NEU", "EOS")  # true EOS called NEU: browse them
     assert (state.page, state.true_label, state.pred_label) == ("Errors", "eosinophil", "neutrophil")
-    assert not page.note.visible
+    assert not page.note.visible and page.hint.visible
 
 
 def test_errors_page_says_why_originals_outside_the_roots_are_grey(env, tmp_path, monkeypatch):

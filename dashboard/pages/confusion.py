@@ -58,14 +58,15 @@ class ConfusionPage(Page):
     def layout(self) -> list:
         norm = pn.widgets.RadioButtonGroup.from_param(self.param.normalise, name="", css_classes=["wbc-conf-norm"],
                                                       button_type="primary", button_style="outline")
-        hint = pn.pane.Markdown("Rows are the true class, columns the prediction (summed over seeds). "
-                                "**Click a cell off the diagonal** to browse those misclassified images.")
-        # a click on the diagonal (correct predictions, which the Errors page does not hold) says so here
-        self.note = pn.pane.Alert("", alert_type="info", visible=False, css_classes=["wbc-conf-note"],
-                                  sizing_mode="stretch_width")
+        self.hint = pn.pane.Markdown("Rows are the true class, columns the prediction (summed over seeds). "
+                                     "**Click a cell off the diagonal** to browse those misclassified images.")
+        # a click on the diagonal (correct predictions, which the Errors page does not hold) says so in the
+        # hint's place, so that the matrices below do not move
+        self.note = pn.pane.Markdown("", visible=False, css_classes=["wbc-conf-note"],
+                                     stylesheets=[":host { color: #0b5394; font-weight: 600; }"])
         body = self.live(self.render, (self.state, ["run_id", "compare_run_id", "refresh"]),
                          (self, ["normalise"]), banner=True)
-        return [pn.Row(norm, hint), self.note, body]
+        return [pn.Row(norm, self.hint, self.note), body]
 
     def render(self):
         run_id, compare = self.state.run_id, self.state.compare_run_id
@@ -108,9 +109,9 @@ class ConfusionPage(Page):
         if pred_c in CLASSES and true_c in CLASSES and pred_c == true_c:
             self.note.object = (f"{esc(true_c.title())} called {esc(pred_c)}: these are correct predictions. The "
                                 "Errors page shows misclassified images only; click a cell off the diagonal.")
-            self.note.visible = True
+            self.note.visible, self.hint.visible = True, False
             return
-        self.note.visible = False
+        self.note.visible, self.hint.visible = False, True
         if pred_c in CLASSES and true_c in CLASSES:
             if run_id != self.state.run_id:  # a cell of the compared run: browse that run (swap the two)
                 self.state.param.update(run_id=run_id, compare_run_id=self.state.run_id)
