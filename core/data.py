@@ -241,6 +241,44 @@ def build_manifest(root: str | os.PathLike, test_dir: str | os.PathLike | None =
     return Manifest(df=df, skipped=skipped, root=root, split_dirs={k: str(v) for k, v in dirs.items()})
 
 
+def exact_copies(train: pd.DataFrame, test: pd.DataFrame, examples: int = 5) -> dict:
+    """Byte-identical files the test set should not hold (by ``sha1``): test images that repeat an earlier test
+    image (counted twice in every metric) and test images that are also training files (not unseen: their score
+    is recall of a copy). Returns counts and up to ``examples`` test image ids of each kind."""
+    repeated = test[test["sha1"].duplicated(keep="first")]
+    in_train = test[test["sha1"].isin(set(train["sha1"]))]
+    return {"test_repeated": int(len(repeated)), "test_in_train": int(len(in_train)),
+            "repeated_examples": repeated["image_id"].head(examples).tolist(),
+            "in_train_examples": in_train["image_id"].head(examples).tolist()}
+
+
+def copies_words(copies: dict | None) -> list[tuple[str, str]]:
+    """What :func:`exact_copies` found, as (level, sentence) for the dashboard and the report; plain text (the
+    names come from disk: escape them for HTML). Level ``warning``: copies of training files in the test set."""
+    c = copies if isinstance(copies, dict) else {}
+
+    def count(key: str) -> int:
+        n = c.get(key)
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
+
+    def names(key: str) -> str:
+        ex = [str(x) for x in c.get(key) or [] if isinstance(x, str)][:5]
+        return f" (e.g. {', '.join(ex)})" if ex else ""
+
+    out = []
+    if count("test_in_train"):
+        out.append(("warning", f"{count('test_in_train')} test images are byte-identical to training files"
+                               f"{names('in_train_examples')}: they are not unseen cells, so test accuracy overstates "
+                               "what the model does on new cells. Use a test folder of other cells."))
+    if count("test_repeated"):
+        together = {True: " The confidence intervals resample each copy with its original (one source group).",
+                    False: " Some copies fell in other source groups than their originals, so the confidence "
+                           "intervals are a little too narrow."}.get(c.get("repeats_share_a_group"), "")
+        out.append(("info", f"{count('test_repeated')} test images repeat another test image byte for byte"
+                            f"{names('repeated_examples')}: each copy counts in every metric.{together}"))
+    return out
+
+
 def subset_per_class(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
     """At most ``n`` images per class, sampled with ``seed`` (all if ``n`` is None)."""
     if n is None:

@@ -120,6 +120,7 @@ class StudyData:
     manifest: D.Manifest
     enhanced: dict[str, dict[str, str]] = field(default_factory=dict)  # variant -> sha1 -> cached path
     policy: str = "full"  # the input policy the regions were cut for
+    copies: dict = field(default_factory=dict)  # byte-identical test files (core.data.exact_copies)
 
 
 def decoded_size(policy: str, size: int) -> int:
@@ -146,13 +147,18 @@ def prepare_data(cfg: StudyConfig, prog: Progress) -> StudyData:
     pool = D.subset_per_class(train, cfg.per_class, seed0)
     check_every_class(pool, man.split_dirs.get("TRAIN"))
     test = D.subset_per_class(test, cfg.test_per_class, seed0)
+    copies = D.exact_copies(train, test)  # against all of TRAIN: a copy of any training file is not an unseen cell
     if test.empty:
         raise ValueError(f"no test images: {source} is empty (each class has a single source group?); "
                          f"pass --test-dir DIR")
     pool, test = (add_regions(df, cfg.input_policy, cfg.crop) for df in (pool, test))
     notes = int((pool["region_note"] != "").sum() + (test["region_note"] != "").sum())
     prog.run.log(f"input policy {cfg.input_policy}: {notes} of {len(pool) + len(test)} images fell back")
-    return StudyData(pool=pool, test=test, test_source=source, manifest=man, policy=cfg.input_policy)
+    if copies["test_repeated"] or copies["test_in_train"]:
+        prog.run.log(f"exact copies: {copies['test_repeated']} test images repeat another test image, "
+                     f"{copies['test_in_train']} are also TRAIN files")
+    return StudyData(pool=pool, test=test, test_source=source, manifest=man, policy=cfg.input_policy,
+                     copies=copies)
 
 
 def check_every_class(pool: pd.DataFrame, train_dir: str | None) -> None:
@@ -665,6 +671,10 @@ def _data_meta(sd: StudyData, cfg: StudyConfig) -> dict:
         meta["pool_groups"] = int(sd.pool["group_id"].nunique())
     if "group_id" in sd.test:
         meta["test_groups"] = int(sd.test["group_id"].nunique())
+    meta["copies"] = dict(sd.copies)
+    if sd.copies.get("test_repeated") and "group_id" in sd.test:  # do the CIs resample a file and its copy together?
+        dup = sd.test[sd.test["sha1"].duplicated(keep=False)]
+        meta["copies"]["repeats_share_a_group"] = bool((dup.groupby("sha1")["group_id"].nunique() == 1).all())
     meta["leakage"] = _leakage(sd, cfg)
     return meta
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from core.config import CLASS_ABBR
+from core.data import copies_words
 from core.metrics import METRICS, confusion_counts, RIGHT_TO_WRONG, WRONG_TO_RIGHT, paper_table, per_class, verdict_pairs
 from core.regions import BOX_COLUMNS
 from core.store import Metric, Run, StatKind, Table
@@ -52,7 +53,8 @@ def _about(run: Run, info) -> list[Block]:
              f"image sizes {cfg.get('image_sizes')}; test set {info.test_source}; "
              f"{info.duration_s if info.duration_s is not None else '?'} s on {info.device}; created {info.created_at}."]
     notes = list(info.raw.get("notes") or cfg.get("notes") or [])
-    return [Block("p", lines[0])] + [Block("p", f"Note: {n}") for n in notes]
+    copies = [f"{'Warning' if level == 'warning' else 'Note'}: {text}" for level, text in copies_words(info.data.get("copies"))]
+    return [Block("p", lines[0])] + [Block("p", f"Note: {n}") for n in notes] + [Block("p", c) for c in copies]
 
 
 def _scorecard(run: Run) -> list[Block]:

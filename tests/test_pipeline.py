@@ -301,3 +301,45 @@ def test_each_model_stores_the_penultimate_features_of_its_test_images(tiny_run)
     x = load_images([path], decoded_size(cfg.input_policy, 32), boxes=[None if cfg.input_policy == "full" else box])
     _, feats = predict(model, x, torch.device("cpu"), view=32, tta=cfg.tta, features=True)
     assert np.allclose(feats[0], np.asarray(row["feature"]), atol=1e-4)
+
+
+def test_exact_copies_in_the_test_set_are_counted_recorded_and_shown(tmp_path):
+    """A test file that is also a TRAIN file is not an unseen cell, and a repeated test file counts twice: the
+    run counts both (checked against the files' own hashes), run.json keeps them, and Overview and the report say
+    so, with the names from disk escaped."""
+    import hashlib
+    import shutil
+
+    from core.data import copies_words
+    from dashboard.data import report_html
+    from dashboard.pages.overview import copies_alerts
+
+    data = make_dataset(tmp_path / "data", train_per_class=6, test_per_class=2, sources=6)
+    test = data / "TEST_SIMPLE"
+    shutil.copy(data / "TRAIN" / "EOSINOPHIL" / "_0_0.jpeg", test / "NEUTROPHIL" / "<b>leak<i>.jpeg")
+    shutil.copy(test / "MONOCYTE" / "_1_1.jpeg", test / "MONOCYTE" / "_1_1 copy.jpeg")
+
+    def digests(split):
+        return [hashlib.sha1(f.read_bytes()).hexdigest() for f in sorted((data / split).rglob("*.jpeg"))]
+
+    train_d, test_d = set(digests("TRAIN")), digests("TEST_SIMPLE")
+    in_train = sum(d in train_d for d in test_d)
+    repeated = len(test_d) - len(set(test_d))
+    assert in_train >= 1 and repeated >= 1  # the oracle sees what was planted (and any copy the generator made)
+
+    cfg = make_config(None, data_dir=str(data), runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"),
+                      **{**TINY, "epochs": 1, "variants": ("original",)})
+    run = run_study(cfg)
+    copies = run.read_meta()["data"]["copies"]
+    assert (copies["test_in_train"], copies["test_repeated"]) == (in_train, repeated)
+    assert "TEST_SIMPLE/NEUTROPHIL/<b>leak<i>.jpeg" in copies["in_train_examples"]
+    words = dict(copies_words(copies))
+    assert words["warning"].startswith(f"{in_train} test images are byte-identical to training files")
+    assert "each copy counts in every metric" in words["info"]
+
+    alerts = copies_alerts(run.read_meta())
+    assert [a.alert_type for a in alerts] == ["warning", "info"]
+    assert "&lt;b&gt;leak&lt;i&gt;" in alerts[0].object and "<b>leak" not in alerts[0].object
+    page = report_html(run.path).decode()
+    assert "byte-identical to training files" in page and "<b>leak" not in page
+    assert copies_words({"test_in_train": "3", "test_repeated": True, "in_train_examples": 7}) == []  # junk: nothing

@@ -215,7 +215,8 @@ class OverviewPage(Page):
         made = provenance_parts(meta, run_id)  # how each run's images were made, both in compare mode
         if compare:
             made += provenance_parts(read_meta(self.state.run_dir(compare))[0], compare)
-        parts = [warnings_alert(warnings), notes_alert(meta), *self.accuracy_parts(acc, both, run_id, compare),
+        parts = [warnings_alert(warnings), notes_alert(meta), *copies_alerts(meta),
+                 *self.accuracy_parts(acc, both, run_id, compare),
                  *_scorecard_parts(self.state, run_id, compare), *difference_parts(acc, paired), *made]
         return pn.Column(*parts, sizing_mode="stretch_width")
 
@@ -229,6 +230,15 @@ class OverviewPage(Page):
         return [pn.pane.Markdown(title),
                 pn.Row(pn.pane.HoloViews(plot, sizing_mode="stretch_width", height=340), sizing_mode="stretch_width"),
                 table]
+
+
+def copies_alerts(meta: dict) -> list:
+    """Byte-identical files in the test set (core.data.exact_copies), worded by core; names escaped."""
+    from core.data import copies_words
+
+    return [pn.pane.Alert(esc(text), alert_type=level, css_classes=[f"wbc-copies-{level}"],
+                          sizing_mode="stretch_width")
+            for level, text in copies_words((meta.get("data") or {}).get("copies"))]
 
 
 def notes_alert(meta: dict) -> pn.pane.Alert:
