@@ -10,6 +10,7 @@ region the classifier saw, and stored in the run's ``sr_change`` table by ``wbc 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -51,13 +52,22 @@ def hf_gain(path: str, box, enhanced_path: str) -> float | None:
     return math.log2(e / b) if e > 0 and b > 0 else None
 
 
-def sr_change(run: Run, workers: int = 2) -> pd.DataFrame:
-    """``hf_gain`` for every (enhanced variant, test image) of the run: the ``sr_change`` table's rows."""
+def sr_change(run: Run, workers: int = 2, on_progress: Callable[[int, int], None] | None = None,
+              allowed: Callable[[str], bool] | None = None) -> pd.DataFrame:
+    """``hf_gain`` for every (enhanced variant, test image) of the run: the ``sr_change`` table's rows.
+    ``on_progress(done, total)`` as images are measured; ``allowed(path)``: a reader that must not open every path
+    the run names (the dashboard) skips the rows whose original or enhanced file it refuses (no gain for them)."""
     pred = run.table(Table.PREDICTIONS)
     pred = pred[pred["enhanced_path"].notna()].drop_duplicates(["variant", "image_id"])
+    if allowed is not None:
+        pred = pred[[allowed(a) and allowed(b) for a, b in zip(pred["path"], pred["enhanced_path"])]]
     boxes = [tuple(r) for r in pred[list(BOX_COLUMNS)].itertuples(index=False)]
+    gains, total = [], len(pred)
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        gains = list(pool.map(hf_gain, pred["path"], boxes, pred["enhanced_path"]))
+        for g in pool.map(hf_gain, pred["path"], boxes, pred["enhanced_path"]):
+            gains.append(g)
+            if on_progress and (len(gains) % 25 == 0 or len(gains) == total):
+                on_progress(len(gains), total)
     return pd.DataFrame({"variant": pred["variant"].astype(str).to_numpy(), "image_id": pred["image_id"].to_numpy(),
                          "hf_gain": np.array(gains, dtype=float)})
 

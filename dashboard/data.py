@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -129,29 +131,77 @@ def cam_maps(run_dir, image_id: str, seed: int, size: int) -> list[dict]:
     return image_maps(Run(Path(run_dir)), image_id, int(seed), int(size))
 
 
-SR_CHANGE_ON_DEMAND = 400  # test images the EOS/NEU page measures itself (~30 ms each); above, `wbc explain --sr-change`
+SR_CHANGE_ON_DEMAND = 400  # test images the EOS/NEU page measures as it draws (~30 ms each); above, on a button
+SR_CHANGE_MS_PER_IMAGE = 30
+_sr_measured: dict[tuple, pd.DataFrame] = {}  # (run folder, predictions fingerprint) -> measured here, not written
+_sr_lock = threading.Lock()
 
 
-@lru_cache(maxsize=8)
-def _sr_change_cached(run_dir: str, key) -> pd.DataFrame:
+def _sr_key(run: Run) -> tuple:
+    return str(run.path), run.fingerprint(Table.PREDICTIONS)
+
+
+def measure_sr_change(run_dir, on_progress=None) -> pd.DataFrame:
+    """What super-resolution changed (core.srchange), measured here on the images the dashboard may read, and kept
+    in memory for this run's predictions (nothing is written: ``wbc explain RUN --sr-change`` stores it)."""
     from core.srchange import sr_change
 
-    return sr_change(Run(Path(run_dir)))
+    run = Run(Path(run_dir))
+    key = _sr_key(run)
+    with _sr_lock:
+        if key in _sr_measured:
+            return _sr_measured[key]
+    def allowed(path) -> bool:  # a file gone from disk is let through: its gain is None and the page says why
+        return is_allowed_image(path, run.path.parent) or not os.path.lexists(str(path))
+
+    frame = sr_change(run, on_progress=on_progress, allowed=allowed)
+    with _sr_lock:
+        while len(_sr_measured) >= 8:
+            _sr_measured.pop(next(iter(_sr_measured)))
+        _sr_measured[key] = frame
+    return frame
+
+
+def sr_change_to_measure(run_dir) -> int:
+    """Enhanced test images the EOS/NEU page would measure on a button (0: stored, measured, or few enough to
+    measure as it draws)."""
+    stored, warning = load_table(run_dir, Table.SR_CHANGE)
+    if len(stored) or warning:
+        return 0
+    run = Run(Path(run_dir))
+    with _sr_lock:
+        if _sr_key(run) in _sr_measured:
+            return 0
+    n = _enhanced_count(run_dir)
+    return n if n > SR_CHANGE_ON_DEMAND else 0
 
 
 def sr_change_frame(run_dir) -> tuple[pd.DataFrame, str | None]:
     """What super-resolution changed per enhanced test image: the stored ``sr_change`` table, else measured here
-    for small test sets (kept in memory, not written); (frame, why it is missing)."""
+    (as the page draws for small test sets, on a button for large ones; kept in memory, not written); (frame, why
+    it is missing)."""
     stored, warning = load_table(run_dir, Table.SR_CHANGE)
     if len(stored) or warning:
         return stored, warning
-    run = Run(Path(run_dir))
+    n = sr_change_to_measure(run_dir)
+    if n:
+        run_id = Path(run_dir).name
+        return stored, (f"{n} enhanced test images are not measured yet: about {sr_change_seconds(n)} s here (kept "
+                        f"until the dashboard restarts), or once for good with `wbc explain {run_id} --sr-change`.")
+    frame = measure_sr_change(run_dir)
+    if frame.empty and _enhanced_count(run_dir):
+        return frame, ("The dashboard may not read this run's images (outside its data roots: add their folder to "
+                       f"WBC_DATA_ROOTS), so it cannot measure them; `wbc explain {Path(run_dir).name} --sr-change` can.")
+    return frame.copy(), None
+
+
+def _enhanced_count(run_dir) -> int:
     pred, _ = load_table(run_dir, Table.PREDICTIONS)
-    n = int(pred["enhanced_path"].notna().sum()) if len(pred) else 0
-    if n > SR_CHANGE_ON_DEMAND:
-        return stored, (f"{n} enhanced test images: measure them once with `wbc explain {run.run_id} --sr-change` "
-                        f"(about {max(1, n * 30 // 1000)} s)")
-    return _sr_change_cached(str(run.path), run.fingerprint(Table.PREDICTIONS)).copy(), None
+    return int(pred["enhanced_path"].notna().sum()) if len(pred) else 0
+
+
+def sr_change_seconds(n: int) -> int:
+    return max(1, n * SR_CHANGE_MS_PER_IMAGE // 1000)
 
 
 def embedding_map_frame(run_dir, method: str = "tsne", seed: int | None = None,

@@ -165,8 +165,10 @@ def test_sr_change_of_a_run_and_the_flip_test(tiny, capsys):
     assert flip_test(made.head(21))[0] is None  # one flip: shown, not tested
 
 
-def test_eos_neu_page_shows_what_super_resolution_changed(tiny):
+def test_eos_neu_page_shows_what_super_resolution_changed(tiny, monkeypatch):
     import panel as pn
+
+    monkeypatch.setenv("WBC_DATA_ROOTS", tiny.read_meta()["data"]["root"])  # the dashboard may read the images
 
     from dashboard.app import _extensions
     from dashboard.pages.eos_neu import EosNeuPage
@@ -196,3 +198,59 @@ def test_a_flip_card_click_shows_its_grad_cam(tiny):
     gallery.selected = 1
     [html] = [p for p in why.select(pn.pane.HTML) if "wbc-why" in p.css_classes]
     assert html.object.count("<img src='data:image/png;base64,") == 4
+
+
+def test_a_large_test_set_is_measured_on_a_button_off_the_ui_thread(tiny, tmp_path, monkeypatch):
+    """Above SR_CHANGE_ON_DEMAND enhanced test images the EOS/NEU page does not measure as it draws (minutes for a
+    Kaggle TEST): it offers a button, measures off the UI thread with progress, keeps the result in memory (writes
+    nothing), and redraws with the measure; images outside the data roots are not opened."""
+    import asyncio
+    import shutil
+
+    import panel as pn
+
+    import dashboard.data as data
+    from dashboard.app import _extensions
+    from dashboard.pages.eos_neu import EosNeuPage
+    from dashboard.state import AppState
+
+    run_dir = tmp_path / "runs" / tiny.run_id
+    shutil.copytree(tiny.path, run_dir, ignore=shutil.ignore_patterns("sr_change*"))  # nothing stored yet
+    monkeypatch.setattr(data, "SR_CHANGE_ON_DEMAND", 0)  # every test set counts as large
+    monkeypatch.setenv("WBC_DATA_ROOTS", str(tmp_path / "elsewhere"))  # first: the images may not be read
+    _extensions()
+
+    def page_for():
+        page = EosNeuPage(AppState(runs_dir=str(tmp_path / "runs"), run_id=tiny.run_id, page="EOS/NEU"))
+        page.only_eos_neu = False
+        return page, page.__panel__()
+
+    def sr_words(view):
+        return [m.object for m in view.select(pn.pane.Markdown) if {"wbc-sr-test", "wbc-sr-missing"} & set(m.css_classes)]
+
+    page, view = page_for()
+    [button] = [b for b in view.select(pn.widgets.Button) if "wbc-sr-measure" in b.css_classes]
+    n = int(tiny.table(Table.PREDICTIONS)["enhanced_path"].notna().sum())
+    assert f"Measure {n} images here" in button.name
+    assert any("not measured yet" in w for w in sr_words(view)), sr_words(view)
+    asyncio.run(page.measure_now(None))  # every image refused: nothing measured, the reason said
+    assert any("may not read this run" in w for w in sr_words(page.__panel__()))
+
+    data._sr_measured.clear()
+    monkeypatch.setenv("WBC_DATA_ROOTS", tiny.read_meta()["data"]["root"])
+    page, view = page_for()
+    seen = []
+    real = data.measure_sr_change
+
+    def spy(run_dir, on_progress=None):
+        import threading
+
+        seen.append(threading.current_thread() is threading.main_thread())
+        return real(run_dir, lambda k, t: (seen.append((k, t)), on_progress(k, t)))
+
+    monkeypatch.setattr("dashboard.pages.eos_neu.measure_sr_change", spy)
+    asyncio.run(page.measure_now(None))
+    assert seen[0] is False and seen[-1] == (n, n)  # off the UI thread, progress up to every image
+    assert page.measured == 1 and any("wbc-sr-test" in m.css_classes for m in page.__panel__().select(pn.pane.Markdown))
+    assert not (run_dir / "sr_change.parquet").exists()  # kept in memory, not written
+    assert not [b for b in page.__panel__().select(pn.widgets.Button) if "wbc-sr-measure" in b.css_classes]

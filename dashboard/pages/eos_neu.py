@@ -3,6 +3,8 @@ flips between the baseline and an enhanced variant (joined on image_id, seed and
 
 from __future__ import annotations
 
+import asyncio
+
 import holoviews as hv
 import pandas as pd
 import panel as pn
@@ -12,7 +14,8 @@ from core.metrics import RIGHT_TO_WRONG, WRONG_TO_RIGHT, verdict_pairs
 from core.regions import BOX_COLUMNS
 from core.store import Table
 
-from dashboard.data import load_table, run_variants, sr_change_frame
+from dashboard.data import (load_table, measure_sr_change, run_variants, sr_change_frame, sr_change_seconds,
+                            sr_change_to_measure)
 from dashboard.gallery import Gallery, gallery_items
 from dashboard.pages.base import Page
 from dashboard.pages.common import ENHANCED_GONE, ab, no_run, variant_colors, warnings_alert, why_view
@@ -48,12 +51,13 @@ class EosNeuPage(Page):
     title = "EOS/NEU"
     css = "wbc-page-eosneu"
     only_eos_neu = param.Boolean(default=True, doc="Verdict flips of eosinophils and neutrophils only.")
+    measured = param.Integer(default=0, doc="Bumped when a measurement made on this page is ready (redraws).")
 
     def layout(self) -> list:
         only = pn.widgets.Checkbox.from_param(self.param.only_eos_neu, name="only eosinophils and neutrophils",
                                               css_classes=["wbc-eos-only"])
         main_only = pn.bind(self.main_only_note, self.state.param.compare_run_id)
-        body = self.live(self.render, (self.state, ["run_id", "refresh"]), (self, ["only_eos_neu"]), banner=True)
+        body = self.live(self.render, (self.state, ["run_id", "refresh"]), (self, ["only_eos_neu", "measured"]), banner=True)
         return [pn.Row(only, main_only), body]
 
     @staticmethod
@@ -95,7 +99,9 @@ class EosNeuPage(Page):
                                 "+1 = twice the energy), for images whose verdict flips and the rest.",
                                 css_classes=["wbc-sr-change"])
         if change.empty:
-            return [head, pn.pane.Markdown(esc(why or "No enhanced variant in this run."))]
+            words = pn.pane.Markdown(esc(why or "No enhanced variant in this run."), css_classes=["wbc-sr-missing"])
+            n = sr_change_to_measure(run_dir)
+            return [head, words] + ([self.measure_button(run_dir, n)] if n else [])
         parts = [head]
         for other in others:
             g = flip_groups(pred, change, base, other)
@@ -112,6 +118,37 @@ class EosNeuPage(Page):
             parts += [pn.pane.HoloViews(box, sizing_mode="stretch_width"),
                       pn.pane.Markdown(f"**{esc(other)}**: {esc(words)}", css_classes=["wbc-sr-test"])]
         return parts
+
+    def measure_button(self, run_dir, n: int) -> pn.Row:
+        """Measure a large test set's sr_change here, off the UI thread, with progress; the page redraws with it."""
+        button = pn.widgets.Button(name=f"Measure {n} images here (about {sr_change_seconds(n)} s)",
+                                   button_type="primary", css_classes=["wbc-sr-measure"])
+        bar = pn.indicators.Progress(value=0, max=max(n, 1), visible=False, width=240, align="center",
+                                     css_classes=["wbc-sr-progress"])
+        status = pn.pane.Markdown("", align="center", css_classes=["wbc-sr-status"])
+        done = [0, n]
+
+        def on_progress(k: int, total: int) -> None:  # the worker thread writes, the event loop reads
+            done[0], done[1] = k, total
+
+        async def measure(_):
+            button.disabled, bar.visible = True, True
+            task = asyncio.ensure_future(asyncio.to_thread(measure_sr_change, run_dir, on_progress))
+            while not task.done():
+                bar.max, bar.value = max(done[1], 1), done[0]
+                status.object = f"{done[0]} of {done[1]} images measured"
+                await asyncio.sleep(0.5)
+            try:
+                task.result()
+            except Exception as e:  # an unreadable run: said in one line, the button offered again
+                status.object = esc(f"Could not measure: {e}")
+                button.disabled, bar.visible = False, False
+                return
+            self.measured += 1  # redraw: sr_change_frame now finds the measured table
+
+        button.on_click(measure)
+        self.measure_now = measure  # the click's handler (a test awaits it)
+        return pn.Row(button, bar, status)
 
     def flip_parts(self, pred: pd.DataFrame, base: str, other: str) -> list:
         """The images whose verdict flips between ``base`` and ``other``, both directions, as galleries."""
