@@ -359,6 +359,9 @@ def test_why_view_shows_grad_cam_of_both_variants(dashboard_browser, explain_ser
     maps = page.locator(".wbc-why div img")
     expect(maps).to_have_count(4)  # original and bicubic-x4, each for the true and the predicted class
     expect(page.locator(".wbc-why div").first).to_contain_text("bicubic-x4")
+    boxes = [c.bounding_box() for c in page.locator(".wbc-why .wbc-cam-card").all()]
+    assert len(boxes) == 4 and len({round(b["width"]) for b in boxes}) == 1  # the cards line up whatever
+    assert len({round(b["y"]) for b in boxes}) == 1  # their captions say (one row in this 1500 px window)
     page.screenshot(path=str(artifacts_dir / "errors-why-grad-cam.png"), full_page=True)
     ctx.close()
 

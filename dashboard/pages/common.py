@@ -170,7 +170,9 @@ def why_view(run_dir, row: dict) -> pn.viewable.Viewable:
         return pn.pane.Alert(f"Grad-CAM failed: {esc(type(e).__name__)}: {esc(e)}", alert_type="danger",
                              css_classes=["wbc-why"])
     cards = "".join(
-        f"<div style='display:inline-block;margin:0 10px 8px 0;font-size:12px'>"
+        # a fixed width, top-aligned: the cards line up in columns whatever their captions' lengths
+        f"<div class='wbc-cam-card' style='display:inline-block;vertical-align:top;width:196px;margin:0 10px 8px 0;"
+        f"font-size:12px'>"
         f"<img src='data:image/png;base64,{base64.b64encode(m['png']).decode()}' width='192' height='192'><br>"
         f"<b>{esc(m['variant'])}</b> (said {esc(m['pred_label'])}): {esc(m['role'])} class {esc(m['class_label'])}"
         f"<br>heat on the stained cell: {_share(m['heat_in_cell'])}</div>" for m in maps)
