@@ -303,7 +303,7 @@ def test_each_model_stores_the_penultimate_features_of_its_test_images(tiny_run)
     assert np.allclose(feats[0], np.asarray(row["feature"]), atol=1e-4)
 
 
-def test_exact_copies_in_the_test_set_are_counted_recorded_and_shown(tmp_path):
+def test_exact_copies_in_the_test_set_are_counted_recorded_and_shown(tmp_path, capsys):
     """A test file that is also a TRAIN file is not an unseen cell, and a repeated test file counts twice: the
     run counts both (checked against the files' own hashes), run.json keeps them, and Overview and the report say
     so, with the names from disk escaped."""
@@ -343,3 +343,7 @@ def test_exact_copies_in_the_test_set_are_counted_recorded_and_shown(tmp_path):
     page = report_html(run.path).decode()
     assert "byte-identical to training files" in page and "<b>leak" not in page
     assert copies_words({"test_in_train": "3", "test_repeated": True, "in_train_examples": 7}) == []  # junk: nothing
+    from core.cli import main
+
+    assert main(["report", run.run_id, "--runs-dir", str(tmp_path / "runs")]) == 0  # the terminal report too
+    assert f"warning: {in_train} test images are byte-identical" in capsys.readouterr().out
