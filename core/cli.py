@@ -26,7 +26,7 @@ import pandas as pd
 
 from core.audit_cli import add_audit_parser
 from core.config import PRESETS, StudyConfig, make_config
-from core.data import copies_words
+from core.data import run_copies_words
 from core.enhance.cli import add_enhance_parser
 from core.paths import path_arg
 
@@ -347,7 +347,7 @@ def cmd_report(args) -> int:
         print(f"validation leakage ({cfg.get('split')} split): {json.dumps(data['leakage'])}")
     for note in meta.get("notes") or []:
         print(f"note: {note}")
-    for level, text in copies_words(data.get("copies")):  # byte-identical test files (core.data.exact_copies)
+    for level, text in run_copies_words(data):  # byte-identical test files (core.data.exact_copies)
         print(f"{level}: {text}")
     for v, prov in ((meta.get("weights") or {}).get("enhancers") or {}).items():
         if prov.get("sha256") or prov.get("method"):  # how each variant's images were made

@@ -252,31 +252,47 @@ def exact_copies(train: pd.DataFrame, test: pd.DataFrame, examples: int = 5) -> 
             "in_train_examples": in_train["image_id"].head(examples).tolist()}
 
 
-def copies_words(copies: dict | None) -> list[tuple[str, str]]:
-    """What :func:`exact_copies` found, as (level, sentence) for the dashboard and the report; plain text (the
-    names come from disk: escape them for HTML). Level ``warning``: copies of training files in the test set."""
+def copies_words(copies, n_test: int | None = None) -> list[tuple[str, str]]:
+    """What :func:`exact_copies` found, as (level, sentence) for the dashboard and the reports; plain text (the
+    names come from disk: escape them for HTML). Level ``warning``: copies of training files in the test set.
+    ``copies`` is read from a run.json that may be damaged or hand-edited: a count that is not a whole number
+    between 1 and ``n_test`` (the test set's size, when known) says nothing, and only text names are shown, each
+    on one line and at most 120 characters."""
     c = copies if isinstance(copies, dict) else {}
 
     def count(key: str) -> int:
         n = c.get(key)
-        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
+        ok = isinstance(n, int) and not isinstance(n, bool) and n > 0 and (n_test is None or n <= n_test)
+        return n if ok else 0
 
     def names(key: str) -> str:
-        ex = [str(x) for x in c.get(key) or [] if isinstance(x, str)][:5]
-        return f" (e.g. {', '.join(ex)})" if ex else ""
+        ex = c.get(key)
+        ex = [" ".join(x.split())[:120] for x in ex if isinstance(x, str)][:5] if isinstance(ex, list) else []
+        return f" (e.g. {', '.join(x for x in ex if x)})" if any(ex) else ""
 
     out = []
     if count("test_in_train"):
         out.append(("warning", f"{count('test_in_train')} test images are byte-identical to training files"
-                               f"{names('in_train_examples')}: they are not unseen cells, so test accuracy overstates "
-                               "what the model does on new cells. Use a test folder of other cells."))
+                               f"{names('in_train_examples')}: they are not unseen cells, so the test figures "
+                               "(\"unseen cells\" in the scorecard) overstate what the model does on new cells. Use a "
+                               "test folder of other cells."))
     if count("test_repeated"):
-        together = {True: " The confidence intervals resample each copy with its original (one source group).",
-                    False: " Some copies fell in other source groups than their originals, so the confidence "
-                           "intervals are a little too narrow."}.get(c.get("repeats_share_a_group"), "")
+        shared = c.get("repeats_share_a_group")
+        together = (" The confidence intervals resample each copy with its original (one source group)." if shared is True
+                    else " Some copies fell in other source groups than their originals, so the confidence intervals "
+                         "are a little too narrow." if shared is False else "")
         out.append(("info", f"{count('test_repeated')} test images repeat another test image byte for byte"
                             f"{names('repeated_examples')}: each copy counts in every metric.{together}"))
     return out
+
+
+def run_copies_words(data) -> list[tuple[str, str]]:
+    """:func:`copies_words` for a run.json's ``data`` section, checked against the test set's size it records."""
+    d = data if isinstance(data, dict) else {}
+    counts = d.get("counts") if isinstance(d.get("counts"), dict) else {}
+    test = counts.get("test") if isinstance(counts.get("test"), dict) else {}
+    n = sum(v for v in test.values() if isinstance(v, int) and not isinstance(v, bool) and v > 0)
+    return copies_words(d.get("copies"), n or None)
 
 
 def subset_per_class(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from core.config import CLASS_ABBR
-from core.data import copies_words
+from core.data import run_copies_words
 from core.metrics import METRICS, confusion_counts, RIGHT_TO_WRONG, WRONG_TO_RIGHT, paper_table, per_class, verdict_pairs
 from core.regions import BOX_COLUMNS
 from core.store import Metric, Run, StatKind, Table
@@ -53,7 +53,7 @@ def _about(run: Run, info) -> list[Block]:
              f"image sizes {cfg.get('image_sizes')}; test set {info.test_source}; "
              f"{info.duration_s if info.duration_s is not None else '?'} s on {info.device}; created {info.created_at}."]
     notes = list(info.raw.get("notes") or cfg.get("notes") or [])
-    copies = [f"{'Warning' if level == 'warning' else 'Note'}: {text}" for level, text in copies_words(info.data.get("copies"))]
+    copies = [f"{'Warning' if level == 'warning' else 'Note'}: {text}" for level, text in run_copies_words(info.data)]
     return [Block("p", lines[0])] + [Block("p", f"Note: {n}") for n in notes] + [Block("p", c) for c in copies]
 
 
@@ -250,22 +250,27 @@ def to_html(blocks: list[Block]) -> str:
 def to_markdown(blocks: list[Block]) -> str:
     """Markdown for papers and notebooks: the same sections; images and plots are left to the HTML report."""
     out = []
-    for b in blocks:
+    for b in blocks:  # names read from disk are text: markup in them (<script>, a file named so) is escaped
         if b.kind == "h1":
-            out.append(f"# {b.text}")
+            out.append(f"# {_md(b.text)}")
         elif b.kind == "h2":
-            out.append(f"## {b.text}")
+            out.append(f"## {_md(b.text)}")
         elif b.kind == "p":
-            out.append(b.text)
+            out.append(_md(b.text))
         elif b.kind == "table":
             out.append(_md_table(b.table))
         elif b.kind == "images":
-            out.append("; ".join(cap for _, _, cap in b.images) + " (images: see the HTML report)")
+            out.append(_md("; ".join(cap for _, _, cap in b.images) + " (images: see the HTML report)"))
     return "\n\n".join(out) + "\n"
 
 
+def _md(text: str) -> str:
+    """Text for Markdown that no renderer turns into HTML: one line per paragraph, ``& < >`` escaped."""
+    return html.escape(" ".join(str(text).split("\n")), quote=False)
+
+
 def _md_table(df: pd.DataFrame) -> str:
-    cells = [[("" if pd.isna(v) else str(v)).replace("|", "\\|") for v in row] for row in df.itertuples(index=False)]
-    head = [str(c).replace("|", "\\|") for c in df.columns]
+    cells = [[_md("" if pd.isna(v) else str(v)).replace("|", "\\|") for v in row] for row in df.itertuples(index=False)]
+    head = [_md(str(c)).replace("|", "\\|") for c in df.columns]
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
                      ["| " + " | ".join(r) + " |" for r in cells])

@@ -347,3 +347,23 @@ def test_exact_copies_in_the_test_set_are_counted_recorded_and_shown(tmp_path, c
 
     assert main(["report", run.run_id, "--runs-dir", str(tmp_path / "runs")]) == 0  # the terminal report too
     assert f"warning: {in_train} test images are byte-identical" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("copies, n_test, words", [
+    ({"test_in_train": 3, "in_train_examples": 5}, None, ["warning: 3 test images are byte-identical to training files:"]),
+    ({"test_repeated": 2, "repeats_share_a_group": [1]}, None, ["info: 2 test images repeat another test image byte"]),
+    ({"test_in_train": 10 ** 30, "test_repeated": 600}, 500, []),  # more copies than test images: nothing
+    ({"test_in_train": 2, "in_train_examples": "abcde"}, 71, ["warning: 2 test images are byte-identical to training files:"]),
+    ({"test_in_train": 1, "in_train_examples": {"a": 1}}, 71, ["warning: 1 test images are byte-identical to training files:"]),
+    ({"test_repeated": 1, "repeated_examples": ["x\n\n---\n\ny" + "z" * 500, 7]}, 71,
+     ["info: 1 test images repeat another test image byte for byte (e.g. x --- yzzz"]),
+    ("junk", 71, []), (None, None, []), ({"test_in_train": -4, "test_repeated": 1.5}, None, []),
+])
+def test_copies_words_survive_a_hand_edited_run_json(copies, n_test, words):
+    """run.json is read back from disk: whatever its copies section holds, the words are a few sane lines or none
+    (no exception, no list of characters, no name of 500 characters or several lines, no count above the test set)."""
+    from core.data import copies_words
+
+    got = [f"{level}: {text}" for level, text in copies_words(copies, n_test)]
+    assert len(got) == len(words) and all(g.startswith(w) for g, w in zip(got, words)), got
+    assert all("\n" not in g and "e.g. a, b" not in g and "z" * 121 not in g for g in got)

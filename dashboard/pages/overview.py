@@ -234,11 +234,11 @@ class OverviewPage(Page):
 
 def copies_alerts(meta: dict) -> list:
     """Byte-identical files in the test set (core.data.exact_copies), worded by core; names escaped."""
-    from core.data import copies_words
+    from core.data import run_copies_words
 
     return [pn.pane.Alert(esc(text), alert_type=level, css_classes=[f"wbc-copies-{level}"],
                           sizing_mode="stretch_width")
-            for level, text in copies_words((meta.get("data") or {}).get("copies"))]
+            for level, text in run_copies_words(meta.get("data"))]
 
 
 def notes_alert(meta: dict) -> pn.pane.Alert:
