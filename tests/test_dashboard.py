@@ -383,8 +383,13 @@ def test_a_diagonal_confusion_cell_says_those_are_correct_instead_of_opening_an_
     top = page.layout()[0]
     assert page.note in top.objects and page.hint in top.objects  # the note takes the hint's place: nothing moves
     page.open_cell(state.run_id, "original", "NEU", "NEU")  # correct predictions: not in the Errors page
-    assert state.page == "Confusion" and page.note.visible and "correct predictions" in page.note.object
+    assert state.page == "Confusion" and page.note.visible and "correct, so not on the Errors page" in page.note.object
     assert not page.hint.visible
+    assert len(page.note.object) < len(page.hint.object)  # never more lines than the hint: nothing below moves
+    state.compare_run_id = env["run_ids"][1]  # another run shown: the note of a cell of the old one goes
+    assert not page.note.visible and page.hint.visible
+    state.compare_run_id = None
+    page.open_cell(state.run_id, "original", "NEU", "NEU")
     page.open_cell(state.run_id, "original", "NEU", "EOS")  # true EOS called NEU: browse them
     assert (state.page, state.true_label, state.pred_label) == ("Errors", "eosinophil", "neutrophil")
     assert not page.note.visible and page.hint.visible
@@ -1112,3 +1117,31 @@ def test_eos_neu_says_why_super_resolution_change_cannot_be_measured(env, tmp_pa
     state.page = "Errors"
     alerts = [a.object for a in tpl.main[0].select(pn.pane.Alert) if a.visible and a.object]
     assert any("enhanced images show as grey boxes" in a and "no longer on disk" in a for a in alerts), alerts
+
+
+def test_a_page_that_cannot_be_drawn_says_so_instead_of_going_blank(env, monkeypatch):
+    """Data no check foresaw (a hand-edited run.json, say) makes a page's render raise: the page shows one escaped
+    line naming the page, the run and the error, and draws again once the run is fine."""
+    import panel as pn
+
+    from dashboard.app import _extensions
+    from dashboard.pages.overview import OverviewPage
+    from dashboard.state import AppState
+
+    _extensions()
+    state = AppState(run_id=env["run_ids"][0], page="Overview")
+    page = OverviewPage(state)
+    real, broken = OverviewPage.render, [True]
+
+    def render(self):
+        if broken[0]:
+            raise TypeError("<b>bad</b> copies")
+        return real(self)
+
+    monkeypatch.setattr(OverviewPage, "render", render)
+    view = page.__panel__()
+    [alert] = [a for a in view.select(pn.pane.Alert) if "wbc-draw-failed" in a.css_classes]
+    assert "The Overview page could not be drawn" in alert.object and "&lt;b&gt;bad&lt;/b&gt;" in alert.object
+    broken[0] = False
+    state.compare_run_id = env["run_ids"][1]  # redrawn: the page is back
+    assert not [a for a in view.select(pn.pane.Alert) if "wbc-draw-failed" in a.css_classes]

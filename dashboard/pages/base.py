@@ -14,7 +14,19 @@ import panel as pn
 import param
 
 from dashboard.pages.common import run_banner
+from dashboard.safe import esc
 from dashboard.state import AppState
+
+
+def drawing_failed(title: str, run_id, e: Exception) -> pn.pane.Alert:
+    """One line for a page that could not be drawn from a run's files (a damaged or hand-edited store)."""
+    import logging
+
+    logging.getLogger("dashboard").exception("%s page of run %s", title, run_id)
+    return pn.pane.Alert(f"The {esc(title)} page could not be drawn for run <code>{esc(run_id)}</code>: "
+                         f"{esc(type(e).__name__)}: {esc(e)}. Its files may be damaged or edited by hand; the other "
+                         "runs are not affected.", alert_type="danger", css_classes=["wbc-draw-failed"],
+                         sizing_mode="stretch_width")
 
 
 class Page(pn.viewable.Viewer):
@@ -65,7 +77,10 @@ class Page(pn.viewable.Viewer):
         both = any("compare_run_id" in names for _, names in watch)  # a page that shows the compared run too
 
         def draw():
-            holder.objects = [self._with_banner(render, both) if banner else render()]
+            try:
+                holder.objects = [self._with_banner(render, both) if banner else render()]
+            except Exception as e:  # data no check foresaw: said on the page, not a blank or a stale one
+                holder.objects = [drawing_failed(self.title, self.state.run_id, e)]
 
         for obj, names in watch:
             obj.param.watch(lambda *_: self.when_shown(draw), names)
