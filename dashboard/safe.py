@@ -27,6 +27,21 @@ def esc(value) -> str:
     return html.escape(str(value), quote=False).translate(_REFS)
 
 
+def no_tex_in_markdown() -> None:
+    """Markdown and Alert panes: no MathJax. Panel's Markdown renders to HTML (entities decoded back to ``$``
+    and ``\\``) and does not pass its ``disable_math`` on, so the browser typeset any ``$$...$$`` or ``\\(...\\)``
+    in a value read from disk (a run name, a file name) as TeX, ``\\href`` included. The dashboard shows no
+    math: every Markdown pane's model gets ``disable_math=True``, as Panel's HTML pane has by default. Called once
+    when the app's modules load (idempotent)."""
+    import panel as pn
+    import param
+
+    for cls in (pn.pane.Markdown, *param.concrete_descendents(pn.pane.Markdown).values()):  # Alert is one
+        if cls._rename.get("disable_math") != "disable_math":
+            cls._rename = {**cls._rename, "disable_math": "disable_math"}
+        cls.param.disable_math.default = True
+
+
 def as_float(value) -> float | None:
     """A number read from disk as a float, or None when it is missing, NaN or not a number (never raises)."""
     try:
@@ -34,3 +49,6 @@ def as_float(value) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if x != x else x
+
+
+no_tex_in_markdown()

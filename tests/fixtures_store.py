@@ -264,7 +264,8 @@ XSS_SVG = "<svg onload=window.__xss=2>"
 XSS_MD_LINK = "[click me](javascript:window.__xss=3)"
 XSS_MD_CODE = "`<img src=x onerror=window.__xss=4>`"
 XSS_SCRIPT = "<script>window.__xss=5</script>"
-XSS_ALL = [XSS_IMG, XSS_ALERT, XSS_SVG, XSS_MD_LINK, XSS_MD_CODE, XSS_SCRIPT]
+XSS_TEX = r"$$\href{javascript:window.__xss=7}{\frac{1}{2}}$$ \(x^2\)"  # MathJax would typeset it (a link)
+XSS_ALL = [XSS_IMG, XSS_ALERT, XSS_SVG, XSS_MD_LINK, XSS_MD_CODE, XSS_SCRIPT, XSS_TEX]
 XSS_VARIANT = "<img src=x onerror=window.__xss=6>"
 
 
@@ -295,7 +296,10 @@ def make_hostile_store(root) -> dict:
     weights["enhancers"][XSS_VARIANT] = dict(weights["enhancers"].pop(VARIANTS[1]), source=XSS_MD_LINK)
     weights["classifier"]["source"] = XSS_MD_CODE
     meta.update(run_id=ok.name, device=XSS_SCRIPT, skipped=[{"path": XSS_IMG, "error": XSS_ALERT}],
-                data=dict(meta["data"], test_source=XSS_MD_CODE, root=f"/data/{XSS_IMG}"), weights=weights,
+                data=dict(meta["data"], test_source=XSS_MD_CODE, root=f"/data/{XSS_IMG}",
+                          copies={"test_in_train": 1, "test_repeated": 1, "in_train_examples": [XSS_IMG, XSS_TEX],
+                                  "repeated_examples": [XSS_SCRIPT], "repeats_share_a_group": True}),
+                weights=weights,
                 summary={"accuracy": {k.replace(VARIANTS[1], XSS_VARIANT): v
                                       for k, v in meta["summary"]["accuracy"].items()}})
     (ok / "run.json").write_text(json.dumps(meta))

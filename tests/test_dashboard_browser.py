@@ -273,6 +273,7 @@ def hostile_page(dashboard_browser, hostile_server, request):
 
 def assert_no_script_ran(page, dialogs, where: str):
     assert page.evaluate(SCRIPTED_JS) == [], where
+    assert page.locator("mjx-container").count() == 0, where  # no TeX typeset from a stored value
     assert page.evaluate("() => typeof window.__xss") == "undefined", where
     assert dialogs == [], where
 
@@ -303,6 +304,9 @@ def test_stored_xss_runs_on_no_page(hostile_page, hostile_server, artifacts_dir)
         assert_no_script_ran(page, dialogs, tab)
     open_tab(page, "Overview")
     expect(page.locator(".wbc-run-notes div").first).to_contain_text(XSS_IMG)
+    expect(page.locator(".wbc-run-notes div").first).to_contain_text("$$\\href{")  # TeX shown as typed
+    expect(page.locator(".wbc-copies-warning div").first).to_contain_text(XSS_IMG)  # copies named, as text
+    assert_no_script_ran(page, dialogs, "Overview notes and copies")
     open_tab(page, "Metrics")
     expect(page.locator(".wbc-metrics-table .tabulator-col-title", has_text=XSS_VARIANT).first).to_be_visible()
     open_tab(page, "Errors")
