@@ -134,6 +134,8 @@ def cam_maps(run_dir, image_id: str, seed: int, size: int) -> list[dict]:
 SR_CHANGE_ON_DEMAND = 400  # test images the EOS/NEU page measures as it draws (~30 ms each); above, on a button
 SR_CHANGE_MS_PER_IMAGE = 30
 _sr_measured: dict[tuple, pd.DataFrame] = {}  # (run folder, predictions fingerprint) -> measured here, not written
+_sr_running: dict[tuple, list[int]] = {}  # the same key -> [done, total] of the measurement under way
+_sr_gates: dict[tuple, threading.Lock] = {}  # one measurement per key: a second click or session waits for it
 _sr_lock = threading.Lock()
 
 
@@ -143,7 +145,8 @@ def _sr_key(run: Run) -> tuple:
 
 def measure_sr_change(run_dir, on_progress=None) -> pd.DataFrame:
     """What super-resolution changed (core.srchange), measured here on the images the dashboard may read, and kept
-    in memory for this run's predictions (nothing is written: ``wbc explain RUN --sr-change`` stores it)."""
+    in memory for this run's predictions (nothing is written: ``wbc explain RUN --sr-change`` stores it). One
+    measurement per run at a time: a second caller (a double click, another session) waits for it."""
     from core.srchange import sr_change
 
     run = Run(Path(run_dir))
@@ -151,15 +154,43 @@ def measure_sr_change(run_dir, on_progress=None) -> pd.DataFrame:
     with _sr_lock:
         if key in _sr_measured:
             return _sr_measured[key]
-    def allowed(path) -> bool:  # a file gone from disk is let through: its gain is None and the page says why
-        return is_allowed_image(path, run.path.parent) or not os.path.lexists(str(path))
+        gate = _sr_gates.setdefault(key, threading.Lock())
+    with gate:
+        with _sr_lock:
+            if key in _sr_measured:
+                return _sr_measured[key]
+            _sr_running[key] = [0, 0]
 
-    frame = sr_change(run, on_progress=on_progress, allowed=allowed)
-    with _sr_lock:
-        while len(_sr_measured) >= 8:
-            _sr_measured.pop(next(iter(_sr_measured)))
-        _sr_measured[key] = frame
+        def progress(done: int, total: int) -> None:
+            _sr_running[key] = [done, total]
+            if on_progress:
+                on_progress(done, total)
+
+        def allowed(path) -> bool:  # a file gone from disk is let through: its gain is None and the page says why
+            return is_allowed_image(path, run.path.parent) or not os.path.lexists(str(path))
+
+        try:
+            frame = sr_change(run, on_progress=progress, allowed=allowed)
+        finally:
+            with _sr_lock:
+                _sr_running.pop(key, None)
+        with _sr_lock:
+            while len(_sr_measured) >= 8:
+                _sr_measured.pop(next(iter(_sr_measured)))
+            _sr_measured[key] = frame
+            _sr_gates.pop(key, None)
     return frame
+
+
+def sr_change_progress(run_dir) -> tuple[int, int] | None:
+    """(done, total) of a measurement of this run under way in this dashboard (any session), else None."""
+    try:
+        key = _sr_key(Run(Path(run_dir)))
+    except Exception:
+        return None
+    with _sr_lock:
+        got = _sr_running.get(key)
+    return (got[0], got[1]) if got is not None else None
 
 
 def sr_change_to_measure(run_dir) -> int:
@@ -196,8 +227,11 @@ def sr_change_frame(run_dir) -> tuple[pd.DataFrame, str | None]:
 
 
 def _enhanced_count(run_dir) -> int:
+    """Distinct (variant, test image) pairs with an enhanced image: what core.srchange measures (not one per seed)."""
     pred, _ = load_table(run_dir, Table.PREDICTIONS)
-    return int(pred["enhanced_path"].notna().sum()) if len(pred) else 0
+    if not len(pred):
+        return 0
+    return int(len(pred.loc[pred["enhanced_path"].notna(), ["variant", "image_id"]].drop_duplicates()))
 
 
 def sr_change_seconds(n: int) -> int:

@@ -202,13 +202,16 @@ def test_a_flip_card_click_shows_its_grad_cam(tiny):
 
 def test_a_large_test_set_is_measured_on_a_button_off_the_ui_thread(tiny, tmp_path, monkeypatch):
     """Above SR_CHANGE_ON_DEMAND enhanced test images the EOS/NEU page does not measure as it draws (minutes for a
-    Kaggle TEST): it offers a button, measures off the UI thread with progress, keeps the result in memory (writes
-    nothing), and redraws with the measure; images outside the data roots are not opened."""
+    Kaggle TEST): it offers a button, measures off the UI thread with progress, once however many clicks or
+    sessions ask, keeps the result in memory (writes nothing), and redraws the section with the measure; images
+    outside the data roots are not opened, and the page says how many were left out."""
     import asyncio
     import shutil
+    import threading
 
     import panel as pn
 
+    import core.srchange
     import dashboard.data as data
     from dashboard.app import _extensions
     from dashboard.pages.eos_neu import EosNeuPage
@@ -228,29 +231,43 @@ def test_a_large_test_set_is_measured_on_a_button_off_the_ui_thread(tiny, tmp_pa
     def sr_words(view):
         return [m.object for m in view.select(pn.pane.Markdown) if {"wbc-sr-test", "wbc-sr-missing"} & set(m.css_classes)]
 
+    pred = tiny.table(Table.PREDICTIONS)
+    n = len(pred.loc[pred["enhanced_path"].notna(), ["variant", "image_id"]].drop_duplicates())  # not one per seed
     page, view = page_for()
     [button] = [b for b in view.select(pn.widgets.Button) if "wbc-sr-measure" in b.css_classes]
-    n = int(tiny.table(Table.PREDICTIONS)["enhanced_path"].notna().sum())
-    assert f"Measure {n} images here" in button.name
+    assert f"Measure {n} enhanced test images here" in button.name
     assert any("not measured yet" in w for w in sr_words(view)), sr_words(view)
     asyncio.run(page.measure_now(None))  # every image refused: nothing measured, the reason said
-    assert any("may not read this run" in w for w in sr_words(page.__panel__()))
+    assert any("may not read this run" in w for w in sr_words(view))
 
     data._sr_measured.clear()
     monkeypatch.setenv("WBC_DATA_ROOTS", tiny.read_meta()["data"]["root"])
-    page, view = page_for()
-    seen = []
-    real = data.measure_sr_change
+    calls, real = [], core.srchange.sr_change
 
-    def spy(run_dir, on_progress=None):
-        import threading
+    def spy(run, on_progress=None, allowed=None, **kw):
+        calls.append(threading.current_thread() is threading.main_thread())
+        return real(run, on_progress=on_progress, allowed=allowed, **kw)
 
-        seen.append(threading.current_thread() is threading.main_thread())
-        return real(run_dir, lambda k, t: (seen.append((k, t)), on_progress(k, t)))
+    monkeypatch.setattr(core.srchange, "sr_change", spy)
+    (page, view), (other, _) = page_for(), page_for()  # two sessions click at once
 
-    monkeypatch.setattr("dashboard.pages.eos_neu.measure_sr_change", spy)
-    asyncio.run(page.measure_now(None))
-    assert seen[0] is False and seen[-1] == (n, n)  # off the UI thread, progress up to every image
-    assert page.measured == 1 and any("wbc-sr-test" in m.css_classes for m in page.__panel__().select(pn.pane.Markdown))
+    async def both():
+        await asyncio.gather(page.measure_now(None), other.measure_now(None))
+
+    asyncio.run(both())
+    assert calls == [False]  # measured once, off the UI thread
+    assert any("wbc-sr-test" in m.css_classes for m in view.select(pn.pane.Markdown))  # the section redrawn
     assert not (run_dir / "sr_change.parquet").exists()  # kept in memory, not written
-    assert not [b for b in page.__panel__().select(pn.widgets.Button) if "wbc-sr-measure" in b.css_classes]
+    assert not [b for b in view.select(pn.widgets.Button) if "wbc-sr-measure" in b.css_classes]
+    assert not any("could not be read" in w for w in sr_words(view))  # every image measured
+
+    # images the dashboard may not open are left out, and the section says how many
+    data._sr_measured.clear()
+    gone = pred.copy()
+    first = gone.index[gone["enhanced_path"].notna()][0]
+    gone.loc[gone["image_id"] == gone.loc[first, "image_id"], "enhanced_path"] = "/etc/passwd"
+    gone.to_parquet(run_dir / "predictions.parquet")
+    page, view = page_for()
+    asyncio.run(page.measure_now(None))
+    assert set(pred.loc[pred["enhanced_path"].notna(), "variant"]) == {"bicubic-x4"}  # so n is that variant's
+    assert any(f"Measured on {n - 1} of its {n} enhanced test images" in w for w in sr_words(view)), sr_words(view)

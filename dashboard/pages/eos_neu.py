@@ -14,8 +14,8 @@ from core.metrics import RIGHT_TO_WRONG, WRONG_TO_RIGHT, verdict_pairs
 from core.regions import BOX_COLUMNS
 from core.store import Table
 
-from dashboard.data import (load_table, measure_sr_change, run_variants, sr_change_frame, sr_change_seconds,
-                            sr_change_to_measure)
+from dashboard.data import (load_table, measure_sr_change, run_variants, sr_change_frame, sr_change_progress,
+                            sr_change_seconds, sr_change_to_measure)
 from dashboard.gallery import Gallery, gallery_items
 from dashboard.pages.base import Page
 from dashboard.pages.common import ENHANCED_GONE, ab, no_run, variant_colors, warnings_alert, why_view
@@ -51,13 +51,12 @@ class EosNeuPage(Page):
     title = "EOS/NEU"
     css = "wbc-page-eosneu"
     only_eos_neu = param.Boolean(default=True, doc="Verdict flips of eosinophils and neutrophils only.")
-    measured = param.Integer(default=0, doc="Bumped when a measurement made on this page is ready (redraws).")
 
     def layout(self) -> list:
         only = pn.widgets.Checkbox.from_param(self.param.only_eos_neu, name="only eosinophils and neutrophils",
                                               css_classes=["wbc-eos-only"])
         main_only = pn.bind(self.main_only_note, self.state.param.compare_run_id)
-        body = self.live(self.render, (self.state, ["run_id", "refresh"]), (self, ["only_eos_neu", "measured"]), banner=True)
+        body = self.live(self.render, (self.state, ["run_id", "refresh"]), (self, ["only_eos_neu"]), banner=True)
         return [pn.Row(only, main_only), body]
 
     @staticmethod
@@ -90,7 +89,13 @@ class EosNeuPage(Page):
         return pn.Column(*parts, sizing_mode="stretch_width")
 
     def sr_parts(self, run_dir, pred: pd.DataFrame, base: str, others: list[str]) -> list:
-        """What super-resolution changed (core.srchange) for images whose verdict flips, vs the rest, tested."""
+        """What super-resolution changed (core.srchange) for images whose verdict flips, vs the rest, tested; in a
+        section of its own, which a measurement made on this page redraws alone (the page keeps its place)."""
+        section = pn.Column(sizing_mode="stretch_width", css_classes=["wbc-sr-section"])
+        section.objects = self.sr_section(section, run_dir, pred, base, others)
+        return [section]
+
+    def sr_section(self, section: pn.Column, run_dir, pred: pd.DataFrame, base: str, others: list[str]) -> list:
         from core.srchange import flip_groups, flip_test
 
         change, why = sr_change_frame(run_dir)
@@ -101,12 +106,14 @@ class EosNeuPage(Page):
         if change.empty:
             words = pn.pane.Markdown(esc(why or "No enhanced variant in this run."), css_classes=["wbc-sr-missing"])
             n = sr_change_to_measure(run_dir)
-            return [head, words] + ([self.measure_button(run_dir, n)] if n else [])
+            redraw = lambda: setattr(section, "objects", self.sr_section(section, run_dir, pred, base, others))  # noqa: E731
+            return [head, words] + ([self.measure_button(run_dir, n, redraw)] if n else [])
         parts = [head]
         for other in others:
             g = flip_groups(pred, change, base, other)
             if self.only_eos_neu:
                 g = g[g["true_label"].isin([EOS, NEU])]
+            left_out = sr_left_out_words(pred, change, other)
             if g.empty:  # said, not skipped: a heading with nothing under it reads as a broken page
                 parts.append(pn.pane.Markdown(f"**{esc(other)}**: {sr_missing_words(change, other)}",
                                               css_classes=["wbc-sr-test"]))
@@ -116,27 +123,31 @@ class EosNeuPage(Page):
                 responsive=True, height=240, title=f"{other}: log2 high-frequency gain over bicubic",
                 xlabel=f"verdict, {base} -> {other}", ylabel="log2 gain", box_fill_color="#f58518")
             parts += [pn.pane.HoloViews(box, sizing_mode="stretch_width"),
-                      pn.pane.Markdown(f"**{esc(other)}**: {esc(words)}", css_classes=["wbc-sr-test"])]
+                      pn.pane.Markdown(f"**{esc(other)}**: {esc(words)}" + (f" {esc(left_out)}" if left_out else ""),
+                                       css_classes=["wbc-sr-test"])]
         return parts
 
-    def measure_button(self, run_dir, n: int) -> pn.Row:
-        """Measure a large test set's sr_change here, off the UI thread, with progress; the page redraws with it."""
-        button = pn.widgets.Button(name=f"Measure {n} images here (about {sr_change_seconds(n)} s)",
+    def measure_button(self, run_dir, n: int, redraw) -> pn.Row:
+        """Measure a large test set's sr_change here, off the UI thread, with progress; ``redraw()`` then draws the
+        section with it. A measurement already under way (a second click, another session, this run shown again)
+        is followed, not repeated (dashboard.data.measure_sr_change)."""
+        running = sr_change_progress(run_dir) is not None
+        button = pn.widgets.Button(name=("Being measured: follow it" if running else
+                                         f"Measure {n} enhanced test images here (about {sr_change_seconds(n)} s)"),
                                    button_type="primary", css_classes=["wbc-sr-measure"])
         bar = pn.indicators.Progress(value=0, max=max(n, 1), visible=False, width=240, align="center",
                                      css_classes=["wbc-sr-progress"])
         status = pn.pane.Markdown("", align="center", css_classes=["wbc-sr-status"])
-        done = [0, n]
-
-        def on_progress(k: int, total: int) -> None:  # the worker thread writes, the event loop reads
-            done[0], done[1] = k, total
 
         async def measure(_):
+            if button.disabled:  # a double click: the first one measures
+                return
             button.disabled, bar.visible = True, True
-            task = asyncio.ensure_future(asyncio.to_thread(measure_sr_change, run_dir, on_progress))
+            task = asyncio.ensure_future(asyncio.to_thread(measure_sr_change, run_dir))
             while not task.done():
-                bar.max, bar.value = max(done[1], 1), done[0]
-                status.object = f"{done[0]} of {done[1]} images measured"
+                done, total = sr_change_progress(run_dir) or (0, n)
+                bar.max, bar.value = max(total, 1), min(done, max(total, 1))
+                status.object = f"{done} of {total} images measured"
                 await asyncio.sleep(0.5)
             try:
                 task.result()
@@ -144,7 +155,7 @@ class EosNeuPage(Page):
                 status.object = esc(f"Could not measure: {e}")
                 button.disabled, bar.visible = False, False
                 return
-            self.measured += 1  # redraw: sr_change_frame now finds the measured table
+            redraw()
 
         button.on_click(measure)
         self.measure_now = measure  # the click's handler (a test awaits it)
@@ -194,6 +205,18 @@ class EosNeuPage(Page):
         for it, cb, co in zip(items, g.confidence_base, g.confidence_other):
             it["probs"] = f"confidence {cb:.2f} \u2192 {co:.2f}"
         return items
+
+
+def sr_left_out_words(pred: pd.DataFrame, change: pd.DataFrame, variant: str) -> str:
+    """How many of a variant's enhanced test images have no measure (outside the dashboard's data roots, or gone
+    from disk): the plot and the test use the others, and say so."""
+    mine = pred[(pred["variant"] == variant) & pred["enhanced_path"].notna()]
+    n = int(mine["image_id"].nunique())
+    got = change[(change["variant"] == variant) & change["hf_gain"].notna()]["image_id"].nunique()
+    if not n or got >= n:
+        return ""
+    return (f"Measured on {got} of its {n} enhanced test images: the other {n - got} could not be read (outside the "
+            "dashboard's data roots, or no longer on disk).")
 
 
 def sr_missing_words(change: pd.DataFrame, variant: str) -> str:
