@@ -20,6 +20,14 @@ from dashboard.safe import esc
 ABBR_TO_CLASS = {v: k for k, v in CLASS_ABBR.items()}
 
 
+def _unfaded(plot, element) -> None:
+    """A tap on a cell selects its count too (the tap tool hits every renderer): the other counts keep their
+    look instead of fading to Bokeh's non-selected alpha."""
+    renderer = plot.handles.get("glyph_renderer")
+    if renderer is not None:
+        renderer.nonselection_glyph = renderer.glyph.clone()
+
+
 def heatmap(m: pd.DataFrame, variant: str, normalise: bool) -> hv.Overlay:
     rows = []
     for t in CLASSES:
@@ -39,7 +47,7 @@ def heatmap(m: pd.DataFrame, variant: str, normalise: bool) -> hv.Overlay:
         clim=(0, top), nonselection_alpha=1.0,
         xaxis="top", fontsize={"title": 12, "labels": 11, "xticks": 11, "yticks": 11})
     labels = hv.Labels(df, ["predicted", "true"], ["text", "text_color"]).opts(
-        text_color="text_color", text_font_size="10pt" if normalise else "11pt")
+        text_color="text_color", text_font_size="10pt" if normalise else "11pt", hooks=[_unfaded])
     return hm, labels
 
 
@@ -66,6 +74,7 @@ class ConfusionPage(Page):
                                      stylesheets=[":host { color: #0b5394; font-weight: 600; }"])
         body = self.live(self.render, (self.state, ["run_id", "compare_run_id", "refresh"]),
                          (self, ["normalise"]), banner=True)
+        self.state.param.watch(lambda *_: self.show_hint(), ["run_id", "compare_run_id"])  # a note of another run
         return [pn.Row(norm, self.hint, self.note), body]
 
     def render(self):
@@ -101,17 +110,21 @@ class ConfusionPage(Page):
         css = ["wbc-confusion", f"wbc-confusion-{css_name(variant)}"] if main else ["wbc-confusion-compare"]
         return pn.pane.HoloViews(hm * labels, css_classes=css, width=360, height=360, linked_axes=False)
 
+    def show_hint(self) -> None:
+        self.note.visible, self.hint.visible = False, True
+
     def open_cell(self, run_id: str, variant: str, x, y) -> None:
         if x is None or y is None:
             return
         pred_c = ABBR_TO_CLASS.get(str(x), str(x))
         true_c = ABBR_TO_CLASS.get(str(y), str(y))
         if pred_c in CLASSES and true_c in CLASSES and pred_c == true_c:
-            self.note.object = (f"{esc(true_c.title())} called {esc(pred_c)}: these are correct predictions. The "
-                                "Errors page shows misclassified images only; click a cell off the diagonal.")
+            # shorter than the hint whose place it takes, so that it never needs more lines (the matrices stay put)
+            self.note.object = (f"{esc(true_c.title())} called {esc(pred_c)}: correct, so not on the Errors page. "
+                                "Click a cell off the diagonal.")
             self.note.visible, self.hint.visible = True, False
             return
-        self.note.visible, self.hint.visible = False, True
+        self.show_hint()
         if pred_c in CLASSES and true_c in CLASSES:
             if run_id != self.state.run_id:  # a cell of the compared run: browse that run (swap the two)
                 self.state.param.update(run_id=run_id, compare_run_id=self.state.run_id)
