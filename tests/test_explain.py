@@ -206,6 +206,7 @@ def test_a_large_test_set_is_measured_on_a_button_off_the_ui_thread(tiny, tmp_pa
     sessions ask, keeps the result in memory (writes nothing), and redraws the section with the measure; images
     outside the data roots are not opened, and the page says how many were left out."""
     import asyncio
+    import concurrent.futures
     import shutil
     import threading
 
@@ -223,6 +224,10 @@ def test_a_large_test_set_is_measured_on_a_button_off_the_ui_thread(tiny, tmp_pa
     monkeypatch.setenv("WBC_DATA_ROOTS", str(tmp_path / "elsewhere"))  # first: the images may not be read
     _extensions()
 
+    def run_async(coro):  # on an event loop of its own (the suite may already run one in this thread)
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            return ex.submit(asyncio.run, coro).result()
+
     def page_for():
         page = EosNeuPage(AppState(runs_dir=str(tmp_path / "runs"), run_id=tiny.run_id, page="EOS/NEU"))
         page.only_eos_neu = False
@@ -237,7 +242,7 @@ def test_a_large_test_set_is_measured_on_a_button_off_the_ui_thread(tiny, tmp_pa
     [button] = [b for b in view.select(pn.widgets.Button) if "wbc-sr-measure" in b.css_classes]
     assert f"Measure {n} enhanced test images here" in button.name
     assert any("not measured yet" in w for w in sr_words(view)), sr_words(view)
-    asyncio.run(page.measure_now(None))  # every image refused: nothing measured, the reason said
+    run_async(page.measure_now(None))  # every image refused: nothing measured, the reason said
     assert any("may not read this run" in w for w in sr_words(view))
 
     data._sr_measured.clear()
@@ -245,17 +250,20 @@ def test_a_large_test_set_is_measured_on_a_button_off_the_ui_thread(tiny, tmp_pa
     calls, real = [], core.srchange.sr_change
 
     def spy(run, on_progress=None, allowed=None, **kw):
-        calls.append(threading.current_thread() is threading.main_thread())
+        calls.append(threading.current_thread())
         return real(run, on_progress=on_progress, allowed=allowed, **kw)
 
     monkeypatch.setattr(core.srchange, "sr_change", spy)
     (page, view), (other, _) = page_for(), page_for()  # two sessions click at once
 
+    ui = []
+
     async def both():
+        ui.append(threading.current_thread())  # the thread of the event loop (the UI's)
         await asyncio.gather(page.measure_now(None), other.measure_now(None))
 
-    asyncio.run(both())
-    assert calls == [False]  # measured once, off the UI thread
+    run_async(both())
+    assert len(calls) == 1 and calls[0] is not ui[0]  # measured once, off the UI thread
     assert any("wbc-sr-test" in m.css_classes for m in view.select(pn.pane.Markdown))  # the section redrawn
     assert not (run_dir / "sr_change.parquet").exists()  # kept in memory, not written
     assert not [b for b in view.select(pn.widgets.Button) if "wbc-sr-measure" in b.css_classes]
@@ -268,6 +276,6 @@ def test_a_large_test_set_is_measured_on_a_button_off_the_ui_thread(tiny, tmp_pa
     gone.loc[gone["image_id"] == gone.loc[first, "image_id"], "enhanced_path"] = "/etc/passwd"
     gone.to_parquet(run_dir / "predictions.parquet")
     page, view = page_for()
-    asyncio.run(page.measure_now(None))
+    run_async(page.measure_now(None))
     assert set(pred.loc[pred["enhanced_path"].notna(), "variant"]) == {"bicubic-x4"}  # so n is that variant's
     assert any(f"Measured on {n - 1} of its {n} enhanced test images" in w for w in sr_words(view)), sr_words(view)
