@@ -428,3 +428,40 @@ def test_map_lasso_selects_on_every_variant_and_fills_the_gallery(dashboard_brow
     expect(page.locator(".wbc-map-intro div").first).to_contain_text("principal components")
     expect(page.locator(".wbc-map-plots canvas").first).to_be_visible(timeout=60_000)
     ctx.close()
+
+
+@pytest.fixture(scope="module")
+def big_test_server(tmp_path_factory):
+    """A served dashboard over a run with 404 enhanced test images: above what the EOS/NEU page measures as it
+    draws (dashboard.data.SR_CHANGE_ON_DEMAND), so it offers the Measure button."""
+    from conftest import _server_env, _start_server, _stop_server, _wait_until_up
+    from fixtures_store import make_fixture_store
+
+    root = Path(tmp_path_factory.mktemp("bigtest-ui"))
+    for sub in ("runs", "cache", "data"):
+        (root / sub).mkdir(exist_ok=True)
+    proc, url, log = _start_server(root, _server_env(root, [root / "data"]))
+    make_fixture_store(root, n_runs=1, n_test=404)
+    _wait_until_up(proc, url, log)
+    yield url
+    _stop_server(proc, log)
+
+
+def test_eos_neu_measures_a_large_test_set_on_a_button(dashboard_browser, big_test_server, artifacts_dir):
+    """The served page: the click measures in the background (the async handler runs in the server's loop), the
+    section then shows the box plot and its test, the button goes, and the page keeps its scroll position."""
+    ctx = dashboard_browser.new_context(viewport={"width": 1400, "height": 900})
+    page = ctx.new_page()
+    page.goto(big_test_server)
+    open_tab(page, "EOS/NEU")
+    button = page.locator(".wbc-sr-measure button")
+    expect(button).to_contain_text("Measure 404 enhanced test images here")
+    button.scroll_into_view_if_needed()
+    top = page.evaluate("() => document.querySelector('#main').scrollTop")
+    assert top > 0  # the section is below the flip galleries
+    button.click()
+    expect(page.locator(".wbc-sr-test").first).to_be_visible(timeout=90_000)
+    expect(page.locator(".wbc-sr-measure")).to_have_count(0)
+    assert page.evaluate("() => document.querySelector('#main').scrollTop") > 0.5 * top  # no jump to the top
+    page.screenshot(path=str(artifacts_dir / "eos-neu-measured.png"))
+    ctx.close()
