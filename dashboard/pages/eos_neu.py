@@ -106,7 +106,10 @@ class EosNeuPage(Page):
         if change.empty:
             words = pn.pane.Markdown(esc(why or "No enhanced variant in this run."), css_classes=["wbc-sr-missing"])
             n = sr_change_to_measure(run_dir)
-            redraw = lambda: setattr(section, "objects", self.sr_section(section, run_dir, pred, base, others))  # noqa: E731
+
+            def redraw():
+                section.objects = self.sr_section(section, run_dir, pred, base, others)
+
             return [head, words] + ([self.measure_button(run_dir, n, redraw)] if n else [])
         parts = [head]
         for other in others:
