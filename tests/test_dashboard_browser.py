@@ -148,6 +148,10 @@ def test_pages_fit_a_1400_px_window(dashboard_browser, dashboard_server, dashboa
         assert wide <= shown + 1, f"the Runs table scrolls sideways: {wide} px in {shown}"
         page.locator(".wbc-run-select select").select_option(dashboard_store["run_ids"][0])
         page.locator(".wbc-compare-select select").select_option(dashboard_store["run_ids"][1])
+        edge = ("e => getComputedStyle(e).borderLeftWidth")  # the compared row has an edge, the main row none
+        cell = ".wbc-runs-table .tabulator-row .tabulator-cell[tabulator-field='run_id']"
+        expect(page.locator(cell, has_text=dashboard_store["run_ids"][1])).to_have_css("border-left-width", "6px")
+        assert page.locator(cell, has_text=dashboard_store["run_ids"][0]).evaluate(edge) == "0px"
         open_tab(page, "Overview")
         expect(page.locator(".wbc-paired-table div.tabulator")).to_contain_text(dashboard_store["run_ids"][1])
         for css in ("wbc-acc-table", "wbc-scorecard-table", "wbc-paired-table", "wbc-provenance-table"):

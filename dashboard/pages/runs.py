@@ -146,9 +146,11 @@ class RunsPage(Page):
             stylesheets=[".tabulator-row.tabulator-selected span { color: #fff !important; }",
                          # a long cell (run id, several seeds or sizes, an error) wraps instead of being cut off
                          *WRAP_CELLS])
+        # both chosen rows are selected (blue); the compared one also has an orange edge on its run id
+        self.table.style.apply(self.compare_edge, axis=1)
         help_md = pn.pane.Markdown(
             "Click a row to analyse that run; Ctrl-click (⌘-click on a Mac) a second row to compare the two (the "
-            "first stays the main run), or pick it under *Compare with*. Unreadable folders (no or damaged "
+            "first stays the main run; the compared one has an orange edge), or pick it under *Compare with*. Unreadable folders (no or damaged "
             "`run.json`) are listed with a warning and ignored.",
             sizing_mode="stretch_width")
         self.warn = warnings_alert([])
@@ -182,9 +184,16 @@ class RunsPage(Page):
         self._syncing = True
         try:
             self.table.selection = sel
+            if len(ids):  # the styles follow a patch: patching the run ids with themselves redraws the edge
+                self.table.patch({"run_id": list(enumerate(ids))})
         finally:
             self._syncing = False
         self.detail.objects = self.detail_parts()
+
+    def compare_edge(self, row: pd.Series) -> list[str]:
+        """The compared run's row: an orange edge on its run id cell (pandas Styler, one style per cell)."""
+        edge = row.get("run_id") == self.state.compare_run_id and self.state.compare_run_id is not None
+        return ["border-left: 6px solid #e6550d" if edge and c == "run_id" else "" for c in row.index]
 
     def on_select(self, event) -> None:
         if self._syncing:
