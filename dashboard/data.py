@@ -193,37 +193,26 @@ def sr_change_progress(run_dir) -> tuple[int, int] | None:
     return (got[0], got[1]) if got is not None else None
 
 
-def sr_change_to_measure(run_dir) -> int:
-    """Enhanced test images the EOS/NEU page would measure on a button (0: stored, measured, or few enough to
-    measure as it draws)."""
-    stored, warning = load_table(run_dir, Table.SR_CHANGE)
-    if len(stored) or warning:
-        return 0
-    run = Run(Path(run_dir))
-    with _sr_lock:
-        if _sr_key(run) in _sr_measured:
-            return 0
-    n = _enhanced_count(run_dir)
-    return n if n > SR_CHANGE_ON_DEMAND else 0
-
-
-def sr_change_frame(run_dir) -> tuple[pd.DataFrame, str | None]:
+def sr_change_frame(run_dir) -> tuple[pd.DataFrame, str | None, int]:
     """What super-resolution changed per enhanced test image: the stored ``sr_change`` table, else measured here
-    (as the page draws for small test sets, on a button for large ones; kept in memory, not written); (frame, why
-    it is missing)."""
+    (as the page draws for small test sets, on a button for large ones; kept in memory, not written). Returns
+    (frame, why it is missing, how many enhanced test images the button would measure: 0 when stored, measured
+    already, or few enough to measure as the page draws)."""
     stored, warning = load_table(run_dir, Table.SR_CHANGE)
     if len(stored) or warning:
-        return stored, warning
-    n = sr_change_to_measure(run_dir)
-    if n:
-        run_id = Path(run_dir).name
+        return stored, warning, 0
+    run = Run(Path(run_dir))
+    n = _enhanced_count(run_dir)
+    with _sr_lock:
+        measured = _sr_measured.get(_sr_key(run))
+    if measured is None and n > SR_CHANGE_ON_DEMAND:
         return stored, (f"{n} enhanced test images are not measured yet: about {sr_change_seconds(n)} s here (kept "
-                        f"until the dashboard restarts), or once for good with `wbc explain {run_id} --sr-change`.")
-    frame = measure_sr_change(run_dir)
-    if frame.empty and _enhanced_count(run_dir):
+                        f"until the dashboard restarts), or once for good with `wbc explain {run.run_id} --sr-change`."), n
+    frame = measure_sr_change(run_dir) if measured is None else measured
+    if frame.empty and n:
         return frame, ("The dashboard may not read this run's images (outside its data roots: add their folder to "
-                       f"WBC_DATA_ROOTS), so it cannot measure them; `wbc explain {Path(run_dir).name} --sr-change` can.")
-    return frame.copy(), None
+                       f"WBC_DATA_ROOTS), so it cannot measure them; `wbc explain {run.run_id} --sr-change` can."), 0
+    return frame.copy(), None, 0
 
 
 def _enhanced_count(run_dir) -> int:

@@ -15,7 +15,7 @@ from core.regions import BOX_COLUMNS
 from core.store import Table
 
 from dashboard.data import (load_table, measure_sr_change, run_variants, sr_change_frame, sr_change_progress,
-                            sr_change_seconds, sr_change_to_measure)
+                            sr_change_seconds)
 from dashboard.gallery import Gallery, gallery_items
 from dashboard.pages.base import Page
 from dashboard.pages.common import ENHANCED_GONE, ab, no_run, variant_colors, warnings_alert, why_view
@@ -98,14 +98,13 @@ class EosNeuPage(Page):
     def sr_section(self, section: pn.Column, run_dir, pred: pd.DataFrame, base: str, others: list[str]) -> list:
         from core.srchange import flip_groups, flip_test
 
-        change, why = sr_change_frame(run_dir)
+        change, why, n = sr_change_frame(run_dir)
         head = pn.pane.Markdown("### What super-resolution changed\nHigh-frequency energy of the enhanced region over "
                                 "bicubic x4 of the same region (log2: 0 = no more fine detail than interpolation, "
                                 "+1 = twice the energy), for images whose verdict flips and the rest.",
                                 css_classes=["wbc-sr-change"])
         if change.empty:
             words = pn.pane.Markdown(esc(why or "No enhanced variant in this run."), css_classes=["wbc-sr-missing"])
-            n = sr_change_to_measure(run_dir)
 
             def redraw():
                 section.objects = self.sr_section(section, run_dir, pred, base, others)
