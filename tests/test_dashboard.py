@@ -206,6 +206,22 @@ def test_runs_delta_is_the_overview_accuracy_difference(env):
             assert "p=" not in cell
 
 
+def test_runs_test_set_wraps_at_slashes_and_numbers_never_crash(env):
+    """A long test folder wraps between folder names (a <wbr> after each "/"), escaped; the accuracy and
+    difference cells show a hand-edited value as escaped text and a missing one as "?", signed where a
+    difference is."""
+    from dashboard.pages.runs import _num, _path_cell, runs_frame
+    from dashboard.state import AppState
+
+    assert _path_cell("TEST (/data/dataset2-master/images/TEST)") == \
+        "TEST &#40;/<wbr>data/<wbr>dataset2-master/<wbr>images/<wbr>TEST&#41;"
+    assert _path_cell("<b>/x") == "&lt;b&gt;/<wbr>x" and _path_cell(None) == ""
+    assert [_num(0.0123, "+"), _num(-0.5, "+"), _num(0.9)] == ["+0.012", "-0.500", "0.900"]
+    assert [_num(None), _num(float("nan"), "+"), _num("<i>x", "+")] == ["?", "?", "&lt;i&gt;x"]
+    frame = runs_frame(AppState()).set_index("run_id")
+    assert (frame.loc[env["run_ids"][0], "test_set"]) == "TEST&#95;SIMPLE"
+
+
 def test_runs_table_says_why_a_run_has_no_accuracy(env):
     """A failed or unreadable run's reason shows in the accuracy column (on screen without scrolling), escaped."""
     from dashboard.pages.runs import runs_frame

@@ -38,8 +38,9 @@ def _acc_cells(state, df: pd.DataFrame) -> tuple[list[str], list[str]]:
                                    + (f" (mean of {esc(r.n_seeds)} seeds)" if r.n_seeds > 1 else "")
                                    for r in acc.itertuples()) or _summary_cell(df, i))
         paired_col.append("<br>".join(
-            f"{esc(r.variant)}{f' @{esc(r.image_size)}px' if many else ''}: {r.estimate:+.3f}"
-            + (f" [{r.ci_low:+.3f}, {r.ci_high:+.3f}]" if r.ci_low == r.ci_low and r.ci_high == r.ci_high else "")
+            f"{esc(r.variant)}{f' @{esc(r.image_size)}px' if many else ''}: {_num(r.estimate, '+')}"
+            + (f" [{_num(r.ci_low, '+')}, {_num(r.ci_high, '+')}]" if r.ci_low == r.ci_low and r.ci_high == r.ci_high
+               else "")
             for r in paired.itertuples()))
     return acc_col, paired_col
 
@@ -55,11 +56,17 @@ def _why_cell(error, warning, status=None) -> str:
     return ""
 
 
-def _num(x) -> str:
+def _num(x, sign: str = "") -> str:
+    """x to 3 decimals (``sign="+"``: signed), "?" for a missing value; anything else escaped, as it is."""
     try:
-        return f"{float(x):.3f}" if x is not None and x == x else "?"
+        return f"{float(x):{sign}.3f}" if x is not None and x == x else "?"
     except (TypeError, ValueError):  # a hand-edited run.json: show it, escaped, never crash
         return esc(x)
+
+
+def _path_cell(text) -> str:
+    """A test set's name and folder, escaped, free to wrap after each "/" (not inside a folder's name)."""
+    return esc(text).replace("/", "/<wbr>") if isinstance(text, str) else ""
 
 
 def _pending_cell(variants) -> str:
@@ -92,6 +99,7 @@ def runs_frame(state, listing: pd.DataFrame | None = None):
     out = out.drop(columns=["error", "warning", "variants", "date", "duration"])
     out.insert(len(COLUMNS), ACC, acc_cells)
     out.insert(len(COLUMNS) + 1, DELTA, paired)
+    out["test_set"] = [_path_cell(t) for t in out["test_set"]]
     out["status"] = [f'<span style="{_style_status(s)}">{esc(s)}</span>' for s in out["status"].astype(str)]
     return out
 
@@ -131,7 +139,7 @@ class RunsPage(Page):
         wrap = {"type": "textarea"}  # plain text (Tabulator escapes it) that wraps within the column's width
         formatters = {"status": {"type": "html"}, ACC: {"type": "html"},
                       DELTA: {"type": "html"}, "when": {"type": "html"},
-                      "classifier": wrap, "test_set": wrap}
+                      "classifier": wrap, "test_set": {"type": "html"}}
         listing = list_runs(self.state.runs_dir)
         self.table = pn.widgets.Tabulator(
             runs_frame(self.state, listing), show_index=False, formatters=formatters, selectable=2, disabled=True,
