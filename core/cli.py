@@ -16,7 +16,6 @@ never a traceback; ``wbc --debug ...`` (anywhere on the line) prints the traceba
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import traceback
@@ -333,6 +332,7 @@ def _map(r, t0: float) -> int:
 
 
 def cmd_report(args) -> int:
+    from core.groups import leakage_words
     from core.metrics import format_report
 
     r = _get_run(args.runs_dir, args.run)
@@ -343,8 +343,8 @@ def cmd_report(args) -> int:
     print(f"run {r.run_id}: {r.status()} | preset {info.preset} | {cfg.get('classifier')} "
           f"({cfg.get('pretrained')}) | split {cfg.get('split')} | test {info.test_source} | "
           f"{info.duration_s if info.duration_s is not None else '?'} s on {info.device}")
-    if data.get("leakage"):
-        print(f"validation leakage ({cfg.get('split')} split): {json.dumps(data['leakage'])}")
+    if leakage_words(data.get("leakage")):
+        print(f"validation leakage ({cfg.get('split')} split): {leakage_words(data.get('leakage'))}")
     for note in meta.get("notes") or []:
         print(f"note: {note}")
     for level, text in run_copies_words(data):  # byte-identical test files (core.data.exact_copies)

@@ -561,6 +561,36 @@ def leakage(train_df: pd.DataFrame, val_df: pd.DataFrame, cache_dir=None, device
             "median_nn_distance": float(np.median(d)) if len(d) else float("nan")}
 
 
+def leakage_words(leak) -> str:
+    """:func:`leakage`'s result (run.json ``data.leakage``) as one plain-text sentence, or "" when it holds nothing
+    readable. It comes from a run.json that may be damaged or hand-edited: only finite shares in [0, 1], whole
+    counts with ``n_leaked <= n_val``, and a short one-line network name are used (escape it for HTML)."""
+    d = leak if isinstance(leak, dict) else {}
+
+    def share(x) -> float | None:
+        ok = isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1
+        return float(x) if ok else None
+
+    def whole(x) -> int | None:
+        return x if isinstance(x, int) and not isinstance(x, bool) and x >= 0 else None
+
+    n_val, n_leaked, cut = whole(d.get("n_val")), whole(d.get("n_leaked")), d.get("threshold")
+    if not n_val or n_leaked is None or n_leaked > n_val:
+        return ""
+    net = d.get("network")
+    net = " ".join(net.split())[:40] if isinstance(net, str) and net.strip() else "the grouping"
+    where = (f" (cosine distance below {cut:.2f} in the {net} embedding)"
+             if isinstance(cut, (int, float)) and not isinstance(cut, bool) and 0 < cut < 2 else "")
+    per = d.get("per_class") if isinstance(d.get("per_class"), dict) else {}
+    per = [f"{str(c)[:3].upper()} {100 * share(v):.1f}%" for c, v in per.items()
+           if isinstance(c, str) and share(v) is not None][:8]
+    grouped = share(d.get("share_grouped"))
+    return (f"{n_leaked} of {n_val} validation images ({100 * n_leaked / n_val:.1f}%) have a near-copy of the same "
+            f"class in training{where}" + (f"; by class {', '.join(per)}" if per else "")
+            + (f"; {100 * grouped:.1f}% share a source group with training images" if grouped is not None else "")
+            + ".")
+
+
 def cross_split_overlap(df: pd.DataFrame, groups: np.ndarray, emb: np.ndarray, threshold: float) -> pd.DataFrame:
     """For each ordered pair of splits and class: how many groups (images) of one have a near-copy in the other.
 

@@ -58,6 +58,7 @@ def _about(run: Run, info) -> list[Block]:
 
 
 def _scorecard(run: Run) -> list[Block]:
+    from core.groups import leakage_words
     from core.scorecard import (NO_CI_WORDS, PAPER_CITATION, AccuracySource, fallback_predictions, scorecard,
                                 scorecard_text)
 
@@ -70,6 +71,8 @@ def _scorecard(run: Run) -> list[Block]:
     words = ("The validation split is random, so it is leaky (near-copies of training cells in it), like the "
              "paper's: read the test columns." if card["val_leaky"].any() else
              "Validation is grouped: no source cell is on both sides.")
+    leak = leakage_words(run.info.data.get("leakage"))
+    words += f" Leakage check of the validation split: {leak}" if leak else ""
     if (card["test_from"] == AccuracySource.PREDICTIONS).any():
         words += f" Test accuracy from the predictions ({NO_CI_WORDS})."
     return [Block("h2", "Replication scorecard"), Block("p", f"Paper's figures: {PAPER_CITATION}. {words}"),

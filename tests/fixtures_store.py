@@ -215,7 +215,7 @@ def make_fixture_store(root, n_runs: int = 2, n_test: int = 200, seeds=(0,), wit
             data={"root": str(data_dir), "split_dirs": {"TRAIN": str(data_dir / "TRAIN"),
                                                          "TEST_SIMPLE": str(data_dir / "TEST_SIMPLE")},
                   "test_source": "TEST_SIMPLE", "counts": {"test": len(manifest)}, "split": cfg.split,
-                  "leakage": {}},
+                  "leakage": fixture_leakage(cfg.split == "random")},
             weights=FIXTURE_WEIGHTS, versions={"python": "3"}, device="cpu", skipped=[], error=None,
             summary={"accuracy": acc}, stages={})
         run.write_progress(stage="done", done=1, total=1, message="finished", eta_s=0, percent=100.0)
@@ -258,6 +258,14 @@ def corrupt_store(runs_dir) -> dict:
 
 # Stored XSS payloads: what a run store written by someone else (or a damaged one) may hold. Each sets
 # window.__xss, opens a dialog, or links to script if the dashboard ever renders it as markup.
+def fixture_leakage(random_split: bool) -> dict:
+    """run.json's data.leakage as core.groups.leakage writes it: a random split leaks, a grouped one barely."""
+    n_leaked = 171 if random_split else 3
+    return {"threshold": 0.28, "group_threshold": 0.6, "network": "imagenet", "n_val": 240, "n_leaked": n_leaked,
+            "share": n_leaked / 240, "share_grouped": 0.9 if random_split else 0.0125,
+            "per_class": {c: (0.8 if random_split else 0.0125) for c in CLASSES}, "median_nn_distance": 0.4}
+
+
 XSS_IMG = "<img src=x onerror=window.__xss=1>"
 XSS_ALERT = "<img src=x onerror=alert(1)>"
 XSS_SVG = "<svg onload=window.__xss=2>"
@@ -297,6 +305,7 @@ def make_hostile_store(root) -> dict:
     weights["classifier"]["source"] = XSS_MD_CODE
     meta.update(run_id=ok.name, device=XSS_SCRIPT, skipped=[{"path": XSS_IMG, "error": XSS_ALERT}],
                 data=dict(meta["data"], test_source=XSS_MD_CODE, root=f"/data/{XSS_IMG}",
+                          leakage=dict(fixture_leakage(True), network=XSS_SVG, per_class={XSS_SCRIPT: 0.5}),
                           copies={"test_in_train": 1, "test_repeated": 1, "in_train_examples": [XSS_IMG, XSS_TEX],
                                   "repeated_examples": [XSS_SCRIPT], "repeats_share_a_group": True}),
                 weights=weights,

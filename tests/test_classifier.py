@@ -343,6 +343,10 @@ def test_cli_report_prints_the_scorecard(grouped_run):
     assert r.returncode == 0, r.stderr
     assert "Replication scorecard" in r.stdout and "paper validation 0.92" in r.stdout
     assert "cell region of 144 px" in r.stdout
+    from core.groups import leakage_words  # the leakage check in words, not run.json's raw dict
+
+    words = leakage_words(run.read_meta()["data"]["leakage"])
+    assert words and f"validation leakage (grouped split): {words}\n" in r.stdout and '"n_leaked"' not in r.stdout
 
 
 def test_held_out_fallback_is_grouped_whatever_split_says(tmp_path, monkeypatch):

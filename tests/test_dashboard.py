@@ -188,6 +188,15 @@ def test_overview_scorecard_in_compare_mode_shows_both_runs_labelled(env):
     assert "run" not in alone.columns and len(alone) == 2
     assert list(both.columns[:2]) == ["run", "variant"] and list(both["run"]) == [a, a, b, b]
     assert both.drop(columns="run").iloc[:2].equals(alone)
+    # the leakage check recorded in run.json, in core's words: one line for the run, one per run when comparing
+    from core.groups import leakage_words
+    from core.store import RunStore
+    from dashboard.safe import esc
+
+    words = {r: leakage_words(RunStore(env["runs_dir"]).get(r).info.data["leakage"]) for r in (a, b)}
+    text, text2 = _scorecard_parts(state, a)[0].object, _scorecard_parts(state, a, b)[0].object
+    assert words[a] and text.count("Leakage check") == 1 and text2.count("Leakage check") == 2
+    assert f"Leakage check: {esc(words[a])}" in text and f"Leakage check of <code>{esc(b)}</code>: {esc(words[b])}" in text2
 
 
 def test_runs_delta_is_the_overview_accuracy_difference(env):

@@ -122,6 +122,7 @@ def test_markdown_report_and_a_folder_as_file_name(tiny, tmp_path, capsys):
     assert main(["report", tiny.run_id, "--runs-dir", str(tiny.path.parent), "--format", "md"]) == 0
     md = capsys.readouterr().out
     assert md.startswith("# ") and "## Per-class metrics" in md and "| class |" in md
+    assert "Leakage check of the validation split: " in md and "validation images" in md  # core.groups.leakage_words
     assert main(["report", tiny.run_id, "--runs-dir", str(tiny.path.parent), "--html", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
 

@@ -130,6 +130,26 @@ def test_grouped_split_has_no_leakage_random_split_has(synth):
     assert grouped["share"] == 0.0
     assert rand["share"] >= 0.8, rand
     assert set(rand) >= {"share", "n_val", "n_leaked", "per_class", "threshold"}
+    # the reports' sentence: the counts and shares as measured, the cut and the network named
+    words = G.leakage_words(rand)
+    assert words.startswith(f"{rand['n_leaked']} of {rand['n_val']} validation images "
+                            f"({100 * rand['share']:.1f}%) have a near-copy of the same class in training")
+    assert f"below {rand['threshold']:.2f} in the {rand['network']} embedding" in words and "\n" not in words
+    assert G.leakage_words(grouped).startswith(f"0 of {grouped['n_val']} validation images (0.0%)")
+
+
+@pytest.mark.parametrize("leak", [None, [], "x", {}, {"n_val": 0, "n_leaked": 0}, {"n_val": "9", "n_leaked": 1},
+                                  {"n_val": 5, "n_leaked": 6}, {"n_val": 5, "n_leaked": -1},
+                                  {"n_val": True, "n_leaked": 0}, {"n_val": 5.5, "n_leaked": 1}])
+def test_leakage_words_say_nothing_for_junk(leak):
+    """run.json's leakage may be hand-edited: no readable counts, no sentence (and never an exception)."""
+    assert G.leakage_words(leak) == ""
+
+
+def test_leakage_words_keep_only_readable_parts():
+    words = G.leakage_words({"n_val": 10, "n_leaked": 3, "threshold": float("nan"), "network": "a\nb" * 40,
+                             "per_class": {"eosinophil": 2, "monocyte": 0.5, 7: 0.1}, "share_grouped": "0.2"})
+    assert words == "3 of 10 validation images (30.0%) have a near-copy of the same class in training; by class MON 50.0%."
 
 
 def test_cross_split_overlap_and_audit_cli(synth, tmp_path, capsys):

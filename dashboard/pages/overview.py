@@ -120,8 +120,23 @@ def _scorecard_parts(state, run_id, compare: str | None = None) -> list:
     if leaky:
         text += ("\n\n**The validation split is random, so it is leaky** (near-copies of training cells are in it), "
                  "like the paper's: read the test column.")
+    text += "".join(f"\n\nLeakage check{f' of <code>{esc(rid)}</code>' if compare else ''}: {esc(words)}"
+                    for rid, words in leakage_lines(state, [rid for rid, _ in cards]))
     return [pn.pane.Markdown(text, css_classes=["wbc-scorecard"]),
             fitted_table(card, "wbc-scorecard-table")]
+
+
+def leakage_lines(state, run_ids: list[str]) -> list[tuple[str, str]]:
+    """(run id, core's sentence on its validation split's near-copies in training) for each run that recorded one."""
+    from core.groups import leakage_words
+
+    out = []
+    for rid in run_ids:
+        data = read_meta(state.run_dir(rid))[0].get("data")
+        words = leakage_words(data.get("leakage") if isinstance(data, dict) else None)
+        if words:
+            out.append((rid, words))
+    return out
 
 
 def provenance_table(meta: dict) -> pd.DataFrame:
