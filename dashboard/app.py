@@ -130,17 +130,28 @@ def _run_selects(state: AppState, options: list[str]):
     cmp_sel = pn.widgets.Select(name="Compare with", options=["(none)", *(o for o in options if o != state.run_id)],
                                 value=state.compare_run_id or "(none)", css_classes=["wbc-compare-select"])
 
+    syncing = False  # the selects are being set from the state: their own events must not write back
+
     def to_state(*_):
-        state.param.update(run_id=run_sel.value,
-                           compare_run_id=None if cmp_sel.value in ("(none)", run_sel.value) else cmp_sel.value)
+        if not syncing:
+            state.param.update(run_id=run_sel.value,
+                               compare_run_id=None if cmp_sel.value in ("(none)", run_sel.value) else cmp_sel.value)
 
     def from_state(*_):
+        nonlocal syncing
+        if state.compare_run_id is not None and state.compare_run_id == state.run_id:
+            state.compare_run_id = None  # the compared run became the main run: nothing left to compare
+            return  # (that update calls this again)
         opts = _run_options(state)
-        run_sel.options = opts
-        cmp_sel.options = ["(none)", *(o for o in opts if o != state.run_id)]  # never the main run itself
-        if state.run_id in opts:
-            run_sel.value = state.run_id
-        cmp_sel.value = state.compare_run_id if state.compare_run_id in cmp_sel.options else "(none)"
+        syncing = True  # new options reset a select's value to its first: that must not reach the state (a
+        try:  # swap of the two runs, from a tap on the compared run's matrix, was undone that way)
+            run_sel.options = opts
+            cmp_sel.options = ["(none)", *(o for o in opts if o != state.run_id)]  # never the main run itself
+            if state.run_id in opts:
+                run_sel.value = state.run_id
+            cmp_sel.value = state.compare_run_id if state.compare_run_id in cmp_sel.options else "(none)"
+        finally:
+            syncing = False
 
     run_sel.param.watch(to_state, "value")
     cmp_sel.param.watch(to_state, "value")

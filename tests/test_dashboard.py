@@ -119,8 +119,16 @@ def test_app_builds_and_switches_runs_over_damaged_store(env):
     assert tpl is not None
     cmp_sel = [w for w in tpl.sidebar.objects if "wbc-compare-select" in (w.css_classes or [])][0]
     assert env["run_ids"][0] not in cmp_sel.options and env["run_ids"][1] in cmp_sel.options  # never itself
-    state.run_id = env["run_ids"][1]  # the compared run becomes the main run: the comparison is dropped
-    assert state.compare_run_id is None and env["run_ids"][1] not in cmp_sel.options
+    run_sel = [w for w in tpl.sidebar.objects if "wbc-run-select" in (w.css_classes or [])][0]
+    a, b = env["run_ids"][:2]
+    state.param.update(run_id=b, compare_run_id=a)  # a swap (Confusion: a tap on the compared run's matrix)
+    assert (state.run_id, state.compare_run_id, run_sel.value, cmp_sel.value) == (b, a, b, a)
+    assert a in cmp_sel.options and b not in cmp_sel.options
+    state.param.update(run_id=a, compare_run_id=b)
+    state.run_id = b  # the compared run becomes the main run: the comparison is dropped
+    assert state.compare_run_id is None and b not in cmp_sel.options and cmp_sel.value == "(none)"
+    cmp_sel.value = a  # and the selects still write to the state
+    assert (state.run_id, state.compare_run_id) == (b, a)
 
 
 def test_sessions_only_from_this_machine(monkeypatch):
