@@ -123,3 +123,12 @@ def test_a_big_map_selection_shows_every_class_in_it():
     assert f"{MAX_CARDS} shown, taken in turn from each class" in selection_summary(rows, ["original"])
     small = rows.iloc[:10]
     assert list(card_rows(small, ["original"])["image_id"]) == list(range(10))
+
+
+def test_map_says_it_shows_the_main_run_only_when_comparing():
+    """Errors and EOS/NEU say so in compare mode; the Map page too, with both run ids escaped."""
+    from dashboard.pages.embedmap import MapPage
+
+    note = MapPage.main_only_note("run<b>", "other`x`").object
+    assert "main run <code>run&lt;b&gt;</code> only" in note and "<code>other&#96;x&#96;</code>" in note
+    assert MapPage.main_only_note("run", None).object == "" and MapPage.main_only_note(None, "x").object == ""

@@ -146,7 +146,8 @@ def run_banner(state, run_id) -> tuple[pn.pane.Alert | None, bool]:
     if status in LIVE_STATUSES:
         eta = fmt_eta(prog.eta_s) if prog.eta_s else None
         text = (f"Run <code>{rid}</code> is {status}: {progress_summary(prog, status)}"
-                + (f", about {eta} left" if eta else "")
+                # the percentage is of the whole run, the time of the step it is on (core.pipeline's eta_s)
+                + (f"; this step: about {eta} left" if eta else "")
                 + ". Its results appear here when it finishes (press Refresh on the Runs page).")
         return pn.pane.Alert(text, alert_type="info", css_classes=["wbc-run-banner"], sizing_mode="stretch_width"), False
     # a cancel's reason ('cancelled by user') reads on its own; a failure's keeps its type ('RuntimeError: ...')

@@ -86,7 +86,15 @@ class MapPage(Page):
                                                       button_type="primary", button_style="outline", width=220)
         body = self.live(self.render, (self.state, ["run_id", "refresh"]), (self, ["method", "model"]), banner=True)
         intro = pn.bind(self.intro, self.param.method)
-        return [intro, pick, body]
+        main_only = pn.bind(self.main_only_note, self.state.param.run_id, self.state.param.compare_run_id)
+        return [intro, pn.Row(pick, main_only), body]
+
+    @staticmethod
+    def main_only_note(run_id, compare_run_id):
+        """In compare mode: the map is the main run's (the panels are one run's variants)."""
+        return pn.pane.Markdown(f"Showing the main run <code>{esc(run_id)}</code> only (not "
+                                f"<code>{esc(compare_run_id)}</code>): the panels are one run's variants."
+                                if compare_run_id and run_id else "", css_classes=["wbc-map-main-only"])
 
     @staticmethod
     def intro(method):

@@ -433,7 +433,7 @@ class LaunchPage(Page):
         total = prog.total if prog.total is not None else "?"
         self.stage.object = (f"**{esc(job.run_id)}** — **{esc(s)}** · stage{esc(step)}: "
                              f"{esc(prog.stage or 'starting')} ({esc(_count(done))}/{esc(_count(total))}){pct_txt} · "
-                             f"{esc(prog.message or '')} · ETA {fmt_eta(prog.eta_s) if running else '—'} · "
+                             f"{esc(prog.message or '')} · this stage: ETA {fmt_eta(prog.eta_s) if running else '—'} · "
                              f"elapsed {fmt_eta(elapsed)}")
         self.log.object = "<pre style='margin:0;white-space:pre-wrap'>" + esc("\n".join(job.log_tail(15))) + "</pre>"
 
