@@ -239,6 +239,20 @@ def test_runs_test_set_wraps_at_slashes_and_numbers_never_crash(env):
     assert (frame.loc[env["run_ids"][0], "test_set"]) == "TEST&#95;SIMPLE"
 
 
+def test_runs_delta_of_a_one_variant_run_says_so(tmp_path, monkeypatch):
+    """A finished run of one variant has no difference to show: the cell says why instead of staying blank."""
+    from core.store import RunStore, Table
+    from dashboard.pages.runs import DELTA, runs_frame
+    from dashboard.state import AppState
+
+    info = _serve_store(make_fixture_store(tmp_path, n_runs=1, n_test=40, with_images=False), monkeypatch)
+    run = RunStore(info["runs_dir"]).get(info["run_ids"][0])
+    stats = run.table(Table.STATS)
+    assert (runs_frame(AppState()).set_index("run_id").loc[run.run_id, DELTA]).startswith("realesrgan-x4plus: ")
+    run.write_table(Table.STATS, stats[stats["variant"] == "original"].reset_index(drop=True))
+    assert runs_frame(AppState()).set_index("run_id").loc[run.run_id, DELTA] == "— (one variant)"
+
+
 def test_runs_table_says_why_a_run_has_no_accuracy(env):
     """A failed or unreadable run's reason shows in the accuracy column (on screen without scrolling), escaped."""
     from dashboard.pages.runs import runs_frame
@@ -636,6 +650,8 @@ def test_gallery_shows_the_region_the_model_saw(tmp_path, monkeypatch):
     old = gallery_items(pd.DataFrame([{**row, "box_left": None, "box_top": None, "box_right": None,
                                        "box_bottom": None}]))[0]["orig"]
     assert whole and right and whole != right and old == whole
+    title = gallery_items(pd.DataFrame([{**row, "variant": "<b>x", "seed": 2}]))[0]["title"]
+    assert title == "EOS \u2192 NEU \u00b7 &lt;b&gt;x seed 2"  # the seed said in words, the variant escaped
 
     def mean(uri):
         import base64

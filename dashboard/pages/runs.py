@@ -41,7 +41,8 @@ def _acc_cells(state, df: pd.DataFrame) -> tuple[list[str], list[str]]:
             f"{esc(r.variant)}{f' @{esc(r.image_size)}px' if many else ''}: {_num(r.estimate, '+')}"
             + (f" [{_num(r.ci_low, '+')}, {_num(r.ci_high, '+')}]" if r.ci_low == r.ci_low and r.ci_high == r.ci_high
                else "")
-            for r in paired.itertuples()))
+            for r in paired.itertuples())
+            or ("— (one variant)" if finished and acc["variant"].nunique() == 1 else ""))  # nothing to compare
     return acc_col, paired_col
 
 
