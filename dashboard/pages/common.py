@@ -51,6 +51,7 @@ def escaped_titles(df) -> dict:
 # Long cells and column titles wrap, so that a table with many columns fits the page instead of scrolling sideways.
 WRAP_CELLS = [".tabulator-cell { white-space: normal !important; overflow-wrap: break-word; }",
               ".tabulator-col-title { white-space: normal !important; overflow-wrap: break-word; }"]
+MIN_COLUMN = 64  # px: "0.8451", "accuracy" and "[0.754," fit on one line
 # fitted_table's fixed column widths: a run id on one line, small numbers narrow; the other columns share the rest
 _FIXED_WIDTHS = {"run": 200, "variant": 145, "test set": 110, "n": 55, "n_seeds": 70, "seeds": 65, "seed": 65,
                  "image_size": 70, "size px": 60, "sha256": 150}
@@ -58,7 +59,9 @@ _FIXED_WIDTHS = {"run": 200, "variant": 145, "test set": 110, "n": 55, "n_seeds"
 
 def fitted_table(df, css: str, **kw) -> pn.widgets.Tabulator:
     """A read-only table whose columns share the page's width (no sideways scroll at 1400 px), long cells and
-    titles wrapped (titles at spaces: image_size reads 'image size')."""
+    titles wrapped (titles at spaces: image_size reads 'image size'). No column is narrower than a number such as
+    0.8451 (``MIN_COLUMN``): in a narrow window the table scrolls sideways instead of breaking numbers and words
+    letter by letter."""
     cols = list(getattr(df, "columns", ()))
     widths = {c: w for c, w in _FIXED_WIDTHS.items() if c in cols}
     titles = {c: esc(str(c).replace("_", " ")) for c in cols}
@@ -66,7 +69,7 @@ def fitted_table(df, css: str, **kw) -> pn.widgets.Tabulator:
                                 css_classes=[css], stylesheets=WRAP_CELLS + kw.pop("stylesheets", []),
                                 widths={**widths, **kw.pop("widths", {})}, titles={**titles, **kw.pop("titles", {})},
                                 # a few rows: no sort arrows, whose room the wrapped titles need
-                                configuration={"columnDefaults": {"headerSort": False}}, **kw)
+                                configuration={"columnDefaults": {"headerSort": False, "minWidth": MIN_COLUMN}}, **kw)
 
 
 def warnings_md(warnings) -> str:

@@ -140,8 +140,9 @@ class MapPage(Page):
 
         source = ColumnDataSource(map_source(wide, variants))
         width = max(300, min(440, 1100 // max(len(variants), 1)))  # every panel on a 1,280 px screen
-        plots = pn.Row(*[pn.pane.Bokeh(self.panel_figure(source, i, v, width)) for i, v in enumerate(variants)],
-                       css_classes=["wbc-map-plots"])
+        # side by side where they fit, one under the other in a narrower window (not past its right edge)
+        plots = pn.FlexBox(*[pn.pane.Bokeh(self.panel_figure(source, i, v, width)) for i, v in enumerate(variants)],
+                           flex_wrap="wrap", css_classes=["wbc-map-plots"], sizing_mode="stretch_width")
         which = pn.pane.Markdown(f"Seed {int(wide['seed'].iloc[0])}, {int(wide['image_size'].iloc[0])} px: "
                                  f"{len(wide)} test images.", css_classes=["wbc-map-which"]) if len(wide) else None
         summary = pn.pane.Markdown(selection_summary(wide.iloc[[]], variants), css_classes=["wbc-map-summary"])

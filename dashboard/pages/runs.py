@@ -147,6 +147,8 @@ class RunsPage(Page):
             pagination="local", page_size=15, sizing_mode="stretch_width", css_classes=["wbc-runs-table"],
             # the columns share the page's width (no sideways scrolling at 1400 px) and long cells wrap
             layout="fit_columns", header_filters=False, frozen_columns=["run_id"],
+            # a narrow window scrolls sideways (the run id stays) rather than squeezing the accuracy to a letter a line
+            configuration={"columns": [{"field": ACC, "minWidth": 210}]},
             titles={"test_set": "test set"},
             # every column but the accuracy has a width; the accuracy takes what is left (wider or narrower windows)
             widths={"run_id": 140, "status": 80, "preset": 80, DELTA: 150, "classifier": 125,
