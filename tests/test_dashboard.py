@@ -1100,6 +1100,12 @@ def test_launch_says_what_is_wrong_while_the_form_is_filled(tmp_path, monkeypatc
         assert page.start_b.disabled
         setattr(page, field, good)
         assert not page.form_check.visible and not page.start_b.disabled
+    page.epochs, page.seeds = -3, "0,;rm -rf /"  # two problems at once: both said, one line each
+    lines = page.form_check.object.split("<br>")
+    assert lines[0] == esc("Epochs: must be between 1 and 500, got -3") and len(lines) == 2, lines
+    assert lines[1].startswith(esc("seeds: '0,;rm -rf /' is not")) and page.start_b.disabled
+    page.epochs, page.seeds = 8, "0"
+    assert not page.form_check.visible and not page.start_b.disabled
     page.data_path = "/etc"  # a typed folder outside the data roots: said beside it, and Start waits too
     assert page.note.visible and page.start_b.disabled and not page.form_check.visible
     page.data_path = ""

@@ -133,17 +133,26 @@ NUMBERS = {"epochs": ("Epochs", 1, 500), "per_class": ("Train imgs/class", 0, No
 PER_CLASS_FIELDS = ("per_class", "test_per_class")  # 0 = all images
 
 
-def check_numbers(values: dict) -> None:
-    """ValueError naming the first form number that is empty or out of range (0 = all for the per-class ones)."""
+def number_problems(values: dict) -> list[str]:
+    """One line per form number that is empty or out of range (0 = all for the per-class ones), in form order."""
+    out = []
     for name, (label, lo, hi) in NUMBERS.items():
         v = values.get(name)
         if v is None:
-            raise ValueError(f"{label}: enter a whole number")
-        if v < lo or (hi is not None and v > hi):
-            raise ValueError(f"{label}: must be between {lo} and {hi}, got {v}" if hi is not None
-                             else f"{label}: must be {lo} or more, got {v}")
-        if name in PER_CLASS_FIELDS and 0 < v < MIN_PER_CLASS:
-            raise ValueError(f"{label}: must be 0 (all) or at least {MIN_PER_CLASS}, got {v}")
+            out.append(f"{label}: enter a whole number")
+        elif v < lo or (hi is not None and v > hi):
+            out.append(f"{label}: must be between {lo} and {hi}, got {v}" if hi is not None
+                       else f"{label}: must be {lo} or more, got {v}")
+        elif name in PER_CLASS_FIELDS and 0 < v < MIN_PER_CLASS:
+            out.append(f"{label}: must be 0 (all) or at least {MIN_PER_CLASS}, got {v}")
+    return out
+
+
+def check_numbers(values: dict) -> None:
+    """ValueError naming the first form number that is empty or out of range (:func:`number_problems`)."""
+    problems = number_problems(values)
+    if problems:
+        raise ValueError(problems[0])
 
 
 # The form's fields (LaunchPage parameters), in the order build_args reads them.
@@ -233,15 +242,17 @@ class LaunchPage(Page):
 
     @param.depends(*NUMBERS, "seeds", watch=True)
     def check_form(self) -> None:
-        """Say at once what Start would refuse in the numbers or the seeds, and hold Start until it is fixed."""
+        """Say at once what Start would refuse in the numbers and the seeds (every problem, one line each), and
+        hold Start until they are fixed."""
+        problems = number_problems({k: getattr(self, k) for k in NUMBERS})
         try:
-            check_numbers({k: getattr(self, k) for k in NUMBERS})
             seed_args(self.seeds)
-            self.form_problem = ""
         except ValueError as e:
-            self.form_problem = str(e)
+            problems.append(str(e))
+        self.form_problem = "\n".join(problems)
         if hasattr(self, "form_check"):
-            self.form_check.object, self.form_check.visible = esc(self.form_problem), bool(self.form_problem)
+            self.form_check.object = "<br>".join(esc(p) for p in problems)
+            self.form_check.visible = bool(problems)
         self.refresh_start()
 
     def held(self) -> bool:
@@ -311,7 +322,8 @@ class LaunchPage(Page):
         self.note = pn.pane.Alert("", alert_type="warning", visible=False, css_classes=["wbc-l-path-note"],
                                   sizing_mode="stretch_width")
         self.show_path_notes()
-        self.form_check = pn.pane.Alert(esc(self.form_problem), alert_type="warning", visible=bool(self.form_problem),
+        self.form_check = pn.pane.Alert("<br>".join(esc(p) for p in self.form_problem.splitlines()),
+                                        alert_type="warning", visible=bool(self.form_problem),
                                    css_classes=["wbc-l-check"], sizing_mode="stretch_width")
         self.refresh_start()
         self.start_b.on_click(self.start)
