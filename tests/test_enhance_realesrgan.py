@@ -218,6 +218,26 @@ def test_cli_enhances_lists_bad_files_and_resumes(tmp_path, animev3, capsys):
     assert keep.stat().st_mtime_ns == mtime and redo.is_file()
 
 
+def test_cli_refuses_an_image_above_the_pixel_budget_before_decoding_it(tmp_path, capsys):
+    """A few-MB JPEG of 108 MP took 17.8 GB to enhance x4: enhance applies the study's pixel budget (from the
+    header), lists the file as an error and still does the others."""
+    from PIL import Image
+
+    from core.data import MAX_PIXELS
+    from core.enhance.cli import ERRORS_CSV, main
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    Image.new("RGB", (2100, 2100)).save(src / "big.jpeg")  # 4.4 MP, just above the 4.2 MP budget
+    Image.new("RGB", (32, 24)).save(src / "small.jpeg")
+    assert 2100 * 2100 > MAX_PIXELS
+    assert main(["--model", "bicubic-x4", "--no-estimate", str(src), str(out)]) == 1
+    assert [p.name for p in out.rglob("*.png")] == ["small.png"]
+    rows = (out / ERRORS_CSV).read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith(str(src / "big.jpeg")) and "pixel budget" in rows[1]
+    assert "ImageTooLarge" in capsys.readouterr().err
+
+
 def test_cli_invalid_args_exit_2(tmp_path, capsys):
     from core.enhance.cli import main
 

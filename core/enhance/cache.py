@@ -62,8 +62,13 @@ def cut_box(out: np.ndarray, src: np.ndarray, inner: Box | None) -> np.ndarray:
 
 
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image to RGB uint8; raises on unreadable or truncated files."""
+    """Decode an image to RGB uint8; raises on unreadable or truncated files, and (``core.data.ImageTooLarge``,
+    from the header, before decoding) on one above the pixel budget that the study's scan applies: a 100 MP file
+    of a few MB would otherwise take tens of GB to enhance."""
+    from core.data import check_pixels
+
     with Image.open(path) as im:
+        check_pixels(*im.size)
         im.load()
         return np.asarray(im.convert("RGB"))
 
