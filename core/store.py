@@ -282,6 +282,9 @@ def check_output_file(out: Path, flag: str, suffixes: tuple[str, ...], kind: str
         raise ValueError(f"{flag}: {out} is a folder; give a file name, e.g. {out / example}")
     if out.exists() and out.suffix.lower() not in suffixes:
         raise ValueError(f"{flag}: {out} exists and is not {kind} file; refusing to overwrite it")
+    if out.exists() and (out.parent / RUN_JSON).is_file():  # a run's own table or report: stored results
+        raise ValueError(f"{flag}: {out} is a file of the run in {out.parent}; refusing to overwrite it "
+                         f"(give a new file name)")
     check_writable(out.parent, flag)
     return out
 

@@ -502,6 +502,11 @@ def test_report_html_never_overwrites_a_run_file_or_a_non_html_file(store, tmp_p
     old.write_text("an earlier report")
     code, _, err = _main(capsys, "report", rid, "--runs-dir", tmp_path / "runs", "--html", old)
     assert code == 0 and "an earlier report" not in old.read_text() and rid in old.read_text()
+    # a run's own table is refused as audit's --out too (it overwrote metrics.parquet: the report lost a section)
+    table = next(rd.glob("*.parquet"))
+    before = table.read_bytes()
+    code, _, err = _main(capsys, "audit", str(tmp_path), "--out", table)
+    assert code == 2 and _one_line(err) and "is a file of the run in" in err and table.read_bytes() == before
 
 
 def test_latest_is_the_newest_run_not_the_last_name(tmp_path, capsys):
