@@ -346,7 +346,7 @@ def cmd_report(args) -> int:
     if leakage_words(data.get("leakage")):
         print(f"validation leakage ({cfg.get('split')} split): {leakage_words(data.get('leakage'))}")
     for note in meta.get("notes") or []:
-        print(f"note: {note}")
+        print(f"note: {' '.join(str(note).split())}")  # one line each: a note cannot print a line of its own
     for level, text in run_copies_words(data):  # byte-identical test files (core.data.exact_copies)
         print(f"{level}: {text}")
     for v, prov in ((meta.get("weights") or {}).get("enhancers") or {}).items():
@@ -454,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    stdout = sys.stdout
+    if args.command in READS_THE_STORE:  # what it prints comes from run folders: no terminal control codes
+        sys.stdout = ControlFree(stdout)
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
@@ -468,9 +471,31 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wbc {args.command}: cancelled", file=sys.stderr)
             return 130
         rank = _torchrun_rank()  # torchrun: say which rank
-        print(f"wbc {args.command}: error{f' (rank {rank})' if rank else ''}: {_error_words(e)}",
-              file=sys.stderr, flush=True)
+        print(f"wbc {args.command}: error{f' (rank {rank})' if rank else ''}: "
+              f"{_error_words(e).translate(CONTROL_CHARS)}", file=sys.stderr, flush=True)
         return 2 if isinstance(e, (ValueError, KeyError, FileExistsError)) else 1
+    finally:
+        sys.stdout = stdout
+
+
+# Commands whose output quotes run folders (run.json, tables, logs), which may have been written by anyone
+READS_THE_STORE = {"runs", "report", "explain"}
+# C0 and C1 control characters (ESC starts terminal sequences that clear the screen or recolour text; BEL, CR
+# rewrite what was printed) but tab and newline, and DEL: each shows as "?"
+CONTROL_CHARS = {c: "?" for c in (*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)) if c not in (0x09, 0x0A)}
+
+
+class ControlFree:
+    """A text stream that writes through to another with :data:`CONTROL_CHARS` replaced."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(text.translate(CONTROL_CHARS))
+
+    def __getattr__(self, name):  # flush, fileno, isatty, encoding...
+        return getattr(self._stream, name)
 
 
 def _torchrun_rank() -> int:

@@ -489,6 +489,22 @@ def _copy_run(store, tmp_path) -> tuple[Path, str]:
     return tmp_path / "runs" / reference, reference
 
 
+def test_runs_and_report_print_no_terminal_control_codes_from_a_run_folder(store, tmp_path, capsys):
+    """run.json is anyone's text: ESC (clear the screen, recolour), BEL and CR reach no terminal, and a note with a
+    newline cannot print a line of its own (a fake "accuracy")."""
+    rd, rid = _copy_run(store, tmp_path)
+    meta = json.loads((rd / "run.json").read_text())
+    meta["notes"] = ["line1\nFAKE: accuracy 0.99 \x1b[2J\x1b[31m\x07\r"]
+    meta["device"] = "cpu\x1b]0;title\x07"
+    (rd / "run.json").write_text(json.dumps(meta))
+    for args in (("report", rid), ("runs",), ("report", rid, "--format", "md")):
+        code, out, err = _main(capsys, *args, "--runs-dir", tmp_path / "runs")
+        assert code == 0, err
+        assert not any(c in out + err for c in "\x1b\x07\r\x9b"), repr(out[:300])
+        assert not any(line.startswith("FAKE") for line in out.splitlines())
+    assert "note: line1 FAKE: accuracy 0.99 ?[2J?[31m?\n" in _main(capsys, "report", rid, "--runs-dir", tmp_path / "runs")[1]
+
+
 def test_report_html_never_overwrites_a_run_file_or_a_non_html_file(store, tmp_path, capsys):
     rd, rid = _copy_run(store, tmp_path)
     before = (rd / "run.json").read_bytes()
