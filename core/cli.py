@@ -215,16 +215,18 @@ def cmd_runs(args) -> int:
     from core.store import RunStore
 
     store = RunStore(args.runs_dir)
+    if store.root.exists() and not store.root.is_dir():
+        raise ValueError(f"--runs-dir: {store.root} is a file, not a folder of runs")
     df = store.list_runs()
     if df.empty:
-        print(f"no runs in {store.root}")
+        print(f"no runs in {store.root}" + ("" if store.root.is_dir() else " (no such folder yet)"))
         return 0
     df["accuracy"] = df["accuracy"].map(_accuracy_words)
     cols = ["run_id", "status", "preset", "classifier", "test_set", "accuracy", "seconds"]
     with pd.option_context("display.max_colwidth", 60, "display.width", 200):
         print(df[cols].fillna("").to_string(index=False))
     for _, r in df[df["warning"].notna()].iterrows():
-        print(f"warning: {r['run_id']}: {r['warning']}", file=sys.stderr)
+        print(f"warning: {r['run_id']}: {r['warning']}".translate(CONTROL_CHARS), file=sys.stderr)
     return 0
 
 

@@ -685,3 +685,12 @@ def test_each_sub_step_of_a_stage_has_its_own_eta(tmp_path, monkeypatch):
     predict(model, torch.zeros(5, 3, 32, 32, dtype=torch.uint8), torch.device("cpu"), batch_size=2, tta=2,
             on_progress=lambda done, total: seen.append((done, total)))
     assert seen == [(0, 5), (2, 5), (4, 5), (5, 5)]
+
+
+def test_runs_says_when_the_runs_folder_is_missing_or_a_file(tmp_path, capsys):
+    """A mistyped --runs-dir is noticed: a file is an error (exit 2, one line), a missing folder is said so."""
+    (tmp_path / "afile").write_text("x")
+    code, out, err = _main(capsys, "runs", "--runs-dir", tmp_path / "afile")
+    assert code == 2 and _one_line(err) and "is a file, not a folder of runs" in err
+    code, out, err = _main(capsys, "runs", "--runs-dir", tmp_path / "nope")
+    assert code == 0 and "(no such folder yet)" in out and not (tmp_path / "nope").exists()
