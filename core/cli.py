@@ -358,6 +358,11 @@ def cmd_report(args) -> int:
             print(f"variant {v}: {how}{extra}")
     if info.error:
         print(f"error: {info.error_line}")
+    gone = _missing_tables(r)
+    if gone:
+        print(f"warning: run {r.run_id} is finished but {', '.join(gone)} "
+              f"{'is' if len(gone) == 1 else 'are'} missing or not a file: what they hold is left out of this "
+              "report".translate(CONTROL_CHARS), file=sys.stderr)
     print(f"input: {_input_words(cfg)}")
     stats = r.table("stats")
     from core.scorecard import fallback_predictions, scorecard, scorecard_text
@@ -374,6 +379,16 @@ def cmd_report(args) -> int:
     if meta.get("skipped"):
         print(f"\n{len(meta['skipped'])} files skipped (unreadable or not images), e.g. {meta['skipped'][0]}")
     return 0
+
+
+def _missing_tables(r) -> list[str]:
+    """The tables every finished run stores (predictions, metrics, confusion) that are not files in its folder."""
+    from core.store import Status, Table, schema
+
+    if r.status() != Status.FINISHED:
+        return []
+    names = [f"{schema(t).name}.parquet" for t in (Table.PREDICTIONS, Table.METRICS, Table.CONFUSION)]
+    return [n for n in names if not (r.path / n).is_file()]
 
 
 def _input_words(cfg: dict) -> str:

@@ -694,3 +694,17 @@ def test_runs_says_when_the_runs_folder_is_missing_or_a_file(tmp_path, capsys):
     assert code == 2 and _one_line(err) and "is a file, not a folder of runs" in err
     code, out, err = _main(capsys, "runs", "--runs-dir", tmp_path / "nope")
     assert code == 0 and "(no such folder yet)" in out and not (tmp_path / "nope").exists()
+
+
+def test_report_warns_when_a_finished_run_lacks_a_table(store, tmp_path, capsys):
+    """A deleted table (or a folder in its place) left a section blank with exit 0 and no word: now one warning
+    line on stderr names it; the rest of the report is still printed."""
+    rd, rid = _copy_run(store, tmp_path)
+    code, out, err = _main(capsys, "report", rid, "--runs-dir", tmp_path / "runs")
+    assert code == 0 and "warning" not in err
+    (rd / "metrics.parquet").unlink()
+    (rd / "confusion.parquet").unlink()
+    (rd / "confusion.parquet").mkdir()
+    code, out, err = _main(capsys, "report", rid, "--runs-dir", tmp_path / "runs")
+    assert code == 0 and _one_line(err) and "metrics.parquet, confusion.parquet are missing or not a file" in err
+    assert out.startswith(f"run {rid}: finished")
