@@ -562,6 +562,12 @@ def _study(run: Run, cfg: StudyConfig, device: torch.device, prog: Progress, kep
     skipped = sd.manifest.skipped
     run.log(f"test set: {sd.test_source}, {len(sd.test)} images; training pool {len(sd.pool)} images; "
             f"{len(skipped)} files skipped")
+    absent = [c for c in CLASSES if not (sd.test["label"] == c).any()]
+    if absent:  # allowed (a test folder of some classes), but every per-class and macro figure should say so
+        note = (f"the test set ({sd.test_source}) has no {', '.join(absent)} images: their per-class figures are "
+                "empty, and macro averages over the four classes count them as 0")
+        run.log(f"warning: {note}")
+        run.update_meta(notes=[*(cfg.notes or []), note])
     prog.start("groups", "source-cell grouping")
     assign_source_groups(sd, cfg, prog)
     data = _data_meta(sd, cfg)

@@ -349,6 +349,23 @@ def test_cli_report_prints_the_scorecard(grouped_run):
     assert words and f"validation leakage (grouped split): {words}\n" in r.stdout and '"n_leaked"' not in r.stdout
 
 
+def test_a_test_set_without_a_class_is_noted(tmp_path, monkeypatch):
+    """A test folder of three classes is accepted, and run.json's notes (Overview, wbc report) say which class is
+    absent and what that does to the macro averages; the log has it as a warning."""
+    import shutil
+
+    monkeypatch.setattr("core.groups.assign_groups", _source_cells)
+    data = make_dataset(tmp_path / "data", train_per_class=12, test_per_class=3)
+    shutil.rmtree(next(p for p in (data / "TEST_SIMPLE").iterdir() if p.name.upper() == "MONOCYTE"))
+    cfg = make_config(None, data_dir=str(data), runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"),
+                      **{**TINY, "variants": ("original",), "epochs": 1})
+    run = run_study(cfg)
+    notes = run.read_meta()["notes"]
+    assert run.status() == "finished" and any(n.startswith("the test set (TEST_SIMPLE) has no monocyte images")
+                                              for n in notes), notes
+    assert any("warning: the test set" in line for line in run.log_tail(200))
+
+
 def test_held_out_fallback_is_grouped_whatever_split_says(tmp_path, monkeypatch):
     monkeypatch.setattr("core.groups.assign_groups", _source_cells)
     data = make_dataset(tmp_path / "data", train_per_class=16, test_per_class=0, splits=("TRAIN",))
