@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,10 @@ import pandas as pd
 from PIL import Image
 
 from core.config import CLASSES, KNOWN_DATA_LOCATIONS
+
+# Pillow warns (two lines, with its own path) on opening an image above 89 MP; our pixel budget (MAX_PIXELS, far
+# lower) refuses such an image anyway, in one line naming it
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 SPLIT_NAMES = ("TRAIN", "TEST", "TEST_SIMPLE")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}

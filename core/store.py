@@ -568,7 +568,7 @@ class Run:
         """run.json, typed; :class:`DamagedRun` if it is missing or unreadable."""
         try:
             doc = json.loads((self.path / RUN_JSON).read_text())
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: arrays nested 100,000 deep
             raise DamagedRun(f"{self.run_id}/{RUN_JSON} unreadable ({type(e).__name__}: {first_line(e)})") from e
         return RunInfo.from_json(doc, self.run_id)
 
@@ -618,7 +618,7 @@ class Run:
     def read_progress(self) -> dict:
         try:
             doc = json.loads((self.path / PROGRESS_JSON).read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return {}
         return doc if isinstance(doc, dict) else {}
 

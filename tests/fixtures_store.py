@@ -256,8 +256,6 @@ def corrupt_store(runs_dir) -> dict:
     return {"corrupt": bad.name, "no_json": half.name, "truncated": trunc.name}
 
 
-# Stored XSS payloads: what a run store written by someone else (or a damaged one) may hold. Each sets
-# window.__xss, opens a dialog, or links to script if the dashboard ever renders it as markup.
 def fixture_leakage(random_split: bool) -> dict:
     """run.json's data.leakage as core.groups.leakage writes it: a random split leaks, a grouped one barely."""
     n_leaked = 171 if random_split else 3
@@ -266,6 +264,8 @@ def fixture_leakage(random_split: bool) -> dict:
             "per_class": {c: (0.8 if random_split else 0.0125) for c in CLASSES}, "median_nn_distance": 0.4}
 
 
+# Stored XSS payloads: what a run store written by someone else (or a damaged one) may hold. Each sets
+# window.__xss, opens a dialog, or links to script if the dashboard ever renders it as markup.
 XSS_IMG = "<img src=x onerror=window.__xss=1>"
 XSS_ALERT = "<img src=x onerror=alert(1)>"
 XSS_SVG = "<svg onload=window.__xss=2>"

@@ -708,3 +708,12 @@ def test_report_warns_when_a_finished_run_lacks_a_table(store, tmp_path, capsys)
     code, out, err = _main(capsys, "report", rid, "--runs-dir", tmp_path / "runs")
     assert code == 0 and _one_line(err) and "metrics.parquet, confusion.parquet are missing or not a file" in err
     assert out.startswith(f"run {rid}: finished")
+
+
+def test_a_run_json_nested_too_deep_is_unreadable_not_a_recursion_error(tmp_path, capsys):
+    (tmp_path / "deep").mkdir()
+    (tmp_path / "deep" / "run.json").write_text("[" * 100_000 + "]" * 100_000)
+    code, out, err = _main(capsys, "report", "deep", "--runs-dir", tmp_path)
+    assert code == 1 and _one_line(err) and "deep/run.json unreadable (RecursionError" in err
+    code, out, err = _main(capsys, "runs", "--runs-dir", tmp_path)
+    assert code == 0 and "unreadable" in out
