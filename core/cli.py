@@ -392,7 +392,10 @@ def _missing_tables(r) -> list[str]:
 
 
 def _input_words(cfg: dict) -> str:
-    """What the classifier saw and how it was trained, in one line (older runs: the full frame)."""
+    """What the classifier saw and how it was trained, in one line (older runs: the full frame). A run.json
+    without a readable config says so rather than showing the defaults as if the run had used them."""
+    if not cfg:
+        return "unknown (run.json holds no readable config)"
     c = StudyConfig.from_dict(cfg)
     from core.regions import crop_for
 

@@ -717,3 +717,13 @@ def test_a_run_json_nested_too_deep_is_unreadable_not_a_recursion_error(tmp_path
     assert code == 1 and _one_line(err) and "deep/run.json unreadable (RecursionError" in err
     code, out, err = _main(capsys, "runs", "--runs-dir", tmp_path)
     assert code == 0 and "unreadable" in out
+
+
+def test_report_of_a_run_json_without_a_config_does_not_show_defaults(store, tmp_path, capsys):
+    """config: ["a"] in run.json: the input line says unknown, not the default 224 px as if the run had used it."""
+    rd, rid = _copy_run(store, tmp_path)
+    meta = json.loads((rd / "run.json").read_text())
+    meta["config"] = ["a"]
+    (rd / "run.json").write_text(json.dumps(meta))
+    code, out, err = _main(capsys, "report", rid, "--runs-dir", tmp_path / "runs")
+    assert code == 0 and "input: unknown (run.json holds no readable config)\n" in out
