@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from core.config import PROB_COLUMNS, default_runs_dir
@@ -162,6 +163,9 @@ def _cast(s: pd.Series, dtype: str) -> pd.Series:
         if dtype == "int":
             return s.astype("Int64" if nulls else "int64")
         if dtype == "bool":
+            if not pd.api.types.is_bool_dtype(s.dtype) and \
+                    not s.dropna().map(lambda v: isinstance(v, (bool, np.bool_))).all():
+                raise ValueError  # the text "False" would read as True
             return s.astype("boolean" if nulls else "bool")
     except (TypeError, ValueError):  # a hand-edited or damaged column: said, naming it (reads: DamagedTable)
         raise ValueError(f"column {s.name!r} holds values that are not {dtype}") from None

@@ -564,6 +564,12 @@ def test_a_table_column_of_the_wrong_type_is_a_damaged_table(store, tmp_path, ca
     code, _, err = _main(capsys, "report", rid, "--runs-dir", tmp_path / "runs", "--format", "md")
     assert code == 1 and _one_line(err)
     assert f"{rd / 'metrics.parquet'}: cannot be read (column 'f1' holds values that are not float)" in err
+    # a flag stored as text: "False" would read as True (a grouped split reported as leaky); damaged instead
+    m.to_parquet(rd / "metrics.parquet")
+    v = pd.read_parquet(rd / "validation.parquet")
+    v.assign(leaky=v["leaky"].map(str)).to_parquet(rd / "validation.parquet")
+    code, _, err = _main(capsys, "report", rid, "--runs-dir", tmp_path / "runs")
+    assert code == 1 and _one_line(err) and "column 'leaky' holds values that are not bool" in err
 
 
 class _RunsCode:
