@@ -223,8 +223,10 @@ def cmd_runs(args) -> int:
         return 0
     df["accuracy"] = df["accuracy"].map(_accuracy_words)
     cols = ["run_id", "status", "preset", "classifier", "test_set", "accuracy", "seconds"]
+    # each cell one line of at most 60 characters: a hand-edited status or path cannot widen or break the table
+    shown = df[cols].fillna("").map(lambda v: v if isinstance(v, (int, float)) else " ".join(str(v).split())[:60])
     with pd.option_context("display.max_colwidth", 60, "display.width", 200):
-        print(df[cols].fillna("").to_string(index=False))
+        print(shown.to_string(index=False))
     for _, r in df[df["warning"].notna()].iterrows():
         print(f"warning: {r['run_id']}: {r['warning']}".translate(CONTROL_CHARS), file=sys.stderr)
     return 0
@@ -348,7 +350,8 @@ def cmd_report(args) -> int:
     if leakage_words(data.get("leakage")):
         print(f"validation leakage ({cfg.get('split')} split): {leakage_words(data.get('leakage'))}")
     for note in meta.get("notes") or []:
-        print(f"note: {' '.join(str(note).split())}")  # one line each: a note cannot print a line of its own
+        note = " ".join(str(note).split())  # one line each: a note cannot print a line of its own
+        print(f"note: {note if len(note) <= 600 else note[:599] + '…'}")
     for level, text in run_copies_words(data):  # byte-identical test files (core.data.exact_copies)
         print(f"{level}: {text}")
     for v, prov in ((meta.get("weights") or {}).get("enhancers") or {}).items():

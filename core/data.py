@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -108,6 +109,9 @@ def find_data_root(explicit: str | os.PathLike | None = None) -> Path:
     raise DataNotFoundError(GET_DATA_HELP)
 
 
+BUFFER_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # Pillow names the buffer it read
+
+
 def _inspect(path: Path) -> tuple[str, int, int]:
     """sha1 and size of a fully decodable image; raises on anything else."""
     data = path.read_bytes()
@@ -152,7 +156,7 @@ def scan_class_folders(folder: Path, split: str, id_prefix: str | None = None,
         try:
             return item, _inspect(f), None
         except Exception as e:  # truncated, corrupt, not an image
-            return item, None, f"{type(e).__name__}: {e}"
+            return item, None, f"{type(e).__name__}: {BUFFER_REPR.sub('', str(e))}"
 
     rows = []
     with ThreadPoolExecutor(max_workers=workers) as ex:

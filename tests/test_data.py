@@ -80,6 +80,7 @@ def test_bad_files_are_skipped_and_listed(tmp_path, gen):
     skipped = {Path(s["path"]).name: s["error"] for s in m.skipped}
     assert set(skipped) == {"truncated.jpeg", "notes.txt", "fake.jpeg"}
     assert "extension" in skipped["notes.txt"]
+    assert skipped["fake.jpeg"] == "UnidentifiedImageError: cannot identify image file"  # no buffer address
     assert len(m.split("TRAIN")) == 24  # every good image is still there
 
 

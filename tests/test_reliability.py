@@ -503,6 +503,12 @@ def test_runs_and_report_print_no_terminal_control_codes_from_a_run_folder(store
         assert not any(c in out + err for c in "\x1b\x07\r\x9b"), repr(out[:300])
         assert not any(line.startswith("FAKE") for line in out.splitlines())
     assert "note: line1 FAKE: accuracy 0.99 ?[2J?[31m?\n" in _main(capsys, "report", rid, "--runs-dir", tmp_path / "runs")[1]
+    meta.update(notes=["n" * 5_000_000], status="fin\nished " * 100)  # a 5 MB note; a status 1,300 long
+    (rd / "run.json").write_text(json.dumps(meta))
+    code, out, _ = _main(capsys, "report", rid, "--runs-dir", tmp_path / "runs")
+    assert code == 0 and "note: " + "n" * 599 + "…\n" in out and len(out) < 100_000
+    code, out, _ = _main(capsys, "runs", "--runs-dir", tmp_path / "runs")
+    assert code == 0 and max(len(line) for line in out.splitlines()) < 250, out
 
 
 def test_report_html_never_overwrites_a_run_file_or_a_non_html_file(store, tmp_path, capsys):
