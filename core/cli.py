@@ -261,6 +261,8 @@ def cmd_explain(args) -> int:
     r = _get_run(args.runs_dir, args.run)
     t0 = time.perf_counter()
     _check_explain_mode(args)
+    if r.table("predictions", columns=["image_id"]).empty:  # failed or cancelled before its first model
+        raise ValueError(f"run {r.run_id} ({r.status()}) has no predictions: nothing to explain")
     if getattr(args, "sr_change", False):
         return _sr_change(r, t0)
     if getattr(args, "map", False):

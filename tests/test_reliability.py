@@ -739,3 +739,10 @@ def test_report_of_a_run_json_without_a_config_does_not_show_defaults(store, tmp
     (rd / "run.json").write_text(json.dumps(meta))
     code, out, err = _main(capsys, "report", rid, "--runs-dir", tmp_path / "runs")
     assert code == 0 and "input: unknown (run.json holds no readable config)\n" in out
+
+
+def test_explain_of_a_run_without_predictions_says_so(tmp_path, capsys):
+    """A run cancelled before its first model: "0 Grad-CAM maps of 0 images", exit 0, said nothing; now one line."""
+    RunStore(tmp_path).create({}, run_id="stopped-early").update_meta(status="cancelled")
+    code, out, err = _main(capsys, "explain", "stopped-early", "--runs-dir", tmp_path)
+    assert code == 2 and _one_line(err) and "run stopped-early (cancelled) has no predictions: nothing to explain" in err
