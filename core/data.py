@@ -148,6 +148,8 @@ def scan_class_folders(folder: Path, split: str, id_prefix: str | None = None,
         for f in sorted(c.rglob("*")):
             if f.is_file() and not f.name.startswith("."):
                 files.append((f, label))
+            elif f.is_symlink() and not f.exists():  # said, like any file that cannot be read
+                skipped.append({"path": str(f), "split": split, "error": "a broken symbolic link"})
 
     def inspect(item):
         f, label = item

@@ -76,9 +76,11 @@ def test_bad_files_are_skipped_and_listed(tmp_path, gen):
     (eos / "truncated.jpeg").write_bytes(good[: len(good) // 2])
     (eos / "notes.txt").write_text("hello")
     (eos / "fake.jpeg").write_text("not really a jpeg")
+    (eos / "gone.jpeg").symlink_to(tmp_path / "nowhere.jpeg")
     m = D.build_manifest(root)
     skipped = {Path(s["path"]).name: s["error"] for s in m.skipped}
-    assert set(skipped) == {"truncated.jpeg", "notes.txt", "fake.jpeg"}
+    assert set(skipped) == {"truncated.jpeg", "notes.txt", "fake.jpeg", "gone.jpeg"}
+    assert skipped["gone.jpeg"] == "a broken symbolic link"
     assert "extension" in skipped["notes.txt"]
     assert skipped["fake.jpeg"] == "UnidentifiedImageError: cannot identify image file"  # no buffer address
     assert len(m.split("TRAIN")) == 24  # every good image is still there
