@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from core.paths import path_arg
+from core.terminal import CONTROL_CHARS
 
 AUDIT_COLUMNS = ["split", "label", "images", "distinct_files", "groups", "expected_groups", "group_min",
                  "group_median", "group_max", "other_split", "other_groups_with_copy", "other_images_with_copy",
@@ -133,6 +134,10 @@ def cmd_audit(args) -> int:
     except DataNotFoundError as e:
         print(f"wbc audit: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
+    if m.skipped:  # unreadable or over-budget files are left out of the audit: said, with the first one
+        first = m.skipped[0]
+        print(f"{len(m.skipped)} files skipped (unreadable, not images, or above the pixel budget), e.g. "
+              f"{first['path']}: {first['error']}".translate(CONTROL_CHARS), file=sys.stderr)
     df = name_splits(m.df, m.split_dirs, Path(args.data))
     per_class = getattr(args, "per_class", None)
     if per_class:

@@ -28,6 +28,7 @@ from core.config import PRESETS, StudyConfig, make_config
 from core.data import run_copies_words
 from core.enhance.cli import add_enhance_parser
 from core.paths import path_arg
+from core.terminal import CONTROL_CHARS, ControlFree
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -505,22 +506,6 @@ def main(argv: list[str] | None = None) -> int:
 
 # Commands whose output quotes run folders (run.json, tables, logs), which may have been written by anyone
 READS_THE_STORE = {"runs", "report", "explain"}
-# C0 and C1 control characters (ESC starts terminal sequences that clear the screen or recolour text; BEL, CR
-# rewrite what was printed) but tab and newline, and DEL: each shows as "?"
-CONTROL_CHARS = {c: "?" for c in (*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)) if c not in (0x09, 0x0A)}
-
-
-class ControlFree:
-    """A text stream that writes through to another with :data:`CONTROL_CHARS` replaced."""
-
-    def __init__(self, stream):
-        self._stream = stream
-
-    def write(self, text: str) -> int:
-        return self._stream.write(text.translate(CONTROL_CHARS))
-
-    def __getattr__(self, name):  # flush, fileno, isatty, encoding...
-        return getattr(self._stream, name)
 
 
 def _torchrun_rank() -> int:

@@ -208,6 +208,12 @@ def test_audit_names_splits_by_folder_and_accepts_a_test_only_folder(synth, tmp_
     shutil.copytree(root / "TEST_SIMPLE", only / "TEST_SIMPLE")
     assert main([str(only), "--cache-dir", str(cache), "--out", str(tmp_path / "c.parquet")]) == 0
     assert "TEST_SIMPLE check" in capsys.readouterr().out
+    # a corrupt image is left out of the audit, and said so (it was dropped without a word)
+    cls = next(p for p in (only / "TEST_SIMPLE").iterdir() if p.is_dir())
+    (cls / "corrupt.jpeg").write_bytes(b"\xff\xd8 not a jpeg \x1b[2J")
+    assert main([str(only), "--cache-dir", str(cache), "--out", str(tmp_path / "d.parquet")]) == 0
+    err = capsys.readouterr().err
+    assert f"1 files skipped (unreadable, not images, or above the pixel budget), e.g. {cls / 'corrupt.jpeg'}: " in err
 
 
 def test_copies_embed_within_the_near_copy_distance(synth):
