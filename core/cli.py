@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from core.audit_cli import add_audit_parser
-from core.config import PRESETS, StudyConfig, make_config
+from core.config import CLASSES, PRESETS, StudyConfig, make_config
 from core.data import run_copies_words
 from core.enhance.cli import add_enhance_parser
 from core.paths import path_arg
@@ -364,6 +364,11 @@ def cmd_report(args) -> int:
             print(f"variant {v}: {how}{extra}")
     if info.error:
         print(f"error: {info.error_line}")
+    odd = _odd_labels(r)
+    if odd:
+        print(f"warning: run {r.run_id}'s predictions name classes that are not {', '.join(CLASSES)} (e.g. "
+              f"{', '.join(odd)}): per-class figures and confusion matrices leave them out".translate(CONTROL_CHARS),
+              file=sys.stderr)
     gone = _missing_tables(r)
     if gone:
         print(f"warning: run {r.run_id} is finished but {', '.join(gone)} "
@@ -385,6 +390,14 @@ def cmd_report(args) -> int:
     if meta.get("skipped"):
         print(f"\n{len(meta['skipped'])} files skipped (unreadable or not images), e.g. {meta['skipped'][0]}")
     return 0
+
+
+def _odd_labels(r) -> list[str]:
+    """Up to 3 true or predicted labels in the predictions table that are not one of the four classes (a
+    hand-edited or foreign table), each on one line and cut to 40 characters."""
+    pred = r.table("predictions", columns=["true_label", "pred_label"])
+    odd = sorted({str(v) for v in pd.concat([pred["true_label"], pred["pred_label"]]).dropna()} - set(CLASSES))
+    return [" ".join(v.split())[:40] for v in odd[:3]]
 
 
 def _missing_tables(r) -> list[str]:

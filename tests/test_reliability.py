@@ -746,3 +746,13 @@ def test_explain_of_a_run_without_predictions_says_so(tmp_path, capsys):
     RunStore(tmp_path).create({}, run_id="stopped-early").update_meta(status="cancelled")
     code, out, err = _main(capsys, "explain", "stopped-early", "--runs-dir", tmp_path)
     assert code == 2 and _one_line(err) and "run stopped-early (cancelled) has no predictions: nothing to explain" in err
+
+
+def test_report_warns_when_predictions_name_a_class_that_is_not_one_of_the_four(store, tmp_path, capsys):
+    """A label renamed inside predictions.parquet gave a confusion row of zeros without a word."""
+    rd, rid = _copy_run(store, tmp_path)
+    p = pd.read_parquet(rd / "predictions.parquet")
+    p.assign(true_label=p["true_label"].replace("monocyte", "mono\x1b[2Jcyte")).to_parquet(rd / "predictions.parquet")
+    code, out, err = _main(capsys, "report", rid, "--runs-dir", tmp_path / "runs")
+    assert code == 0 and _one_line(err) and "name classes that are not eosinophil, lymphocyte, monocyte, neutrophil" in err
+    assert "(e.g. mono?[2Jcyte)" in err
