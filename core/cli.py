@@ -28,7 +28,7 @@ from core.config import CLASSES, PRESETS, StudyConfig, make_config
 from core.data import run_copies_words
 from core.enhance.cli import add_enhance_parser
 from core.paths import path_arg
-from core.terminal import CONTROL_CHARS, ControlFree
+from core.terminal import CONTROL_CHARS, ControlFree, one_line
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -225,11 +225,11 @@ def cmd_runs(args) -> int:
     df["accuracy"] = df["accuracy"].map(_accuracy_words)
     cols = ["run_id", "status", "preset", "classifier", "test_set", "accuracy", "seconds"]
     # each cell one line of at most 60 characters: a hand-edited status or path cannot widen or break the table
-    shown = df[cols].fillna("").map(lambda v: v if isinstance(v, (int, float)) else " ".join(str(v).split())[:60])
+    shown = df[cols].fillna("").map(lambda v: v if isinstance(v, (int, float)) else one_line(v, 60))
     with pd.option_context("display.max_colwidth", 60, "display.width", 200):
         print(shown.to_string(index=False))
     for _, r in df[df["warning"].notna()].iterrows():
-        print(f"warning: {r['run_id']}: {r['warning']}".translate(CONTROL_CHARS), file=sys.stderr)
+        print(f"warning: {r['run_id']}: {r['warning']}", file=sys.stderr)
     return 0
 
 
@@ -350,11 +350,11 @@ def cmd_report(args) -> int:
     print(f"run {r.run_id}: {r.status()} | preset {info.preset} | {cfg.get('classifier')} "
           f"({cfg.get('pretrained')}) | split {cfg.get('split')} | test {info.test_source} | "
           f"{info.duration_s if info.duration_s is not None else '?'} s on {info.device}")
-    if leakage_words(data.get("leakage")):
-        print(f"validation leakage ({cfg.get('split')} split): {leakage_words(data.get('leakage'))}")
-    for note in meta.get("notes") or []:
-        note = " ".join(str(note).split())  # one line each: a note cannot print a line of its own
-        print(f"note: {note if len(note) <= 600 else note[:599] + '…'}")
+    leak = leakage_words(data.get("leakage"))
+    if leak:
+        print(f"validation leakage ({cfg.get('split')} split): {leak}")
+    for note in meta.get("notes") or []:  # one line each: a note cannot print a line of its own
+        print(f"note: {one_line(note, 600, more='…')}")
     for level, text in run_copies_words(data):  # byte-identical test files (core.data.exact_copies)
         print(f"{level}: {text}")
     for v, prov in ((meta.get("weights") or {}).get("enhancers") or {}).items():
@@ -367,13 +367,12 @@ def cmd_report(args) -> int:
     odd = _odd_labels(r)
     if odd:
         print(f"warning: run {r.run_id}'s predictions name classes that are not {', '.join(CLASSES)} (e.g. "
-              f"{', '.join(odd)}): per-class figures and confusion matrices leave them out".translate(CONTROL_CHARS),
-              file=sys.stderr)
+              f"{', '.join(odd)}): per-class figures and confusion matrices leave them out", file=sys.stderr)
     gone = _missing_tables(r)
     if gone:
         print(f"warning: run {r.run_id} is finished but {', '.join(gone)} "
               f"{'is' if len(gone) == 1 else 'are'} missing or not a file: what they hold is left out of this "
-              "report".translate(CONTROL_CHARS), file=sys.stderr)
+              "report", file=sys.stderr)
     print(f"input: {_input_words(cfg)}")
     stats = r.table("stats")
     from core.scorecard import fallback_predictions, scorecard, scorecard_text
@@ -397,7 +396,7 @@ def _odd_labels(r) -> list[str]:
     hand-edited or foreign table), each on one line and cut to 40 characters."""
     pred = r.table("predictions", columns=["true_label", "pred_label"])
     odd = sorted({str(v) for v in pd.concat([pred["true_label"], pred["pred_label"]]).dropna()} - set(CLASSES))
-    return [" ".join(v.split())[:40] for v in odd[:3]]
+    return [one_line(v, 40) for v in odd[:3]]
 
 
 def _missing_tables(r) -> list[str]:
@@ -493,9 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
-    stdout = sys.stdout
-    if args.command in READS_THE_STORE:  # what it prints comes from run folders: no terminal control codes
-        sys.stdout = ControlFree(stdout)
+    stdout, stderr = sys.stdout, sys.stderr
+    if args.command in READS_THE_STORE:  # what they print comes from run folders: no terminal control codes
+        sys.stdout, sys.stderr = ControlFree(stdout), ControlFree(stderr)
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
@@ -514,10 +513,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{_error_words(e).translate(CONTROL_CHARS)}", file=sys.stderr, flush=True)
         return 2 if isinstance(e, (ValueError, KeyError, FileExistsError)) else 1
     finally:
-        sys.stdout = stdout
+        sys.stdout, sys.stderr = stdout, stderr
 
 
-# Commands whose output quotes run folders (run.json, tables, logs), which may have been written by anyone
+# Commands whose output quotes run folders (run.json, tables, logs), which may have been written by anyone; they
+# print no progress bars (a bar's carriage return would show as "?"), so both their streams go through ControlFree
 READS_THE_STORE = {"runs", "report", "explain"}
 
 

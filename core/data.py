@@ -24,6 +24,7 @@ import pandas as pd
 from PIL import Image
 
 from core.config import CLASSES, KNOWN_DATA_LOCATIONS
+from core.terminal import one_line
 
 # Pillow warns (two lines, with its own path) on opening an image above 89 MP; our pixel budget (MAX_PIXELS, far
 # lower) refuses such an image anyway, in one line naming it
@@ -278,7 +279,7 @@ def copies_words(copies, n_test: int | None = None) -> list[tuple[str, str]]:
 
     def names(key: str) -> str:
         ex = c.get(key)
-        ex = [" ".join(x.split())[:120] for x in ex if isinstance(x, str)][:5] if isinstance(ex, list) else []
+        ex = [one_line(x, 120) for x in ex if isinstance(x, str)][:5] if isinstance(ex, list) else []
         return f" (e.g. {', '.join(x for x in ex if x)})" if any(ex) else ""
 
     out = []

@@ -26,6 +26,7 @@ import pandas as pd
 from core.fsio import atomic_write
 from core.paths import default_cache_dir
 from core.progress import ProgressFn
+from core.terminal import one_line
 
 #: Average-linkage cut (cosine distance in :func:`grouping_space`) that defines a group. Chosen on all of real
 #: TRAIN as the cut closest to the 75/27/16/159 source cells implied by the file names with no class above its
@@ -578,7 +579,7 @@ def leakage_words(leak) -> str:
     if not n_val or n_leaked is None or n_leaked > n_val:
         return ""
     net = d.get("network")
-    net = " ".join(net.split())[:40] if isinstance(net, str) and net.strip() else "the grouping"
+    net = one_line(net, 40) if isinstance(net, str) and net.strip() else "the grouping"
     where = (f" (cosine distance below {cut:.2f} in the {net} embedding)"
              if isinstance(cut, (int, float)) and not isinstance(cut, bool) and 0 < cut < 2 else "")
     per = d.get("per_class") if isinstance(d.get("per_class"), dict) else {}
