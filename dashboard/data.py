@@ -143,10 +143,11 @@ def _sr_key(run: Run) -> tuple:
     return str(run.path), run.fingerprint(Table.PREDICTIONS)
 
 
-def measure_sr_change(run_dir, on_progress=None) -> pd.DataFrame:
+def measure_sr_change(run_dir) -> pd.DataFrame:
     """What super-resolution changed (core.srchange), measured here on the images the dashboard may read, and kept
     in memory for this run's predictions (nothing is written: ``wbc explain RUN --sr-change`` stores it). One
-    measurement per run at a time: a second caller (a double click, another session) waits for it."""
+    measurement per run at a time: a second caller (a double click, another session) waits for it. Its progress:
+    :func:`sr_change_progress`."""
     from core.srchange import sr_change
 
     run = Run(Path(run_dir))
@@ -163,8 +164,6 @@ def measure_sr_change(run_dir, on_progress=None) -> pd.DataFrame:
 
         def progress(done: int, total: int) -> None:
             _sr_running[key] = [done, total]
-            if on_progress:
-                on_progress(done, total)
 
         def allowed(path) -> bool:  # a file gone from disk is let through: its gain is None and the page says why
             return is_allowed_image(path, run.path.parent) or not os.path.lexists(str(path))
