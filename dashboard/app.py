@@ -33,12 +33,22 @@ def page_class(title: str):
 _LOADED = []
 
 
+def _no_web_font() -> None:
+    """The Fast design links Open Sans from fonts.googleapis.com in every page: offline (the usual case on a lab
+    machine) that is a console error, online a request to a third party for each visitor. Drop that one link;
+    the design's own font list falls back to the browser's sans-serif. Everything else is served by Panel."""
+    from panel.theme.fast import Fast
+
+    Fast._resources = {k: v for k, v in Fast._resources.items() if k != "font"}
+
+
 def _extensions():
     """Panel / HoloViews extensions: once per process for HoloViews (it is global), every session for Panel
     (it records the resources the page needs)."""
     pn.extension("tabulator", sizing_mode="stretch_width", notifications=False)
     if not _LOADED:
         hv.extension("bokeh", logo=False)
+        _no_web_font()
         _LOADED.append(True)
 
 

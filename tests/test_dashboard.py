@@ -108,6 +108,9 @@ def test_app_builds_and_switches_runs_over_damaged_store(env):
     state = AppState()
     tpl = build_app(state, eager=True)
     assert state.run_id in env["run_ids"]
+    # no third-party request: the Fast design's Google Fonts link is dropped (offline it was a console error)
+    links = [u for urls in tpl.resolve_resources().values() for u in (urls.values() if isinstance(urls, dict) else urls)]
+    assert links and not [u for u in links if "googleapis" in str(u)]
     for rid in [env["broken"]["corrupt"], env["failed_run_id"], env["broken"]["truncated"], *env["run_ids"]]:
         for page in PAGES[:-1]:
             state.page = page
@@ -172,7 +175,7 @@ def test_overview_numbers(env):
     assert list(_seed_words(paired)["seed"]) == ["mean"] and paired["seed"].iloc[0] == -1  # display only
     shown = _seed_words(paired)  # the CI in one column, as on the accuracy table: the table fits the page
     assert "ci_low" not in shown and shown["95% CI"].iloc[0] == (
-        f"[{paired['ci_low'].iloc[0]:+.4f}, {paired['ci_high'].iloc[0]:+.4f}]")
+        f"[{paired['ci_low'].iloc[0]:+.4f},\u00a0{paired['ci_high'].iloc[0]:+.4f}]")  # never wraps inside
     odd = pd.DataFrame({"seed": pd.array([-1, 2, None], dtype="Int64")})  # a missing seed: blank, no crash
     assert list(_seed_words(odd)["seed"]) == ["mean", "2", ""]
     assert (paired["ci_low"] <= paired["accuracy diff"]).all() and (paired["accuracy diff"] <= paired["ci_high"]).all()
@@ -196,6 +199,8 @@ def test_overview_scorecard_in_compare_mode_shows_both_runs_labelled(env):
     assert "run" not in alone.columns and len(alone) == 2
     assert list(both.columns[:2]) == ["run", "variant"] and list(both["run"]) == [a, a, b, b]
     assert both.drop(columns="run").iloc[:2].equals(alone)
+    assert all(ci.startswith("[") and "\u00a0" in ci and " " not in ci.split("]")[0]  # never wraps inside
+               for ci in alone["test 95% CI"])
     # the leakage check recorded in run.json, in core's words: one line for the run, one per run when comparing
     from core.groups import leakage_words
     from core.store import RunStore
@@ -219,7 +224,7 @@ def test_runs_delta_is_the_overview_accuracy_difference(env):
         _, paired, _ = accuracy_table(state, rid)
         cell = frame.loc[rid, DELTA]
         for v, g in paired.groupby("variant"):  # with its CI; no McNemar p (it treats copies as independent)
-            assert f"{v}: {g['accuracy diff'].mean():+.3f} [{g['ci_low'].mean():+.3f}, {g['ci_high'].mean():+.3f}]" in cell
+            assert f"{v}: {g['accuracy diff'].mean():+.3f} [{g['ci_low'].mean():+.3f},&nbsp;{g['ci_high'].mean():+.3f}]" in cell
             assert "p=" not in cell
 
 
@@ -342,7 +347,8 @@ def test_paired_table_shows_counts_read_from_disk_without_raising():
                         "b: only baseline right": [7, "12", [1, 2], "x"], "c: only variant right": [2, 3, 4, 5]})
     shown = _seed_words(odd)
     assert list(shown["discordant b / c"]) == ["7 / 2", "12 / 3", "", ""]
-    assert list(shown["95% CI"]) == ["[-0.1000, +0.1000]", "[-0.2000, +0.2000]", "", "[+0.0000, +0.1000]"]
+    assert list(shown["95% CI"]) == [
+        "[-0.1000,\u00a0+0.1000]", "[-0.2000,\u00a0+0.2000]", "", "[+0.0000,\u00a0+0.1000]"]
 
 
 def test_unfinished_run_says_so_instead_of_empty_pages(env, tmp_path):
