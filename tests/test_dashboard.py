@@ -11,6 +11,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -336,6 +337,19 @@ def test_runs_table_names_a_queued_runs_variants_and_when_it_ran(tmp_path):
     run.update_meta(status="failed", error={"type": "RuntimeError", "message": "boom"})  # a reason, not dashes
     cell = runs_frame(state).set_index("run_id").loc["q1", "accuracy [95% CI]"]
     assert "boom" in cell and "—" not in cell
+
+
+def test_accuracy_table_counts_stay_whole_numbers():
+    """Two runs' rows concatenated made image size, n and seeds floats ('128.0', '71.0'); they show as integers,
+    and a column with a gap or a fraction is left as it is."""
+    from dashboard.pages.overview import _fmt
+
+    rows = pd.DataFrame({"run": ["a", "b"], "variant": ["original"] * 2, "image_size": [128.0, 144.0],
+                         "accuracy": [0.88, 0.9], "ci_low": [0.8, 0.82], "ci_high": [0.95, 0.96],
+                         "seed_mean": [np.nan] * 2, "seed_sd": [np.nan] * 2, "n": [71.0, np.nan], "n_seeds": [1.0, 2.5]})
+    shown = _fmt(rows)
+    assert list(shown["image_size"].astype(str)) == ["128", "144"]
+    assert shown["n"].isna().iloc[1] and shown["n_seeds"].iloc[1] == 2.5
 
 
 def test_paired_table_shows_counts_read_from_disk_without_raising():

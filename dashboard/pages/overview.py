@@ -184,6 +184,7 @@ def _acc_plot(acc: pd.DataFrame, title: str):
 
 
 _OPTIONAL = ("image_size", "macro_f1", "balanced_acc", "n", "n_seeds")  # columns left out when a run has none
+_COUNTS = ("image_size", "n", "n_seeds")
 
 
 def _fmt(acc: pd.DataFrame) -> pd.DataFrame:
@@ -191,6 +192,11 @@ def _fmt(acc: pd.DataFrame) -> pd.DataFrame:
     out["95% CI"] = [CI_FMT.format(a, b) if a == a and b == b else "" for a, b in zip(out["ci_low"], out["ci_high"])]
     out["seeds mean ± sd"] = [f"{m:.3f} ± {s:.3f}" if m == m and s == s else "" for m, s in
                               zip(out["seed_mean"], out["seed_sd"])]
+    for c in _COUNTS:  # whole numbers stay whole (two runs concatenated made them floats: "128.0", "71.0")
+        if c in out:
+            vals = pd.to_numeric(out[c], errors="coerce")
+            if len(vals) and vals.notna().all() and (vals % 1 == 0).all():
+                out[c] = vals.astype("int64")
     cols = [c for c in ["run", "variant", "image_size", "accuracy", "95% CI", "seeds mean ± sd", "macro_f1",
                         "balanced_acc", "n", "n_seeds"]
             if c in out.columns and not (c in _OPTIONAL and out[c].isna().all())]  # no stats: no "NaN" columns
