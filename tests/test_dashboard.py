@@ -709,7 +709,7 @@ def test_launch_args_from_form():
 
     assert seed_args("4") == ["--seed", "4"]
     for bad in ("x", "-1", "0,0", ""):
-        with pytest.raises(ValueError, match="seeds"):
+        with pytest.raises(ValueError, match="^Seeds: "):
             seed_args(bad)
 
 
@@ -1112,8 +1112,8 @@ def test_launch_says_what_is_wrong_while_the_form_is_filled(tmp_path, monkeypatc
     assert not page.form_check.visible and not page.start_b.disabled
     for field, bad, words in (("epochs", 0, "Epochs: must be between 1 and 500, got 0"),
                               ("image_size", None, "Image size: enter a whole number"),
-                              ("seeds", "0,0", "seeds: give distinct whole numbers >= 0"),
-                              ("seeds", "a", "seeds: 'a' is not a comma-separated list")):
+                              ("seeds", "0,0", "Seeds: give distinct whole numbers >= 0"),
+                              ("seeds", "a", "Seeds: 'a' is not a comma-separated list")):
         good = getattr(page, field)
         setattr(page, field, bad)
         assert page.form_check.visible and page.form_check.object.startswith(esc(words)), page.form_check.object
@@ -1123,7 +1123,7 @@ def test_launch_says_what_is_wrong_while_the_form_is_filled(tmp_path, monkeypatc
     page.epochs, page.seeds = -3, "0,;rm -rf /"  # two problems at once: both said, one line each
     lines = page.form_check.object.split("<br>")
     assert lines[0] == esc("Epochs: must be between 1 and 500, got -3") and len(lines) == 2, lines
-    assert lines[1].startswith(esc("seeds: '0,;rm -rf /' is not")) and page.start_b.disabled
+    assert lines[1].startswith(esc("Seeds: '0,;rm -rf /' is not")) and page.start_b.disabled
     page.epochs, page.seeds = 8, "0"
     assert not page.form_check.visible and not page.start_b.disabled
     page.data_path = "/etc"  # a typed folder outside the data roots: said beside it, and Start waits too

@@ -95,9 +95,9 @@ def seed_args(seeds) -> list[str]:
     try:
         vals = [int(x) for x in str(seeds).replace(" ", "").split(",") if x != ""]
     except ValueError:
-        raise ValueError(f"seeds: {seeds!r} is not a comma-separated list of whole numbers") from None
+        raise ValueError(f"Seeds: {seeds!r} is not a comma-separated list of whole numbers") from None
     if not vals or min(vals) < 0 or len(set(vals)) != len(vals):
-        raise ValueError(f"seeds: give distinct whole numbers >= 0, e.g. 0 or 0,1,2 (got {seeds!r})")
+        raise ValueError(f"Seeds: give distinct whole numbers >= 0, e.g. 0 or 0,1,2 (got {seeds!r})")
     return ["--seed", str(vals[0])] if len(vals) == 1 else ["--seeds", ",".join(map(str, vals))]
 
 
