@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import re
 
+import pandas as pd
 import panel as pn
 
 from core.config import CLASS_ABBR
@@ -64,12 +66,40 @@ def fitted_table(df, css: str, **kw) -> pn.widgets.Tabulator:
     letter by letter."""
     cols = list(getattr(df, "columns", ()))
     widths = {c: w for c, w in _FIXED_WIDTHS.items() if c in cols}
+    widths.update(kw.pop("widths", {}))
     titles = {c: esc(str(c).replace("_", " ")) for c in cols}
+    # each free column at least as wide as its longest word (title or cell): a word never breaks letter by letter
+    # a number column's title sits over its numbers (right), not against the next column's title
+    floors = [{"field": str(c), **({} if c in widths else {"minWidth": min_width(c, df[c])}),
+               **({"headerHozAlign": "right"} if pd.api.types.is_numeric_dtype(df[c]) else {})} for c in cols]
     return pn.widgets.Tabulator(df, show_index=False, disabled=True, sizing_mode="stretch_width", layout="fit_columns",
                                 css_classes=[css], stylesheets=WRAP_CELLS + kw.pop("stylesheets", []),
-                                widths={**widths, **kw.pop("widths", {})}, titles={**titles, **kw.pop("titles", {})},
+                                widths=widths, titles={**titles, **kw.pop("titles", {})},
                                 # a few rows: no sort arrows, whose room the wrapped titles need
-                                configuration={"columnDefaults": {"headerSort": False, "minWidth": MIN_COLUMN}}, **kw)
+                                configuration={"columnDefaults": {"headerSort": False, "minWidth": MIN_COLUMN},
+                                               "columns": floors}, **kw)
+
+
+_BREAKS = re.compile(r"[ \t\r\n]+")  # where a cell or title may wrap; a no-break space (an interval) does not
+CELL_CHAR_PX, TITLE_CHAR_PX, PAD_PX, MAX_FLOOR = 7.6, 8.4, 18, 200
+
+
+def min_width(column, values) -> int:
+    """The px a column needs so that its longest word, in the title or a cell, stays on one line (at least
+    ``MIN_COLUMN``, at most ``MAX_FLOOR``: a longer word, such as a path, still wraps). Numbers are shown
+    rounded, so they take ``MIN_COLUMN``."""
+    title = max((len(w) for w in _BREAKS.split(str(column).replace("_", " "))), default=0)
+    cells = 0
+    if not pd.api.types.is_float_dtype(values):
+        cells = max((len(w) for v in values if not _blank(v) for w in _BREAKS.split(str(v))), default=0)
+    return int(min(MAX_FLOOR, max(MIN_COLUMN, title * TITLE_CHAR_PX + PAD_PX, cells * CELL_CHAR_PX + PAD_PX)))
+
+
+def _blank(v) -> bool:
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):  # a list or an array read from disk: shown as text
+        return False
 
 
 def warnings_md(warnings) -> str:

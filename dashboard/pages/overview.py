@@ -199,7 +199,8 @@ def _fmt(acc: pd.DataFrame) -> pd.DataFrame:
                 out[c] = vals.astype("int64")
     cols = [c for c in ["run", "variant", "image_size", "accuracy", "95% CI", "seeds mean ± sd", "macro_f1",
                         "balanced_acc", "n", "n_seeds"]
-            if c in out.columns and not (c in _OPTIONAL and out[c].isna().all())]  # no stats: no "NaN" columns
+            if c in out.columns and not (c in _OPTIONAL and out[c].isna().all())  # no stats: no "NaN" columns
+            and not (c == "seeds mean ± sd" and (out[c] == "").all())]  # one seed each: no spread to show
     return out[cols]
 
 
@@ -297,7 +298,7 @@ def _seed_words(paired: pd.DataFrame) -> pd.DataFrame:
     """The paired table for display: the seed mean's row (stored as SEED_MEAN, -1) says 'mean', not -1; the CI
     in one column as on the accuracy table, and the discordant counts in one ('b / c'), so that it fits the page."""
     out = paired.assign(seed=["mean" if _is_seed_mean(s) else "" if pd.isna(s) else str(s) for s in paired["seed"]])
-    for lo, hi, name, fmt in (("ci_low", "ci_high", "95% CI", "[{:+.4f},\u00a0{:+.4f}]"),
+    for lo, hi, name, fmt in (("ci_low", "ci_high", "95% CI", "[{:+.3f},\u00a0{:+.3f}]"),
                               ("b: only baseline right", "c: only variant right", "discordant b / c", "{:.0f} / {:.0f}")):
         if lo in out and hi in out:  # values read from disk: a number each, or the cell stays blank (never raises)
             pairs = [(as_float(x), as_float(y)) for x, y in zip(out[lo], out[hi])]
