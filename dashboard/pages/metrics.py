@@ -6,6 +6,7 @@ import holoviews as hv
 import pandas as pd
 import panel as pn
 import param
+from bokeh.models.widgets.tables import NumberFormatter
 
 from core.config import CLASSES
 from core.metrics import METRICS, paper_table, per_class
@@ -16,6 +17,10 @@ from dashboard.pages.base import Page
 from dashboard.pages.common import (color_key, escaped_titles, fitted_table, no_run, variant_color, variant_colors,
                                     warnings_alert)
 from dashboard.safe import esc
+
+# the table's numbers: 3 decimals, right-aligned under their titles; "-" where a row has none (accuracy's P / R)
+THREE_DECIMALS = NumberFormatter(format="0.000", text_align="right", nan_format="-")
+
 
 class MetricsPage(Page):
     title = "Metrics"
@@ -35,7 +40,8 @@ class MetricsPage(Page):
         parts = [self.render_run(run_id)]
         if compare and compare != run_id:  # each run under its own heading
             parts = [pn.pane.Markdown(f"### Run <code>{esc(run_id)}</code>", css_classes=["wbc-metrics-run"]), *parts,
-                     pn.layout.Divider(), pn.pane.Markdown(f"### Compared with <code>{esc(compare)}</code>",
+                     pn.pane.HTML("<hr>", sizing_mode="stretch_width"),  # Divider fetches its CSS from a CDN
+                     pn.pane.Markdown(f"### Compared with <code>{esc(compare)}</code>",
                                                            css_classes=["wbc-metrics-run"]),
                      self.render_run(compare)]
         return pn.Column(*parts, sizing_mode="stretch_width")
@@ -60,9 +66,13 @@ class MetricsPage(Page):
             title=f"{metric} per class and variant", xlabel="class", ylabel=metric, legend_position="bottom_right",
             color=hv.dim("variant").categorize(variant_colors(cls["variant"].unique())))
         return [color_key(list(dict.fromkeys(cls["variant"]))),
-                pn.pane.HoloViews(bars, sizing_mode="stretch_width", height=340),
+                # not linked: the compared run's bars get their own variants (linked, one variant sat in a slot
+                # laid out for the main run's two)
+                pn.pane.HoloViews(bars, sizing_mode="stretch_width", height=340, linked_axes=False),
                 pn.pane.Markdown("#### Per-class metrics (mean over seeds)"),
-                fitted_table(table, "wbc-metrics-table", titles=escaped_titles(table))]  # variant names as they are
+                fitted_table(table, "wbc-metrics-table", titles=escaped_titles(table),  # variant names as they are
+                             formatters={c: THREE_DECIMALS for c in table.columns  # 1.000 beside 0.611, not 1.0
+                                         if pd.api.types.is_float_dtype(table[c])})]
 
 
 def curves(hist: pd.DataFrame) -> list:
