@@ -64,7 +64,8 @@ class Gallery(JSComponent):
     .wbc-imgs { display: flex; gap: 4px; }
     .wbc-imgs img, .wbc-imgs .missing { width: 120px; height: 90px; object-fit: contain; background: #eee; }
     .wbc-imgs .missing { display: flex; align-items: center; justify-content: center; color: #999; }
-    .wbc-cap { font-weight: 600; margin-top: 2px; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+    .wbc-cap { font-weight: 600; margin-top: 2px; overflow-wrap: anywhere; }  /* wraps: a long variant name
+                                                                                    no longer hides the seed */
     .wbc-probs { color: #555; font-family: monospace; font-size: 11px; }
     .wbc-empty { color: #666; padding: 1em; }
     """]

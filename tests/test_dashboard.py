@@ -176,7 +176,7 @@ def test_overview_numbers(env):
     assert list(_seed_words(paired)["seed"]) == ["mean"] and paired["seed"].iloc[0] == -1  # display only
     shown = _seed_words(paired)  # the CI in one column, as on the accuracy table: the table fits the page
     assert "ci_low" not in shown and shown["95% CI"].iloc[0] == (
-        f"[{paired['ci_low'].iloc[0]:+.4f},\u00a0{paired['ci_high'].iloc[0]:+.4f}]")  # never wraps inside
+        f"[{paired['ci_low'].iloc[0]:+.3f},\u00a0{paired['ci_high'].iloc[0]:+.3f}]")  # never wraps inside
     odd = pd.DataFrame({"seed": pd.array([-1, 2, None], dtype="Int64")})  # a missing seed: blank, no crash
     assert list(_seed_words(odd)["seed"]) == ["mean", "2", ""]
     assert (paired["ci_low"] <= paired["accuracy diff"]).all() and (paired["accuracy diff"] <= paired["ci_high"]).all()
@@ -339,6 +339,23 @@ def test_runs_table_names_a_queued_runs_variants_and_when_it_ran(tmp_path):
     assert "boom" in cell and "—" not in cell
 
 
+def test_table_columns_are_as_wide_as_their_longest_word():
+    """fitted_table gives each free column a minimum width from its longest word (title or cell; a no-break space
+    joins an interval into one word), so a narrow window scrolls sideways instead of breaking '[0.754, 0.925]' or
+    'validation' letter by letter; number titles sit over their numbers."""
+    from dashboard.pages.common import MAX_FLOOR, MIN_COLUMN, fitted_table, min_width
+
+    ci = pd.Series(["[0.754,\u00a00.925]", None])
+    assert min_width("95% CI", ci) > min_width("95% CI", pd.Series(["[0.754, 0.925]"])) >= MIN_COLUMN
+    assert min_width("this run validation acc", pd.Series([0.8])) > min_width("this run val acc", pd.Series([0.8]))
+    assert min_width("n", pd.Series([71.123456789])) == MIN_COLUMN  # numbers are shown rounded
+    assert min_width("weights", pd.Series(["x" * 300, [1, 2]])) == MAX_FLOOR  # a path still wraps
+    df = pd.DataFrame({"variant": ["original"], "95% CI": ci[:1], "accuracy": [0.85]})
+    cols = {c["field"]: c for c in fitted_table(df, "t").get_root().configuration["columns"]}  # as sent to the page
+    assert cols["95% CI"]["minWidth"] == min_width("95% CI", ci) and "minWidth" not in cols["variant"]  # fixed width
+    assert cols["accuracy"]["headerHozAlign"] == "right" and "headerHozAlign" not in cols["95% CI"]
+
+
 def test_accuracy_table_counts_stay_whole_numbers():
     """Two runs' rows concatenated made image size, n and seeds floats ('128.0', '71.0'); they show as integers,
     and a column with a gap or a fraction is left as it is."""
@@ -362,7 +379,7 @@ def test_paired_table_shows_counts_read_from_disk_without_raising():
     shown = _seed_words(odd)
     assert list(shown["discordant b / c"]) == ["7 / 2", "12 / 3", "", ""]
     assert list(shown["95% CI"]) == [
-        "[-0.1000,\u00a0+0.1000]", "[-0.2000,\u00a0+0.2000]", "", "[+0.0000,\u00a0+0.1000]"]
+        "[-0.100,\u00a0+0.100]", "[-0.200,\u00a0+0.200]", "", "[+0.000,\u00a0+0.100]"]
 
 
 def test_unfinished_run_says_so_instead_of_empty_pages(env, tmp_path):
@@ -530,6 +547,11 @@ def test_overview_in_compare_mode_says_when_the_compared_run_is_not_finished(env
     mview = MetricsPage(state).__panel__()
     heads = [m.object for m in mview.select(pn.pane.Markdown) if "wbc-metrics-run" in m.css_classes]
     assert len(heads) == 2 and env["run_ids"][0] in heads[0] and env["run_ids"][1] in heads[1]  # each run headed
+    assert not mview.select(pn.layout.Divider)  # its CSS comes from a CDN: offline a console error
+    bars = mview.select(pn.pane.HoloViews)
+    assert bars and not any(b.linked_axes for b in bars if "Bars" in type(b.object).__name__)  # own variant slots
+    tables = [t for t in mview.select(pn.widgets.Tabulator) if "wbc-metrics-table" in t.css_classes]
+    assert len(tables) == 2 and all(f.format == "0.000" and f.nan_format == "-" for f in tables[0].formatters.values())  # 1.000, not 1.0
 
 
 def test_path_safety(env, tmp_path):

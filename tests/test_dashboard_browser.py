@@ -89,6 +89,10 @@ def test_class_filter_changes_gallery(dashboard_page, dashboard_server, dashboar
     expect(cards.first.locator(".wbc-cap")).to_have_text(re.compile(r"^EOS \u2192"))
     caps = gallery_captions(page)
     assert caps and all(c.startswith("EOS") for c in caps), caps
+    clipped = page.locator(".wbc-gallery-pane .wbc-card .wbc-cap").evaluate_all(  # the longest variant name we ship
+        "els => { els[0].textContent = 'NEU \u2192 EOS \u00b7 realesrgan-x4plus-anime seed 12';"
+        " return els.filter(e => e.scrollWidth > e.clientWidth).map(e => e.textContent) }")
+    assert not clipped, clipped  # the whole caption shows, seed included (it was cut to 'realesr-animevideov3 see…')
 
     # larger view on click: original and enhanced side by side
     cards.first.click()
