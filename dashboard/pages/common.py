@@ -55,7 +55,7 @@ WRAP_CELLS = [".tabulator-cell { white-space: normal !important; overflow-wrap: 
               ".tabulator-col-title { white-space: normal !important; overflow-wrap: break-word; }"]
 MIN_COLUMN = 64  # px: "0.8451", "accuracy" and "[0.754," fit on one line
 # fitted_table's fixed column widths: a run id on one line, small numbers narrow; the other columns share the rest
-_FIXED_WIDTHS = {"run": 200, "variant": 145, "test set": 110, "n": 55, "n_seeds": 70, "seeds": 65, "seed": 65,
+_FIXED_WIDTHS = {"run": 190, "variant": 145, "test set": 110, "n": 55, "n_seeds": 70, "seeds": 65, "seed": 65,
                  "image_size": 70, "size px": 60, "sha256": 150}
 
 
@@ -80,15 +80,17 @@ def fitted_table(df, css: str, **kw) -> pn.widgets.Tabulator:
                                                "columns": floors}, **kw)
 
 
-_BREAKS = re.compile(r"[ \t\r\n]+")  # where a cell or title may wrap; a no-break space (an interval) does not
-CELL_CHAR_PX, TITLE_CHAR_PX, PAD_PX, MAX_FLOOR = 7.6, 8.4, 18, 200
+_BREAKS = re.compile(r"[ \t\r\n]+")  # where a cell may wrap; a no-break space (an interval) does not
+_TITLE_BREAKS = re.compile(r"[ \t\r\n]+|(?<=[A-Za-z]-)")  # a title also wraps after a word's hyphen ('group-bootstrap')
+CELL_CHAR_PX, TITLE_CHAR_PX, PAD_PX, MAX_FLOOR = 6.6, 7.2, 12, 200  # measured: 14 px Tabulator fonts, 4 px padding
 
 
 def min_width(column, values) -> int:
     """The px a column needs so that its longest word, in the title or a cell, stays on one line (at least
     ``MIN_COLUMN``, at most ``MAX_FLOOR``: a longer word, such as a path, still wraps). Numbers are shown
     rounded, so they take ``MIN_COLUMN``."""
-    title = max((len(w) for w in _BREAKS.split(str(column).replace("_", " "))), default=0)
+    title = max((len(w) + sum(ch.isupper() for ch in w) for w in  # a bold capital: about two letters wide
+                 _TITLE_BREAKS.split(str(column).replace("_", " "))), default=0)
     cells = 0
     if not pd.api.types.is_float_dtype(values):
         cells = max((len(w) for v in values if not _blank(v) for w in _BREAKS.split(str(v))), default=0)
