@@ -225,7 +225,7 @@ def test_runs_delta_is_the_overview_accuracy_difference(env):
         _, paired, _ = accuracy_table(state, rid)
         cell = frame.loc[rid, DELTA]
         for v, g in paired.groupby("variant"):  # with its CI; no McNemar p (it treats copies as independent)
-            assert f"{v}: {g['accuracy diff'].mean():+.3f} [{g['ci_low'].mean():+.3f},&nbsp;{g['ci_high'].mean():+.3f}]" in cell
+            assert f"{v}: {g['accuracy diff'].mean():+.3f} [{g['ci_low'].mean():+.3f},\u00a0{g['ci_high'].mean():+.3f}]" in cell
             assert "p=" not in cell
 
 

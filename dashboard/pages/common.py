@@ -104,6 +104,12 @@ def _blank(v) -> bool:
         return False
 
 
+def interval(lo: str, hi: str) -> str:
+    """A confidence interval's two formatted ends as '[lo, hi]', joined by a no-break space: it never wraps inside
+    its cell (at the space it did, '[0.754,' over '0.925]'), and fitted_table counts it as one word."""
+    return f"[{lo},\u00a0{hi}]"
+
+
 def warnings_md(warnings) -> str:
     """A Markdown list of the warnings (they name run folders and quote errors: escaped)."""
     return "\n".join(f"* {esc(w)}" for w in warnings if w)

@@ -10,10 +10,8 @@ import panel as pn
 from core.store import DETAIL_B, DETAIL_C, DETAIL_P_CLUSTER_BOOT, SEED_MEAN, Metric, StatKind, Table, parse_detail
 from dashboard.data import accuracy_from_predictions, load_table, read_meta, report_html
 from dashboard.pages.base import Page
-from dashboard.pages.common import fitted_table, fmt_p, no_run, warnings_alert
+from dashboard.pages.common import fitted_table, fmt_p, interval, no_run, warnings_alert
 from dashboard.safe import as_float, esc
-
-CI_FMT = "[{:.3f},\u00a0{:.3f}]"  # a no-break space: an interval never wraps inside its cell (it did at its space)
 
 
 def accuracy_table(state, run_id) -> tuple[pd.DataFrame, pd.DataFrame, list]:
@@ -94,7 +92,7 @@ def scorecard_frame(state, run_id) -> pd.DataFrame:
                                  for v, x in zip(card["variant"], card["paper_val_accuracy"])],
         "this run validation acc": card["val_accuracy"].round(3),
         "test acc (unseen cells)": card["test_accuracy"].round(3),
-        "test 95% CI": [(CI_FMT.format(a, b) if a == a else "none: no statistics" if f == AccuracySource.PREDICTIONS
+        "test 95% CI": [(interval(f"{a:.3f}", f"{b:.3f}") if a == a else "none: no statistics" if f == AccuracySource.PREDICTIONS
                          else "") + test_seeds_words(t, n) for a, b, f, t, n in
                         zip(card["test_ci_low"], card["test_ci_high"], card["test_from"], card["test_seeds"], card["seeds"])],
         "validation split": [SPLIT_WORDS.get(s, s) for s in card["val_split"]],
@@ -189,7 +187,7 @@ _COUNTS = ("image_size", "n", "n_seeds")
 
 def _fmt(acc: pd.DataFrame) -> pd.DataFrame:
     out = acc.copy()
-    out["95% CI"] = [CI_FMT.format(a, b) if a == a and b == b else "" for a, b in zip(out["ci_low"], out["ci_high"])]
+    out["95% CI"] = [interval(f"{a:.3f}", f"{b:.3f}") if a == a and b == b else "" for a, b in zip(out["ci_low"], out["ci_high"])]
     out["seeds mean ± sd"] = [f"{m:.3f} ± {s:.3f}" if m == m and s == s else "" for m, s in
                               zip(out["seed_mean"], out["seed_sd"])]
     for c in _COUNTS:  # whole numbers stay whole (two runs concatenated made them floats: "128.0", "71.0")
@@ -298,11 +296,12 @@ def _seed_words(paired: pd.DataFrame) -> pd.DataFrame:
     """The paired table for display: the seed mean's row (stored as SEED_MEAN, -1) says 'mean', not -1; the CI
     in one column as on the accuracy table, and the discordant counts in one ('b / c'), so that it fits the page."""
     out = paired.assign(seed=["mean" if _is_seed_mean(s) else "" if pd.isna(s) else str(s) for s in paired["seed"]])
-    for lo, hi, name, fmt in (("ci_low", "ci_high", "95% CI", "[{:+.3f},\u00a0{:+.3f}]"),
-                              ("b: only baseline right", "c: only variant right", "discordant b / c", "{:.0f} / {:.0f}")):
+    for lo, hi, name, fmt in (("ci_low", "ci_high", "95% CI", lambda x, y: interval(f"{x:+.3f}", f"{y:+.3f}")),
+                              ("b: only baseline right", "c: only variant right", "discordant b / c",
+                               "{:.0f} / {:.0f}".format)):
         if lo in out and hi in out:  # values read from disk: a number each, or the cell stays blank (never raises)
             pairs = [(as_float(x), as_float(y)) for x, y in zip(out[lo], out[hi])]
-            out.insert(out.columns.get_loc(lo), name, [fmt.format(x, y) if x is not None and y is not None else ""
+            out.insert(out.columns.get_loc(lo), name, [fmt(x, y) if x is not None and y is not None else ""
                                                        for x, y in pairs])
             out = out.drop(columns=[lo, hi])
     return out

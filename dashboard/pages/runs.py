@@ -8,7 +8,7 @@ import panel as pn
 from core.store import Metric, StatKind, Status, Table
 from dashboard.data import list_runs, load_table, read_info, read_meta, run_state
 from dashboard.pages.base import Page
-from dashboard.pages.common import WRAP_CELLS, warnings_alert, warnings_md
+from dashboard.pages.common import WRAP_CELLS, interval, warnings_alert, warnings_md
 from dashboard.safe import esc
 
 COLUMNS = ["run_id", "status", "preset"]  # then accuracy and Δ (the columns read most), then AFTER and "when"
@@ -34,12 +34,12 @@ def _acc_cells(state, df: pd.DataFrame) -> tuple[list[str], list[str]]:
             ["_o", "image_size"], kind="stable")
         many = acc["image_size"].nunique() > 1
         acc_col.append("<br>".join(f"{esc(r.variant)}{f' @{esc(r.image_size)}px' if many else ''}: {_num(r.estimate)}"
-                                   + (f" [{_num(r.ci_low)},&nbsp;{_num(r.ci_high)}]" if r.ci_low == r.ci_low else "")
+                                   + (f" {interval(_num(r.ci_low), _num(r.ci_high))}" if r.ci_low == r.ci_low else "")
                                    + (f" (mean of {esc(r.n_seeds)} seeds)" if r.n_seeds > 1 else "")
                                    for r in acc.itertuples()) or _summary_cell(df, i))
         paired_col.append("<br>".join(
             f"{esc(r.variant)}{f' @{esc(r.image_size)}px' if many else ''}: {_num(r.estimate, '+')}"
-            + (f" [{_num(r.ci_low, '+')},&nbsp;{_num(r.ci_high, '+')}]" if r.ci_low == r.ci_low and r.ci_high == r.ci_high
+            + (f" {interval(_num(r.ci_low, '+'), _num(r.ci_high, '+'))}" if r.ci_low == r.ci_low and r.ci_high == r.ci_high
                else "")
             for r in paired.itertuples())
             or ("— (one variant)" if finished and acc["variant"].nunique() == 1 else ""))  # nothing to compare
