@@ -41,6 +41,7 @@ ROWS: dict[str, dict] = {
     "weight_decay=0.05 (AdamW decay at the usual fine-tuning strength, not 1e-4)": dict(weight_decay=0.05),
     "augment=dihedral+jitter+hed (also jitter each stain's amount)": dict(augment="dihedral+jitter+hed"),
     "augment=dihedral+zoom (zoom/shift jitter, no stain jitter)": dict(augment="dihedral+zoom"),
+    "augment=dihedral+jitter+rotate (also a turn by any angle)": dict(augment="dihedral+jitter+rotate"),
 }
 KEYS = {"base": "base", "full": "policy=full (the paper's squashed frame)",
         "center": "policy=center (200 px centred square)", "nojitter": "augment=dihedral (no zoom/shift/stain jitter)",
@@ -54,7 +55,8 @@ KEYS = {"base": "base", "full": "policy=full (the paper's squashed frame)",
         "crop176": "crop=176 (a wider region around the cell, same 128 px input)",
         "wd05": "weight_decay=0.05 (AdamW decay at the usual fine-tuning strength, not 1e-4)",
         "hed": "augment=dihedral+jitter+hed (also jitter each stain's amount)",
-        "nocolour": "augment=dihedral+zoom (zoom/shift jitter, no stain jitter)"}
+        "nocolour": "augment=dihedral+zoom (zoom/shift jitter, no stain jitter)",
+        "rotate": "augment=dihedral+jitter+rotate (also a turn by any angle)"}
 
 
 def row_metrics(r) -> dict:

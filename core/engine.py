@@ -75,13 +75,14 @@ def dihedral_view(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def augment_batch(x: torch.Tensor, view: int, gen: torch.Generator, jitter: bool,
                   rows: torch.Tensor | None = None, n_global: int | None = None, hed: bool = False,
-                  colour: bool = True) -> torch.Tensor:
+                  colour: bool = True, rotate: bool = False) -> torch.Tensor:
     """Per-image training augmentation of a float (B, 3, D, D) batch in 0-255 -> (B, 3, view, view).
 
     Each image gets its own dihedral transform; with ``jitter`` also a zoom (0.87-1.15x), a shift (up to 8%
     of the view) and a stain jitter (per-channel gain 0.9-1.1 and offset +-12 grey levels; not with ``colour=False``,
     which still draws them, so that the zoom and shift stay what they were); with ``hed`` also a
-    jitter of each stain's amount (see :func:`hed_jitter`). Under torchrun,
+    jitter of each stain's amount (see :func:`hed_jitter`); with ``rotate`` also a turn by any angle in +-45 degrees
+    (with the dihedral views, every angle: a cell on a slide has no upright). Under torchrun,
     ``x`` is this rank's ``rows`` of an ``n_global`` batch: every rank draws the whole batch's parameters
     from the same generator and applies its rows', so that N ranks augment exactly as one process does.
     """
@@ -97,10 +98,15 @@ def augment_batch(x: torch.Tensor, view: int, gen: torch.Generator, jitter: bool
     if hed:  # drawn after the others, so that the plain jitter's draws stay what they were
         scale = pick(1 + (torch.rand(b, 3, generator=gen) * 2 - 1) * HED_SCALE)
         shift_od = pick((torch.rand(b, 3, generator=gen) * 2 - 1) * HED_SHIFT)
+    if rotate:  # drawn last, so that every other draw stays what it was
+        angle = pick((torch.rand(b, generator=gen) * 2 - 1) * math.pi / 4)
     if not len(x):  # this rank holds none of the batch (the draws above keep every rank's generator in step)
         return x.new_zeros((0, x.shape[1], view, view))
     theta = torch.zeros(len(x), 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = view / d / zoom
+    if rotate:  # the same scale, turned: [[cos, -sin], [sin, cos]]
+        c, sn = torch.cos(angle) * view / d / zoom, torch.sin(angle) * view / d / zoom
+        theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = c, -sn, sn, c
     theta[:, :, 2] = shift
     grid = nn.functional.affine_grid(theta.to(x.device), [len(x), 3, view, view], align_corners=False)
     x = nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
@@ -231,9 +237,10 @@ def _autocast(device: torch.device):
 
 
 # The per-image augmentations (core.config.AUGMENTS but none / dihedral-batch) as augment_batch's flags:
-# (zoom/shift jitter, per-channel stain jitter, stain-amount jitter in HED space).
-_PER_IMAGE = {"dihedral": (False, False, False), "dihedral+zoom": (True, False, False),
-              "dihedral+jitter": (True, True, False), "dihedral+jitter+hed": (True, True, True)}
+# (zoom/shift jitter, per-channel stain jitter, stain-amount jitter in HED space, a turn by any angle).
+_PER_IMAGE = {"dihedral": (False, False, False, False), "dihedral+zoom": (True, False, False, False),
+              "dihedral+jitter": (True, True, False, False), "dihedral+jitter+hed": (True, True, True, False),
+              "dihedral+jitter+rotate": (True, True, False, True)}
 
 
 def _prepare(xb: torch.Tensor, s: TrainSettings, device, gen, train: bool, rows=None, n_global=None) -> torch.Tensor:
@@ -247,8 +254,9 @@ def _prepare(xb: torch.Tensor, s: TrainSettings, device, gen, train: bool, rows=
         return centre_crop(_dihedral_batch(xb, gen), view).float()
     if s.augment not in _PER_IMAGE:
         raise ValueError(f"unknown augmentation {s.augment!r}")  # validate_config says so first, in one line
-    jitter, colour, hed = _PER_IMAGE[s.augment]
-    return augment_batch(xb.float(), view, gen, jitter=jitter, rows=rows, n_global=n_global, hed=hed, colour=colour)
+    jitter, colour, hed, rotate = _PER_IMAGE[s.augment]
+    return augment_batch(xb.float(), view, gen, jitter=jitter, rows=rows, n_global=n_global, hed=hed, colour=colour,
+                         rotate=rotate)
 
 
 def run_epoch(model, norm, x, y, s: TrainSettings, device, gen, optimizer=None, scheduler=None,

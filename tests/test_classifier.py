@@ -525,3 +525,44 @@ def test_sgd_is_used_and_learns():
                                                    augment="none"), torch.device("cpu"))
     h = pd.DataFrame(res["history"])
     assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0] and res["best_val_acc"] > 0.5
+
+
+def test_rotation_turns_each_image_by_its_own_angle_and_leaves_every_other_draw_alone():
+    """augment=dihedral+jitter+rotate: the jitter's zoom, shift and colour as before, then a turn by any angle.
+
+    A centred disc looks the same at any angle: with and without rotation it keeps its size and its distance from
+    the centre (the turn also turns the shift's direction); an upright bar is tilted, by a different angle each."""
+    yy, xx = torch.meshgrid(torch.arange(48) - 23.5, torch.arange(48) - 23.5, indexing="ij")
+    disc = ((xx ** 2 + yy ** 2) < 12 ** 2).float() * 150 + 50
+    bar = ((xx.abs() < 3) & (yy.abs() < 20)).float() * 150 + 50  # upright: a turn tilts it
+    x = torch.stack([disc, bar])[:, None].repeat(1, 3, 1, 1)
+    n = 16
+    xs = x.repeat_interleave(n // 2, 0)
+    plain = augment_batch(xs, 32, torch.Generator().manual_seed(3), jitter=True, colour=False)
+    turned = augment_batch(xs, 32, torch.Generator().manual_seed(3), jitter=True, colour=False, rotate=True)
+    assert turned.shape == plain.shape == (n, 3, 32, 32)
+    # the disc: the same zoom and the same shift's length, whatever the angle (the rotation draws came last)
+    def mass_and_radius(im):
+        w = im[0] - 50
+        c = torch.arange(32.0) - 15.5
+        gy, gx = torch.meshgrid(c, c, indexing="ij")
+        return float(w.sum()), float(torch.hypot((w * gx).sum() / w.sum(), (w * gy).sum() / w.sum()))
+    for a, b in zip(turned[: n // 2], plain[: n // 2]):
+        (ma, ra), (mb, rb) = mass_and_radius(a), mass_and_radius(b)
+        assert ma == pytest.approx(mb, rel=0.03) and ra == pytest.approx(rb, abs=0.3)
+    # the bar's tilt differs image to image: its second moments are no longer axis-aligned
+    def tilt(im):
+        w = im[0] - im[0].min()
+        c = torch.arange(32.0) - 15.5
+        gy, gx = torch.meshgrid(c, c, indexing="ij")
+        return float((w * gx * gy).sum() / w.sum())
+    assert max(abs(tilt(im)) for im in plain[n // 2:]) < 1.0
+    tilts = [tilt(im) for im in turned[n // 2:]]
+    assert max(abs(t) for t in tilts) > 5.0 and len({round(t) for t in tilts}) > 3
+
+
+def test_rotation_is_a_known_augmentation_and_an_unknown_one_is_one_line():
+    from core.config import StudyConfig
+    StudyConfig(augment="dihedral+jitter+rotate").validate()  # accepted
+    with pytest.raises(ValueError, match=r"^--augment: unknown augmentation 'rotate'; choose from .*dihedral\+jitter\+rotate"):
+        StudyConfig(augment="rotate").validate()
