@@ -42,6 +42,7 @@ ROWS: dict[str, dict] = {
     "augment=dihedral+jitter+hed (also jitter each stain's amount)": dict(augment="dihedral+jitter+hed"),
     "augment=dihedral+zoom (zoom/shift jitter, no stain jitter)": dict(augment="dihedral+zoom"),
     "augment=dihedral+jitter+rotate (also a turn by any angle)": dict(augment="dihedral+jitter+rotate"),
+    "augment=dihedral+jitter+erase (also random erasing)": dict(augment="dihedral+jitter+erase"),
 }
 KEYS = {"base": "base", "full": "policy=full (the paper's squashed frame)",
         "center": "policy=center (200 px centred square)", "nojitter": "augment=dihedral (no zoom/shift/stain jitter)",
@@ -56,7 +57,8 @@ KEYS = {"base": "base", "full": "policy=full (the paper's squashed frame)",
         "wd05": "weight_decay=0.05 (AdamW decay at the usual fine-tuning strength, not 1e-4)",
         "hed": "augment=dihedral+jitter+hed (also jitter each stain's amount)",
         "nocolour": "augment=dihedral+zoom (zoom/shift jitter, no stain jitter)",
-        "rotate": "augment=dihedral+jitter+rotate (also a turn by any angle)"}
+        "rotate": "augment=dihedral+jitter+rotate (also a turn by any angle)",
+        "erase": "augment=dihedral+jitter+erase (also random erasing)"}
 
 
 def row_metrics(r) -> dict:

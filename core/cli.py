@@ -90,7 +90,7 @@ def add_study_parser(sub) -> None:
     p.add_argument("--input-policy", help="what the classifier sees: cell (crop around the stained cell; default) | "
                                           "center (centred square) | full (the whole frame squashed, the paper's)")
     p.add_argument("--crop", type=int, help="region side in original pixels (default: 144 for cell, 200 for center)")
-    p.add_argument("--augment", help="dihedral+jitter (default) | dihedral+jitter+hed | dihedral+jitter+rotate | dihedral+zoom | dihedral | dihedral-batch | none")
+    p.add_argument("--augment", help="dihedral+jitter (default) | dihedral+jitter+hed | dihedral+jitter+rotate | dihedral+jitter+erase | dihedral+zoom | dihedral | dihedral-batch | none")
     p.add_argument("--label-smoothing", type=float, help="default 0.1")
     p.add_argument("--select-by", help="best checkpoint by validation macro_f1 (default) or val_loss")
     p.add_argument("--ema", type=float, metavar="EPOCHS",

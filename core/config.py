@@ -30,9 +30,9 @@ ENHANCE_PRECISIONS = ("auto", "fp32", "half")  # the CLI's --enhance-precision -
 # the old recipe) | dihedral (per image) | dihedral+zoom (also zoom, shift) | dihedral+jitter (also zoom, shift,
 # stain jitter) | dihedral+jitter+hed
 # (also each stain's amount jittered in haematoxylin-eosin space) | dihedral+jitter+rotate (also a turn by any
-# angle); checkpoint rule.
+# angle) | dihedral+jitter+erase (also random erasing); checkpoint rule.
 AUGMENTS = ("none", "dihedral-batch", "dihedral", "dihedral+zoom", "dihedral+jitter", "dihedral+jitter+hed",
-            "dihedral+jitter+rotate")
+            "dihedral+jitter+rotate", "dihedral+jitter+erase")
 SELECT_BY = ("macro_f1", "val_loss")
 IMAGE_SIZE_RANGE = (32, 1024)  # pixels the classifier may be given (--image-size)
 MIN_PER_CLASS = 2  # --per-class / --test-per-class: fewer cannot be split or bootstrapped

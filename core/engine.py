@@ -75,14 +75,16 @@ def dihedral_view(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def augment_batch(x: torch.Tensor, view: int, gen: torch.Generator, jitter: bool,
                   rows: torch.Tensor | None = None, n_global: int | None = None, hed: bool = False,
-                  colour: bool = True, rotate: bool = False) -> torch.Tensor:
+                  colour: bool = True, rotate: bool = False, erase: bool = False) -> torch.Tensor:
     """Per-image training augmentation of a float (B, 3, D, D) batch in 0-255 -> (B, 3, view, view).
 
     Each image gets its own dihedral transform; with ``jitter`` also a zoom (0.87-1.15x), a shift (up to 8%
     of the view) and a stain jitter (per-channel gain 0.9-1.1 and offset +-12 grey levels; not with ``colour=False``,
     which still draws them, so that the zoom and shift stay what they were); with ``hed`` also a
     jitter of each stain's amount (see :func:`hed_jitter`); with ``rotate`` also a turn by any angle in +-45 degrees
-    (with the dihedral views, every angle: a cell on a slide has no upright). Under torchrun,
+    (with the dihedral views, every angle: a cell on a slide has no upright); with ``erase`` also, on half the images,
+    a rectangle (2-20% of the view, aspect 0.3-3.3) filled with the image's mean colour (random erasing,
+    Zhong et al. 2020), so that no single spot of the cell decides. Under torchrun,
     ``x`` is this rank's ``rows`` of an ``n_global`` batch: every rank draws the whole batch's parameters
     from the same generator and applies its rows', so that N ranks augment exactly as one process does.
     """
@@ -100,6 +102,8 @@ def augment_batch(x: torch.Tensor, view: int, gen: torch.Generator, jitter: bool
         shift_od = pick((torch.rand(b, 3, generator=gen) * 2 - 1) * HED_SHIFT)
     if rotate:  # drawn last, so that every other draw stays what it was
         angle = pick((torch.rand(b, generator=gen) * 2 - 1) * math.pi / 4)
+    if erase:  # after the rotation's draws, for the same reason
+        box = pick(_erase_boxes(b, view, gen))
     if not len(x):  # this rank holds none of the batch (the draws above keep every rank's generator in step)
         return x.new_zeros((0, x.shape[1], view, view))
     theta = torch.zeros(len(x), 2, 3)
@@ -112,7 +116,33 @@ def augment_batch(x: torch.Tensor, view: int, gen: torch.Generator, jitter: bool
     x = nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     if colour:
         x = (x * gain.to(x.device) + offset.to(x.device)).clamp(0, 255)
-    return hed_jitter(x, scale.to(x.device), shift_od.to(x.device)) if hed else x
+    if hed:
+        x = hed_jitter(x, scale.to(x.device), shift_od.to(x.device))
+    return erase_boxes(x, box) if erase else x
+
+
+ERASE_P, ERASE_AREA, ERASE_ASPECT = 0.5, (0.02, 0.2), (0.3, 1 / 0.3)
+
+
+def _erase_boxes(b: int, view: int, gen: torch.Generator) -> torch.Tensor:
+    """(b, 4) int boxes (top, left, height, width) for random erasing; height 0 leaves an image alone."""
+    on = torch.rand(b, generator=gen) < ERASE_P
+    area = (ERASE_AREA[0] + torch.rand(b, generator=gen) * (ERASE_AREA[1] - ERASE_AREA[0])) * view * view
+    aspect = torch.exp(math.log(ERASE_ASPECT[0]) + torch.rand(b, generator=gen) * math.log(ERASE_ASPECT[1] / ERASE_ASPECT[0]))
+    h = (area * aspect).sqrt().round().clamp(1, view).long()
+    w = (area / aspect).sqrt().round().clamp(1, view).long()
+    top = (torch.rand(b, generator=gen) * (view - h + 1)).long()
+    left = (torch.rand(b, generator=gen) * (view - w + 1)).long()
+    return torch.stack([top, left, h * on, w], 1)
+
+
+def erase_boxes(x: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """Each image of a (B, 3, H, W) batch with its ``box`` (top, left, height, width) set to its mean colour."""
+    r = torch.arange(x.shape[-2], device=x.device)[None, :, None]
+    c = torch.arange(x.shape[-1], device=x.device)[None, None, :]
+    t, l, h, w = (box[:, i].to(x.device)[:, None, None] for i in range(4))
+    inside = ((r >= t) & (r < t + h) & (c >= l) & (c < l + w))[:, None]  # (B, 1, H, W)
+    return torch.where(inside, x.mean(dim=(2, 3), keepdim=True), x)
 
 
 # Stain jitter in haematoxylin-eosin-DAB space (Ruifrok & Johnston 2001 stain vectors, as in skimage's rgb2hed;
@@ -237,10 +267,12 @@ def _autocast(device: torch.device):
 
 
 # The per-image augmentations (core.config.AUGMENTS but none / dihedral-batch) as augment_batch's flags:
-# (zoom/shift jitter, per-channel stain jitter, stain-amount jitter in HED space, a turn by any angle).
-_PER_IMAGE = {"dihedral": (False, False, False, False), "dihedral+zoom": (True, False, False, False),
-              "dihedral+jitter": (True, True, False, False), "dihedral+jitter+hed": (True, True, True, False),
-              "dihedral+jitter+rotate": (True, True, False, True)}
+# (zoom/shift jitter, per-channel stain jitter, stain-amount jitter in HED space, a turn by any angle, erasing).
+_PER_IMAGE = {"dihedral": (False, False, False, False, False), "dihedral+zoom": (True, False, False, False, False),
+              "dihedral+jitter": (True, True, False, False, False),
+              "dihedral+jitter+hed": (True, True, True, False, False),
+              "dihedral+jitter+rotate": (True, True, False, True, False),
+              "dihedral+jitter+erase": (True, True, False, False, True)}
 
 
 def _prepare(xb: torch.Tensor, s: TrainSettings, device, gen, train: bool, rows=None, n_global=None) -> torch.Tensor:
@@ -254,9 +286,9 @@ def _prepare(xb: torch.Tensor, s: TrainSettings, device, gen, train: bool, rows=
         return centre_crop(_dihedral_batch(xb, gen), view).float()
     if s.augment not in _PER_IMAGE:
         raise ValueError(f"unknown augmentation {s.augment!r}")  # validate_config says so first, in one line
-    jitter, colour, hed, rotate = _PER_IMAGE[s.augment]
+    jitter, colour, hed, rotate, erase = _PER_IMAGE[s.augment]
     return augment_batch(xb.float(), view, gen, jitter=jitter, rows=rows, n_global=n_global, hed=hed, colour=colour,
-                         rotate=rotate)
+                         rotate=rotate, erase=erase)
 
 
 def run_epoch(model, norm, x, y, s: TrainSettings, device, gen, optimizer=None, scheduler=None,

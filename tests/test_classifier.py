@@ -566,3 +566,28 @@ def test_rotation_is_a_known_augmentation_and_an_unknown_one_is_one_line():
     StudyConfig(augment="dihedral+jitter+rotate").validate()  # accepted
     with pytest.raises(ValueError, match=r"^--augment: unknown augmentation 'rotate'; choose from .*dihedral\+jitter\+rotate"):
         StudyConfig(augment="rotate").validate()
+
+
+def test_random_erasing_fills_a_box_with_the_mean_colour_on_about_half_the_images():
+    """augment=dihedral+jitter+erase: the same images as the jitter, but for one box per erased image."""
+    from core.engine import ERASE_AREA
+    g = torch.Generator().manual_seed(2)
+    x = 40 + torch.rand(64, 3, 40, 40, generator=g) * 170
+    plain = augment_batch(x, 32, torch.Generator().manual_seed(4), jitter=True)
+    erased = augment_batch(x, 32, torch.Generator().manual_seed(4), jitter=True, erase=True)
+    changed = (erased != plain).any(dim=1)  # (B, H, W): where the box is
+    n_erased = 0
+    for i in range(64):
+        where = changed[i].nonzero()
+        if not len(where):
+            continue
+        n_erased += 1
+        (t, l), (b, r) = where.min(0).values.tolist(), where.max(0).values.tolist()
+        box = erased[i, :, t:b + 1, l:r + 1]
+        # one rectangle, one colour: the image's own mean, per channel
+        assert ERASE_AREA[0] * 0.5 <= (b - t + 1) * (r - l + 1) / 32 ** 2 <= ERASE_AREA[1] * 1.5
+        fill = box.flatten(1)
+        assert torch.allclose(fill, fill[:, :1].expand_as(fill))
+        torch.testing.assert_close(fill[:, 0], plain[i].mean(dim=(1, 2)))
+        assert changed[i, t:b + 1, l:r + 1].float().mean() > 0.9  # solid (a box pixel may equal the mean by chance)
+    assert 20 <= n_erased <= 44  # p = 0.5 of 64
