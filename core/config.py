@@ -62,10 +62,7 @@ class StudyConfig:
     weight_decay: float = 1e-4
     patience: int = 3  # early stopping on validation loss
     freeze_backbone: bool = False  # train only the classifier head
-    # The recipe (docs/BENCHMARKS.md has the ablation). augment: none | dihedral-batch (one flip/quarter turn
-    # per batch, the old recipe) | dihedral (per image) | dihedral+zoom (also zoom, shift) | dihedral+jitter
-    # (also zoom, shift, stain jitter) |
-    # dihedral+jitter+hed (also each stain's amount, core.engine.hed_jitter).
+    # The recipe (docs/BENCHMARKS.md has the ablation). augment: one of AUGMENTS (above; core.engine._PER_IMAGE).
     augment: str = "dihedral+jitter"
     label_smoothing: float = 0.1
     select_by: str = "macro_f1"  # best checkpoint by grouped-validation macro-F1 (or val_loss)
