@@ -354,7 +354,8 @@ def test_table_columns_are_as_wide_as_their_longest_word():
     df = pd.DataFrame({"variant": ["original"], "95% CI": ci[:1], "accuracy": [0.85]})
     cols = {c["field"]: c for c in fitted_table(df, "t").get_root().configuration["columns"]}  # as sent to the page
     assert cols["95% CI"]["minWidth"] == min_width("95% CI", ci) and "minWidth" not in cols["variant"]  # fixed width
-    assert cols["accuracy"]["headerHozAlign"] == "right" and "headerHozAlign" not in cols["95% CI"]
+    assert cols["accuracy"]["headerHozAlign"] == cols["accuracy"]["hozAlign"] == "right"
+    assert "headerHozAlign" not in cols["95% CI"] and "hozAlign" not in cols["95% CI"]
 
 
 def test_accuracy_table_counts_stay_whole_numbers():

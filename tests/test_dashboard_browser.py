@@ -163,6 +163,13 @@ def test_pages_fit_a_1400_px_window(dashboard_browser, dashboard_server, dashboa
             assert tables.count() == (2 if css == "wbc-provenance-table" else 1), css  # each run's provenance
             for wide, shown in tables.evaluate_all(f"els => els.map({SIDEWAYS_JS})"):
                 assert wide <= shown + 1, f"{css} scrolls sideways: {wide} px in {shown}"
+        for field in ("accuracy", "n"):  # numbers sit right under their right-aligned titles, whatever the format
+            for where in (f".wbc-acc-table .tabulator-cell[tabulator-field='{field}']",
+                          f".wbc-acc-table .tabulator-col[tabulator-field='{field}'] .tabulator-col-title"):
+                cells = page.locator(where)
+                expect(cells.first).to_have_css("text-align", "right")  # waits out a re-render
+                for k in range(cells.count()):
+                    expect(cells.nth(k)).to_have_css("text-align", "right")
         tall, _ = page.evaluate(MAIN_JS)
         page.screenshot(path=str(artifacts_dir / "dashboard-1400-overview-compare.png"), full_page=True)
         page.locator(".wbc-compare-select select").select_option("(none)")  # one run: one row of matrices

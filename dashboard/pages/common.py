@@ -69,9 +69,10 @@ def fitted_table(df, css: str, **kw) -> pn.widgets.Tabulator:
     widths.update(kw.pop("widths", {}))
     titles = {c: esc(str(c).replace("_", " ")) for c in cols}
     # each free column at least as wide as its longest word (title or cell): a word never breaks letter by letter
-    # a number column's title sits over its numbers (right), not against the next column's title
+    # a number column's numbers and title sit right, whatever its formatter (Tabulator's "money" aligns left)
+    right = {"hozAlign": "right", "headerHozAlign": "right"}
     floors = [{"field": str(c), **({} if c in widths else {"minWidth": min_width(c, df[c])}),
-               **({"headerHozAlign": "right"} if pd.api.types.is_numeric_dtype(df[c]) else {})} for c in cols]
+               **(right if pd.api.types.is_numeric_dtype(df[c]) else {})} for c in cols]
     return pn.widgets.Tabulator(df, show_index=False, disabled=True, sizing_mode="stretch_width", layout="fit_columns",
                                 css_classes=[css], stylesheets=WRAP_CELLS + kw.pop("stylesheets", []),
                                 widths=widths, titles={**titles, **kw.pop("titles", {})},
