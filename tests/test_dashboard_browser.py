@@ -182,6 +182,32 @@ def test_pages_fit_a_1400_px_window(dashboard_browser, dashboard_server, dashboa
         ctx.close()
 
 
+def test_launch_progress_stays_on_screen_in_a_narrow_window(dashboard_browser, dashboard_server, artifacts_dir):
+    """The Launch page's progress column sits beside the form at 1400 px, clear of the form's widest row, and
+    under the form at 1100 px: it used to run 210 px off the right edge there, and at 1400 px the Device select
+    reached into it."""
+    for width, beside in ((1400, True), (1100, False)):
+        ctx = dashboard_browser.new_context(viewport={"width": width, "height": 900})
+        page = ctx.new_page()
+        try:
+            page.goto(dashboard_server)
+            open_tab(page, "Launch")
+            progress, device = page.locator(".wbc-l-progress-column").first, page.locator(".wbc-l-device").first
+            expect(progress).to_contain_text("Log (tail)")
+            expect(device).to_be_visible()
+            p, d = progress.bounding_box(), device.bounding_box()
+            main = page.evaluate("() => { const m = document.querySelector('#main'); return [m.scrollWidth, m.clientWidth] }")
+            page.screenshot(path=str(artifacts_dir / f"dashboard-launch-{width}.png"))
+            assert main[0] <= main[1] + 1, f"{width} px: the main area scrolls sideways ({main[0]} px in {main[1]})"
+            assert p["x"] + p["width"] <= width, f"{width} px: the progress column ends at {p['x'] + p['width']}"
+            if beside:
+                assert p["x"] >= d["x"] + d["width"] and p["y"] < d["y"], (p, d)  # beside the form, clear of it
+            else:
+                assert p["y"] >= d["y"] + d["height"], (p, d)  # under the form
+        finally:
+            ctx.close()
+
+
 def test_header_busy_spinner_stays_still_while_nothing_runs(dashboard_page, dashboard_server):
     """The Launch page polls its job once a second; that poll is not work to wait for, so the header's busy
     spinner must not flash with it (it spun about half the time before the poll ran in the background)."""

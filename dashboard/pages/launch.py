@@ -22,6 +22,9 @@ from dashboard.safe import esc
 from dashboard.security import PathNotAllowed, data_roots, resolve_under, safe_data_folder
 
 AUTO_TEST = "(automatic: TEST / TEST_SIMPLE of the data)"
+# The form's width (its widest row: image size, input, seeds, split, device) and the progress column's least width:
+# side by side from a window of about 1,350 px, the progress under the form below that.
+FORM_PX, PROGRESS_MIN_PX = 600, 400
 
 
 def candidate_data_folders(max_depth: int = 3) -> list[str]:
@@ -311,7 +314,9 @@ class LaunchPage(Page):
 
     # ------------------------------------------------------------------------------------------ layout
     def layout(self) -> list:
-        return [pn.Row(self.form(), pn.Spacer(width=20), self.progress_column(), sizing_mode="stretch_width")]
+        # side by side where both fit, the progress under the form in a narrow window (it ran off the screen at 1100 px)
+        return [pn.FlexBox(self.form(), self.progress_column(), flex_wrap="wrap", gap="20px", align_items="flex-start",
+                           sizing_mode="stretch_width")]
 
     def form(self) -> pn.Column:
         w = self.widgets()
@@ -333,7 +338,8 @@ class LaunchPage(Page):
             w["data"], w["data_path"], w["test"], w["test_path"], self.note, w["variants"],
             pn.Row(w["epochs"], w["per_class"], w["test_per_class"]),
             pn.Row(w["image_size"], w["input_policy"], w["seeds"], w["split"], w["device"]),
-            pn.Row(w["precision"]), self.form_check, pn.Row(self.start_b, self.cancel_b), width=540, sizing_mode="fixed")
+            pn.Row(w["precision"]), self.form_check, pn.Row(self.start_b, self.cancel_b),
+            width=FORM_PX, sizing_mode="fixed")
 
     def widgets(self) -> dict:
         """One widget per form parameter: (widget class, label, width, description)."""
@@ -349,9 +355,9 @@ class LaunchPage(Page):
             "variants": (W.MultiChoice, "Variants", 420, None),
             "epochs": (W.IntInput, "Epochs", 90, None), "per_class": (W.IntInput, "Train imgs/class (0=all)", 170, None),
             "test_per_class": (W.IntInput, "Test imgs/class (0=all)", 170, None),
-            "image_size": (W.IntInput, "Image size", 100, None),
+            "image_size": (W.IntInput, "Image size", 90, None),
             "seeds": (W.TextInput, "Seeds", 90, "one seed (0) or several, comma-separated (0,1,2)"),
-            "split": (W.Select, "Validation split", 130, None),
+            "split": (W.Select, "Validation split", 120, None),
             "input_policy": (W.Select, "Classifier input", 120, "cell: a square around the stained white cell "
                              "(default). center: a centred square. full: the whole frame squashed (the paper's)."),
             "device": (W.Select, "Device", 100, None),
@@ -373,7 +379,8 @@ class LaunchPage(Page):
                                      sizing_mode="stretch_width")
         self.stage = pn.pane.Markdown("No study started from this dashboard.", css_classes=["wbc-l-stage"],
                                       sizing_mode="stretch_width")
-        self.bar = pn.indicators.Progress(value=0, max=100, width=420, visible=False, css_classes=["wbc-l-progress"])
+        self.bar = pn.indicators.Progress(value=0, max=100, sizing_mode="stretch_width", max_width=420, visible=False,
+                                          css_classes=["wbc-l-progress"])
         self.log = pn.pane.HTML("", css_classes=["wbc-l-log"], sizing_mode="stretch_width",
                                 styles={"font-family": "monospace", "font-size": "12px", "background": "#f7f7f7"})
         self.open_b = pn.widgets.Button(name="Open the new run", button_type="success", visible=False,
@@ -384,7 +391,8 @@ class LaunchPage(Page):
         self.poll()
         self.start_polling()
         return pn.Column(pn.pane.Markdown("### Progress"), self.elsewhere, self.stage, self.bar, self.message,
-                         self.open_b, pn.pane.Markdown("**Log (tail)**"), self.log, sizing_mode="stretch_width")
+                         self.open_b, pn.pane.Markdown("**Log (tail)**"), self.log, sizing_mode="stretch_width",
+                         styles={"flex": f"1 1 {PROGRESS_MIN_PX}px", "min-width": f"{PROGRESS_MIN_PX}px"}, css_classes=["wbc-l-progress-column"])
 
     # ------------------------------------------------------------------------------------ the job's progress
     def start_polling(self) -> None:
