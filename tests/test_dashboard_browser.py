@@ -170,6 +170,11 @@ def test_pages_fit_a_1400_px_window(dashboard_browser, dashboard_server, dashboa
                 expect(cells.first).to_have_css("text-align", "right")  # waits out a re-render
                 for k in range(cells.count()):
                     expect(cells.nth(k)).to_have_css("text-align", "right")
+        # three decimals, as the intervals beside them (0.812 [0.722, 0.914]), not 0.8125
+        accs = page.locator(".wbc-acc-table .tabulator-cell[tabulator-field='accuracy']").all_inner_texts()
+        assert accs and all(re.fullmatch(r"\d\.\d{3}", a) for a in accs), accs
+        diffs = page.locator(".wbc-paired-table .tabulator-cell[tabulator-field='accuracy diff']").all_inner_texts()
+        assert diffs and all(re.fullmatch(r"-?\d\.\d{3}", d) for d in diffs), diffs
         tall, _ = page.evaluate(MAIN_JS)
         page.screenshot(path=str(artifacts_dir / "dashboard-1400-overview-compare.png"), full_page=True)
         page.locator(".wbc-compare-select select").select_option("(none)")  # one run: one row of matrices

@@ -183,6 +183,8 @@ def _acc_plot(acc: pd.DataFrame, title: str):
 
 _OPTIONAL = ("image_size", "macro_f1", "balanced_acc", "n", "n_seeds")  # columns left out when a run has none
 _COUNTS = ("image_size", "n", "n_seeds")
+# accuracies and differences with 3 decimals, as in the intervals beside them, the scorecard, Runs and Metrics
+DECIMALS = {"type": "money", "precision": 3}
 
 
 def _fmt(acc: pd.DataFrame) -> pd.DataFrame:
@@ -246,7 +248,7 @@ class OverviewPage(Page):
     def accuracy_parts(acc: pd.DataFrame, both: pd.DataFrame, run_id: str, compare: str | None) -> list:
         plot = _acc_plot(both, "Accuracy per variant" + (" (two runs)" if compare else ""))
         shown = _fmt(both if compare else acc)
-        table = fitted_table(shown, "wbc-acc-table", formatters={c: {"type": "money", "precision": 4}
+        table = fitted_table(shown, "wbc-acc-table", formatters={c: dict(DECIMALS)
                                                                  for c in ("accuracy", "macro_f1", "balanced_acc") if c in shown})
         title = f"### Accuracy — <code>{esc(run_id)}</code>" + (f" vs <code>{esc(compare)}</code>" if compare else "")
         return [pn.pane.Markdown(title),
@@ -275,7 +277,7 @@ def difference_parts(acc: pd.DataFrame, paired: pd.DataFrame) -> list:
         if len(acc) <= 1:
             return []
         base = acc.iloc[0]
-        lines = [f"* **{esc(r.variant)}** − {esc(base['variant'])}: {r.accuracy - base['accuracy']:+.4f} (no paired "
+        lines = [f"* **{esc(r.variant)}** − {esc(base['variant'])}: {r.accuracy - base['accuracy']:+.3f} (no paired "
                  f"test stored)" for r in acc.iloc[1:].itertuples()]
         return [pn.pane.Markdown("### Difference between variants\n" + "\n".join(lines))]
     lines = [_difference_line(d) for d in paired.to_dict("records")]
@@ -285,7 +287,7 @@ def difference_parts(acc: pd.DataFrame, paired: pd.DataFrame) -> list:
     counts = ("\n\n*discordant b / c*: the test images that only the baseline / only the variant classified right "
               "(what McNemar's test counts)." if "discordant b / c" in shown else "")
     return [pn.pane.Markdown("### Difference between variants (paired, same test images)\n" + "\n".join(lines) + counts),
-            fitted_table(shown, "wbc-paired-table", formatters={"accuracy diff": {"type": "money", "precision": 4}})]
+            fitted_table(shown, "wbc-paired-table", formatters={"accuracy diff": dict(DECIMALS)})]
 
 
 def _is_seed_mean(seed) -> bool:
