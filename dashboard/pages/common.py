@@ -55,8 +55,8 @@ WRAP_CELLS = [".tabulator-cell { white-space: normal !important; overflow-wrap: 
               ".tabulator-col-title { white-space: normal !important; overflow-wrap: break-word; }"]
 MIN_COLUMN = 64  # px: "0.8451", "accuracy" and "[0.754," fit on one line
 # fitted_table's fixed column widths: a run id on one line, small numbers narrow; the other columns share the rest
-_FIXED_WIDTHS = {"run": 190, "variant": 145, "test set": 110, "n": 55, "n_seeds": 70, "seeds": 65, "seed": 65,
-                 "image_size": 70, "size px": 60, "sha256": 150}
+_FIXED_WIDTHS = {"run": 190, "variant": 145, "test set": 110, "n": 55, "n_seeds": 70, "seeds": 65, "seed": 55,
+                 "image_size": 64, "size px": 60, "sha256": 150}
 
 
 def fitted_table(df, css: str, **kw) -> pn.widgets.Tabulator:
@@ -83,7 +83,7 @@ def fitted_table(df, css: str, **kw) -> pn.widgets.Tabulator:
 
 _BREAKS = re.compile(r"[ \t\r\n]+")  # where a cell may wrap; a no-break space (an interval) does not
 _TITLE_BREAKS = re.compile(r"[ \t\r\n]+|(?<=[A-Za-z]-)")  # a title also wraps after a word's hyphen ('group-bootstrap')
-CELL_CHAR_PX, TITLE_CHAR_PX, PAD_PX, MAX_FLOOR = 6.6, 7.2, 12, 200  # measured: 14 px Tabulator fonts, 4 px padding
+CELL_CHAR_PX, TITLE_CHAR_PX, PAD_PX, MAX_FLOOR = 6.6, 7.5, 12, 200  # measured: 14 px Tabulator fonts, 4 px padding (titles bold)
 
 
 def min_width(column, values) -> int:
