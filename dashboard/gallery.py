@@ -103,7 +103,7 @@ def gallery_items(rows: pd.DataFrame, runs_dir=None, show_enhanced: bool = True,
         title = r.get("title") or f"{CLASS_ABBR.get(str(r['true_label']), r['true_label'])} \u2192 " \
                 f"{CLASS_ABBR.get(str(r['pred_label']), r['pred_label'])}"
         if label_variant and not r.get("title"):
-            title += f" \u00b7 {r['variant']} seed {r['seed']}"
+            title += f" \u00b7 {r['variant']} seed\u00a0{r['seed']}"  # a no-break space: never '0' alone on a line
         items.append({"key": str(r.get("image_id", "")), "orig": uris.get((r.get("path"), region_of_row(r))),
                       "enh": enh, "title": esc(title), "probs": esc(probs_text(r)),
                       "correct": bool(r.get("correct", False))})

@@ -696,7 +696,8 @@ def test_gallery_shows_the_region_the_model_saw(tmp_path, monkeypatch):
                                        "box_bottom": None}]))[0]["orig"]
     assert whole and right and whole != right and old == whole
     title = gallery_items(pd.DataFrame([{**row, "variant": "<b>x", "seed": 2}]))[0]["title"]
-    assert title == "EOS \u2192 NEU \u00b7 &lt;b&gt;x seed 2"  # the seed said in words, the variant escaped
+    # the seed said in words (joined by a no-break space: a wrapped title never leaves '2' alone), the variant escaped
+    assert title == "EOS \u2192 NEU \u00b7 &lt;b&gt;x seed\u00a02"
 
     def mean(uri):
         import base64

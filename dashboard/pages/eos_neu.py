@@ -201,7 +201,7 @@ class EosNeuPage(Page):
             "path": g.path_base, "enhanced_path": g.enhanced_path, "correct": g.correct_other,
             **{c: g[c] for c in BOX_COLUMNS if c in g},
             # true: prediction with `base` -> with `other` (the variants are named in the header above)
-            "title": [f"true {ab(t)}: {ab(pb)} \u2192 {ab(po)} \u00b7 seed {sd}" for t, pb, po, sd in
+            "title": [f"true {ab(t)}: {ab(pb)} \u2192 {ab(po)} \u00b7 seed\u00a0{sd}" for t, pb, po, sd in
                       zip(g.true_label_base, g.pred_label_base, g.pred_label_other, g.seed)]})
         items = gallery_items(rows, runs_dir=self.state.runs_dir, label_variant=False)
         for it, cb, co in zip(items, g.confidence_base, g.confidence_other):
