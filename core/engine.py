@@ -266,13 +266,12 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-# The per-image augmentations (core.config.AUGMENTS but none / dihedral-batch) as augment_batch's flags:
-# (zoom/shift jitter, per-channel stain jitter, stain-amount jitter in HED space, a turn by any angle, erasing).
-_PER_IMAGE = {"dihedral": (False, False, False, False, False), "dihedral+zoom": (True, False, False, False, False),
-              "dihedral+jitter": (True, True, False, False, False),
-              "dihedral+jitter+hed": (True, True, True, False, False),
-              "dihedral+jitter+rotate": (True, True, False, True, False),
-              "dihedral+jitter+erase": (True, True, False, False, True)}
+# The per-image augmentations (core.config.AUGMENTS but none / dihedral-batch) as augment_batch's flags; a flag
+# not named keeps augment_batch's default (colour on; hed, rotate and erase off).
+_PER_IMAGE = {"dihedral": dict(jitter=False), "dihedral+zoom": dict(jitter=True, colour=False),
+              "dihedral+jitter": dict(jitter=True), "dihedral+jitter+hed": dict(jitter=True, hed=True),
+              "dihedral+jitter+rotate": dict(jitter=True, rotate=True),
+              "dihedral+jitter+erase": dict(jitter=True, erase=True)}
 
 
 def _prepare(xb: torch.Tensor, s: TrainSettings, device, gen, train: bool, rows=None, n_global=None) -> torch.Tensor:
@@ -286,9 +285,7 @@ def _prepare(xb: torch.Tensor, s: TrainSettings, device, gen, train: bool, rows=
         return centre_crop(_dihedral_batch(xb, gen), view).float()
     if s.augment not in _PER_IMAGE:
         raise ValueError(f"unknown augmentation {s.augment!r}")  # validate_config says so first, in one line
-    jitter, colour, hed, rotate, erase = _PER_IMAGE[s.augment]
-    return augment_batch(xb.float(), view, gen, jitter=jitter, rows=rows, n_global=n_global, hed=hed, colour=colour,
-                         rotate=rotate, erase=erase)
+    return augment_batch(xb.float(), view, gen, rows=rows, n_global=n_global, **_PER_IMAGE[s.augment])
 
 
 def run_epoch(model, norm, x, y, s: TrainSettings, device, gen, optimizer=None, scheduler=None,

@@ -53,7 +53,7 @@ def escaped_titles(df) -> dict:
 # Long cells and column titles wrap, so that a table with many columns fits the page instead of scrolling sideways.
 WRAP_CELLS = [".tabulator-cell { white-space: normal !important; overflow-wrap: break-word; }",
               ".tabulator-col-title { white-space: normal !important; overflow-wrap: break-word; }"]
-MIN_COLUMN = 64  # px: "0.8451", "accuracy" and "[0.754," fit on one line
+MIN_COLUMN = 64  # px: a number such as "0.8451" fits on one line
 # fitted_table's fixed column widths: a run id on one line, small numbers narrow; the other columns share the rest
 _FIXED_WIDTHS = {"run": 190, "variant": 145, "test set": 110, "n": 55, "n_seeds": 70, "seeds": 65, "seed": 55,
                  "image_size": 64, "size px": 60, "sha256": 150}
