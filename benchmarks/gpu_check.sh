@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_check.sh --dry-run  # every stage at toy sizes on a CPU (tests/test_scaling.py runs it)
 # What it needs beside the checkout, in the ignored folder .gpucheck/ (`make gpu-carry` fills it, < 45 MiB):
 #   whl/      wheels the GPU image lacks: realesrgan, basicsr (built from its sdist), addict, yapf
-#   weights/  realesrgan-x4plus-fp16.pth (the ncnn conversion, whose weights are fp16 already)
+#   weights/  x4plus and realesr-animevideov3 as fp16 .pth (the ncnn conversion, whose weights are fp16 already)
 #   data/     a subset of TRAIN (150 per class) and TEST_SIMPLE, Kaggle layout
 #   cache/    the grouping embeddings of those images (so no EfficientNet-Lite weights need to travel)
 set -euo pipefail
