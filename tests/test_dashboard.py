@@ -1246,3 +1246,27 @@ def test_a_page_that_cannot_be_drawn_says_so_instead_of_going_blank(env, monkeyp
     broken[0] = False
     state.compare_run_id = env["run_ids"][1]  # redrawn: the page is back
     assert not [a for a in view.select(pn.pane.Alert) if "wbc-draw-failed" in a.css_classes]
+
+
+@pytest.mark.parametrize("normalise", [False, True])
+def test_a_confusion_cells_tooltip_names_each_figure_once(normalise):
+    """The tooltip said the count twice ("value" and "count"); now: classes, images of the row, and in the
+    row-normalised view the share, each once, from the cell's own data."""
+    import holoviews as hv
+    from bokeh.models import HoverTool
+
+    from core import CLASSES
+    from dashboard.pages.confusion import heatmap
+
+    hv.extension("bokeh")
+    m = pd.DataFrame([[3, 1, 0, 0], [0, 4, 0, 0], [0, 0, 2, 2], [1, 0, 0, 7]], index=CLASSES, columns=CLASSES)
+    hm, _ = heatmap(m, "original", normalise)
+    fig = hv.render(hm)
+    (tool,) = [t for t in fig.tools if isinstance(t, HoverTool)]
+    names = [name for name, _ in tool.tooltips]
+    assert len(names) == len(set(names)) and "value" not in names and "count" not in names
+    assert ("images", "@{count} of @{row_total}") in tool.tooltips
+    assert ("share of the true class" in names) == normalise
+    src = fig.renderers[0].data_source.data
+    cell = list(zip(src["true"], src["predicted"])).index(("EOS", "LYM"))
+    assert (int(src["count"][cell]), int(src["row_total"][cell])) == (1, 4)  # what the tooltip reads

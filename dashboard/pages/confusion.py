@@ -28,6 +28,13 @@ def _unfaded(plot, element) -> None:
         renderer.nonselection_glyph = renderer.glyph.clone()
 
 
+def hover_tooltips(normalise: bool) -> list[tuple[str, str]]:
+    """A cell's tooltip: its classes and images once each (HoloViews' default lists every value dimension, so
+    the count came twice, as "value" and "count"); row-normalised cells add their share of the true class."""
+    tips = [("true", "@true"), ("predicted", "@predicted"), ("images", "@count of @row_total")]
+    return tips + [("share of the true class", "@value{0.00}")] if normalise else tips
+
+
 def heatmap(m: pd.DataFrame, variant: str, normalise: bool) -> hv.Overlay:
     rows = []
     for t in CLASSES:
@@ -41,8 +48,9 @@ def heatmap(m: pd.DataFrame, variant: str, normalise: bool) -> hv.Overlay:
                   zip(df["value"], df["count"], df["row_total"])]
     top = 1.0 if normalise else max(1, int(df["value"].max()))
     df["text_color"] = ["white" if v > 0.55 * top else "black" for v in df["value"]]  # readable on dark cells
-    hm = hv.HeatMap(df, ["predicted", "true"], ["value", "count"]).opts(
-        cmap="Blues", colorbar=False, tools=["tap", "hover"], invert_yaxis=True, xlabel="predicted",
+    hm = hv.HeatMap(df, ["predicted", "true"], ["value", "count", "row_total"]).opts(
+        cmap="Blues", colorbar=False, tools=["tap", "hover"], hover_tooltips=hover_tooltips(normalise),
+        invert_yaxis=True, xlabel="predicted",
         ylabel="true", title=variant, frame_width=260, frame_height=260, toolbar=None,
         clim=(0, top), nonselection_alpha=1.0,
         xaxis="top", fontsize={"title": 12, "labels": 11, "xticks": 11, "yticks": 11})
