@@ -334,6 +334,8 @@ def test_runs_table_names_a_queued_runs_variants_and_when_it_ran(tmp_path):
     assert not {"variants", "date", "duration"} & set(frame.columns)
     assert frame.loc["q1", "accuracy [95% CI]"] == "original: —<br>bicubic-x4: —"
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d(:|&#58;)\d\d(<br>.+)?", frame.loc["q1", "when"]), frame.loc["q1", "when"]
+    run.update_meta(started_at="2026-11-28T03:00:00+00:00", ended_at="2026-11-28T03:07:39+00:00", duration_s=459.0)
+    assert runs_frame(state).set_index("run_id").loc["q1", "when"].endswith("<br>took 7m 39s")  # labelled
     run.update_meta(status="failed", error={"type": "RuntimeError", "message": "boom"})  # a reason, not dashes
     cell = runs_frame(state).set_index("run_id").loc["q1", "accuracy [95% CI]"]
     assert "boom" in cell and "—" not in cell

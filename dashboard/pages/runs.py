@@ -82,6 +82,14 @@ def _summary_cell(df: pd.DataFrame, i: int) -> str:
                        if df[c].iloc[i] is not None and df[c].iloc[i] == df[c].iloc[i])
 
 
+def _took(duration) -> str:
+    """'took 7m 39s' under the date: labelled (a bare '7 min 39 s' read as a time of day) and short enough for the
+    column's 100 px."""
+    if not isinstance(duration, str) or not duration:
+        return ""
+    return "took " + duration.replace(" min", "m").replace(" h", "h").replace(" s", "s")
+
+
 def runs_frame(state, listing: pd.DataFrame | None = None):
     """The Runs table from the store's listing (``dashboard.data.list_runs``; read here unless given)."""
     df = (list_runs(state.runs_dir) if listing is None else listing).copy()
@@ -96,7 +104,7 @@ def runs_frame(state, listing: pd.DataFrame | None = None):
                  for cell, err, warn, status, variants in zip(acc_cells, out["error"], out["warning"], out["status"],
                                                               out["variants"])]
     # the date and how long it took in one column: the table fits a 1400 px window without scrolling sideways
-    out["when"] = ["<br>".join(esc(x) for x in (d, t) if isinstance(x, str) and x) for d, t in zip(out["date"], out["duration"])]
+    out["when"] = ["<br>".join(esc(x) for x in (d, _took(t)) if x) for d, t in zip(out["date"], out["duration"])]
     out = out.drop(columns=["error", "warning", "variants", "date", "duration"])
     out.insert(len(COLUMNS), ACC, acc_cells)
     out.insert(len(COLUMNS) + 1, DELTA, paired)
