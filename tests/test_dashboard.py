@@ -1099,6 +1099,10 @@ def test_launch_form_takes_each_preset(tmp_path):
         assert page.image_size == p["image_sizes"][0] and page.seeds == ",".join(map(str, p["seeds"]))
         assert page.input_policy == p.get("input_policy", "cell") and page.split == p["split"]
         assert page.precision == {True: "half", False: "fp32"}.get(p.get("enhance_half"), "auto")
+    sel = page.widgets()["precision"]  # labelled with the dtypes Overview shows, the CLI's value underneath
+    assert list(sel.options) == ["auto", "fp32", "fp16 / bf16"] and "half" not in sel.options
+    sel.value = "half"
+    assert page.precision == "half"
     page.epochs = 7
     page.preset = "custom"  # keeps what the form holds
     assert page.epochs == 7 and page.preset == "custom"

@@ -163,6 +163,12 @@ FORM_FIELDS = ("preset", "variants", "classifier", "pretrained", "epochs", "per_
                "seeds", "split", "input_policy", "device", "precision")
 
 
+# the precision select's labels: the dtypes that Overview shows (float16 on CUDA, bfloat16 on CPU), not the
+# CLI's word "half" for them
+PRECISION_LABELS = {"auto": "auto", "fp32": "fp32", "fp16 / bf16": "half"}
+assert set(PRECISION_LABELS.values()) == set(ENHANCE_PRECISIONS)
+
+
 class LaunchPage(Page):
     """A form whose option lists come from core (presets, registries, config choices), the running job's
     progress polled once a second, and the one-study-at-a-time job manager."""
@@ -361,8 +367,9 @@ class LaunchPage(Page):
             "input_policy": (W.Select, "Classifier input", 120, "cell: a square around the stained white cell "
                              "(default). center: a centred square. full: the whole frame squashed (the paper's)."),
             "device": (W.Select, "Device", 100, None),
-            "precision": (W.Select, "Real-ESRGAN precision", 150, "auto: fp16 on CUDA, fp32 on CPU. half: also "
-                          "bf16 on CPU (~2x faster on AVX512-BF16 CPUs, 52-54 dB PSNR vs fp32)."),
+            "precision": (W.Select, "Real-ESRGAN precision", 150, "auto: fp16 on CUDA, fp32 on CPU. fp16 / bf16 "
+                          "(the CLI's half): fp16 on CUDA, bf16 on CPU too (~2x faster on AVX512-BF16 CPUs, 52-54 dB "
+                          "PSNR vs fp32). Overview names the one used: float16 or bfloat16."),
         }
         css = {"image_size": "size", "seeds": "seed"}
         out = {}
@@ -372,6 +379,7 @@ class LaunchPage(Page):
                 kw["placeholder"] = "/path/under/a/data/root"
             out[name] = cls.from_param(self.param[name], name=label, width=width,
                                        css_classes=[f"wbc-l-{css.get(name, name).replace('_', '-')}"], **kw)
+        out["precision"].options = PRECISION_LABELS
         return out
 
     def progress_column(self) -> pn.Column:
