@@ -306,6 +306,28 @@ def thumbnail_uri(path, size: int = THUMB_SIZE, runs_dir=None, box=None) -> str 
     return _thumb_cached(str(p), key, size, region_box(box))
 
 
+def file_digest(path, runs_dir=None) -> str | None:
+    """SHA-1 of an image file's bytes under the allowed roots (None if missing, unreadable or outside); cached
+    by the file's mtime and size. Cards use it to say which of them show one file under two names."""
+    if not path or not isinstance(path, str):
+        return None
+    key = stat_key(path)
+    if key is None or not is_allowed_image(path, runs_dir):
+        return None
+    return _digest_cached(str(Path(path).resolve()), key)
+
+
+@lru_cache(maxsize=8192)
+def _digest_cached(path: str, _key) -> str | None:
+    import hashlib
+
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha1(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
 def region_box(box) -> tuple[int, int, int, int] | None:
     """A row's stored region as four non-negative ints with positive size, or None (older runs, bad values)."""
     try:

@@ -11,12 +11,12 @@ from panel.custom import JSComponent
 from core.config import CLASS_ABBR, CLASSES, PROB_COLUMNS
 from core.regions import BOX_COLUMNS
 
-from dashboard.data import thumbnail_uri
+from dashboard.data import file_digest, thumbnail_uri
 from dashboard.safe import esc
 
 
 class Gallery(JSComponent):
-    items = param.List(default=[], doc="[{key, orig, enh, title, probs}] (images as data URIs; title and probs "
+    items = param.List(default=[], doc="[{key, orig, enh, title, probs, note}] (images as data URIs; title and probs "
                                        "are HTML, escaped by gallery_items; key is only used as text)")
     selected = param.Integer(default=-1, doc="Index of the clicked item (-1: none).")
     empty_message = param.String(default="No images match the filters.")
@@ -44,7 +44,8 @@ class Gallery(JSComponent):
             imgs += it.enh ? `<img class="enh" src="${it.enh}">` : '<div class="missing">missing</div>';
           }
           imgs += '</div>';
-          card.innerHTML = imgs + `<div class="wbc-cap">${it.title}</div><div class="wbc-probs">${it.probs}</div>`;
+          card.innerHTML = imgs + `<div class="wbc-cap">${it.title}</div><div class="wbc-probs">${it.probs}</div>`
+                           + (it.note ? `<div class="wbc-note">${it.note}</div>` : '');
           card.addEventListener('click', () => { model.selected = -1; model.selected = i; });
           root.appendChild(card);
         });
@@ -67,6 +68,7 @@ class Gallery(JSComponent):
     .wbc-cap { font-weight: 600; margin-top: 2px; overflow-wrap: anywhere; }  /* wraps: a long variant name
                                                                                     no longer hides the seed */
     .wbc-probs { color: #555; font-family: monospace; font-size: 11px; }
+    .wbc-note { color: #8a5a00; font-size: 11px; overflow-wrap: anywhere; }
     .wbc-empty { color: #666; padding: 1em; }
     """]
 
@@ -94,6 +96,7 @@ def gallery_items(rows: pd.DataFrame, runs_dir=None, show_enhanced: bool = True,
     if show_enhanced:
         jobs += [(r.get("enhanced_path"), None) for r in records]
     uris = dict(zip(jobs, _pool.map(lambda j: thumbnail_uri(j[0], runs_dir=runs_dir, box=j[1]), jobs)))
+    same = same_file_notes(records, runs_dir)
     items = []
     for r in records:
         enh = None
@@ -106,5 +109,23 @@ def gallery_items(rows: pd.DataFrame, runs_dir=None, show_enhanced: bool = True,
             title += f" \u00b7 {r['variant']} seed\u00a0{r['seed']}"  # a no-break space: never '0' alone on a line
         items.append({"key": str(r.get("image_id", "")), "orig": uris.get((r.get("path"), region_of_row(r))),
                       "enh": enh, "title": esc(title), "probs": esc(probs_text(r)),
-                      "correct": bool(r.get("correct", False))})
+                      "correct": bool(r.get("correct", False)), "note": esc(same.get(str(r.get("image_id")), ""))})
     return items
+
+
+def same_file_notes(records: list[dict], runs_dir=None) -> dict[str, str]:
+    """image_id -> 'same file as <other ids>' for the cards among ``records`` whose original is byte for byte
+    another card's under another name (the test set's exact repeats, e.g. TEST_SIMPLE's eosinophil pairs), so
+    that identical-looking cards are not read as two cells. Plain text (names come from disk: escape them)."""
+    by_digest: dict[str, set[str]] = {}
+    digests = _pool.map(lambda r: file_digest(r.get("path"), runs_dir), records)
+    for r, d in zip(records, digests):
+        if d:
+            by_digest.setdefault(d, set()).add(str(r.get("image_id")))
+    notes = {}
+    for ids in by_digest.values():
+        for i in ids:
+            others = sorted(ids - {i})
+            if others:
+                notes[i] = "same file as " + ", ".join(others[:3]) + (" and more" if len(others) > 3 else "")
+    return notes

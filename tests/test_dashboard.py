@@ -1276,3 +1276,31 @@ def test_a_confusion_cells_tooltip_names_each_figure_once(normalise):
     src = fig.renderers[0].data_source.data
     cell = list(zip(src["true"], src["predicted"])).index(("EOS", "LYM"))
     assert (int(src["count"][cell]), int(src["row_total"][cell])) == (1, 4)  # what the tooltip reads
+
+
+def test_cards_of_one_file_under_two_names_say_so(tmp_path, monkeypatch):
+    """TEST_SIMPLE holds byte-identical eosinophil pairs: their cards looked like two cells. A card whose file is
+    another card's, under another name, says 'same file as ...' (escaped); the same image under two models does not,
+    nor does a file outside the allowed roots (never opened)."""
+    import numpy as np
+    from PIL import Image
+
+    from dashboard.gallery import gallery_items
+
+    root, outside = tmp_path / "data", tmp_path / "outside"
+    root.mkdir(), outside.mkdir()
+    monkeypatch.setenv("WBC_DATA_ROOTS", str(root))
+    monkeypatch.setenv("WBC_CACHE_DIR", str(tmp_path / "cache"))
+    arr = np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8)
+    Image.fromarray(arr).save(root / "a.png")
+    (root / "<b>copy.png").write_bytes((root / "a.png").read_bytes())
+    Image.fromarray(255 - arr).save(root / "other.png")
+    (outside / "a.png").write_bytes((root / "a.png").read_bytes())
+    base = {"variant": "original", "seed": 0, "enhanced_path": None, "true_label": "eosinophil",
+            "pred_label": "neutrophil", "correct": False}
+    rows = [{**base, "image_id": i, "path": str(p)} for i, p in
+            [("a", root / "a.png"), ("<b>copy", root / "<b>copy.png"), ("other", root / "other.png"),
+             ("far", outside / "a.png")]]
+    rows.append({**rows[0], "variant": "x4", "seed": 1})  # the same image under another model: not a copy
+    notes = [it["note"] for it in gallery_items(pd.DataFrame(rows), show_enhanced=False)]
+    assert notes == ["same file as &lt;b&gt;copy", "same file as a", "", "", "same file as &lt;b&gt;copy"]
