@@ -406,38 +406,43 @@ def setup_cache(carry: Path, cache: Path) -> None:
         shutil.copytree(carry / "cache", cache, dirs_exist_ok=True)
 
 
+STAGES = ("env", "enhance", "train", "study", "torchrun", "estimate", "fallback", "compile")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--carry", default=str(ROOT / ".gpucheck"), help="carried data/, weights/, cache/")
     ap.add_argument("--data", help="data root in the Kaggle layout (default: CARRY/data)")
-    ap.add_argument("--out", default=os.environ.get("OUT") or tempfile.mkdtemp(prefix="gpu-check-"))
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="where the figures go (default: $OUT, else a new "
+                    "temporary folder)")
     ap.add_argument("--dry-run", action="store_true", help="every stage at toy sizes on the CPU")
     ap.add_argument("--only", help="comma-separated stages (default: all)")
     args = ap.parse_args()
     mode = "dry-run" if args.dry_run else "gpu"
     sz = SIZES[mode]
-    carry, out = Path(args.carry), Path(args.out)
+    carry = Path(args.carry)
     data = Path(args.data) if args.data else carry / "data"
+    only = set(args.only.split(",")) if args.only else None
+    unknown = sorted((only or set()) - set(STAGES))
+    if unknown:  # refused before anything is made
+        log(f"--only: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+        return 2
+    images = sorted(p for p in data.glob("TRAIN/*/*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not images:
+        log(f"no images under {data}/TRAIN/<CLASS>/: run `make gpu-carry` (or pass --data DIR)")
+        return 2
+    out = Path(args.out or tempfile.mkdtemp(prefix="gpu-check-"))
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="wbc-gpu-"))
     os.environ.setdefault("WBC_CACHE_DIR", str(work / "cache"))
     os.environ["WBC_OFFLINE"] = "1"
     setup_cache(carry, Path(os.environ["WBC_CACHE_DIR"]))
-    images = sorted(p for p in data.glob("TRAIN/*/*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    if not images:
-        log(f"no images under {data}/TRAIN/<CLASS>/: run `make gpu-carry` (or pass --data DIR)")
-        shutil.rmtree(work, ignore_errors=True)
-        return 2
     rep = Report(out, mode)
-    only = set(args.only.split(",")) if args.only else None
     stages = [("env", env, mode), ("enhance", enhance, images, sz, work), ("train", train, images, sz),
               ("study", study, data, sz, work, out), ("torchrun", study, data, sz, work, out, sz["ranks"]),
-              ("estimate", estimate, rep.doc), ("fallback", fallback, images, sz, work), ("compile", enhance_compiled, images, sz, work, rep.doc)]
-    unknown = sorted((only or set()) - {name for name, *_ in stages})
-    if unknown:
-        log(f"--only: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(n for n, *_ in stages)}")
-        shutil.rmtree(work, ignore_errors=True)
-        return 2
+              ("estimate", estimate, rep.doc), ("fallback", fallback, images, sz, work),
+              ("compile", enhance_compiled, images, sz, work, rep.doc)]
+    assert tuple(name for name, *_ in stages) == STAGES
     t0 = time.perf_counter()
     for name, fn, *a in stages:
         if only is None or name in only:

@@ -217,6 +217,7 @@ def test_gpu_check_refuses_an_unknown_stage_and_a_bad_timeout_is_named(tmp_path,
                         "env,nosuch", "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True,
                        timeout=120, env=dict(os.environ, WBC_CACHE_DIR=str(tmp_path / "cache")))
     assert r.returncode == 2 and "unknown stage(s) nosuch; choose from env, enhance" in r.stdout
+    assert not (tmp_path / "out").exists()  # refused before anything is made (it left an output folder behind)
     from core import distributed
 
     monkeypatch.setenv(distributed.TIMEOUT_ENV, "abc")
