@@ -556,7 +556,11 @@ def test_overview_in_compare_mode_says_when_the_compared_run_is_not_finished(env
     bars = mview.select(pn.pane.HoloViews)
     assert bars and not any(b.linked_axes for b in bars if "Bars" in type(b.object).__name__)  # own variant slots
     tables = [t for t in mview.select(pn.widgets.Tabulator) if "wbc-metrics-table" in t.css_classes]
-    assert len(tables) == 2 and all(f.format == "0.000" and f.nan_format == "-" for f in tables[0].formatters.values())  # 1.000, not 1.0
+    # one table per variant and run (the paper's Tables 3-4), titled by metric alone, under the variant's name
+    assert len(tables) == 4 and all(f.format == "0.000" and f.nan_format == "-" for f in tables[0].formatters.values())  # 1.000, not 1.0
+    assert all(list(t.value.columns) == ["class", "precision", "recall", "f1"] for t in tables)
+    names = [h.object for h in mview.select(pn.pane.HTML) if "wbc-metrics-variant" in h.css_classes]
+    assert len(names) == 4 and "<b>original</b>" in names[0]
 
 
 def test_path_safety(env, tmp_path):

@@ -354,7 +354,7 @@ def test_stored_xss_runs_on_no_page(hostile_page, hostile_server, artifacts_dir)
     expect(page.locator(".wbc-copies-warning div").first).to_contain_text(XSS_IMG)  # copies named, as text
     assert_no_script_ran(page, dialogs, "Overview notes and copies")
     open_tab(page, "Metrics")
-    expect(page.locator(".wbc-metrics-table .tabulator-col-title", has_text=XSS_VARIANT).first).to_be_visible()
+    expect(page.locator(".wbc-metrics-variant div", has_text=XSS_VARIANT).first).to_be_visible()  # as text
     open_tab(page, "Errors")
     page.locator(".wbc-gallery-pane .wbc-card").first.click()
     expect(page.locator(".wbc-detail .wbc-large img").first).to_be_visible()

@@ -14,7 +14,7 @@ from core.store import Table
 
 from dashboard.data import load_table, run_variants
 from dashboard.pages.base import Page
-from dashboard.pages.common import (color_key, escaped_titles, fitted_table, no_run, variant_color, variant_colors,
+from dashboard.pages.common import (color_key, fitted_table, no_run, variant_color, variant_colors,
                                     warnings_alert)
 from dashboard.safe import esc
 
@@ -70,9 +70,23 @@ class MetricsPage(Page):
                 # laid out for the main run's two)
                 pn.pane.HoloViews(bars, sizing_mode="stretch_width", height=340, linked_axes=False),
                 pn.pane.Markdown("#### Per-class metrics (mean over seeds)"),
-                fitted_table(table, "wbc-metrics-table", titles=escaped_titles(table),  # variant names as they are
-                             formatters={c: THREE_DECIMALS for c in table.columns  # 1.000 beside 0.611, not 1.0
-                                         if pd.api.types.is_float_dtype(table[c])})]
+                pn.FlexBox(*[variant_table(table, v) for v in dict.fromkeys(m["variant"])], gap="24px",
+                           sizing_mode="stretch_width")]
+
+
+TABLE_PX = 360  # one variant's table: class and three metrics, side by side with the next variant's at 1100 px
+
+
+def variant_table(table: pd.DataFrame, variant) -> pn.Column:
+    """One variant's rows of the paper table, under its name, as the paper's Tables 3-4 are one per variant (one
+    wide table titled each column '<variant> precision', which wrapped over three lines)."""
+    cols = {f"{variant} {k}": k for k in METRICS if f"{variant} {k}" in table.columns}
+    sub = table[["class", *cols]].rename(columns=cols)
+    return pn.Column(
+        pn.pane.HTML(f'<span style="display:inline-block;width:11px;height:11px;background:{variant_color(variant)};'
+                     f'margin-right:6px"></span><b>{esc(variant)}</b>', css_classes=["wbc-metrics-variant"]),
+        fitted_table(sub, "wbc-metrics-table", formatters={c: THREE_DECIMALS for c in cols.values()}),  # 1.000, not 1.0
+        width=TABLE_PX)
 
 
 def curves(hist: pd.DataFrame) -> list:
