@@ -1308,3 +1308,26 @@ def test_cards_of_one_file_under_two_names_say_so(tmp_path, monkeypatch):
     rows.append({**rows[0], "variant": "x4", "seed": 1})  # the same image under another model: not a copy
     notes = [it["note"] for it in gallery_items(pd.DataFrame(rows), show_enhanced=False)]
     assert notes == ["same file as &lt;b&gt;copy", "same file as a", "", "", "same file as &lt;b&gt;copy"]
+
+
+def test_eos_neu_flip_cards_say_true_and_predicted_and_the_box_names_its_scope(env):
+    """A flip card read 'true NEU: NEU → EOS', which needed the heading to be understood; and the 'only eosinophils
+    and neutrophils' box sat above a chart it does not change."""
+    from core.config import CLASS_ABBR as ab
+    from dashboard.app import _extensions
+    from dashboard.data import load_table
+    from dashboard.pages.eos_neu import EosNeuPage, flips
+    from dashboard.state import AppState
+
+    _extensions()
+    page = EosNeuPage(AppState(run_id=env["run_ids"][0], page="EOS/NEU"))
+    box = page.layout()[0][0]
+    assert box.name == "verdict flips below: only eosinophils and neutrophils"
+    pred = load_table(page.state.run_dir(page.state.run_id), "predictions")[0]
+    base, other = "original", "realesrgan-x4plus"
+    g = flips(pred, base, other)
+    assert len(g)
+    title = page.flip_items(g.head(1), base, other)[0]["title"]
+    r = g.iloc[0]
+    assert title == (f"true {ab[r.true_label_base]}, predicted {ab[r.pred_label_base]} \u2192 "
+                     f"{ab[r.pred_label_other]} \u00b7 seed\u00a0{r.seed}")

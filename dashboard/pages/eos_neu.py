@@ -53,7 +53,10 @@ class EosNeuPage(Page):
     only_eos_neu = param.Boolean(default=True, doc="Verdict flips of eosinophils and neutrophils only.")
 
     def layout(self) -> list:
-        only = pn.widgets.Checkbox.from_param(self.param.only_eos_neu, name="only eosinophils and neutrophils",
+        # the chart and table are of EOS/NEU confusions anyway: the box filters the verdict flips and what
+        # super-resolution changed in them, and says so
+        only = pn.widgets.Checkbox.from_param(self.param.only_eos_neu,
+                                              name="verdict flips below: only eosinophils and neutrophils",
                                               css_classes=["wbc-eos-only"])
         main_only = pn.bind(self.main_only_note, self.state.param.compare_run_id)
         body = self.live(self.render, (self.state, ["run_id", "refresh"]), (self, ["only_eos_neu"]), banner=True)
@@ -175,8 +178,8 @@ class EosNeuPage(Page):
         for kind, g in f.groupby("flip", sort=True):
             gallery = Gallery(items=self.flip_items(g.head(24), base, other), sizing_mode="stretch_width",
                               css_classes=["wbc-flip-gallery"])
-            parts += [pn.pane.Markdown(f"**{esc(kind)}** ({len(g)}, first 24 shown; captions: the true class, then the "
-                                       f"prediction with {esc(base)} \u2192 with {esc(other)}; click a card for its Grad-CAM)"),
+            parts += [pn.pane.Markdown(f"**{esc(kind)}** ({len(g)}, first 24 shown; captions: the true class, then "
+                                       f"what {esc(base)} \u2192 {esc(other)} predicted; click a card for its Grad-CAM)"),
                       gallery, self.why_on_click(gallery, g.head(24))]
         return parts
 
@@ -201,7 +204,7 @@ class EosNeuPage(Page):
             "path": g.path_base, "enhanced_path": g.enhanced_path, "correct": g.correct_other,
             **{c: g[c] for c in BOX_COLUMNS if c in g},
             # true: prediction with `base` -> with `other` (the variants are named in the header above)
-            "title": [f"true {ab(t)}: {ab(pb)} \u2192 {ab(po)} \u00b7 seed\u00a0{sd}" for t, pb, po, sd in
+            "title": [f"true {ab(t)}, predicted {ab(pb)} \u2192 {ab(po)} \u00b7 seed\u00a0{sd}" for t, pb, po, sd in
                       zip(g.true_label_base, g.pred_label_base, g.pred_label_other, g.seed)]})
         items = gallery_items(rows, runs_dir=self.state.runs_dir, label_variant=False)
         for it, cb, co in zip(items, g.confidence_base, g.confidence_other):
