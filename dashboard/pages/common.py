@@ -37,11 +37,15 @@ def variant_colors(variants) -> dict:
     return {v: variant_color(v) for v in variants}
 
 
+def swatch(variant) -> str:
+    """The variant's colour as a small square (HTML), as in the charts."""
+    return (f'<span style="display:inline-block;width:11px;height:11px;background:{variant_color(variant)};'
+            f'margin-right:5px;vertical-align:-1px"></span>')
+
+
 def color_key(variants) -> pn.pane.HTML:
     """A legend line: a coloured square and the name of each variant."""
-    spans = "".join(f'<span style="margin-right:14px"><span style="display:inline-block;width:11px;height:11px;'
-                    f'background:{variant_color(v)};margin-right:5px;vertical-align:-1px"></span>{esc(v)}'
-                    f'</span>' for v in variants)
+    spans = "".join(f'<span style="margin-right:14px">{swatch(v)}{esc(v)}</span>' for v in variants)
     return pn.pane.HTML(f'<div style="font-size:13px">{spans}</div>', css_classes=["wbc-color-key"])
 
 

@@ -14,7 +14,7 @@ from core.store import Table
 
 from dashboard.data import load_table, run_variants
 from dashboard.pages.base import Page
-from dashboard.pages.common import (color_key, fitted_table, no_run, variant_color, variant_colors,
+from dashboard.pages.common import (color_key, fitted_table, no_run, swatch, variant_color, variant_colors,
                                     warnings_alert)
 from dashboard.safe import esc
 
@@ -83,8 +83,7 @@ def variant_table(table: pd.DataFrame, variant) -> pn.Column:
     cols = {f"{variant} {k}": k for k in METRICS if f"{variant} {k}" in table.columns}
     sub = table[["class", *cols]].rename(columns=cols)
     return pn.Column(
-        pn.pane.HTML(f'<span style="display:inline-block;width:11px;height:11px;background:{variant_color(variant)};'
-                     f'margin-right:6px"></span><b>{esc(variant)}</b>', css_classes=["wbc-metrics-variant"]),
+        pn.pane.HTML(f"{swatch(variant)}<b>{esc(variant)}</b>", css_classes=["wbc-metrics-variant"]),
         fitted_table(sub, "wbc-metrics-table", formatters={c: THREE_DECIMALS for c in cols.values()}),  # 1.000, not 1.0
         width=TABLE_PX)
 
