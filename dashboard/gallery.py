@@ -114,7 +114,7 @@ def gallery_items(rows: pd.DataFrame, runs_dir=None, show_enhanced: bool = True,
 
 
 def same_file_notes(records: list[dict], runs_dir=None) -> dict[str, str]:
-    """image_id -> 'same file as <other ids>' for the cards among ``records`` whose original is byte for byte
+    """image_id -> '<its file>: same file as <the others' files>' for the cards among ``records`` whose original is byte for byte
     another card's under another name (the test set's exact repeats, e.g. TEST_SIMPLE's eosinophil pairs), so
     that identical-looking cards are not read as two cells. Plain text (names come from disk: escape them)."""
     by_digest: dict[str, set[str]] = {}
@@ -122,10 +122,14 @@ def same_file_notes(records: list[dict], runs_dir=None) -> dict[str, str]:
     for r, d in zip(records, digests):
         if d:
             by_digest.setdefault(d, set()).add(str(r.get("image_id")))
+    def name(image_id: str) -> str:  # the file's name: the card does not show its own id, so name both
+        return image_id.replace("\\", "/").rsplit("/", 1)[-1]
+
     notes = {}
     for ids in by_digest.values():
         for i in ids:
             others = sorted(ids - {i})
             if others:
-                notes[i] = "same file as " + ", ".join(others[:3]) + (" and more" if len(others) > 3 else "")
+                notes[i] = (f"{name(i)}: same file as " + ", ".join(name(o) for o in others[:3])
+                            + (" and more" if len(others) > 3 else ""))
     return notes

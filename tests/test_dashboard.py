@@ -1306,8 +1306,12 @@ def test_cards_of_one_file_under_two_names_say_so(tmp_path, monkeypatch):
             [("a", root / "a.png"), ("<b>copy", root / "<b>copy.png"), ("other", root / "other.png"),
              ("far", outside / "a.png")]]
     rows.append({**rows[0], "variant": "x4", "seed": 1})  # the same image under another model: not a copy
+    import html
+
     notes = [it["note"] for it in gallery_items(pd.DataFrame(rows), show_enhanced=False)]
-    assert notes == ["same file as &lt;b&gt;copy", "same file as a", "", "", "same file as &lt;b&gt;copy"]
+    assert not any("<" in n for n in notes)  # escaped: the names come from disk
+    assert [html.unescape(n) for n in notes] == ["a: same file as <b>copy", "<b>copy: same file as a", "", "",
+                                                 "a: same file as <b>copy"]
 
 
 def test_eos_neu_flip_cards_say_true_and_predicted_and_the_box_names_its_scope(env):
@@ -1321,8 +1325,11 @@ def test_eos_neu_flip_cards_say_true_and_predicted_and_the_box_names_its_scope(e
 
     _extensions()
     page = EosNeuPage(AppState(run_id=env["run_ids"][0], page="EOS/NEU"))
-    box = page.layout()[0][0]
-    assert box.name == "verdict flips below: only eosinophils and neutrophils"
+    page.layout()
+    box = page.only
+    assert box.name == "verdict flips: only eosinophils and neutrophils"
+    body = page.render()
+    assert list(body).index(box) == 3  # under the chart and table it does not filter, above the flips
     pred = load_table(page.state.run_dir(page.state.run_id), "predictions")[0]
     base, other = "original", "realesrgan-x4plus"
     g = flips(pred, base, other)

@@ -54,13 +54,13 @@ class EosNeuPage(Page):
 
     def layout(self) -> list:
         # the chart and table are of EOS/NEU confusions anyway: the box filters the verdict flips and what
-        # super-resolution changed in them, and says so
-        only = pn.widgets.Checkbox.from_param(self.param.only_eos_neu,
-                                              name="verdict flips below: only eosinophils and neutrophils",
-                                              css_classes=["wbc-eos-only"])
+        # super-resolution changed in them, so it sits above those (render), and only where there are flips
+        self.only = pn.widgets.Checkbox.from_param(self.param.only_eos_neu,
+                                                   name="verdict flips: only eosinophils and neutrophils",
+                                                   css_classes=["wbc-eos-only"])
         main_only = pn.bind(self.main_only_note, self.state.param.compare_run_id)
         body = self.live(self.render, (self.state, ["run_id", "refresh"]), (self, ["only_eos_neu"]), banner=True)
-        return [pn.Row(only, main_only), body]
+        return [main_only, body]
 
     @staticmethod
     def main_only_note(compare_run_id):
@@ -85,6 +85,11 @@ class EosNeuPage(Page):
                  pn.widgets.Tabulator(counts, show_index=False, disabled=True, sizing_mode="stretch_width",
                                       layout="fit_data_stretch", css_classes=["wbc-eos-table"])]
         variants = [v for v in run_variants(rd) if v in set(pred["variant"])] or list(pred["variant"].unique())
+        if len(variants) > 1:
+            parts.append(self.only)
+        else:  # said, where the flips would be
+            parts.append(pn.pane.Markdown("Verdict flips compare two variants of a run: this run has one.",
+                                          css_classes=["wbc-eos-one-variant"]))
         for other in variants[1:]:
             parts += self.flip_parts(pred, variants[0], other)
         if len(variants) > 1:

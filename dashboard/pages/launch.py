@@ -368,8 +368,8 @@ class LaunchPage(Page):
                              "(default). center: a centred square. full: the whole frame squashed (the paper's)."),
             "device": (W.Select, "Device", 100, None),
             "precision": (W.Select, "Real-ESRGAN precision", 150, "auto: fp16 on CUDA, fp32 on CPU. fp16 / bf16 "
-                          "(the CLI's half): fp16 on CUDA, bf16 on CPU too (~2x faster on AVX512-BF16 CPUs, 52-54 dB "
-                          "PSNR vs fp32). Overview names the one used: float16 or bfloat16."),
+                          "(the CLI's half): half precision everywhere, fp16 on CUDA and bf16 on CPU (~2x faster on "
+                          "AVX512-BF16 CPUs, 52-54 dB PSNR vs fp32). Overview names the one used."),
         }
         css = {"image_size": "size", "seeds": "seed"}
         out = {}

@@ -74,6 +74,7 @@ class MetricsPage(Page):
                            sizing_mode="stretch_width")]
 
 
+CLASS_PX = 100  # the class column: 'weighted avg' (12 letters at 6.6 px, 12 px padding) on one line
 TABLE_PX = 360  # one variant's table: class and three metrics, side by side with the next variant's at 1100 px
 
 
@@ -84,7 +85,8 @@ def variant_table(table: pd.DataFrame, variant) -> pn.Column:
     sub = table[["class", *cols]].rename(columns=cols)
     return pn.Column(
         pn.pane.HTML(f"{swatch(variant)}<b>{esc(variant)}</b>", css_classes=["wbc-metrics-variant"]),
-        fitted_table(sub, "wbc-metrics-table", formatters={c: THREE_DECIMALS for c in cols.values()}),  # 1.000, not 1.0
+        fitted_table(sub, "wbc-metrics-table", widths={"class": CLASS_PX},  # 'weighted avg' on one line
+                     formatters={c: THREE_DECIMALS for c in cols.values()}),  # 1.000, not 1.0
         width=TABLE_PX)
 
 
