@@ -213,6 +213,23 @@ def test_launch_progress_stays_on_screen_in_a_narrow_window(dashboard_browser, d
             ctx.close()
 
 
+def test_two_confusion_matrices_share_a_row_at_1100_px(dashboard_browser, dashboard_server, artifacts_dir):
+    """At 1100 px the second variant's matrix wrapped under the first, below the fold, though both fit."""
+    ctx = dashboard_browser.new_context(viewport={"width": 1100, "height": 900})
+    page = ctx.new_page()
+    try:
+        page.goto(dashboard_server)
+        open_tab(page, "Confusion")
+        mats = page.locator(".wbc-confusion")
+        expect(mats.nth(1)).to_be_visible()
+        a, b = mats.nth(0).bounding_box(), mats.nth(1).bounding_box()
+        page.screenshot(path=str(artifacts_dir / "dashboard-confusion-1100.png"))
+        assert abs(a["y"] - b["y"]) < 2 and b["x"] >= a["x"] + a["width"], (a, b)
+        assert b["x"] + b["width"] <= 1100, b
+    finally:
+        ctx.close()
+
+
 def test_header_busy_spinner_stays_still_while_nothing_runs(dashboard_page, dashboard_server):
     """The Launch page polls its job once a second; that poll is not work to wait for, so the header's busy
     spinner must not flash with it (it spun about half the time before the poll ran in the background)."""

@@ -28,6 +28,11 @@ def _unfaded(plot, element) -> None:
         renderer.nonselection_glyph = renderer.glyph.clone()
 
 
+# a matrix's pane: the 260 px frame, its class ticks and axis titles; two (and the FlexBox's gaps) fit the page at
+# 1100 px (at 360 they wrapped there)
+MATRIX_PX = 336
+
+
 def hover_tooltips(normalise: bool) -> list[tuple[str, str]]:
     """A cell's tooltip: its classes and images once each (HoloViews' default lists every value dimension, so
     the count came twice, as "value" and "count"); row-normalised cells add their share of the true class."""
@@ -108,7 +113,9 @@ class ConfusionPage(Page):
                              pn.pane.Markdown(f"No confusion data in run <code>{esc(run_id)}</code>."))
         plots = [self.matrix(run_id, v, confusion_counts(conf, pred, v), main) for v in variants]
         title = pn.pane.Markdown(f"#### {'Run' if main else 'Compared with'} <code>{esc(run_id)}</code>")
-        return pn.Column(warnings_alert([w1, w2]), title, pn.FlexBox(*plots), sizing_mode="stretch_width")
+        # the box as wide as the page: left to size itself it wrapped two matrices at 1100 px that fit side by side
+        return pn.Column(warnings_alert([w1, w2]), title, pn.FlexBox(*plots, sizing_mode="stretch_width"),
+                         sizing_mode="stretch_width")
 
     def matrix(self, run_id: str, variant: str, counts: pd.DataFrame, main: bool) -> pn.pane.HoloViews:
         """One variant's matrix; tapping a cell opens the error browser filtered to it."""
@@ -116,7 +123,7 @@ class ConfusionPage(Page):
         streams.Tap(source=hm, x=None, y=None).add_subscriber(
             lambda x=None, y=None: self.open_cell(run_id, variant, x, y))
         css = ["wbc-confusion", f"wbc-confusion-{css_name(variant)}"] if main else ["wbc-confusion-compare"]
-        return pn.pane.HoloViews(hm * labels, css_classes=css, width=360, height=360, linked_axes=False)
+        return pn.pane.HoloViews(hm * labels, css_classes=css, width=MATRIX_PX, height=360, linked_axes=False)
 
     def show_hint(self) -> None:
         self.note.visible, self.hint.visible = False, True
