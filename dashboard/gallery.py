@@ -114,14 +114,16 @@ def gallery_items(rows: pd.DataFrame, runs_dir=None, show_enhanced: bool = True,
 
 
 def same_file_notes(records: list[dict], runs_dir=None) -> dict[str, str]:
-    """image_id -> '<its file>: same file as <the others' files>' for the cards among ``records`` whose original is byte for byte
-    another card's under another name (the test set's exact repeats, e.g. TEST_SIMPLE's eosinophil pairs), so
-    that identical-looking cards are not read as two cells. Plain text (names come from disk: escape them)."""
+    """image_id -> '<its file>: same file as <the others' files>' for the cards among ``records`` whose original
+    is byte for byte another card's under another name (the test set's exact repeats, e.g. TEST_SIMPLE's
+    eosinophil pairs), so that identical-looking cards are not read as two cells. Plain text (names come from
+    disk: escape them)."""
     by_digest: dict[str, set[str]] = {}
     digests = _pool.map(lambda r: file_digest(r.get("path"), runs_dir), records)
     for r, d in zip(records, digests):
         if d:
             by_digest.setdefault(d, set()).add(str(r.get("image_id")))
+
     def name(image_id: str) -> str:  # the file's name: the card does not show its own id, so name both
         return image_id.replace("\\", "/").rsplit("/", 1)[-1]
 
