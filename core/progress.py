@@ -16,13 +16,15 @@ def _seconds(s) -> float | None:
     return None if s != s or s < 0 or s == float("inf") else s
 
 
-def fmt_duration(s, unknown: str = "—") -> str:
-    """Seconds as '45 s', '2 min 05 s' or '1 h 02 min'; ``unknown`` for None, NaN or negative values."""
+def fmt_duration(s, unknown: str = "—", short: bool = False) -> str:
+    """Seconds as '45 s', '2 min 05 s' or '1 h 02 min' (``short``: '45s', '2m 05s', '1h 02m', for narrow table
+    cells); ``unknown`` for None, NaN or negative values."""
     s = _seconds(s)
     if s is None:
         return unknown
     m, sec = divmod(int(round(s)), 60)
     h, m = divmod(m, 60)
+    hu, mu, su = ("h", "m", "s") if short else (" h", " min", " s")
     if h:
-        return f"{h} h {m:02d} min"
-    return f"{m} min {sec:02d} s" if m else f"{sec} s"
+        return f"{h}{hu} {m:02d}{mu}"
+    return f"{m}{mu} {sec:02d}{su}" if m else f"{sec}{su}"

@@ -44,7 +44,7 @@ def _runs_cached(root: str, key: tuple) -> pd.DataFrame:
     for v in variants:
         df[f"acc {v}"] = acc.apply(lambda a, v=v: a.get(v))
     df["date"] = pd.to_datetime(df["created_at"], errors="coerce", utc=True).dt.strftime("%Y-%m-%d %H:%M")
-    df["duration"] = df["seconds"].apply(lambda s: fmt_duration(s, unknown=""))
+    df["duration"] = df["seconds"].apply(lambda s: fmt_duration(s, unknown="", short=True))  # a 100 px cell
     return df.drop(columns=["accuracy"])
 
 

@@ -336,6 +336,14 @@ def test_runs_table_names_a_queued_runs_variants_and_when_it_ran(tmp_path):
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d(:|&#58;)\d\d(<br>.+)?", frame.loc["q1", "when"]), frame.loc["q1", "when"]
     run.update_meta(started_at="2026-11-28T03:00:00+00:00", ended_at="2026-11-28T03:07:39+00:00", duration_s=459.0)
     assert runs_frame(state).set_index("run_id").loc["q1", "when"].endswith("<br>took 7m 39s")  # labelled
+    from core.progress import fmt_duration
+    from dashboard.pages.runs import _when_cell
+    from dashboard.safe import esc
+
+    assert [fmt_duration(x, short=True) for x in (45, 459, 3725)] == ["45s", "7m 39s", "1h 02m"]
+    # an unreadable creation time (NaN from the listing) or duration is left out, never shown as "nan"
+    assert _when_cell(float("nan"), "7m 39s") == "took 7m 39s" and _when_cell("2026-11-28 03:00", float("nan")) == \
+        esc("2026-11-28 03:00")
     run.update_meta(status="failed", error={"type": "RuntimeError", "message": "boom"})  # a reason, not dashes
     cell = runs_frame(state).set_index("run_id").loc["q1", "accuracy [95% CI]"]
     assert "boom" in cell and "—" not in cell

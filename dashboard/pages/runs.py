@@ -82,12 +82,13 @@ def _summary_cell(df: pd.DataFrame, i: int) -> str:
                        if df[c].iloc[i] is not None and df[c].iloc[i] == df[c].iloc[i])
 
 
-def _took(duration) -> str:
-    """'took 7m 39s' under the date: labelled (a bare '7 min 39 s' read as a time of day) and short enough for the
-    column's 100 px."""
-    if not isinstance(duration, str) or not duration:
-        return ""
-    return "took " + duration.replace(" min", "m").replace(" h", "h").replace(" s", "s")
+def _when_cell(date, duration) -> str:
+    """The date and, under it, how long the run took: 'took 7m 39s' (a bare '7 min 39 s' under the date read as a
+    time of day). Either may be missing (NaN): left out."""
+    lines = [date] if isinstance(date, str) and date else []
+    if isinstance(duration, str) and duration:
+        lines.append(f"took {duration}")
+    return "<br>".join(esc(x) for x in lines)
 
 
 def runs_frame(state, listing: pd.DataFrame | None = None):
@@ -104,7 +105,7 @@ def runs_frame(state, listing: pd.DataFrame | None = None):
                  for cell, err, warn, status, variants in zip(acc_cells, out["error"], out["warning"], out["status"],
                                                               out["variants"])]
     # the date and how long it took in one column: the table fits a 1400 px window without scrolling sideways
-    out["when"] = ["<br>".join(esc(x) for x in (d, _took(t)) if x) for d, t in zip(out["date"], out["duration"])]
+    out["when"] = [_when_cell(d, t) for d, t in zip(out["date"], out["duration"])]
     out = out.drop(columns=["error", "warning", "variants", "date", "duration"])
     out.insert(len(COLUMNS), ACC, acc_cells)
     out.insert(len(COLUMNS) + 1, DELTA, paired)
