@@ -85,15 +85,14 @@ class EosNeuPage(Page):
                  pn.widgets.Tabulator(counts, show_index=False, disabled=True, sizing_mode="stretch_width",
                                       layout="fit_data_stretch", css_classes=["wbc-eos-table"])]
         variants = [v for v in run_variants(rd) if v in set(pred["variant"])] or list(pred["variant"].unique())
-        if len(variants) > 1:
-            parts.append(self.only)
-        else:  # said, where the flips would be
+        if len(variants) < 2:  # said, where the flips would be
             parts.append(pn.pane.Markdown("Verdict flips compare two variants of a run: this run has one.",
                                           css_classes=["wbc-eos-one-variant"]))
+            return pn.Column(*parts, sizing_mode="stretch_width")
+        parts.append(self.only)
         for other in variants[1:]:
             parts += self.flip_parts(pred, variants[0], other)
-        if len(variants) > 1:
-            parts += self.sr_parts(rd, pred, variants[0], variants[1:])
+        parts += self.sr_parts(rd, pred, variants[0], variants[1:])
         return pn.Column(*parts, sizing_mode="stretch_width")
 
     def sr_parts(self, run_dir, pred: pd.DataFrame, base: str, others: list[str]) -> list:
