@@ -297,24 +297,24 @@ def thumbnail_uri(path, size: int = THUMB_SIZE, runs_dir=None, box=None) -> str 
 
     ``box`` (left, top, right, bottom in the image's pixels) shows only that region, as the classifier saw it.
     """
+    key = _allowed_key(path, runs_dir)
+    return None if key is None else _thumb_cached(str(Path(path)), key, size, region_box(box))
+
+
+def _allowed_key(path, runs_dir=None) -> tuple[int, int] | None:
+    """The cache key (mtime, size) of an image file under the allowed roots; None if missing, unreadable, not a
+    path or outside (never opened then)."""
     if not path or not isinstance(path, str):
         return None
-    p = Path(path)
-    key = stat_key(p)
-    if key is None or not is_allowed_image(p, runs_dir):
-        return None
-    return _thumb_cached(str(p), key, size, region_box(box))
+    key = stat_key(path)
+    return key if key is not None and is_allowed_image(path, runs_dir) else None
 
 
 def file_digest(path, runs_dir=None) -> str | None:
     """SHA-1 of an image file's bytes under the allowed roots (None if missing, unreadable or outside); cached
     by the file's mtime and size. Cards use it to say which of them show one file under two names."""
-    if not path or not isinstance(path, str):
-        return None
-    key = stat_key(path)
-    if key is None or not is_allowed_image(path, runs_dir):
-        return None
-    return _digest_cached(str(Path(path).resolve()), key)
+    key = _allowed_key(path, runs_dir)
+    return None if key is None else _digest_cached(str(Path(path).resolve()), key)
 
 
 @lru_cache(maxsize=8192)
