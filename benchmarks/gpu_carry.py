@@ -79,16 +79,14 @@ def embeddings(data_dir: Path, cache: Path) -> None:
     """Everything the check's studies take from the grouping network, through the pipeline's own data and
     grouping stages (so the cache keys are the ones the studies look up): each image's embedding, and the copy
     whitening learned from the training pool (the GPU machine has no EfficientNet-Lite weights to learn it)."""
-    import os
-
     from gpu_check import SIZES
 
     from core.cli import build_parser, config_from_args
     from core.pipeline import assign_source_groups, prepare_data
 
-    os.environ["WBC_CACHE_DIR"] = str(cache)
     for mode in SIZES.values():
-        args = build_parser().parse_args(["study", "--data", str(data_dir), *mode["study"], "--device", "cpu"])
+        args = build_parser().parse_args(["study", "--data", str(data_dir), *mode["study"], "--device", "cpu",
+                                          "--cache-dir", str(cache)])
         cfg = config_from_args(args)
         sd = prepare_data(cfg, Quiet())
         assign_source_groups(sd, cfg, Quiet())
