@@ -163,10 +163,9 @@ FORM_FIELDS = ("preset", "variants", "classifier", "pretrained", "epochs", "per_
                "seeds", "split", "input_policy", "device", "precision")
 
 
-# the precision select's labels: the dtypes that Overview shows (float16 on CUDA, bfloat16 on CPU), not the
-# CLI's word "half" for them
-PRECISION_LABELS = {"auto": "auto", "fp32": "fp32", "fp16 / bf16": "half"}
-assert set(PRECISION_LABELS.values()) == set(ENHANCE_PRECISIONS)
+# the precision select's labels -> the CLI's values: "half" named by the dtypes that Overview shows (float16 on
+# CUDA, bfloat16 on CPU); the others as they are
+PRECISION_LABELS = {{"half": "fp16 / bf16"}.get(p, p): p for p in ENHANCE_PRECISIONS}
 
 
 class LaunchPage(Page):
