@@ -225,7 +225,7 @@ def cmd_runs(args) -> int:
     df["accuracy"] = df["accuracy"].map(_accuracy_words)
     cols = ["run_id", "status", "preset", "classifier", "test_set", "accuracy", "seconds"]
     # each cell one line of at most 60 characters: a hand-edited status or path cannot widen or break the table
-    shown = df[cols].fillna("").map(lambda v: v if isinstance(v, (int, float)) else one_line(v, 60))
+    shown = df[cols].astype(object).fillna("").map(lambda v: v if isinstance(v, (int, float)) else one_line(v, 60))
     with pd.option_context("display.max_colwidth", 60, "display.width", 200):
         print(shown.to_string(index=False))
     for _, r in df[df["warning"].notna()].iterrows():

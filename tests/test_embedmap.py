@@ -132,3 +132,19 @@ def test_map_says_it_shows_the_main_run_only_when_comparing():
     note = MapPage.main_only_note("run<b>", "other`x`").object
     assert "main run <code>run&lt;b&gt;</code> only" in note and "<code>other&#96;x&#96;</code>" in note
     assert MapPage.main_only_note("run", None).object == "" and MapPage.main_only_note(None, "x").object == ""
+
+
+def test_the_map_lasso_selects_once_on_release_and_the_lasso_is_the_drag_tool():
+    """Bokeh's lasso sends each mouse move to the server by default; the map's selects on release, so the gallery is
+    built once per selection (a browser test read a half-drawn selection's count before this)."""
+    from bokeh.models import BoxSelectTool, ColumnDataSource, LassoSelectTool
+
+    from dashboard.pages.embedmap import MapPage
+
+    source = ColumnDataSource({"x_0": [0.0, 1.0], "y_0": [0.0, 1.0], "color": ["red", "blue"], "marker_0": ["circle"] * 2,
+                               "size_0": [6, 6], "image_id": ["a", "b"], "true_label": ["x", "y"], "pred_0": ["x", "x"]})
+    f = MapPage.panel_figure(source, 0, "original")
+    lassos = [t for t in f.tools if isinstance(t, LassoSelectTool)]
+    assert len(lassos) == 1 and lassos[0].continuous is False
+    assert f.toolbar.active_drag is lassos[0]
+    assert any(isinstance(t, BoxSelectTool) for t in f.tools)

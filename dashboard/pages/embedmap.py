@@ -177,11 +177,14 @@ class MapPage(Page):
 
     @staticmethod
     def panel_figure(source, i: int, variant: str, width: int = 440):
-        from bokeh.models import HoverTool
+        from bokeh.models import BoxSelectTool, HoverTool, LassoSelectTool
         from bokeh.plotting import figure
 
-        f = figure(title=str(variant), width=width, height=width * 10 // 11, tools="lasso_select,box_select,wheel_zoom,pan,reset",
-                   active_drag="lasso_select", toolbar_location="above")
+        # The lasso selects once, on release: Bokeh's default sends every mouse move to the server, and each one
+        # rebuilt the gallery (its cards, thumbnails and digests) for a selection about to change again.
+        lasso = LassoSelectTool(continuous=False)
+        f = figure(title=str(variant), width=width, height=width * 10 // 11,
+                   tools=[lasso, BoxSelectTool(), "wheel_zoom", "pan", "reset"], active_drag=lasso, toolbar_location="above")
         f.scatter(x=f"x_{i}", y=f"y_{i}", source=source, color="color", marker=f"marker_{i}", size=f"size_{i}",
                   line_width=2, alpha=0.85, nonselection_alpha=0.12)
         f.add_tools(HoverTool(tooltips=[("image", "@image_id"), ("true", "@true_label"), ("said", f"@pred_{i}")]))
