@@ -194,8 +194,10 @@ PRESETS: dict[str, dict] = {
     # grouped-validation accuracy over 1,000 and fits the hour with the enhancement in bf16).
     # weight_decay 0.05: higher grouped validation on 3 of 3 paired seeds at 600/class (docs/BENCHMARKS.md,
     # "Recipe ablation", 2026-11-27); quick keeps 1e-4: at 300/class 0.05 was higher on 1 seed of 3 only (same section).
+    # augment dihedral-batch (one flip / quarter turn per batch, no zoom, shift or stain jitter): higher grouped
+    # validation on 2 of 3 paired seeds and on average at 600/class (same section, 2026-11-28); quick keeps its recipe.
     "cpu": dict(
-        _CPU_RECIPE, epochs=8, per_class=1500, patience=8, weight_decay=0.05,
+        _CPU_RECIPE, epochs=8, per_class=1500, patience=8, weight_decay=0.05, augment="dihedral-batch",
         enhance_half=True,  # bf16 on CPU, fp16 on CUDA, as in quick
         notes=[
             "cpu preset: fine-tunes ImageNet EfficientNet-Lite0 on 1,500 training images per class (a grouped "

@@ -433,6 +433,7 @@ def test_weight_decay_flag_sets_the_config_and_the_preset_default_stays():
 
     assert cfg("quick", "--weight-decay", "0.05").weight_decay == 0.05
     assert cfg("quick").weight_decay == 1e-4 and cfg("cpu").weight_decay == 0.05  # the presets' own (BENCHMARKS)
+    assert cfg("quick").augment == "dihedral+jitter" and cfg("cpu").augment == "dihedral-batch"  # (BENCHMARKS)
     assert cfg("cpu", "--weight-decay", "0").weight_decay == 0.0
 
 
