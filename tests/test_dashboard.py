@@ -1344,5 +1344,47 @@ def test_eos_neu_flip_cards_say_true_and_predicted_and_the_box_names_its_scope(e
     assert len(g)
     title = page.flip_items(g.head(1), base, other)[0]["title"]
     r = g.iloc[0]
-    assert title == (f"true {ab[r.true_label_base]}, predicted {ab[r.pred_label_base]} \u2192 "
+    # no arrow: on the Errors page "NEU \u2192 EOS" means true \u2192 predicted
+    assert title == (f"true {ab[r.true_label_base]} \u00b7 said {ab[r.pred_label_base]} / "
                      f"{ab[r.pred_label_other]} \u00b7 seed\u00a0{r.seed}")
+    assert "\u2192" not in page.flip_items(g.head(1), base, other)[0]["probs"]
+    import panel as pn
+
+    import dashboard.pages.eos_neu as eos_neu
+
+    def headers():
+        return [p.object for p in page.flip_parts(pred, base, other) if isinstance(p, pn.pane.Markdown)][1:]
+
+    assert headers() and not any("shown" in h for h in headers())  # fewer flips than cards: no "first 24 shown"
+    cards, eos_neu.FLIP_CARDS = eos_neu.FLIP_CARDS, 1
+    try:
+        counts = [int(re.search(r"\((\d+), ", h).group(1)) for h in headers()]
+        assert [("first 1 shown" in h) for h in headers()] == [n > 1 for n in counts]
+    finally:
+        eos_neu.FLIP_CARDS = cards
+
+
+def test_eos_neu_box_plot_keeps_one_order_with_arrows():
+    """With the EOS/NEU filter on, the box plot's categories came in another order (right -> wrong first), with
+    ASCII arrows."""
+    from dashboard.pages.eos_neu import flip_box_rows
+
+    g = pd.DataFrame({"flip": ["right -> wrong"] * 2 + ["unchanged"] * 3 + ["wrong -> right"] * 2 + ["odd"],
+                      "hf_gain": range(8)})
+    rows = flip_box_rows(g)
+    assert list(rows["flip"].unique()) == ["unchanged", "wrong \u2192 right", "right \u2192 wrong"]
+    assert len(rows) == 7 and sorted(rows["hf_gain"]) == list(range(7))
+
+
+def test_grad_cam_shows_one_card_where_the_model_was_right():
+    """A right model's true and predicted class are one class: one card, "true = predicted", not the same map
+    twice; a wrong model keeps both."""
+    from dashboard.pages.common import cam_cards
+
+    maps = [{"variant": "original", "pred_label": "neutrophil", "role": "true", "class_label": "neutrophil"},
+            {"variant": "original", "pred_label": "neutrophil", "role": "pred", "class_label": "neutrophil"},
+            {"variant": "x<b>", "pred_label": "eosinophil", "role": "true", "class_label": "neutrophil"},
+            {"variant": "x<b>", "pred_label": "eosinophil", "role": "pred", "class_label": "eosinophil"}]
+    cards = cam_cards(maps)
+    assert [(m["variant"], role) for m, role in cards] == [("original", "true = predicted"), ("x<b>", "true"),
+                                                           ("x<b>", "pred")]

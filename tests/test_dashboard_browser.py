@@ -414,6 +414,19 @@ def explain_server(tmp_path_factory):
     _stop_server(proc, log)
 
 
+def cam_card_count(page) -> int:
+    """The Grad-CAM cards shown, checked: two per variant (its true and its predicted class), or one captioned
+    "true = predicted" where that variant's model was right."""
+    cards = page.locator(".wbc-why .wbc-cam-card")
+    expect(cards.first).to_be_visible(timeout=30_000)
+    expect(page.locator(".wbc-why div img")).to_have_count(cards.count())
+    caps = cards.all_inner_texts()
+    for v in ("original", "bicubic-x4"):
+        mine = [c for c in caps if c.startswith(v + " ")]
+        assert len(mine) == (1 if any("true = predicted" in c for c in mine) else 2), caps
+    return len(caps)
+
+
 def test_why_view_shows_grad_cam_of_both_variants(dashboard_browser, explain_server, artifacts_dir):
     ctx = dashboard_browser.new_context(viewport={"width": 1500, "height": 1100})
     page = ctx.new_page()
@@ -423,11 +436,11 @@ def test_why_view_shows_grad_cam_of_both_variants(dashboard_browser, explain_ser
     expect(cards.first).to_be_visible()
     cards.first.click()
     page.locator(".wbc-why-button button").click()
-    maps = page.locator(".wbc-why div img")
-    expect(maps).to_have_count(4)  # original and bicubic-x4, each for the true and the predicted class
     expect(page.locator(".wbc-why div").first).to_contain_text("bicubic-x4")
+    n = cam_card_count(page)  # original and bicubic-x4, each for the true and the predicted class (one if right)
+    assert n >= 3  # an error of at least one of them
     boxes = [c.bounding_box() for c in page.locator(".wbc-why .wbc-cam-card").all()]
-    assert len(boxes) == 4 and len({round(b["width"]) for b in boxes}) == 1  # the cards line up whatever
+    assert len(boxes) == n and len({round(b["width"]) for b in boxes}) == 1  # the cards line up whatever
     assert len({round(b["y"]) for b in boxes}) == 1  # their captions say (one row in this 1500 px window)
     page.screenshot(path=str(artifacts_dir / "errors-why-grad-cam.png"), full_page=True)
     ctx.close()
@@ -484,7 +497,8 @@ def test_map_lasso_selects_on_every_variant_and_fills_the_gallery(dashboard_brow
     expect(cards.first.locator(".wbc-probs")).to_contain_text("bicubic-x4")
     page.screenshot(path=str(artifacts_dir / "map-02-lasso-gallery.png"), full_page=True)
     cards.first.click()
-    expect(page.locator(".wbc-why div img")).to_have_count(4)
+    expect(page.locator(".wbc-why div").first).to_contain_text("bicubic-x4")
+    assert cam_card_count(page) >= 2
     expect(page.locator(".wbc-map-why-id div").first).to_contain_text("TEST_SIMPLE/")  # which image it is
     page.screenshot(path=str(artifacts_dir / "map-03-card-grad-cam.png"), full_page=True)
     page.locator(".wbc-map-method button", has_text="PCA").click()  # the other layout, and the words follow it

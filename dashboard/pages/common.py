@@ -221,10 +221,18 @@ def why_view(run_dir, row: dict) -> pn.viewable.Viewable:
         f"<div class='wbc-cam-card' style='display:inline-block;vertical-align:top;width:196px;margin:0 10px 8px 0;"
         f"font-size:12px'>"
         f"<img src='data:image/png;base64,{base64.b64encode(m['png']).decode()}' width='192' height='192'><br>"
-        f"<b>{esc(m['variant'])}</b> (said {esc(m['pred_label'])}): {esc(m['role'])} class {esc(m['class_label'])}"
-        f"<br>heat on the stained cell: {_share(m['heat_in_cell'])}</div>" for m in maps)
+        f"<b>{esc(m['variant'])}</b> (said {esc(m['pred_label'])}): {role} class {esc(m['class_label'])}"
+        f"<br>heat on the stained cell: {_share(m['heat_in_cell'])}</div>" for m, role in cam_cards(maps))
     return pn.pane.HTML("<div><b>Where each model looked</b> (Grad-CAM, red = most evidence for the class named)"
                         f"<br>{cards}</div>", css_classes=["wbc-why"], sizing_mode="stretch_width")
+
+
+def cam_cards(maps: list[dict]) -> list[tuple[dict, str]]:
+    """(map, role words) per Grad-CAM card: a variant whose model was right has one map, "true = predicted", not the
+    same map twice (its true and its predicted class are the same class)."""
+    right = {m["variant"] for m in maps if m["role"] == "true" and m["class_label"] == m["pred_label"]}
+    return [(m, "true = predicted" if m["variant"] in right else esc(m["role"])) for m in maps
+            if not (m["variant"] in right and m["role"] != "true")]
 
 
 def _share(x) -> str:

@@ -10,7 +10,7 @@ import pandas as pd
 import panel as pn
 import param
 
-from core.metrics import RIGHT_TO_WRONG, WRONG_TO_RIGHT, verdict_pairs
+from core.metrics import RIGHT_TO_WRONG, UNCHANGED, WRONG_TO_RIGHT, verdict_pairs
 from core.regions import BOX_COLUMNS
 from core.store import Table
 
@@ -22,6 +22,17 @@ from dashboard.pages.common import ENHANCED_GONE, ab, no_run, variant_colors, wa
 from dashboard.safe import esc
 
 EOS, NEU = "eosinophil", "neutrophil"
+FLIP_CARDS = 24  # cards per direction of verdict flips
+# The box plot's categories, in this order whatever the rows' (with the filter on, "right -> wrong" came first)
+FLIP_BOXES = {UNCHANGED: "unchanged", WRONG_TO_RIGHT: "wrong \u2192 right", RIGHT_TO_WRONG: "right \u2192 wrong"}
+
+
+def flip_box_rows(groups: pd.DataFrame) -> pd.DataFrame:
+    """core.srchange.flip_groups' rows for the box plot: categories in FLIP_BOXES' order, labelled with arrows."""
+    order = {k: i for i, k in enumerate(FLIP_BOXES)}
+    g = groups[groups["flip"].isin(order)]
+    g = g.iloc[g["flip"].map(order).argsort(kind="stable")]
+    return g.assign(flip=g["flip"].map(FLIP_BOXES))
 
 
 def eos_neu_counts(pred: pd.DataFrame) -> pd.DataFrame:
@@ -128,9 +139,9 @@ class EosNeuPage(Page):
                                               css_classes=["wbc-sr-test"]))
                 continue
             _, words = flip_test(g)
-            box = hv.BoxWhisker(g, "flip", "hf_gain").opts(
+            box = hv.BoxWhisker(flip_box_rows(g), "flip", "hf_gain").opts(
                 responsive=True, height=240, title=f"{other}: log2 high-frequency gain over bicubic",
-                xlabel=f"verdict, {base} -> {other}", ylabel="log2 gain", box_fill_color="#f58518")
+                xlabel=f"verdict, {base} \u2192 {other}", ylabel="log2 gain", box_fill_color="#f58518")
             parts += [pn.pane.HoloViews(box, sizing_mode="stretch_width"),
                       pn.pane.Markdown(f"**{esc(other)}**: {esc(words)}" + (f" {esc(left_out)}" if left_out else ""),
                                        css_classes=["wbc-sr-test"])]
@@ -180,11 +191,12 @@ class EosNeuPage(Page):
         parts = [pn.pane.Markdown(f"### Verdict flips: {esc(base)} vs {esc(other)}\n" +
                                   "\n".join(f"* {esc(k)}: **{int(counts.get(k, 0))}**" for k in both))]
         for kind, g in f.groupby("flip", sort=True):
-            gallery = Gallery(items=self.flip_items(g.head(24), base, other), sizing_mode="stretch_width",
+            gallery = Gallery(items=self.flip_items(g.head(FLIP_CARDS), base, other), sizing_mode="stretch_width",
                               css_classes=["wbc-flip-gallery"])
-            parts += [pn.pane.Markdown(f"**{esc(kind)}** ({len(g)}, first 24 shown; captions: the true class, then "
-                                       f"what {esc(base)} \u2192 {esc(other)} predicted; click a card for its Grad-CAM)"),
-                      gallery, self.why_on_click(gallery, g.head(24))]
+            shown = f"first {FLIP_CARDS} shown; " if len(g) > FLIP_CARDS else ""
+            parts += [pn.pane.Markdown(f"**{esc(kind)}** ({len(g)}, {shown}captions: the true class, then what "
+                                       f"{esc(base)} / {esc(other)} said; click a card for its Grad-CAM)"),
+                      gallery, self.why_on_click(gallery, g.head(FLIP_CARDS))]
         return parts
 
     def why_on_click(self, gallery: Gallery, g: pd.DataFrame) -> pn.Column:
@@ -207,12 +219,13 @@ class EosNeuPage(Page):
             "pred_label": [f"{pb}/{po}" for pb, po in zip(g.pred_label_base, g.pred_label_other)],
             "path": g.path_base, "enhanced_path": g.enhanced_path, "correct": g.correct_other,
             **{c: g[c] for c in BOX_COLUMNS if c in g},
-            # true: prediction with `base` -> with `other` (the variants are named in the header above)
-            "title": [f"true {ab(t)}, predicted {ab(pb)} \u2192 {ab(po)} \u00b7 seed\u00a0{sd}" for t, pb, po, sd in
+            # what `base` / `other` said (the variants are named in the header above). Not an arrow: on the Errors
+            # page "NEU \u2192 EOS" reads true \u2192 predicted, and the same words must not mean two things.
+            "title": [f"true {ab(t)} \u00b7 said {ab(pb)} / {ab(po)} \u00b7 seed\u00a0{sd}" for t, pb, po, sd in
                       zip(g.true_label_base, g.pred_label_base, g.pred_label_other, g.seed)]})
         items = gallery_items(rows, runs_dir=self.state.runs_dir, label_variant=False)
         for it, cb, co in zip(items, g.confidence_base, g.confidence_other):
-            it["probs"] = f"confidence {cb:.2f} \u2192 {co:.2f}"
+            it["probs"] = f"confidence {cb:.2f} / {co:.2f}"
         return items
 
 
