@@ -258,9 +258,11 @@ def exact_copies(train: pd.DataFrame, test: pd.DataFrame, examples: int = 5) -> 
     image (counted twice in every metric) and test images that are also training files (not unseen: their score
     is recall of a copy). Returns counts and up to ``examples`` test image ids of each kind."""
     repeated = test[test["sha1"].duplicated(keep="first")]
+    first = test.drop_duplicates("sha1").set_index("sha1")["image_id"]  # the file each repeat repeats
     in_train = test[test["sha1"].isin(set(train["sha1"]))]
     return {"test_repeated": int(len(repeated)), "test_in_train": int(len(in_train)),
             "repeated_examples": repeated["image_id"].head(examples).tolist(),
+            "repeated_of": first.loc[repeated["sha1"].head(examples)].tolist(),
             "in_train_examples": in_train["image_id"].head(examples).tolist()}
 
 
@@ -277,10 +279,24 @@ def copies_words(copies, n_test: int | None = None) -> list[tuple[str, str]]:
         ok = isinstance(n, int) and not isinstance(n, bool) and n > 0 and (n_test is None or n <= n_test)
         return n if ok else 0
 
-    def names(key: str) -> str:
+    def texts(key: str) -> list[str]:
         ex = c.get(key)
-        ex = [one_line(x, 120) for x in ex if isinstance(x, str)][:5] if isinstance(ex, list) else []
+        return [one_line(x, 120) for x in ex if isinstance(x, str)][:5] if isinstance(ex, list) else []
+
+    def names(key: str) -> str:
+        ex = texts(key)
         return f" (e.g. {', '.join(x for x in ex if x)})" if any(ex) else ""
+
+    def pairs() -> str:
+        """Each repeat with the file it repeats ("B repeats A"): a bare list of repeats read as copies of each
+        other. Runs before the pairs were recorded (or damaged lists) name the repeats only."""
+        copy, of = c.get("repeated_examples"), c.get("repeated_of")
+        ok = isinstance(copy, list) and isinstance(of, list) and len(copy) == len(of)
+        both = [(one_line(b, 120), one_line(a, 120)) for b, a in zip(copy, of)
+                if isinstance(b, str) and isinstance(a, str) and b.strip() and a.strip()][:5] if ok else []
+        if not both:
+            return names("repeated_examples")
+        return f" (e.g. {'; '.join(f'{b} repeats {a}' for b, a in both)})"
 
     out = []
     if count("test_in_train"):
@@ -294,7 +310,7 @@ def copies_words(copies, n_test: int | None = None) -> list[tuple[str, str]]:
                     else " Some copies fell in other source groups than their originals, so the confidence intervals "
                          "are a little too narrow." if shared is False else "")
         out.append(("info", f"{count('test_repeated')} test images repeat another test image byte for byte"
-                            f"{names('repeated_examples')}: each copy counts in every metric.{together}"))
+                            f"{pairs()}: each copy counts in every metric.{together}"))
     return out
 
 

@@ -562,6 +562,12 @@ def leakage(train_df: pd.DataFrame, val_df: pd.DataFrame, cache_dir=None, device
             "median_nn_distance": float(np.median(d)) if len(d) else float("nan")}
 
 
+NETWORK_WORDS = {
+    "copy-tuned": "the copy-tuned embedding: EfficientNet-Lite0 fine-tuned to tell one cell's copies from other cells",
+    "imagenet": "the ImageNet embedding: EfficientNet-Lite0's ImageNet features",
+}
+
+
 def leakage_words(leak) -> str:
     """:func:`leakage`'s result (run.json ``data.leakage``) as one plain-text sentence, or "" when it holds nothing
     readable. It comes from a run.json that may be damaged or hand-edited: only finite shares in [0, 1], whole
@@ -580,7 +586,9 @@ def leakage_words(leak) -> str:
         return ""
     net = d.get("network")
     net = one_line(net, 40) if isinstance(net, str) and net.strip() else "the grouping"
-    where = (f" (cosine distance below {cut:.2f} in the {net} embedding)"
+    # what each space is, so that two runs' shares are not read as one scale (each space has its own cut)
+    net = NETWORK_WORDS.get(net, f"the {net} embedding")
+    where = (f" (cosine distance below {cut:.2f} in {net})"
              if isinstance(cut, (int, float)) and not isinstance(cut, bool) and 0 < cut < 2 else "")
     per = d.get("per_class") if isinstance(d.get("per_class"), dict) else {}
     per = [f"{str(c)[:3].upper()} {100 * share(v):.1f}%" for c, v in per.items()

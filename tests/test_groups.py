@@ -134,7 +134,7 @@ def test_grouped_split_has_no_leakage_random_split_has(synth):
     words = G.leakage_words(rand)
     assert words.startswith(f"{rand['n_leaked']} of {rand['n_val']} validation images "
                             f"({100 * rand['share']:.1f}%) have a near-copy of the same class in training")
-    assert f"below {rand['threshold']:.2f} in the {rand['network']} embedding" in words and "\n" not in words
+    assert f"below {rand['threshold']:.2f} in {G.NETWORK_WORDS[rand['network']]})" in words and "\n" not in words
     assert G.leakage_words(grouped).startswith(f"0 of {grouped['n_val']} validation images (0.0%)")
 
 
@@ -150,6 +150,16 @@ def test_leakage_words_keep_only_readable_parts():
     words = G.leakage_words({"n_val": 10, "n_leaked": 3, "threshold": float("nan"), "network": "a\nb" * 40,
                              "per_class": {"eosinophil": 2, "monocyte": 0.5, 7: 0.1}, "share_grouped": "0.2"})
     assert words == "3 of 10 validation images (30.0%) have a near-copy of the same class in training; by class MON 50.0%."
+
+
+def test_leakage_words_say_what_each_embedding_is():
+    """Two runs' checks sat side by side in compare mode, at cuts 0.17 and 0.28 "in the copy-tuned embedding" and
+    "in the imagenet embedding", with nothing to say what those are or that each has its own cut."""
+    leak = {"n_val": 10, "n_leaked": 1, "threshold": 0.17}
+    tuned = G.leakage_words({**leak, "network": "copy-tuned"})
+    assert "below 0.17 in the copy-tuned embedding: EfficientNet-Lite0 fine-tuned to tell one cell's copies" in tuned
+    assert "in the ImageNet embedding: EfficientNet-Lite0's ImageNet features)" in G.leakage_words({**leak, "network": "imagenet"})
+    assert "in the other<b> embedding)" in G.leakage_words({**leak, "network": "other<b>"})  # unknown: named (escaped later)
 
 
 def test_cross_split_overlap_and_audit_cli(synth, tmp_path, capsys):

@@ -336,6 +336,9 @@ def test_exact_copies_in_the_test_set_are_counted_recorded_and_shown(tmp_path, c
     words = dict(copies_words(copies))
     assert words["warning"].startswith(f"{in_train} test images are byte-identical to training files")
     assert "each copy counts in every metric" in words["info"]
+    # the repeat named with the file it repeats (a bare list read as copies of each other)
+    a, b = "TEST_SIMPLE/MONOCYTE/_1_1 copy.jpeg", "TEST_SIMPLE/MONOCYTE/_1_1.jpeg"
+    assert f"{a} repeats {b}" in words["info"] or f"{b} repeats {a}" in words["info"], words["info"]
 
     alerts = copies_alerts(run.read_meta())
     assert [a.alert_type for a in alerts] == ["warning", "info"]
@@ -358,6 +361,12 @@ def test_exact_copies_in_the_test_set_are_counted_recorded_and_shown(tmp_path, c
     ({"test_repeated": 1, "repeated_examples": ["x\n\n---\n\ny" + "z" * 500, 7]}, 71,
      ["info: 1 test images repeat another test image byte for byte (e.g. x --- yzzz"]),
     ("junk", 71, []), (None, None, []), ({"test_in_train": -4, "test_repeated": 1.5}, None, []),
+    ({"test_repeated": 2, "repeated_examples": ["b", "d"], "repeated_of": ["a", "c"]}, 71,
+     ["info: 2 test images repeat another test image byte for byte (e.g. b repeats a; d repeats c):"]),
+    ({"test_repeated": 2, "repeated_examples": ["b", "d"], "repeated_of": ["a"]}, 71,  # lists that do not pair
+     ["info: 2 test images repeat another test image byte for byte (e.g. b, d):"]),
+    ({"test_repeated": 1, "repeated_examples": ["b\nx" * 99], "repeated_of": [7]}, 71,
+     ["info: 1 test images repeat another test image byte for byte (e.g. b x"]),
 ])
 def test_copies_words_survive_a_hand_edited_run_json(copies, n_test, words):
     """run.json is read back from disk: whatever its copies section holds, the words are a few sane lines or none
