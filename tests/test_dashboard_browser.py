@@ -420,7 +420,7 @@ def cam_card_count(page) -> int:
     cards = page.locator(".wbc-why .wbc-cam-card")
     expect(cards.first).to_be_visible(timeout=30_000)
     expect(page.locator(".wbc-why div img")).to_have_count(cards.count())
-    caps = cards.all_inner_texts()
+    caps = [c.strip() for c in cards.all_inner_texts()]
     for v in ("original", "bicubic-x4"):
         mine = [c for c in caps if c.startswith(v + " ")]
         assert len(mine) == (1 if any("true = predicted" in c for c in mine) else 2), caps
