@@ -279,12 +279,9 @@ def copies_words(copies, n_test: int | None = None) -> list[tuple[str, str]]:
         ok = isinstance(n, int) and not isinstance(n, bool) and n > 0 and (n_test is None or n <= n_test)
         return n if ok else 0
 
-    def texts(key: str) -> list[str]:
-        ex = c.get(key)
-        return [one_line(x, 120) for x in ex if isinstance(x, str)][:5] if isinstance(ex, list) else []
-
     def names(key: str) -> str:
-        ex = texts(key)
+        ex = c.get(key)
+        ex = [one_line(x, 120) for x in ex if isinstance(x, str)][:5] if isinstance(ex, list) else []
         return f" (e.g. {', '.join(x for x in ex if x)})" if any(ex) else ""
 
     def pairs() -> str:

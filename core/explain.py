@@ -129,13 +129,13 @@ def row_maps(row: dict, model: Model) -> list[dict]:
     [{role, class_label, png (the overlay), heat_in_cell}]."""
     x = region(row, model)
     rgb = x[0].permute(1, 2, 0).numpy()
-    out = []
+    by_class: dict[str, dict] = {}  # a right prediction's true and predicted class are one class: one Grad-CAM
     for role in ("true", "pred"):
         cls = str(row[f"{role}_label"])
-        heat = gradcam(model.net, x, CLASSES.index(cls))
-        out.append({"role": role, "class_label": cls, "png": overlay_png(rgb, heat),
-                    "heat_in_cell": heat_in_cell(heat, rgb)})
-    return out
+        if cls not in by_class:
+            heat = gradcam(model.net, x, CLASSES.index(cls))
+            by_class[cls] = {"class_label": cls, "png": overlay_png(rgb, heat), "heat_in_cell": heat_in_cell(heat, rgb)}
+    return [{"role": role, **by_class[str(row[f"{role}_label"])]} for role in ("true", "pred")]
 
 
 def image_maps(run: Run, image_id: str, seed: int, size: int) -> list[dict]:

@@ -1322,7 +1322,7 @@ def test_cards_of_one_file_under_two_names_say_so(tmp_path, monkeypatch):
                                                  "a: same file as <b>copy"]
 
 
-def test_eos_neu_flip_cards_say_true_and_predicted_and_the_box_names_its_scope(env):
+def test_eos_neu_flip_cards_say_true_and_predicted_and_the_box_names_its_scope(env, monkeypatch):
     """A flip card read 'true NEU: NEU → EOS', which needed the heading to be understood; and the 'only eosinophils
     and neutrophils' box sat above a chart it does not change."""
     from core.config import CLASS_ABBR as ab
@@ -1356,12 +1356,9 @@ def test_eos_neu_flip_cards_say_true_and_predicted_and_the_box_names_its_scope(e
         return [p.object for p in page.flip_parts(pred, base, other) if isinstance(p, pn.pane.Markdown)][1:]
 
     assert headers() and not any("shown" in h for h in headers())  # fewer flips than cards: no "first 24 shown"
-    cards, eos_neu.FLIP_CARDS = eos_neu.FLIP_CARDS, 1
-    try:
-        counts = [int(re.search(r"\((\d+), ", h).group(1)) for h in headers()]
-        assert [("first 1 shown" in h) for h in headers()] == [n > 1 for n in counts]
-    finally:
-        eos_neu.FLIP_CARDS = cards
+    monkeypatch.setattr(eos_neu, "FLIP_CARDS", 1)
+    counts = [int(re.search(r"\((\d+), ", h).group(1)) for h in headers()]
+    assert [("first 1 shown" in h) for h in headers()] == [n > 1 for n in counts]
 
 
 def test_eos_neu_box_plot_keeps_one_order_with_arrows():

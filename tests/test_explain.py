@@ -94,6 +94,24 @@ def test_the_error_detail_shows_why_for_every_variant(tiny):
     assert "original" in why.object and "bicubic-x4" in why.object and "heat on the stained cell" in why.object
 
 
+def test_a_right_prediction_is_explained_with_one_grad_cam(tiny, monkeypatch):
+    """Its true and its predicted class are one class: one Grad-CAM, given under both roles (the explain table keeps
+    both rows); a wrong prediction has two."""
+    import core.explain as E
+
+    calls = []
+    real = E.gradcam
+    monkeypatch.setattr(E, "gradcam", lambda net, x, k: calls.append(k) or real(net, x, k))
+    pred = tiny.table(Table.PREDICTIONS)
+    for correct, n in ((True, 1), (False, 2)):
+        row = pred[pred["correct"] == correct].iloc[0].to_dict()
+        calls.clear()
+        maps = E.row_maps(row, E.model_for(tiny, row["variant"], int(row["seed"]), int(row["image_size"])))
+        assert len(calls) == n and [m["role"] for m in maps] == ["true", "pred"]
+        assert [m["class_label"] for m in maps] == [row["true_label"], row["pred_label"]]
+        assert (maps[0]["png"] == maps[1]["png"]) == correct
+
+
 # ---------------------------------------------------------------- the study report (core.report)
 def test_html_report_is_complete_and_self_contained(tiny, tmp_path):
     import re

@@ -191,12 +191,13 @@ class EosNeuPage(Page):
         parts = [pn.pane.Markdown(f"### Verdict flips: {esc(base)} vs {esc(other)}\n" +
                                   "\n".join(f"* {esc(k)}: **{int(counts.get(k, 0))}**" for k in both))]
         for kind, g in f.groupby("flip", sort=True):
-            gallery = Gallery(items=self.flip_items(g.head(FLIP_CARDS), base, other), sizing_mode="stretch_width",
+            cards = g.head(FLIP_CARDS)
+            gallery = Gallery(items=self.flip_items(cards, base, other), sizing_mode="stretch_width",
                               css_classes=["wbc-flip-gallery"])
-            shown = f"first {FLIP_CARDS} shown; " if len(g) > FLIP_CARDS else ""
+            shown = f"first {FLIP_CARDS} shown; " if len(g) > len(cards) else ""
             parts += [pn.pane.Markdown(f"**{esc(kind)}** ({len(g)}, {shown}captions: the true class, then what "
                                        f"{esc(base)} / {esc(other)} said; click a card for its Grad-CAM)"),
-                      gallery, self.why_on_click(gallery, g.head(FLIP_CARDS))]
+                      gallery, self.why_on_click(gallery, cards)]
         return parts
 
     def why_on_click(self, gallery: Gallery, g: pd.DataFrame) -> pn.Column:
