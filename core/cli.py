@@ -394,9 +394,9 @@ def cmd_report(args) -> int:
 def _odd_labels(r) -> list[str]:
     """Up to 3 true or predicted labels in the predictions table that are not one of the four classes (a
     hand-edited or foreign table), each on one line and cut to 40 characters."""
-    pred = r.table("predictions", columns=["true_label", "pred_label"])
-    odd = sorted({str(v) for v in pd.concat([pred["true_label"], pred["pred_label"]]).dropna()} - set(CLASSES))
-    return [one_line(v, 40) for v in odd[:3]]
+    from core.store import odd_labels
+
+    return odd_labels(r.table("predictions", columns=["true_label", "pred_label"]))
 
 
 def _missing_tables(r) -> list[str]:

@@ -67,11 +67,15 @@ def load_model(run: Run, variant: str, seed: int, size: int) -> Model:
     return Model(net.eval(), size, cfg.input_policy)
 
 
-def region(row: dict, model: Model) -> torch.Tensor:
-    """uint8 (1, 3, size, size): what the model saw of this prediction's image."""
+def region(row: dict, model: Model, allowed=None) -> torch.Tensor:
+    """uint8 (1, 3, size, size): what the model saw of this prediction's image. ``allowed(path)`` (the dashboard's
+    folder check) must say yes before the file is opened."""
     enhanced = isinstance(row.get("enhanced_path"), str)
+    path = row["enhanced_path"] if enhanced else row["path"]
+    if allowed is not None and not allowed(path):
+        raise PermissionError(f"image {str(path)[:200]!r} is missing or outside the folders this dashboard may read")
     box = None if enhanced or model.policy == "full" else tuple(int(row[c]) for c in BOX_COLUMNS)
-    x = load_images([row["enhanced_path"] if enhanced else row["path"]],
+    x = load_images([path],
                     int(round(model.size * margin_for(model.policy))), workers=1,
                     boxes=None if box is None else [box])
     return centre_crop(x, model.size)
@@ -124,10 +128,14 @@ def model_for(run: Run, variant: str, seed: int, size: int) -> Model:
     return _cached_model(str(run.path), variant, int(seed), int(size), stat_key(ckpt))
 
 
-def row_maps(row: dict, model: Model) -> list[dict]:
+def row_maps(row: dict, model: Model, allowed=None) -> list[dict]:
     """Grad-CAM of one prediction row for its true and its predicted class, on the region the model saw:
-    [{role, class_label, png (the overlay), heat_in_cell}]."""
-    x = region(row, model)
+    [{role, class_label, png (the overlay), heat_in_cell}]. ``allowed``: as for :func:`region`."""
+    for role in ("true", "pred"):
+        if str(row[f"{role}_label"]) not in CLASSES:
+            raise ValueError(f"{role}_label {str(row[f'{role}_label'])[:40]!r} of image {str(row['image_id'])[:80]!r} "
+                             f"is not one of {', '.join(CLASSES)}")
+    x = region(row, model, allowed)
     rgb = x[0].permute(1, 2, 0).numpy()
     by_class: dict[str, dict] = {}  # a right prediction's true and predicted class are one class: one Grad-CAM
     for role in ("true", "pred"):
@@ -138,14 +146,14 @@ def row_maps(row: dict, model: Model) -> list[dict]:
     return [{"role": role, **by_class[str(row[f"{role}_label"])]} for role in ("true", "pred")]
 
 
-def image_maps(run: Run, image_id: str, seed: int, size: int) -> list[dict]:
+def image_maps(run: Run, image_id: str, seed: int, size: int, allowed=None) -> list[dict]:
     """Grad-CAM of one test image for every variant that predicted it (same seed and size), true and predicted
     class, without writing anything: [{variant, pred_label, role, class_label, png, heat_in_cell}] (the
-    dashboard's "why" view)."""
+    dashboard's "why" view). ``allowed(path)``: which image files may be opened (fail closed)."""
     pred = run.table(Table.PREDICTIONS)
     rows = pred[(pred["image_id"] == image_id) & (pred["seed"] == seed) & (pred["image_size"] == size)]
     return [{"variant": str(r["variant"]), "pred_label": str(r["pred_label"]), **m}
-            for r in rows.to_dict("records") for m in row_maps(r, model_for(run, str(r["variant"]), seed, size))]
+            for r in rows.to_dict("records") for m in row_maps(r, model_for(run, str(r["variant"]), seed, size), allowed)]
 
 
 def explain_rows(run: Run, rows: pd.DataFrame) -> pd.DataFrame:

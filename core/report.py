@@ -268,8 +268,10 @@ def to_markdown(blocks: list[Block]) -> str:
 
 
 def _md(text: str) -> str:
-    """Text for Markdown that no renderer turns into HTML: one line per paragraph, ``& < >`` escaped."""
-    return html.escape(" ".join(str(text).split("\n")), quote=False)
+    """Text for Markdown that no renderer turns into HTML or a link: one line per paragraph, ``& < >`` escaped, and
+    ``\\ [ ]`` backslash-escaped (a stored ``[x](javascript:...)`` stays text)."""
+    text = html.escape(" ".join(str(text).split("\n")), quote=False)
+    return text.replace("\\", "\\\\").replace("[", "\\[").replace("]", "\\]")
 
 
 def _md_table(df: pd.DataFrame) -> str:

@@ -298,13 +298,15 @@ def summary_text(stats: pd.DataFrame) -> str:
         d = parse_detail(r.detail)
         verdict = ("no evidence of a difference (the CI includes 0)" if r.ci_low <= 0 <= r.ci_high else
                    f"the CI excludes 0: {r.variant} is {'better' if r.estimate > 0 else 'worse'} on these test images")
+        counts = (f" ({d[DETAIL_B]} images right only with {r.baseline}, {d[DETAIL_C]} right only with {r.variant})"
+                  if DETAIL_B in d and DETAIL_C in d else "")  # a hand-edited detail: the counts are not known
         lines.append(
             f"- {r.variant} vs {r.baseline} (seed {r.seed}, {r.image_size} px): accuracy {_pts(r.estimate)} points "
-            f"(95% CI {_pts(r.ci_low)} to {_pts(r.ci_high)}); exact McNemar p = {r.p_value:.3g} "
-            f"({d['b']} images right only with {r.baseline}, {d['c']} right only with {r.variant}); {verdict}.")
-        if d.get(DETAIL_RESAMPLE) == "groups" and d.get(DETAIL_N_GROUPS, r.n) < r.n:
-            lines.append(f"  McNemar counts {r.n} images as independent but they come from {d['n_groups']} source "
-                         f"groups; the group-bootstrap p = {d['p_cluster_boot']:.3g} is the more honest figure.")
+            f"(95% CI {_pts(r.ci_low)} to {_pts(r.ci_high)}); exact McNemar p = {r.p_value:.3g}{counts}; {verdict}.")
+        p_boot = d.get(DETAIL_P_CLUSTER_BOOT)
+        if d.get(DETAIL_RESAMPLE) == "groups" and d.get(DETAIL_N_GROUPS, r.n) < r.n and p_boot is not None:
+            lines.append(f"  McNemar counts {r.n} images as independent but they come from {d[DETAIL_N_GROUPS]} source "
+                         f"groups; the group-bootstrap p = {p_boot:.3g} is the more honest figure.")
     seeds = stats[stats["kind"] == StatKind.SEEDS]
     if not seeds.empty:
         lines.append("Spread over training seeds (mean, sample sd). Each CI above covers test-set sampling for "

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.config import PROB_COLUMNS, default_runs_dir
+from core.config import CLASSES, PROB_COLUMNS, default_runs_dir
 from core.fsio import atomic_write_json, atomic_write_parquet, stat_key
 from core.regions import BOX_COLUMNS
 
@@ -358,6 +358,15 @@ def effective_status(meta: dict, progress: dict, now: dt.datetime | None = None)
     if age is None and pid is None:
         age = heartbeat_age({"updated_at": meta.get("created_at")}, now)
     return INTERRUPTED.value if age is not None and age > HEARTBEAT_STALE_S else status
+
+
+def odd_labels(df: pd.DataFrame, limit: int = 3) -> list[str]:
+    """Up to ``limit`` true or predicted labels of a predictions / confusion table that are not one of the four
+    classes (a hand-edited or foreign table: per-class figures and matrices leave them out), each on one line and
+    cut to 40 characters."""
+    cols = [c for c in ("true_label", "pred_label") if c in df.columns]
+    found = sorted({str(v) for c in cols for v in df[c].dropna().unique()} - set(CLASSES))
+    return [" ".join(v.split())[:40] for v in found[:limit]]
 
 
 # ------------------------------------------------------------------------------------- typed records

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from core.config import PROB_COLUMNS, default_cache_dir
+from core.config import CLASSES, PROB_COLUMNS, default_cache_dir
 from core.fsio import atomic_write_bytes, stat_key
 from core.progress import fmt_duration
 from core.store import (HEARTBEAT_EVERY_S, RUN_JSON, DamagedRun, DamagedTable, Progress, Run, RunInfo, RunStore,
-                        Status, Table, effective_status, schema)
+                        Status, Table, effective_status, odd_labels, schema)
 
 from dashboard.security import is_allowed_image
 
@@ -99,12 +99,15 @@ def _table_cached(run_dir: str, key, name: str) -> tuple[pd.DataFrame, str | Non
         df = Run(Path(run_dir)).table(name)
     except DamagedTable as e:
         return schema(name).empty(), e.short
+    odd = odd_labels(df) if name in (Table.PREDICTIONS, Table.MISCLASSIFIED, Table.CONFUSION) else []
+    warning = (f"{Path(run_dir).name}/{name}.parquet names classes that are not {', '.join(CLASSES)} (e.g. "
+               f"{', '.join(odd)}): per-class figures and confusion matrices leave those rows out") if odd else None
     if name in (Table.PREDICTIONS, Table.MISCLASSIFIED) and len(df):
         probs = df[[c for c in PROB_COLUMNS if c in df.columns]].to_numpy(dtype="float32")
         df["confidence"] = probs.max(axis=1) if probs.size else 0.0
         for col in ("variant", "true_label", "pred_label"):
             df[col] = df[col].astype("category")
-    return df, None
+    return df, warning
 
 
 def load_table(run_dir, name: Table) -> tuple[pd.DataFrame, str | None]:
@@ -128,7 +131,8 @@ def cam_maps(run_dir, image_id: str, seed: int, size: int) -> list[dict]:
     """Grad-CAM of one test image for every variant (core.explain.image_maps; nothing is written)."""
     from core.explain import image_maps
 
-    return image_maps(Run(Path(run_dir)), image_id, int(seed), int(size))
+    run = Run(Path(run_dir))
+    return image_maps(run, image_id, int(seed), int(size), allowed=lambda p: is_allowed_image(p, run.path.parent))
 
 
 SR_CHANGE_ON_DEMAND = 400  # test images the EOS/NEU page measures as it draws (~30 ms each); above, on a button
@@ -278,6 +282,9 @@ def _thumb_cached(path: str, key, size: int, box: tuple | None = None) -> str | 
                     im.draft("RGB", (size, size))
                 im = im.convert("RGB")
                 if box is not None:  # the region the classifier saw (core.regions), enlarged like the enhanced one
+                    box = _inside(box, im.size)
+                    if box is None:  # a stored box off the image: nothing the classifier could have seen
+                        return None
                     im = im.crop(box).resize((size, size), Image.BICUBIC)
                 im.thumbnail((size, size), Image.LANCZOS if size > THUMB_SIZE else Image.BILINEAR)
                 buf = io.BytesIO()
@@ -335,6 +342,13 @@ def region_box(box) -> tuple[int, int, int, int] | None:
     except (TypeError, ValueError):
         return None
     return b if len(b) == 4 and min(b) >= 0 and b[2] > b[0] and b[3] > b[1] else None
+
+
+def _inside(box: tuple[int, int, int, int], size: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """``box`` cut to an image of ``size`` (w, h), or None if nothing is left: a damaged box never makes Pillow
+    allocate more than the image."""
+    left, top, right, bottom = box[0], box[1], min(box[2], size[0]), min(box[3], size[1])
+    return (left, top, right, bottom) if right > left and bottom > top else None
 
 
 _warm_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="thumbs")

@@ -618,6 +618,27 @@ def test_thumbnails_small_cached_and_confined(env, tmp_path):
     assert thumbnail_uri(None) is None
 
 
+def test_a_thumbnail_box_off_the_image_is_cut_to_it(env):
+    """A stored region box far larger than its image (damaged or hostile) is cut to the image before Pillow crops:
+    (0, 0, 13000, 13000) had cost ~5 s and 650 MB per thumbnail; a box wholly off the image shows nothing."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from dashboard.data import _inside, thumbnail_uri
+
+    assert _inside((0, 0, 13000, 13000), (320, 240)) == (0, 0, 320, 240)
+    assert _inside((400, 10, 500, 90), (320, 240)) is None
+    pred = pd.read_parquet(env["runs_dir"] / env["run_ids"][0] / "predictions.parquet")
+    path = pred["path"].dropna().iloc[0]
+    uri = thumbnail_uri(path, box=(0, 0, 13000, 13000))
+    assert uri.startswith("data:image/jpeg")
+    assert thumbnail_uri(path, box=(5000, 5000, 5100, 5100)) is None
+    im = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert max(im.size) <= 128
+
+
 def test_run_with_its_own_cache_dir_shows_its_enhanced_images(tmp_path):
     """`wbc study --cache-dir X`: X/enhanced/... is shown for that run's store; the rest of X is not."""
     from PIL import Image
@@ -1264,6 +1285,28 @@ def test_a_page_that_cannot_be_drawn_says_so_instead_of_going_blank(env, monkeyp
     broken[0] = False
     state.compare_run_id = env["run_ids"][1]  # redrawn: the page is back
     assert not [a for a in view.select(pn.pane.Alert) if "wbc-draw-failed" in a.css_classes]
+
+
+def test_the_report_download_of_a_run_that_cannot_be_reported_says_why(env, monkeypatch):
+    """The Overview's "Download report" on a run whose report raises: the file says why in one escaped line, and
+    the server goes on (the callback had raised into Panel's log, and the click gave nothing)."""
+    import dashboard.pages.overview as O
+    from dashboard.app import _extensions
+    from dashboard.state import AppState
+
+    _extensions()
+    page = O.OverviewPage(AppState(run_id=env["run_ids"][0], page="Overview"))
+    assert b"Replication scorecard" in page.report_file().getvalue()
+
+    def broken(run_dir):
+        raise KeyError("<b>b</b>")
+
+    monkeypatch.setattr(O, "report_html", broken)
+    import html
+
+    text = page.report_file().getvalue().decode()
+    assert f"The report of run {env['run_ids'][0]} could not be made: KeyError: '<b>b</b>'" in html.unescape(text)
+    assert "<b>" not in text
 
 
 @pytest.mark.parametrize("normalise", [False, True])

@@ -1,5 +1,6 @@
 """Grad-CAM (core.explain, `wbc explain`) on a tiny study of generated images."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -75,9 +76,11 @@ def test_a_run_without_checkpoints_says_why_in_one_line(tiny, tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "other results are unaffected" in r.stderr
 
 
-def test_the_error_detail_shows_why_for_every_variant(tiny):
+def test_the_error_detail_shows_why_for_every_variant(tiny, monkeypatch):
     """The Errors page's "why" view: a Grad-CAM per variant for the true and the predicted class."""
     import panel as pn
+
+    monkeypatch.setenv("WBC_DATA_ROOTS", tiny.read_meta()["data"]["root"])  # the dashboard may read the images
 
     from dashboard.pages.errors import detail_view
 
@@ -110,6 +113,83 @@ def test_a_right_prediction_is_explained_with_one_grad_cam(tiny, monkeypatch):
         assert len(calls) == n and [m["role"] for m in maps] == ["true", "pred"]
         assert [m["class_label"] for m in maps] == [row["true_label"], row["pred_label"]]
         assert (maps[0]["png"] == maps[1]["png"]) == correct
+
+
+def test_grad_cam_in_the_dashboard_opens_no_image_outside_its_folders(tiny, tmp_path, monkeypatch):
+    """A stored path outside every image folder (a hand-edited or foreign predictions table): the "why" view says
+    so in one line and opens nothing, not even to say whether the file exists (fail closed)."""
+    import shutil
+
+    import pandas as pd
+    import panel as pn
+
+    from core.store import Run
+    from dashboard.pages.common import why_view
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny.path, runs / tiny.run_id)
+    run = Run(runs / tiny.run_id)
+    pred = run.table(Table.PREDICTIONS)
+    row = pred[pred["variant"] == "original"].iloc[0].to_dict()
+    secret = outside / "secret.png"
+    shutil.copy(row["path"], secret)  # a real image: only the folder check stands between it and the page
+    pred.loc[pred["image_id"] == row["image_id"], "path"] = str(secret)
+    pd.DataFrame(pred).to_parquet(run.path / "predictions.parquet")
+    monkeypatch.setenv("WBC_DATA_ROOTS", tiny.read_meta()["data"]["root"])
+    opened = []
+    import core.explain as E
+    real = E.load_images
+    monkeypatch.setattr(E, "load_images", lambda paths, *a, **k: opened.append(list(paths)) or real(paths, *a, **k))
+    view = why_view(str(run.path), {**row, "path": str(secret)})
+    [alert] = [p for p in [view] if isinstance(p, pn.pane.Alert)]
+    assert "No Grad-CAM" in alert.object and "is missing or outside the folders this dashboard may read" in alert.object
+    assert alert.alert_type == "warning" and "\n" not in alert.object
+    assert not any(str(outside) in p for paths in opened for p in paths)  # nothing under outside/ was opened
+    # the same image in the data folder: the view draws (the check refuses the place, not the image)
+    monkeypatch.setenv("WBC_DATA_ROOTS", os.pathsep.join([tiny.read_meta()["data"]["root"], str(outside)]))
+    drawn = why_view(str(run.path), row)
+    assert "wbc-why" in drawn.css_classes and not isinstance(drawn, pn.pane.Alert)
+    assert drawn.object.count("<img src='data:image/png;base64,") >= 2
+
+
+def test_a_label_outside_the_classes_is_said_on_the_pages_and_by_grad_cam(tiny, tmp_path, monkeypatch):
+    """A predictions or confusion table naming a class that is not one of the four: the pages had shown a matrix
+    row of zeros without a word (`wbc report` warned); every page that loads it now warns, naming the label, and
+    Grad-CAM names the row instead of `tuple.index(x): x not in tuple`."""
+    import shutil
+
+    import pandas as pd
+    import panel as pn
+
+    from core.explain import row_maps
+    from dashboard.app import _extensions
+    from dashboard.data import load_table
+    from dashboard.pages.confusion import ConfusionPage
+    from dashboard.state import AppState
+
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny.path, runs / tiny.run_id)
+    rd = runs / tiny.run_id
+    assert load_table(rd, Table.PREDICTIONS)[1] is None
+    pred = pd.read_parquet(rd / "predictions.parquet")
+    row = pred.iloc[0].to_dict()
+    pred.loc[0, "true_label"] = "baso<b>phil"
+    pred.to_parquet(rd / "predictions.parquet")
+    conf = pd.read_parquet(rd / "confusion.parquet")
+    conf.loc[0, "pred_label"] = "MONO"
+    conf.to_parquet(rd / "confusion.parquet")
+    _, w = load_table(rd, Table.PREDICTIONS)
+    assert w == (f"{tiny.run_id}/predictions.parquet names classes that are not eosinophil, lymphocyte, monocyte, "
+                 "neutrophil (e.g. baso<b>phil): per-class figures and confusion matrices leave those rows out")
+    assert "MONO" in load_table(rd, Table.CONFUSION)[1]
+    _extensions()
+    view = ConfusionPage(AppState(runs_dir=str(runs), run_id=tiny.run_id, page="Confusion")).__panel__()
+    shown = " ".join(str(a.object) for a in view.select(pn.pane.Alert) if "wbc-warning" in a.css_classes and a.visible)
+    assert "names classes that are not" in shown and "MONO" in shown
+    with pytest.raises(ValueError, match=r"true_label 'basophil' of image .* is not one of eosinophil"):
+        row_maps({**row, "true_label": "basophil"}, None)
 
 
 # ---------------------------------------------------------------- the study report (core.report)
@@ -146,6 +226,12 @@ def test_markdown_report_and_a_folder_as_file_name(tiny, tmp_path, capsys):
     assert "Leakage check of the validation split: " in md and "validation images" in md  # core.groups.leakage_words
     assert main(["report", tiny.run_id, "--runs-dir", str(tiny.path.parent), "--html", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_a_stored_markdown_link_stays_text_in_the_markdown_report():
+    from core.report import _md
+
+    assert _md("[x](javascript:alert(1)) a\\b <i>") == "\\[x\\](javascript:alert(1)) a\\\\b &lt;i&gt;"
 
 
 # ---------------------------------------------------------------- what super-resolution changed (core.srchange)
@@ -206,8 +292,10 @@ def test_eos_neu_page_shows_what_super_resolution_changed(tiny, monkeypatch):
     assert any("wbc-sr-test" in m.css_classes for m in view.select(pn.pane.Markdown))
 
 
-def test_a_flip_card_click_shows_its_grad_cam(tiny):
+def test_a_flip_card_click_shows_its_grad_cam(tiny, monkeypatch):
     import panel as pn
+
+    monkeypatch.setenv("WBC_DATA_ROOTS", tiny.read_meta()["data"]["root"])
 
     from dashboard.gallery import Gallery
     from dashboard.pages.eos_neu import EosNeuPage

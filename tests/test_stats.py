@@ -127,3 +127,18 @@ def test_summary_wording_no_difference():
     text = summary_text(st)
     assert "no evidence of a difference" in text
     assert summary_text(st.iloc[0:0]) == "No statistics available."
+
+
+def test_summary_of_a_hand_edited_detail_leaves_out_what_it_cannot_know():
+    """A paired row whose detail lost its counts (hand-edited, foreign): the summary still reads, without them;
+    it said `error: b` (a KeyError) before."""
+    import json
+
+    st = compute_stats(make_predictions(n=200, group_size=2), n_boot=100)
+    paired = (st["kind"] == "paired") & (st["metric"] == "accuracy_diff")
+    st.loc[paired, "detail"] = json.dumps({"resample": "groups", "n_groups": 1})
+    text = summary_text(st)
+    assert "enhanced vs original" in text and "exact McNemar p = " in text and "right only with" not in text
+    assert "group-bootstrap p" not in text  # its p was in the lost detail too
+    st.loc[paired, "detail"] = "not json"
+    assert "enhanced vs original" in summary_text(st)

@@ -211,7 +211,7 @@ def why_view(run_dir, row: dict) -> pn.viewable.Viewable:
 
     try:
         maps = cam_maps(run_dir, row["image_id"], row["seed"], row["image_size"])
-    except NoCheckpoint as e:
+    except (NoCheckpoint, PermissionError) as e:  # no model, or an image outside the folders: nothing to show
         return pn.pane.Alert(f"No Grad-CAM: {esc(e)}", alert_type="warning", css_classes=["wbc-why"])
     except Exception as e:  # a damaged checkpoint or image: said, not raised
         return pn.pane.Alert(f"Grad-CAM failed: {esc(type(e).__name__)}: {esc(e)}", alert_type="danger",

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import panel as pn
 
-from core.store import DETAIL_B, DETAIL_C, DETAIL_P_CLUSTER_BOOT, SEED_MEAN, Metric, StatKind, Table, parse_detail
+from core.store import (DETAIL_B, DETAIL_C, DETAIL_P_CLUSTER_BOOT, SEED_MEAN, Metric, StatKind, Table, first_line,
+                        parse_detail)
 from dashboard.data import accuracy_from_predictions, load_table, read_meta, report_html
 from dashboard.pages.base import Page
 from dashboard.pages.common import fitted_table, fmt_p, interval, no_run, warnings_alert
@@ -219,7 +220,14 @@ class OverviewPage(Page):
         """The main run's report as one HTML file that opens offline (wbc report RUN --html FILE)."""
         import io
 
-        return io.BytesIO(report_html(self.state.run_dir(self.state.run_id)) if self.state.run_id else b"")
+        if not self.state.run_id:
+            return io.BytesIO(b"")
+        try:
+            return io.BytesIO(report_html(self.state.run_dir(self.state.run_id)))
+        except Exception as e:  # noqa: BLE001 - a damaged run: the file says why in one line, the server goes on
+            why = esc(f"{type(e).__name__}: {first_line(e)}"[:300])
+            return io.BytesIO(f"<!doctype html><meta charset='utf-8'><title>No report</title>"
+                              f"<p>The report of run {esc(self.state.run_id)} could not be made: {why}</p>".encode())
 
     def render(self):
         run_id, compare = self.state.run_id, self.state.compare_run_id
@@ -268,7 +276,8 @@ def copies_alerts(meta: dict) -> list:
 def notes_alert(meta: dict) -> pn.pane.Alert:
     notes = list(meta.get("notes") or (meta.get("config") or {}).get("notes") or [])
     return pn.pane.Alert("\n".join(f"* {esc(n)}" for n in notes), alert_type="info", visible=bool(notes),
-                         css_classes=["wbc-run-notes"], sizing_mode="stretch_width")
+                         css_classes=["wbc-run-notes"], sizing_mode="stretch_width",
+                         stylesheets=[":host { overflow-wrap: anywhere; }"])  # a long path in a note wraps, in the box
 
 
 def difference_parts(acc: pd.DataFrame, paired: pd.DataFrame) -> list:
