@@ -387,7 +387,9 @@ def cmd_report(args) -> int:
 
         print(summary_text(stats))
     if meta.get("skipped"):
-        print(f"\n{len(meta['skipped'])} files skipped (unreadable or not images), e.g. {meta['skipped'][0]}")
+        first = meta["skipped"][0]  # {path, split, error} (core.data.scan_split; the store keeps dicts only)
+        print(f"\n{len(meta['skipped'])} files skipped (unreadable or not images), e.g. "
+              f"{one_line(first.get('path', '?'), 200)} ({one_line(first.get('error', '?'), 120)})")
     return 0
 
 

@@ -347,6 +347,8 @@ def effective_status(meta: dict, progress: dict, now: dt.datetime | None = None)
     alive when it was created.
     """
     status = meta.get("status", "unknown")
+    if not isinstance(status, str):  # a hand-edited run.json ({"s": 1}): not a status anyone could read
+        return "unknown"
     if status not in LIVE_STATUSES:
         return status
     progress = progress if isinstance(progress, dict) else {}

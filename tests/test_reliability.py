@@ -155,6 +155,8 @@ HOST = socket.gethostname()
     ("running", {"pid": "ME", "host": HOST, "updated_at": "not a time"}, {}, "running"),
     ("finished", {"pid": "DEAD", "host": HOST, "updated_at": STALE}, {}, "finished"),
     ("failed", {}, {}, "failed"),
+    ({"s": 1}, {}, {}, "unknown"),  # a hand-edited run.json: the banner had read "Run X is {'s': 1}"
+    (["running"], {}, {}, "unknown"),
 ])
 def test_effective_status_marks_gone_and_stale_runs_interrupted(status, progress, meta, want, dead_pid):
     pids = {"ME": os.getpid(), "DEAD": dead_pid}
@@ -562,6 +564,19 @@ def test_run_json_fields_of_the_wrong_type_read_as_absent(store, tmp_path, capsy
     build_app(state, eager=True)
     for page in PAGES:  # every page builds over the same run.json
         state.page = page
+
+
+def test_report_names_a_skipped_file_and_why_not_a_python_dict(store, tmp_path, capsys):
+    import json
+
+    rd, rid = _copy_run(store, tmp_path)
+    meta = json.loads((rd / "run.json").read_text())
+    meta["skipped"] = [{"path": "/data/TRAIN/EOSINOPHIL/x.jpeg", "split": "TRAIN", "error": "truncated\nJPEG"}, 3]
+    (rd / "run.json").write_text(json.dumps(meta))
+    code, out, _ = _main(capsys, "report", rid, "--runs-dir", tmp_path / "runs")
+    assert code == 0
+    assert "1 files skipped (unreadable or not images), e.g. /data/TRAIN/EOSINOPHIL/x.jpeg (truncated JPEG)" in out
+    assert "{'path'" not in out
 
 
 def test_a_table_column_of_the_wrong_type_is_a_damaged_table(store, tmp_path, capsys):
