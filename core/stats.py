@@ -303,9 +303,10 @@ def summary_text(stats: pd.DataFrame) -> str:
         lines.append(
             f"- {r.variant} vs {r.baseline} (seed {r.seed}, {r.image_size} px): accuracy {_pts(r.estimate)} points "
             f"(95% CI {_pts(r.ci_low)} to {_pts(r.ci_high)}); exact McNemar p = {r.p_value:.3g}{counts}; {verdict}.")
-        p_boot = d.get(DETAIL_P_CLUSTER_BOOT)
-        if d.get(DETAIL_RESAMPLE) == "groups" and d.get(DETAIL_N_GROUPS, r.n) < r.n and p_boot is not None:
-            lines.append(f"  McNemar counts {r.n} images as independent but they come from {d[DETAIL_N_GROUPS]} source "
+        p_boot, n_groups = d.get(DETAIL_P_CLUSTER_BOOT), d.get(DETAIL_N_GROUPS, r.n)
+        if (d.get(DETAIL_RESAMPLE) == "groups" and isinstance(n_groups, int) and n_groups < r.n
+                and isinstance(p_boot, (int, float))):  # numbers only: the detail may be hand-edited
+            lines.append(f"  McNemar counts {r.n} images as independent but they come from {n_groups} source "
                          f"groups; the group-bootstrap p = {p_boot:.3g} is the more honest figure.")
     seeds = stats[stats["kind"] == StatKind.SEEDS]
     if not seeds.empty:

@@ -135,10 +135,13 @@ def test_summary_of_a_hand_edited_detail_leaves_out_what_it_cannot_know():
     import json
 
     st = compute_stats(make_predictions(n=200, group_size=2), n_boot=100)
+    assert "right only with" in summary_text(st) and "is the more honest figure" in summary_text(st)
     paired = (st["kind"] == "paired") & (st["metric"] == "accuracy_diff")
     st.loc[paired, "detail"] = json.dumps({"resample": "groups", "n_groups": 1})
     text = summary_text(st)
     assert "enhanced vs original" in text and "exact McNemar p = " in text and "right only with" not in text
     assert "group-bootstrap p" not in text  # its p was in the lost detail too
+    st.loc[paired, "detail"] = json.dumps({"resample": "groups", "n_groups": "many", "p_cluster_boot": "low"})
+    assert "enhanced vs original" in summary_text(st)
     st.loc[paired, "detail"] = "not json"
     assert "enhanced vs original" in summary_text(st)
