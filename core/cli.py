@@ -364,7 +364,9 @@ def cmd_report(args) -> int:
             print(f"variant {v}: {how}{extra}")
     if info.error:
         print(f"error: {info.error_line}")
-    odd = _odd_labels(r)
+    from core.store import odd_labels
+
+    odd = odd_labels(r.table("predictions", columns=["true_label", "pred_label"]))
     if odd:
         print(f"warning: run {r.run_id}'s predictions name classes that are not {', '.join(CLASSES)} (e.g. "
               f"{', '.join(odd)}): per-class figures and confusion matrices leave them out", file=sys.stderr)
@@ -391,14 +393,6 @@ def cmd_report(args) -> int:
         print(f"\n{len(meta['skipped'])} files skipped (unreadable or not images), e.g. "
               f"{one_line(first.get('path', '?'), 200)} ({one_line(first.get('error', '?'), 120)})")
     return 0
-
-
-def _odd_labels(r) -> list[str]:
-    """Up to 3 true or predicted labels in the predictions table that are not one of the four classes (a
-    hand-edited or foreign table), each on one line and cut to 40 characters."""
-    from core.store import odd_labels
-
-    return odd_labels(r.table("predictions", columns=["true_label", "pred_label"]))
 
 
 def _missing_tables(r) -> list[str]:

@@ -33,6 +33,7 @@ import pandas as pd
 from core.config import CLASSES, PROB_COLUMNS, default_runs_dir
 from core.fsio import atomic_write_json, atomic_write_parquet, stat_key
 from core.regions import BOX_COLUMNS
+from core.terminal import one_line
 
 RUN_JSON = "run.json"
 PROGRESS_JSON = "progress.json"
@@ -368,7 +369,7 @@ def odd_labels(df: pd.DataFrame, limit: int = 3) -> list[str]:
     cut to 40 characters."""
     cols = [c for c in ("true_label", "pred_label") if c in df.columns]
     found = sorted({str(v) for c in cols for v in df[c].dropna().unique()} - set(CLASSES))
-    return [" ".join(v.split())[:40] for v in found[:limit]]
+    return [one_line(v, 40) for v in found[:limit]]
 
 
 # ------------------------------------------------------------------------------------- typed records
