@@ -9,9 +9,10 @@ Rows by ``kind``:
   image_size, joined on image_id): ``accuracy_diff`` (variant minus baseline) with a paired bootstrap CI
   (same resample for both), exact McNemar ``p_value`` (two-sided binomial test on the discordant pairs;
   ``b`` = baseline right/variant wrong, ``c`` = baseline wrong/variant right), ``detail`` JSON
-  ``{"b", "c", "resample", "n_groups", "p_cluster_boot"}``. Also ``macro_f1_diff`` (CI only).
+  ``{"b", "c", "resample", "n_groups", "p_group_signflip"}``. Also ``macro_f1_diff`` (CI only).
   McNemar treats images as independent; with duplicated source cells it is too optimistic, so
-  ``p_cluster_boot`` (a two-sided bootstrap p-value from the group resample) is given next to it.
+  ``p_group_signflip`` (:func:`group_signflip_p`: the exact paired test over whole source groups, McNemar's
+  own test when every group is one image) is given next to it, and the summary's verdict rests on it.
 - ``class_diff``: variant minus baseline for ``recall:<class>`` and ``f1:<class>`` of eosinophil and
   neutrophil (the classes the enhancement is hoped to help), with paired bootstrap CIs.
 - ``seeds`` (``seed`` = -1), when a variant has more than one seed: for every metric above, ``estimate``
@@ -32,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from core.config import CLASSES
-from core.store import (DETAIL_B, DETAIL_C, DETAIL_N_BOOT, DETAIL_N_GROUPS, DETAIL_P_CLUSTER_BOOT, DETAIL_RESAMPLE,
+from core.store import (DETAIL_B, DETAIL_C, DETAIL_N_BOOT, DETAIL_N_GROUPS, DETAIL_P_GROUP_SIGNFLIP, DETAIL_RESAMPLE,
                         SCHEMAS, SEED_MEAN, Metric, StatKind, class_metric, parse_detail)
 
 CLASS_DIFF_CLASSES = ("eosinophil", "neutrophil")
@@ -44,6 +45,27 @@ def mcnemar_exact(b: int, c: int) -> float:
     from scipy.stats import binomtest
 
     return 1.0 if b + c == 0 else float(binomtest(int(b), int(b + c), 0.5).pvalue)
+
+
+def group_signflip_p(d) -> float:
+    """Exact two-sided p of the paired sign-flip test over source groups. ``d``: per group, the number of its
+    images only the variant got right minus the number only the baseline got right. With no difference between
+    the two, swapping their verdicts on a whole group is as likely as not, so all 2^G sign patterns of the groups'
+    ``d`` are equally likely; p = P(|sum| >= |observed sum|), computed exactly by convolving the groups one by
+    one. Copies of one cell move together (a cell copied eight times is one step of eight, not eight independent
+    steps); with one image per group it is the exact McNemar test (``mcnemar_exact``). Unlike a p read off the
+    bootstrap distribution, it holds its level with few discordant images."""
+    d = np.rint(np.asarray(d, dtype=float)).astype(np.int64)
+    observed, sizes = abs(int(d.sum())), np.abs(d[d != 0])
+    if not len(sizes):
+        return 1.0
+    span = int(sizes.sum())
+    dist = np.zeros(2 * span + 1)  # dist[k]: P(sum = k - span) over the groups folded in so far
+    dist[span] = 1.0
+    for m in sizes:
+        dist = 0.5 * (np.roll(dist, m) + np.roll(dist, -m))  # never wraps: |sum| <= span
+    totals = np.abs(np.arange(-span, span + 1))
+    return float(min(1.0, dist[totals >= observed].sum()))
 
 
 def _group_index(group_ids: pd.Series, image_ids: pd.Series) -> tuple[np.ndarray, int, bool]:
@@ -164,9 +186,9 @@ def compute_stats(predictions: pd.DataFrame, baseline: str = "original", n_boot:
         ok_v, ok_b = (j["true_label"] == j["pred_label"]).to_numpy(), (j["true_label"] == j["pred_label_b"]).to_numpy()
         nb, nc = int((ok_b & ~ok_v).sum()), int((~ok_b & ok_v).sum())
         d_acc = bv[Metric.ACCURACY] - bb[Metric.ACCURACY]
-        p_boot = float(min(1.0, 2 * min((d_acc <= 0).mean(), (d_acc >= 0).mean()))) if nb + nc else 1.0
+        per_group = np.bincount(gidx, weights=ok_v.astype(float) - ok_b.astype(float), minlength=n_groups)
         detail = {DETAIL_B: nb, DETAIL_C: nc, DETAIL_RESAMPLE: "groups" if grouped else "images",
-                  DETAIL_N_GROUPS: n_groups, DETAIL_P_CLUSTER_BOOT: p_boot}
+                  DETAIL_N_GROUPS: n_groups, DETAIL_P_GROUP_SIGNFLIP: group_signflip_p(per_group)}
         est = pv[Metric.ACCURACY][0] - pb[Metric.ACCURACY][0]
         rows.append(_row(StatKind.PAIRED, variant, baseline, s, size, Metric.ACCURACY_DIFF, est, *_ci(d_acc),
                          p=mcnemar_exact(nb, nc), n=len(j), detail=detail))
@@ -278,6 +300,33 @@ def _pts(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
+def _paired_lines(r) -> list[str]:
+    """The summary of one paired accuracy row. The verdict rests on the group sign-flip test when the row has one
+    (runs stored since 2026-11-28), else on the bootstrap CI alone."""
+    d = parse_detail(r.detail)
+    p = d.get(DETAIL_P_GROUP_SIGNFLIP)
+    p = float(p) if isinstance(p, (int, float)) and not isinstance(p, bool) else None  # the detail may be hand-edited
+    ci_out, way = not (r.ci_low <= 0 <= r.ci_high), "better" if r.estimate > 0 else "worse"
+    if p is None:
+        verdict = (f"the CI excludes 0: {r.variant} is {way} on these test images" if ci_out
+                   else "no evidence of a difference (the CI includes 0)")
+    elif p < 0.05:
+        verdict = f"{r.variant} is {way} on these test images (group sign-flip p = {p:.3g})"
+    else:
+        verdict = (f"no evidence of a difference at the 5% level (group sign-flip p = {p:.3g}"
+                   + ("; the bootstrap CI excludes 0, but with few discordant images it is only approximate)"
+                      if ci_out else ")"))
+    counts = (f" ({d[DETAIL_B]} images right only with {r.baseline}, {d[DETAIL_C]} right only with {r.variant})"
+              if DETAIL_B in d and DETAIL_C in d else "")  # a hand-edited detail: the counts are not known
+    lines = [f"- {r.variant} vs {r.baseline} (seed {r.seed}, {r.image_size} px): accuracy {_pts(r.estimate)} points "
+             f"(95% CI {_pts(r.ci_low)} to {_pts(r.ci_high)}); exact McNemar p = {r.p_value:.3g}{counts}; {verdict}."]
+    n_groups = d.get(DETAIL_N_GROUPS, r.n)
+    if d.get(DETAIL_RESAMPLE) == "groups" and isinstance(n_groups, int) and n_groups < r.n and p is not None:
+        lines.append(f"  McNemar counts {r.n} images as independent but they come from {n_groups} source groups; "
+                     "the group sign-flip test moves each group's images together.")
+    return lines
+
+
 def summary_text(stats: pd.DataFrame) -> str:
     """A short, plainly worded summary of the stats table for ``wbc report``."""
     if stats is None or stats.empty:
@@ -295,19 +344,7 @@ def summary_text(stats: pd.DataFrame) -> str:
                      f"(95% CI {r.ci_low:.3f}-{r.ci_high:.3f}, n = {r.n}).")
     paired = stats[(stats["kind"] == StatKind.PAIRED) & (stats["metric"] == Metric.ACCURACY_DIFF)]
     for r in paired.itertuples():
-        d = parse_detail(r.detail)
-        verdict = ("no evidence of a difference (the CI includes 0)" if r.ci_low <= 0 <= r.ci_high else
-                   f"the CI excludes 0: {r.variant} is {'better' if r.estimate > 0 else 'worse'} on these test images")
-        counts = (f" ({d[DETAIL_B]} images right only with {r.baseline}, {d[DETAIL_C]} right only with {r.variant})"
-                  if DETAIL_B in d and DETAIL_C in d else "")  # a hand-edited detail: the counts are not known
-        lines.append(
-            f"- {r.variant} vs {r.baseline} (seed {r.seed}, {r.image_size} px): accuracy {_pts(r.estimate)} points "
-            f"(95% CI {_pts(r.ci_low)} to {_pts(r.ci_high)}); exact McNemar p = {r.p_value:.3g}{counts}; {verdict}.")
-        p_boot, n_groups = d.get(DETAIL_P_CLUSTER_BOOT), d.get(DETAIL_N_GROUPS, r.n)
-        if (d.get(DETAIL_RESAMPLE) == "groups" and isinstance(n_groups, int) and n_groups < r.n
-                and isinstance(p_boot, (int, float))):  # numbers only: the detail may be hand-edited
-            lines.append(f"  McNemar counts {r.n} images as independent but they come from {n_groups} source "
-                         f"groups; the group-bootstrap p = {p_boot:.3g} is the more honest figure.")
+        lines += _paired_lines(r)
     seeds = stats[stats["kind"] == StatKind.SEEDS]
     if not seeds.empty:
         lines.append("Spread over training seeds (mean, sample sd). Each CI above covers test-set sampling for "

@@ -104,7 +104,9 @@ DETAIL_N_GROUPS = "n_groups"
 DETAIL_N_BOOT = "n_boot"
 DETAIL_B = "b"  # paired: baseline right, variant wrong
 DETAIL_C = "c"  # paired: baseline wrong, variant right
-DETAIL_P_CLUSTER_BOOT = "p_cluster_boot"  # paired: two-sided group-bootstrap p
+DETAIL_P_GROUP_SIGNFLIP = "p_group_signflip"  # paired: exact two-sided p of the group sign-flip test (core.stats)
+# Runs stored before 2026-11-28 carry "p_cluster_boot" instead (a percentile-bootstrap p, too small with few
+# discordant images); it is no longer read.
 
 
 def parse_detail(value) -> dict:

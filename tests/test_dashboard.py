@@ -358,7 +358,7 @@ def test_table_columns_are_as_wide_as_their_longest_word():
     ci = pd.Series(["[0.754,\u00a00.925]", None])
     assert min_width("95% CI", ci) > min_width("95% CI", pd.Series(["[0.754, 0.925]"])) >= MIN_COLUMN
     assert min_width("this run validation acc", pd.Series([0.8])) > min_width("this run val acc", pd.Series([0.8]))
-    assert min_width("group-bootstrap p", pd.Series([0.5])) < min_width("groupbootstrap p", pd.Series([0.5]))  # wraps
+    assert min_width("group sign-flip p", pd.Series([0.5])) < min_width("groupsign-flip p", pd.Series([0.5]))  # wraps
     assert min_width("n", pd.Series([71.123456789])) == MIN_COLUMN  # numbers are shown rounded
     assert min_width("accuracy diff", pd.Series([-0.07])) >= 72  # Chromium broke a bold 'accuracy' title at 69 px
     assert min_width("weights", pd.Series(["x" * 300, [1, 2]])) == MAX_FLOOR  # a path still wraps

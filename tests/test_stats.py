@@ -11,7 +11,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, r
 from statsmodels.stats.contingency_tables import mcnemar
 
 from core.config import CLASSES, PROB_COLUMNS
-from core.stats import compute_stats, summary_text
+from core.stats import compute_stats, group_signflip_p, summary_text
 from core.store import SCHEMAS
 
 
@@ -101,6 +101,48 @@ def test_grouped_bootstrap_wider_than_iid_when_groups_duplicated():
     assert json.loads(grouped[grouped["kind"] == "ci"]["detail"].iloc[0])["resample"] == "groups"
 
 
+def test_group_signflip_p_is_exact_mcnemar_with_one_image_per_group_and_brute_force_otherwise():
+    """The paired group test against scipy's binomial test (singleton groups) and against all 2^G sign patterns."""
+    import itertools
+
+    for b, c in ((7, 2), (0, 6), (1, 4), (3, 3), (0, 1), (12, 30)):
+        d = [-1] * b + [1] * c + [0] * 9  # 9 groups whose image both variants got right (or wrong)
+        assert group_signflip_p(d) == pytest.approx(binomtest(b, b + c, 0.5).pvalue, abs=1e-12)
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        d = rng.integers(-3, 4, rng.integers(1, 11))
+        flips = np.array(list(itertools.product((-1, 1), repeat=len(d))))
+        brute = float((np.abs(flips @ np.abs(d)) >= abs(d.sum())).mean())
+        assert group_signflip_p(d) == pytest.approx(brute, abs=1e-12)
+    assert group_signflip_p([]) == group_signflip_p([0, 0]) == 1.0
+
+
+def test_paired_row_moves_copies_of_a_cell_together_and_the_verdict_rests_on_it():
+    """10 images right only with the variant, as 5 cells copied twice: McNemar (10 vs 0, p = 0.002) and the
+    percentile bootstrap (its CI excludes 0) call it a difference; 5 cells are 2^5 = 32 equally likely sign
+    patterns, so the group test gives 2/32 = 0.0625, and the summary does not call the variant better."""
+    rows = []
+    for i in range(60):
+        g, lab = f"g{i // 2}" if i < 10 else f"g{i}", CLASSES[i % 4]
+        for v, ok in (("original", i >= 10), ("enhanced", True)):
+            rows.append({"variant": v, "seed": 0, "image_size": 128, "image_id": f"img{i}", "true_label": lab,
+                         "pred_label": lab if ok else CLASSES[(i + 1) % 4], "correct": ok, "group_id": g})
+    p = pd.DataFrame(rows).assign(**{c: 0.25 for c in PROB_COLUMNS})
+    st = compute_stats(p, n_boot=1000)
+    r = st[(st["kind"] == "paired") & (st["metric"] == "accuracy_diff")].iloc[0]
+    d = json.loads(r["detail"])
+    assert (d["b"], d["c"], d["n_groups"]) == (0, 10, 55)
+    assert r["p_value"] == pytest.approx(2 / 1024) and r["ci_low"] > 0  # both would say "better"
+    assert d["p_group_signflip"] == pytest.approx(2 / 32)
+    text = summary_text(st)
+    assert "no evidence of a difference at the 5% level (group sign-flip p = 0.0625" in text
+    assert "enhanced is better" not in text and "only approximate" in text
+    singles = compute_stats(p.assign(group_id=p["image_id"]), n_boot=200)  # the same images as 60 cells
+    d1 = json.loads(singles[(singles["kind"] == "paired") & (singles["metric"] == "accuracy_diff")]["detail"].iloc[0])
+    assert d1["p_group_signflip"] == pytest.approx(2 / 1024)
+    assert "enhanced is better on these test images (group sign-flip p = 0.00195)" in summary_text(singles)
+
+
 def test_seeds_rows_and_speed():
     p = make_predictions(n=2500, variants=("original", "bicubic", "esrgan"), acc=(0.8, 0.8, 0.82), seeds=(0, 1, 2))
     t = time.perf_counter()
@@ -135,13 +177,13 @@ def test_summary_of_a_hand_edited_detail_leaves_out_what_it_cannot_know():
     import json
 
     st = compute_stats(make_predictions(n=200, group_size=2), n_boot=100)
-    assert "right only with" in summary_text(st) and "is the more honest figure" in summary_text(st)
+    assert "right only with" in summary_text(st) and "group sign-flip p = " in summary_text(st)
     paired = (st["kind"] == "paired") & (st["metric"] == "accuracy_diff")
     st.loc[paired, "detail"] = json.dumps({"resample": "groups", "n_groups": 1})
     text = summary_text(st)
     assert "enhanced vs original" in text and "exact McNemar p = " in text and "right only with" not in text
-    assert "group-bootstrap p" not in text  # its p was in the lost detail too
-    st.loc[paired, "detail"] = json.dumps({"resample": "groups", "n_groups": "many", "p_cluster_boot": "low"})
+    assert "group sign-flip" not in text  # its p was in the lost detail too: the verdict reads the CI alone
+    st.loc[paired, "detail"] = json.dumps({"resample": "groups", "n_groups": "many", "p_group_signflip": "low"})
     assert "enhanced vs original" in summary_text(st)
     st.loc[paired, "detail"] = "not json"
     assert "enhanced vs original" in summary_text(st)

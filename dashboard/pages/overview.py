@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import panel as pn
 
-from core.store import (DETAIL_B, DETAIL_C, DETAIL_P_CLUSTER_BOOT, SEED_MEAN, Metric, StatKind, Table, first_line,
+from core.store import (DETAIL_B, DETAIL_C, DETAIL_P_GROUP_SIGNFLIP, SEED_MEAN, Metric, StatKind, Table, first_line,
                         parse_detail)
 from dashboard.data import accuracy_from_predictions, load_table, read_meta, report_html
 from dashboard.pages.base import Page
@@ -46,10 +46,10 @@ def accuracy_table(state, run_id) -> tuple[pd.DataFrame, pd.DataFrame, list]:
             p["b: only baseline right"] = bc.apply(lambda d: d.get(DETAIL_B))
             p["c: only variant right"] = bc.apply(lambda d: d.get(DETAIL_C))
             p["McNemar p"] = p["p_value"].apply(fmt_p)
-            # McNemar counts images as independent; copies of one source cell are not: the group bootstrap's p
-            p["group-bootstrap p"] = bc.apply(lambda d: fmt_p(d.get(DETAIL_P_CLUSTER_BOOT)))
+            # McNemar counts images as independent; copies of one source cell are not: the group sign-flip test's p
+            p["group sign-flip p"] = bc.apply(lambda d: fmt_p(d.get(DETAIL_P_GROUP_SIGNFLIP)))
             paired = p[["variant", "baseline", "seed", "image_size", "estimate", "ci_low", "ci_high", "McNemar p",
-                        "group-bootstrap p", "b: only baseline right", "c: only variant right", "n"]].rename(
+                        "group sign-flip p", "b: only baseline right", "c: only variant right", "n"]].rename(
                 columns={"estimate": "accuracy diff"})
     return acc, paired, warnings
 
@@ -323,8 +323,8 @@ def _difference_line(d: dict) -> str:
     seed = "mean of seeds" if _is_seed_mean(d["seed"]) else f"seed {esc(d['seed'])}"
     pts = f"{100 * d['accuracy diff']:+.1f} points (95% CI {100 * d['ci_low']:+.1f} to {100 * d['ci_high']:+.1f})"
     ps = "" if not d["McNemar p"] else (f", McNemar p = {d['McNemar p']}" + (
-        f", group-bootstrap p = {d['group-bootstrap p']} (copies of one cell are not independent)"
-        if d["group-bootstrap p"] else ""))
+        f", group sign-flip p = {d['group sign-flip p']} (copies of one cell move together)"
+        if d["group sign-flip p"] else ""))
     return (f"* {where}**{esc(d['variant'])}** vs {esc(d['baseline'])} ({seed}, {esc(d['image_size'])} px): "
             f"accuracy {pts}{ps}")
 

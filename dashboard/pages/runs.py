@@ -14,7 +14,7 @@ from dashboard.safe import esc
 COLUMNS = ["run_id", "status", "preset"]  # then accuracy and Δ (the columns read most), then AFTER and "when"
 AFTER = ["classifier", "test_set"]  # the variants are named in the accuracy column
 # The paired difference with its group-bootstrap CI: McNemar's p counts copies of one cell as independent, so the
-# Runs table does not show it (Overview shows it beside the group-bootstrap p, with that caveat)
+# Runs table does not show it (Overview shows it beside the group sign-flip p, with that caveat)
 DELTA = "Δ vs baseline [95% CI]"
 ACC = "accuracy [95% CI]"  # each variant's accuracy; a failed run's reason, or a pending run's variants
 
