@@ -146,14 +146,26 @@ def row_maps(row: dict, model: Model, allowed=None) -> list[dict]:
     return [{"role": role, **by_class[str(row[f"{role}_label"])]} for role in ("true", "pred")]
 
 
-def image_maps(run: Run, image_id: str, seed: int, size: int, allowed=None) -> list[dict]:
+def image_maps(run: Run, image_id: str, seed: int, size: int, allowed=None,
+               skipped: list[tuple[str, str]] | None = None) -> list[dict]:
     """Grad-CAM of one test image for every variant that predicted it (same seed and size), true and predicted
     class, without writing anything: [{variant, pred_label, role, class_label, png, heat_in_cell}] (the
-    dashboard's "why" view). ``allowed(path)``: which image files may be opened (fail closed)."""
+    dashboard's "why" view). ``allowed(path)``: which image files may be opened (fail closed). ``skipped``: a list
+    to collect (variant, reason) for a variant with no checkpoint or an image that may not be opened, so that the
+    other variants' maps are still drawn; without it, the first such variant raises."""
     pred = run.table(Table.PREDICTIONS)
     rows = pred[(pred["image_id"] == image_id) & (pred["seed"] == seed) & (pred["image_size"] == size)]
-    return [{"variant": str(r["variant"]), "pred_label": str(r["pred_label"]), **m}
-            for r in rows.to_dict("records") for m in row_maps(r, model_for(run, str(r["variant"]), seed, size), allowed)]
+    out = []
+    for r in rows.to_dict("records"):
+        try:
+            maps = row_maps(r, model_for(run, str(r["variant"]), seed, size), allowed)
+        except (NoCheckpoint, PermissionError) as e:
+            if skipped is None:
+                raise
+            skipped.append((str(r["variant"]), str(e)))
+            continue
+        out += [{"variant": str(r["variant"]), "pred_label": str(r["pred_label"]), **m} for m in maps]
+    return out
 
 
 def explain_rows(run: Run, rows: pd.DataFrame) -> pd.DataFrame:

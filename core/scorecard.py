@@ -17,7 +17,9 @@ import pandas as pd
 PAPER_VAL_ACCURACY: dict[str, float] = {"original": 0.92, "realesrgan-x4plus": 0.89}
 PAPER_CITATION = ("paper, Tables 3-4: ResNet-50, 224 px, validation = random 20% of TRAIN (1,989 images), "
                   "RealESRGAN_x4plus for the enhanced model")
-SPLIT_WORDS = {"grouped": "grouped (no source cell on both sides)",
+# "estimated": groups are an estimate of the source cells (core.groups), so a few validation images can still have
+# a near-copy in training; the run's near-copy check beside the scorecard counts them
+SPLIT_WORDS = {"grouped": "grouped (no estimated source cell on both sides)",
                "random": "random (leaky: near-copies of training cells in validation)"}
 COLUMNS = ["variant", "image_size", "paper_val_accuracy", "val_accuracy", "val_split", "val_leaky", "n_val",
            "test_source", "test_accuracy", "test_ci_low", "test_ci_high", "test_from", "seeds", "test_seeds"]

@@ -127,12 +127,15 @@ def accuracy_from_predictions(pred: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"accuracy": g.mean(), "n": g.size()}).reset_index()
 
 
-def cam_maps(run_dir, image_id: str, seed: int, size: int) -> list[dict]:
-    """Grad-CAM of one test image for every variant (core.explain.image_maps; nothing is written)."""
+def cam_maps(run_dir, image_id: str, seed: int, size: int,
+             skipped: list[tuple[str, str]] | None = None) -> list[dict]:
+    """Grad-CAM of one test image for every variant (core.explain.image_maps; nothing is written). ``skipped``
+    collects (variant, reason) for the variants that cannot be drawn (no checkpoint, an image not readable here)."""
     from core.explain import image_maps
 
     run = Run(Path(run_dir))
-    return image_maps(run, image_id, int(seed), int(size), allowed=lambda p: is_allowed_image(p, run.path.parent))
+    return image_maps(run, image_id, int(seed), int(size), allowed=lambda p: is_allowed_image(p, run.path.parent),
+                      skipped=skipped)
 
 
 SR_CHANGE_ON_DEMAND = 400  # test images the EOS/NEU page measures as it draws (~30 ms each); above, on a button

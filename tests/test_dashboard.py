@@ -1256,7 +1256,8 @@ def test_eos_neu_says_why_super_resolution_change_cannot_be_measured(env, tmp_pa
     # the Errors page says why its enhanced thumbnails are grey boxes
     state.page = "Errors"
     alerts = [a.object for a in tpl.main[0].select(pn.pane.Alert) if a.visible and a.object]
-    assert any("enhanced images show as grey boxes" in a and "no longer on disk" in a for a in alerts), alerts
+    assert any("enhanced images among the errors of this run" in a and "before any filter" in a  # the count's scope
+               and "show as grey boxes" in a and "no longer on disk" in a for a in alerts), alerts
 
 
 def test_a_page_that_cannot_be_drawn_says_so_instead_of_going_blank(env, monkeypatch):

@@ -68,7 +68,7 @@ def test_page_loads_over_fixture_store(dashboard_page, dashboard_server, dashboa
     # the replication scorecard: the paper's validation accuracy beside this run's validation and test accuracy
     card = page.locator(".wbc-scorecard-table div.tabulator")
     expect(card).to_contain_text("0.92")
-    expect(card).to_contain_text("grouped (no source cell on both sides)")
+    expect(card).to_contain_text("grouped (no estimated source cell on both sides)")
     expect(card).to_contain_text("TEST_SIMPLE")
     page.screenshot(path=str(artifacts_dir / "dashboard-04-overview.png"), full_page=True)
 

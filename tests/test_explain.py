@@ -143,10 +143,18 @@ def test_grad_cam_in_the_dashboard_opens_no_image_outside_its_folders(tiny, tmp_
     real = E.load_images
     monkeypatch.setattr(E, "load_images", lambda paths, *a, **k: opened.append(list(paths)) or real(paths, *a, **k))
     view = why_view(str(run.path), {**row, "path": str(secret)})
-    [alert] = [p for p in [view] if isinstance(p, pn.pane.Alert)]
-    assert "No Grad-CAM" in alert.object and "is missing or outside the folders this dashboard may read" in alert.object
-    assert alert.alert_type == "warning" and "\n" not in alert.object
+    variants = sorted(set(pred["variant"]))
+    assert len(variants) == 2  # the other variant's image is in its folder: its maps are still drawn
+    assert not isinstance(view, pn.pane.Alert) and view.object.count("<img src='data:image/png;base64,") >= 1
+    assert "No Grad-CAM for <b>original</b>: " in view.object
+    assert "is missing or outside the folders this dashboard may read" in view.object
     assert not any(str(outside) in p for paths in opened for p in paths)  # nothing under outside/ was opened
+    pred.loc[pred["image_id"] == row["image_id"], "enhanced_path"] = None  # both variants now read the outside file
+    pd.DataFrame(pred).to_parquet(run.path / "predictions.parquet")
+    alert = why_view(str(run.path), {**row, "path": str(secret)})
+    assert isinstance(alert, pn.pane.Alert) and alert.alert_type == "warning" and "\n" not in alert.object
+    assert alert.object.count("No Grad-CAM for <b>") == 2 and "outside the folders" in alert.object
+    assert not any(str(outside) in p for paths in opened for p in paths)
     # the same image in the data folder: the view draws (the check refuses the place, not the image)
     monkeypatch.setenv("WBC_DATA_ROOTS", os.pathsep.join([tiny.read_meta()["data"]["root"], str(outside)]))
     drawn = why_view(str(run.path), row)

@@ -648,7 +648,7 @@ def test_a_run_stopped_before_its_statistics_shows_its_scorecard(store, tmp_path
     # the test accuracy comes straight from the predictions, as in the accuracy table beside it, without a CI
     pred = pd.read_parquet(rd / "predictions.parquet")
     direct = pred.groupby("variant", sort=False)["correct"].mean()
-    assert card.set_index("variant")["test acc (unseen cells)"].to_dict() == direct.round(3).to_dict()
+    assert card.set_index("variant")["test acc (unseen cells)"].to_dict() == {v: f"{x:.3f}" for v, x in direct.items()}
     assert (card["test 95% CI"] == "none: no statistics").all()
     code, out, _ = _main(capsys, "report", rid, "--runs-dir", tmp_path / "runs")
     assert code == 0 and f"{direct['original']:.3f} (no CI: the run stopped before its statistics)" in out, out

@@ -153,12 +153,14 @@ ENHANCED_GONE = ("this run's enhanced images are no longer on disk (its cache wa
 
 
 def enhanced_gone_warning(paths) -> list[str]:
-    """[a warning] when enhanced images a page shows are missing from disk (they would show as grey boxes), else []."""
+    """[a warning] when enhanced images of the run's errors are missing from disk (they would show as grey boxes),
+    else []. The count is of all the run's errors, not of the cards the filters leave: it says so."""
     from pathlib import Path
 
     wanted = {str(p) for p in paths if isinstance(p, str) and p}
     gone = sum(1 for p in wanted if not Path(p).is_file())
-    return [f"{gone} of {len(wanted)} enhanced images show as grey boxes: {ENHANCED_GONE}"] if gone else []
+    return [f"{gone} of the {len(wanted)} enhanced images among the errors of this run (before any filter) show as grey "
+            f"boxes: {ENHANCED_GONE}"] if gone else []
 
 
 def outside_roots_warning(paths, runs_dir) -> list[str]:
@@ -209,8 +211,9 @@ def why_view(run_dir, row: dict) -> pn.viewable.Viewable:
     """Where each variant's model looked in this image, for the true and the predicted class (Grad-CAM)."""
     from core.explain import NoCheckpoint
 
+    skipped: list[tuple[str, str]] = []  # a variant with no model, or its image not readable here: said, the rest drawn
     try:
-        maps = cam_maps(run_dir, row["image_id"], row["seed"], row["image_size"])
+        maps = cam_maps(run_dir, row["image_id"], row["seed"], row["image_size"], skipped=skipped)
     except (NoCheckpoint, PermissionError) as e:  # no model, or an image outside the folders: nothing to show
         return pn.pane.Alert(f"No Grad-CAM: {esc(e)}", alert_type="warning", css_classes=["wbc-why"])
     except Exception as e:  # a damaged checkpoint or image: said, not raised
@@ -223,8 +226,13 @@ def why_view(run_dir, row: dict) -> pn.viewable.Viewable:
         f"<img src='data:image/png;base64,{base64.b64encode(m['png']).decode()}' width='192' height='192'><br>"
         f"<b>{esc(m['variant'])}</b> (said {esc(m['pred_label'])}): {role} class {esc(m['class_label'])}"
         f"<br>heat on the stained cell: {_share(m['heat_in_cell'])}</div>" for m, role in cam_cards(maps))
+    notes = "".join(f"<div class='wbc-cam-skipped'>No Grad-CAM for <b>{esc(v)}</b>: {esc(reason)}</div>"
+                    for v, reason in skipped)
+    if not maps:
+        return pn.pane.Alert(notes or "No Grad-CAM: no variant predicted this image", alert_type="warning",
+                             css_classes=["wbc-why"])
     return pn.pane.HTML("<div><b>Where each model looked</b> (Grad-CAM, red = most evidence for the class named)"
-                        f"<br>{cards}</div>", css_classes=["wbc-why"], sizing_mode="stretch_width")
+                        f"<br>{cards}{notes}</div>", css_classes=["wbc-why"], sizing_mode="stretch_width")
 
 
 def cam_cards(maps: list[dict]) -> list[tuple[dict, str]]:

@@ -91,8 +91,9 @@ def scorecard_frame(state, run_id) -> pd.DataFrame:
         "paper validation acc": [f"{x:.2f}" if x is not None and x == x else
                                  "n/a (paper: x4plus only)" if v != "original" else "n/a"
                                  for v, x in zip(card["variant"], card["paper_val_accuracy"])],
-        "this run validation acc": card["val_accuracy"].round(3),
-        "test acc (unseen cells)": card["test_accuracy"].round(3),
+        # three decimals as text: a number column would show 0.930 as 0.93 beside the CI's 0.930
+        "this run validation acc": [f"{x:.3f}" if x == x else "" for x in card["val_accuracy"].astype(float)],
+        "test acc (unseen cells)": [f"{x:.3f}" if x == x else "" for x in card["test_accuracy"].astype(float)],
         "test 95% CI": [(interval(f"{a:.3f}", f"{b:.3f}") if a == a else "none: no statistics" if f == AccuracySource.PREDICTIONS
                          else "") + test_seeds_words(t, n) for a, b, f, t, n in
                         zip(card["test_ci_low"], card["test_ci_high"], card["test_from"], card["test_seeds"], card["seeds"])],
