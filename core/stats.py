@@ -54,7 +54,10 @@ def group_signflip_p(d) -> float:
     ``d`` are equally likely; p = P(|sum| >= |observed sum|), computed exactly by convolving the groups one by
     one. Copies of one cell move together (a cell copied eight times is one step of eight, not eight independent
     steps); with one image per group it is the exact McNemar test (``mcnemar_exact``). Unlike a p read off the
-    bootstrap distribution, it holds its level with few discordant images."""
+    bootstrap distribution, it holds its level with few discordant images. Exact under its null (the two
+    variants' verdicts on a group are exchangeable, which is stronger than equal accuracy) and given the
+    estimated groups: copies of one cell split across groups make it too confident. A group with one image
+    right only with each variant has d = 0 and drops out, so it can be below McNemar's p."""
     d = np.rint(np.asarray(d, dtype=float)).astype(np.int64)
     observed, sizes = abs(int(d.sum())), np.abs(d[d != 0])
     if not len(sizes):
@@ -305,17 +308,18 @@ def _paired_lines(r) -> list[str]:
     (runs stored since 2026-11-28), else on the bootstrap CI alone."""
     d = parse_detail(r.detail)
     p = d.get(DETAIL_P_GROUP_SIGNFLIP)
-    p = float(p) if isinstance(p, (int, float)) and not isinstance(p, bool) else None  # the detail may be hand-edited
+    p = float(p) if isinstance(p, (int, float)) and not isinstance(p, bool) and p == p else None  # may be hand-edited
     ci_out, way = not (r.ci_low <= 0 <= r.ci_high), "better" if r.estimate > 0 else "worse"
     if p is None:
         verdict = (f"the CI excludes 0: {r.variant} is {way} on these test images" if ci_out
                    else "no evidence of a difference (the CI includes 0)")
     elif p < 0.05:
-        verdict = f"{r.variant} is {way} on these test images (group sign-flip p = {p:.3g})"
+        verdict = (f"evidence that {r.variant} is {way} (group sign-flip p = {p:.3g}"
+                   + ("; the bootstrap CI, an approximation, includes 0)" if not ci_out else ")"))
     else:
         verdict = (f"no evidence of a difference at the 5% level (group sign-flip p = {p:.3g}"
-                   + ("; the bootstrap CI excludes 0, but with few discordant images it is only approximate)"
-                      if ci_out else ")"))
+                   + ("; the bootstrap CI excludes 0, but it is an approximation and the two disagree near the "
+                      "5% edge)" if ci_out else ")"))
     counts = (f" ({d[DETAIL_B]} images right only with {r.baseline}, {d[DETAIL_C]} right only with {r.variant})"
               if DETAIL_B in d and DETAIL_C in d else "")  # a hand-edited detail: the counts are not known
     lines = [f"- {r.variant} vs {r.baseline} (seed {r.seed}, {r.image_size} px): accuracy {_pts(r.estimate)} points "
