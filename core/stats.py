@@ -34,7 +34,7 @@ import pandas as pd
 
 from core.config import CLASSES
 from core.store import (DETAIL_B, DETAIL_C, DETAIL_N_BOOT, DETAIL_N_GROUPS, DETAIL_P_GROUP_SIGNFLIP, DETAIL_RESAMPLE,
-                        SCHEMAS, SEED_MEAN, Metric, StatKind, class_metric, parse_detail)
+                        SCHEMAS, SEED_MEAN, Metric, StatKind, as_number, class_metric, parse_detail)
 
 CLASS_DIFF_CLASSES = ("eosinophil", "neutrophil")
 CI_METRICS = (Metric.ACCURACY, Metric.MACRO_F1, Metric.BALANCED_ACCURACY)  # "ci" rows per model
@@ -307,8 +307,7 @@ def _paired_lines(r) -> list[str]:
     """The summary of one paired accuracy row. The verdict rests on the group sign-flip test when the row has one
     (runs stored since 2026-11-28), else on the bootstrap CI alone."""
     d = parse_detail(r.detail)
-    p = d.get(DETAIL_P_GROUP_SIGNFLIP)
-    p = float(p) if isinstance(p, (int, float)) and not isinstance(p, bool) and p == p else None  # may be hand-edited
+    p = as_number(d.get(DETAIL_P_GROUP_SIGNFLIP))  # None when missing or hand-edited into a non-number
     ci_out, way = not (r.ci_low <= 0 <= r.ci_high), "better" if r.estimate > 0 else "worse"
     if p is None:
         verdict = (f"the CI excludes 0: {r.variant} is {way} on these test images" if ci_out

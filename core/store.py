@@ -401,7 +401,8 @@ def _dict(v) -> dict:
     return v if isinstance(v, dict) else {}
 
 
-def _num(v) -> float | None:
+def as_number(v) -> float | None:
+    """A number read from disk (run.json, a stats detail) as a float; None for anything else, bools and NaN too."""
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v else None
 
 
@@ -483,7 +484,7 @@ class RunInfo:
         err = doc.get("error")
         return cls(run_id=run_id, status=str(doc.get("status", "unknown")), schema_version=version,
                    created_at=_text(doc.get("created_at")), started_at=_text(doc.get("started_at")),
-                   ended_at=_text(doc.get("ended_at")), duration_s=_num(doc.get("duration_s")),
+                   ended_at=_text(doc.get("ended_at")), duration_s=as_number(doc.get("duration_s")),
                    device=_text(doc.get("device")), config=_dict(doc.get("config")), data=_dict(doc.get("data")),
                    summary=_dict(doc.get("summary")), weights=_dict(doc.get("weights")),
                    error=err if isinstance(err, dict) else ({"message": str(err)} if err else None), raw=doc)
@@ -551,8 +552,8 @@ class Progress:
         kw = {}
         for f in fields(cls):
             v = doc.get(f.name)
-            kw[f.name] = (int(v) if _num(v) is not None else None) if f.name in ints else \
-                _num(v) if f.name in nums else _text(v)
+            kw[f.name] = (int(v) if as_number(v) is not None else None) if f.name in ints else \
+                as_number(v) if f.name in nums else _text(v)
         return cls(**kw)
 
     def fraction_percent(self) -> float | None:
