@@ -3,7 +3,8 @@
 Each member trains on a class-stratified random half of the same grouped split's training images (its own seed
 for the new head and the batch order), picks its best epoch by grouped-validation macro-F1 as the product does,
 and the ensemble predicts with the mean of the members' softmax. Same split and the same total training steps as
-one model. This script patches ``core.pipeline``'s ``fit`` and ``predict`` for its own process only, so that no
+one model. With ``--members-on all`` each member trains on all of them instead (a seed ensemble; halve
+``epochs`` to keep the cost of one model). This script patches ``core.pipeline``'s ``fit`` and ``predict`` for its own process only, so that no
 product code changes before a change passes its rule; it then runs ``ablate_classifier.py``'s command line:
 
     python benchmarks/ablate_half_ensemble.py --rows base --set per_class=600 --set weight_decay=0.05 \
@@ -29,6 +30,7 @@ from core.engine import fit, macro_f1, predict, seed_everything  # noqa: E402
 from core.models import spec_of  # noqa: E402
 
 MEMBERS = 2
+MEMBERS_ON = "half"  # or "all" (--members-on): what each member trains on
 _current: dict = {}
 
 
@@ -47,7 +49,9 @@ class Ensemble(nn.Module):
 
 
 def parts(y: np.ndarray, seed: int) -> list[np.ndarray]:
-    """Class-stratified random parts of the training images, one per member."""
+    """Class-stratified random parts of the training images, one per member (all of them each with "all")."""
+    if MEMBERS_ON == "all":
+        return [np.arange(len(y))] * MEMBERS
     rng = np.random.default_rng(seed + 12345)
     out: list[list[int]] = [[] for _ in range(MEMBERS)]
     for c in np.unique(y):
@@ -86,5 +90,11 @@ def predict_ensemble(model, *args, **kwargs):
 
 
 if __name__ == "__main__":
+    if "--members-on" in sys.argv:
+        i = sys.argv.index("--members-on")
+        MEMBERS_ON = sys.argv[i + 1]
+        if MEMBERS_ON not in ("half", "all"):
+            sys.exit(f"--members-on: {MEMBERS_ON!r} is not half or all")
+        del sys.argv[i:i + 2]
     pipeline.fit, pipeline.predict = fit_members, predict_ensemble
     ablate_classifier.main()
