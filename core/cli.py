@@ -99,6 +99,9 @@ def add_study_parser(sub) -> None:
                    help="the pretrained layers learn at FRACTION of --lr, the new head at --lr (default 1)")
     p.add_argument("--mixup", type=float, metavar="ALPHA",
                    help="mix pairs of training images and their labels, weight ~ Beta(ALPHA, ALPHA) (0: off)")
+    p.add_argument("--refit", action="store_true", default=None,
+                   help="after validation picks the best epoch, refit the test model on training + validation "
+                        "images for that many epochs (the cpu preset does)")
     p.add_argument("--tta", type=int, help="test-time augmentation: dihedral views averaged (1, 2, 4 or 8; default 8)")
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--deterministic", action="store_true", default=None,
@@ -133,6 +136,7 @@ def config_from_args(args) -> StudyConfig:
                        deterministic=args.deterministic,
                        input_policy=args.input_policy, crop=args.crop, augment=args.augment,
                        label_smoothing=args.label_smoothing, select_by=args.select_by, tta=args.tta,
+                       refit=args.refit,
                        ema=args.ema, mixup=args.mixup, backbone_lr=args.backbone_lr,
                        enhance_batch_size=args.enhance_batch_size,
                        enhance_half=ENHANCE_PRECISIONS.get(args.enhance_precision),
@@ -420,6 +424,7 @@ def _input_words(cfg: dict) -> str:
             + (f" of a weight average over {c.ema:g} epochs" if c.ema else "")
             + (f", mixup alpha {c.mixup:g}" if c.mixup else "")
             + (f", pretrained layers at {c.backbone_lr:g} x the head's learning rate" if c.backbone_lr != 1 else "")
+            + (", test model refit on training + validation images" if c.refit else "")
             + f", test-time views {c.tta}")
 
 

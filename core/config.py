@@ -70,6 +70,9 @@ class StudyConfig:
     backbone_lr: float = 1.0  # the pretrained layers' learning rate as a fraction of --lr (the new head's)
     mixup: float = 0.0  # > 0: mix pairs of training images (and their labels) with a Beta(mixup, mixup) weight
     tta: int = 8  # test-time augmentation: softmax averaged over this many dihedral views (1 = none)
+    # After validation has chosen the best epoch, train the test model afresh on training + validation images for
+    # that many epochs (the cells validation held out teach it too); the validation figures stay the first fit's.
+    refit: bool = False
     # What the classifier sees (core.regions): full (the frame squashed, the paper's) | center | cell.
     input_policy: str = "cell"
     crop: int | None = None  # region side in original pixels (None: 200 for center, 144 for cell)

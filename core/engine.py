@@ -423,11 +423,12 @@ def fit(model: nn.Module, train: tuple, val: tuple, s: TrainSettings, device: to
     weights (by ``s.select_by`` on validation) are loaded back into ``model``. Normalisation and the head come
     from the model's spec (``core.models.spec_of``).
 
-    Early stopping after ``s.patience`` epochs without a better validation score. Returns {"history":
+    Early stopping after ``s.patience`` epochs without a better validation score. ``val`` None (a refit on
+    every image): no validation, all ``s.epochs`` run and the last epoch's weights are kept. Returns {"history":
     [per-epoch dicts], "best_epoch", "best_val_loss", "best_val_acc", "best_val_macro_f1", "best_state",
     "seconds"}.
     """
-    (x_train, y_train), (x_val, y_val) = train, val
+    (x_train, y_train), (x_val, y_val) = train, (val if val is not None else (None, None))
     spec, w = spec_of(model), world()
     seed_everything(s.seed, s.deterministic)
     gen = torch.Generator().manual_seed(s.seed)
@@ -439,7 +440,7 @@ def fit(model: nn.Module, train: tuple, val: tuple, s: TrainSettings, device: to
         optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(s.epochs * n_batches, 1),
         pct_start=s.warmup, anneal_strategy="cos", div_factor=10.0, final_div_factor=100.0)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and not torch.cuda.is_bf16_supported() else None
-    y_train, y_val = torch.as_tensor(y_train), torch.as_tensor(y_val)
+    y_train, y_val = torch.as_tensor(y_train), (None if val is None else torch.as_tensor(y_val))
     trained = _wrap(model, device, w)  # DDP under torchrun; the model itself otherwise
     if w.active and not isinstance(x_train, Held):  # every rank was given all images: keep its share
         x_train = Held.split(x_train, w)
@@ -457,13 +458,16 @@ def fit(model: nn.Module, train: tuple, val: tuple, s: TrainSettings, device: to
                 on_progress((epoch - 1) * n_batches + b, s.epochs * n_batches, f"epoch {epoch}/{s.epochs}")
 
         tr = run_epoch(trained, norm, x_train, y_train, s, device, gen, optimizer, scheduler, scaler, on_batch, w)
-        with torch.inference_mode():
-            va = _validate(kept, norm, x_val, y_val, s, device, gen, w)
-        ep = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
-              "val_acc": va["acc"], "val_macro_f1": macro_f1(y_val.numpy(), va["pred"], int(getattr(model, spec.head).out_features)),
-              "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - te}
+        ep = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": math.nan,
+              "val_acc": math.nan, "val_macro_f1": math.nan}
+        if val is not None:
+            with torch.inference_mode():
+                va = _validate(kept, norm, x_val, y_val, s, device, gen, w)
+            ep.update(val_loss=va["loss"], val_acc=va["acc"],
+                      val_macro_f1=macro_f1(y_val.numpy(), va["pred"], int(getattr(model, spec.head).out_features)))
+        ep.update(lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - te)
         history.append(ep)
-        if _better(ep, best, s.select_by):
+        if val is None or _better(ep, best, s.select_by):
             best, bad = ep, 0
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in kept.state_dict().items()})
         else:

@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -308,8 +308,7 @@ def train_and_evaluate(sd: StudyData, cfg: StudyConfig, variant: str, seed: int,
                          f"images: every class has a single source group; use more images or --split random")
     (train, x_tr, _), (val, x_va, _) = decoded.take(train), decoded.take(val)
     test, x_te, te_files = decoded.take(sd.test)
-    y = {name: np.array([CLASSES.index(c) for c in df["label"]]) for name, df in
-         (("train", train), ("val", val))}
+    y = {"train": _label_ids(train), "val": _label_ids(val)}
     seed_everything(seed, cfg.deterministic)  # the new head's initialisation depends on the seed alone
     model, weights = create_classifier(cfg.classifier, len(CLASSES), cfg.pretrained)
     s = TrainSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr,
@@ -321,6 +320,9 @@ def train_and_evaluate(sd: StudyData, cfg: StudyConfig, variant: str, seed: int,
     if not w.active:  # one process holds every image: plain tensors
         x_tr, x_va = x_tr.x, x_va.x
     result = fit(model, (x_tr, y["train"]), (x_va, y["val"]), s, device, on_progress=prog.callback("training"))
+    tested = result  # the model whose weights predict the test images and are kept
+    if cfg.refit:
+        model, tested = _refit(cfg, s, decoded, train, val, result["best_epoch"], device, prog)
     # each rank predicts the test images it holds; all of them meet on every rank
     probs, feats = predict(model, x_te.x, device, batch_size=max(cfg.batch_size, 64), view=size, tta=cfg.tta,
                            features=True, on_progress=prog.callback(f"predicting the test images ({cfg.tta} views)"))
@@ -329,16 +331,18 @@ def train_and_evaluate(sd: StudyData, cfg: StudyConfig, variant: str, seed: int,
     pred = predictions_frame(keys, test, probs, enhanced)
     ckpt = prog.run.path / "checkpoints" / f"{variant}-s{seed}-{size}.pt"
     if w.main:
-        _save_checkpoint(ckpt, result, cfg, keys)
+        _save_checkpoint(ckpt, tested, cfg, keys)
     acc = float(pred["correct"].mean()) if len(pred) else float("nan")
+    refit = f", refit on train + val for {result['best_epoch']} epochs" if cfg.refit else ""
     prog.run.log(f"{variant} seed {seed} {size}px: best epoch {result['best_epoch']}, validation accuracy "
-                 f"{result['best_val_acc']:.3f}, test accuracy {acc:.3f} ({len(train)} train / {len(val)} val / "
-                 f"{len(test)} test, {result['seconds']:.0f} s)")
+                 f"{result['best_val_acc']:.3f}{refit}, test accuracy {acc:.3f} ({len(train)} train / {len(val)} "
+                 f"val / {len(test)} test, {result['seconds'] + (tested['seconds'] if cfg.refit else 0):.0f} s)")
     validation = pd.DataFrame([{**keys, "split": cfg.split, "leaky": cfg.split == "random",
                                 "best_epoch": result["best_epoch"], "selected_by": cfg.select_by,
                                 "val_accuracy": result["best_val_acc"], "val_macro_f1": result["best_val_macro_f1"],
                                 "val_loss": result["best_val_loss"], "n_val": len(val),
-                                "val_groups_disjoint": _disjoint(train, val)}])
+                                "val_groups_disjoint": _disjoint(train, val),
+                                "refit_epochs": result["best_epoch"] if cfg.refit else None}])
     return {
         "predictions": pred,
         "metrics": metrics_rows(keys, pred["true_label"], pred["pred_label"]),
@@ -352,6 +356,24 @@ def train_and_evaluate(sd: StudyData, cfg: StudyConfig, variant: str, seed: int,
         "weights": weights, "counts": {"train": len(train), "val": len(val), "test": len(test)},
         "val_groups_disjoint": _disjoint(train, val),
     }
+
+
+def _label_ids(df: pd.DataFrame) -> np.ndarray:
+    return np.array([CLASSES.index(c) for c in df["label"]])
+
+
+def _refit(cfg: StudyConfig, s: TrainSettings, decoded: Decoded, train: pd.DataFrame, val: pd.DataFrame,
+           epochs: int, device: torch.device, prog: Progress) -> tuple[torch.nn.Module, dict]:
+    """A fresh model (same seed) trained on the training and validation images together for the validated best
+    epoch count, one-cycle over them, the last epoch kept: the source cells validation held out teach it too."""
+    both, x, _ = decoded.take(pd.concat([train, val], ignore_index=True))
+    seed_everything(s.seed, cfg.deterministic)
+    model, _ = create_classifier(cfg.classifier, len(CLASSES), cfg.pretrained)
+    if not dist.world().active:
+        x = x.x
+    result = fit(model, (x, _label_ids(both)), None, replace(s, epochs=epochs), device,
+                 on_progress=prog.callback(f"refitting on training + validation images ({epochs} epochs)"))
+    return model, result
 
 
 def _save_checkpoint(path: Path, result: dict, cfg: StudyConfig, keys: dict) -> None:

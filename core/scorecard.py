@@ -22,7 +22,11 @@ PAPER_CITATION = ("paper, Tables 3-4: ResNet-50, 224 px, validation = random 20%
 SPLIT_WORDS = {"grouped": "grouped (no estimated source cell on both sides)",
                "random": "random (leaky: near-copies of training cells in validation)"}
 COLUMNS = ["variant", "image_size", "paper_val_accuracy", "val_accuracy", "val_split", "val_leaky", "n_val",
-           "test_source", "test_accuracy", "test_ci_low", "test_ci_high", "test_from", "seeds", "test_seeds"]
+           "test_source", "test_accuracy", "test_ci_low", "test_ci_high", "test_from", "seeds", "test_seeds", "refit"]
+# A refit run (StudyConfig.refit) tests a model trained afresh on training + validation images.
+REFIT_WORDS = ("The test model was refit on training + validation images for the best epoch count that validation "
+               "chose, so the source cells validation held out taught it too; the validation accuracy is the first "
+               "fit's.")
 
 
 class AccuracySource(StrEnum):
@@ -60,7 +64,8 @@ def scorecard(validation: pd.DataFrame, stats: pd.DataFrame, test_source: str | 
                      "paper_val_accuracy": PAPER_VAL_ACCURACY.get(variant),
                      "val_accuracy": float(v["val_accuracy"].mean()), "val_split": split,
                      "val_leaky": bool(v["leaky"].any()) or split == "random", "n_val": int(v["n_val"].iloc[0]),
-                     "test_source": test_source, **acc, "seeds": int(v["seed"].nunique())})
+                     "test_source": test_source, **acc, "seeds": int(v["seed"].nunique()),
+                     "refit": bool("refit_epochs" in v and v["refit_epochs"].notna().any())})
     # numbers stay numbers where a run has none (no paper figure; no stats yet: stopped before its test)
     return pd.DataFrame(rows, columns=COLUMNS).astype({**{c: float for c in _NUMBERS}, "test_seeds": "Int64"})
 
@@ -127,6 +132,8 @@ def scorecard_text(card: pd.DataFrame) -> str:
         lines.append(f"- {r.variant} ({r.image_size} px{seeds}): paper validation {paper} | this run validation "
                      f"{r.val_accuracy:.3f} on {r.n_val} images, {SPLIT_WORDS.get(r.val_split, r.val_split)} | "
                      f"test on unseen source cells ({r.test_source}) {test}")
+    if card["refit"].any():
+        lines.append(f"  {REFIT_WORDS}")
     if card["val_leaky"].any():
         lines.append("  The validation split is random, so it is leaky: its accuracy measures recall of near-copies "
                      "of training cells, as the paper's does. Read the test column.")

@@ -196,9 +196,10 @@ TABLES: dict[Table, TableSchema] = {t: TableSchema(t.value, _cols(spec)) for t, 
     Table.HISTORY: _KEYS + "epoch:int train_loss:float train_acc:float val_loss:float val_acc:float "
                            "val_macro_f1:float lr:float seconds:float",
     # Each model's validation figures at its best (restored) epoch: the number the paper reports. split is
-    # "grouped" (no source cell on both sides) or "random" (leaky: near-copies of training cells).
+    # "grouped" (no source cell on both sides) or "random" (leaky: near-copies of training cells). refit_epochs:
+    # the epochs of the test model's refit on training + validation images (null: the validated model is tested).
     Table.VALIDATION: _KEYS + "split:str leaky:bool best_epoch:int selected_by:str val_accuracy:float "
-                              "val_macro_f1:float val_loss:float n_val:int val_groups_disjoint:bool",
+                              "val_macro_f1:float val_loss:float n_val:int val_groups_disjoint:bool refit_epochs:int",
     # kind: StatKind; metric: Metric or class_metric(); detail: JSON (see DETAIL_* and core.stats).
     Table.STATS: "kind:str variant:str baseline:str seed:int image_size:int metric:str estimate:float sd:float "
                  "ci_low:float ci_high:float p_value:float n:int detail:json",

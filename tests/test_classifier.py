@@ -411,6 +411,48 @@ def test_fit_stops_early_and_restores_the_best_weights():
     assert all(torch.equal(restored[k].cpu(), v) for k, v in res["best_state"].items())  # weights restored
 
 
+def test_fit_without_validation_runs_every_epoch_and_keeps_the_last():
+    """A refit (val None): no early stop, no validation figures, and the last epoch's weights are the result."""
+    x, y = _toy()
+    model = _cnn()
+    s = TrainSettings(epochs=3, batch_size=8, lr=3e-3, patience=1, augment="none")
+    res = fit(model, (x, y), None, s, torch.device("cpu"))
+    h = pd.DataFrame(res["history"])
+    assert list(h["epoch"]) == [1, 2, 3] and res["best_epoch"] == 3 and h["val_acc"].isna().all()
+    assert all(torch.equal(model.state_dict()[k].cpu(), v) for k, v in res["best_state"].items())
+
+
+def test_refit_trains_the_test_model_on_train_and_val_for_the_validated_epochs(data_dir, tmp_path, monkeypatch):
+    import core.pipeline as pipeline
+    from core.cli import _input_words
+    from core.scorecard import REFIT_WORDS
+
+    calls, real_fit = [], pipeline.fit
+
+    def spy(model, train, val, s, device, on_progress=None):
+        r = real_fit(model, train, val, s, device, on_progress)
+        calls.append({"n": len(train[1]), "val": None if val is None else len(val[1]), "epochs": s.epochs,
+                      "best": r["best_epoch"], "state": r["best_state"]})
+        return r
+
+    monkeypatch.setattr(pipeline, "fit", spy)
+    monkeypatch.setattr("core.groups.assign_groups", _source_cells)
+    cfg = make_config(None, data_dir=str(data_dir), runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "c"),
+                      **{**TINY, "variants": ("original",), "epochs": 3}, refit=True)
+    run = run_study(cfg)
+    first, refit = calls
+    val = run.table("validation").iloc[0]
+    assert first["val"] == val["n_val"] and first["epochs"] == 3 and val["best_epoch"] == first["best"]
+    # the second fit: every training and validation image, no validation, for the validated best epoch count
+    assert refit["val"] is None and refit["n"] == first["n"] + first["val"] and refit["epochs"] == first["best"]
+    assert val["refit_epochs"] == first["best"]
+    ckpt = torch.load(run.path / "checkpoints" / "original-s0-32.pt", weights_only=True)
+    assert all(torch.equal(ckpt["state_dict"][k], v) for k, v in refit["state"].items())  # the tested model is kept
+    card = scorecard(run.table("validation"), run.table("stats"), "TEST_SIMPLE")
+    assert card["refit"].all() and REFIT_WORDS in scorecard_text(card)
+    assert "refit on training + validation" in _input_words(run.read_meta()["config"])
+
+
 def test_weight_average_is_what_gets_validated_and_kept():
     """--ema: the weights validated, selected and restored are the moving average of every step's weights."""
     x, y = _toy()

@@ -213,6 +213,28 @@ def test_overview_scorecard_in_compare_mode_shows_both_runs_labelled(env):
     assert f"Leakage check: {esc(words[a])}" in text and f"Leakage check of <code>{esc(b)}</code>: {esc(words[b])}" in text2
 
 
+def test_overview_scorecard_says_when_the_test_model_was_refit(env, tmp_path, monkeypatch):
+    """A refit run (--refit) gets a "test model" column and the sentence saying what its validation figure is."""
+    import shutil
+
+    from core.store import Table, conform
+    from dashboard.pages.overview import _scorecard_parts
+    from dashboard.state import AppState
+
+    a, b = env["run_ids"][:2]
+    for rid in (a, b):
+        shutil.copytree(Path(env["runs_dir"]) / rid, tmp_path / rid)
+    val = pd.read_parquet(tmp_path / b / "validation.parquet")
+    conform(Table.VALIDATION, val.assign(refit_epochs=val["best_epoch"])).to_parquet(tmp_path / b / "validation.parquet")
+    monkeypatch.setenv("WBC_RUNS_DIR", str(tmp_path))
+    state = AppState()
+    assert "test model" not in _scorecard_parts(state, a)[1].value.columns  # older runs: as before
+    words, both = _scorecard_parts(state, a, b)
+    assert list(both.value["test model"]) == ["the validated one"] * 2 + ["refit on train + val"] * 2
+    assert "refit on training + validation images" in words.object
+    assert "refit on training" not in _scorecard_parts(state, a)[0].object
+
+
 def test_runs_delta_is_the_overview_accuracy_difference(env):
     """The Runs table's "Δ vs baseline" is the paired accuracy difference (not mixed with macro-F1's)."""
     from dashboard.pages.overview import accuracy_table

@@ -99,12 +99,14 @@ def scorecard_frame(state, run_id) -> pd.DataFrame:
                         zip(card["test_ci_low"], card["test_ci_high"], card["test_from"], card["test_seeds"], card["seeds"])],
         "validation split": [SPLIT_WORDS.get(s, s) for s in card["val_split"]],
         "test set": card["test_source"], "seeds": card["seeds"]})
+    if card["refit"].any():  # only then: older runs keep their columns
+        out["test model"] = ["refit on train + val" if r else "the validated one" for r in card["refit"]]
     return out
 
 
 def _scorecard_parts(state, run_id, compare: str | None = None) -> list:
     """The scorecard's words and table: the main run's rows, then (in compare mode) the compared run's, labelled."""
-    from core.scorecard import NO_VALIDATION_WORDS, PAPER_CITATION
+    from core.scorecard import NO_VALIDATION_WORDS, PAPER_CITATION, REFIT_WORDS
 
     cards = [(rid, scorecard_frame(state, rid)) for rid in (run_id, compare) if rid]
     card = pd.concat([c.assign(run=rid) for rid, c in cards if not c.empty] or [pd.DataFrame()], ignore_index=True)
@@ -119,6 +121,9 @@ def _scorecard_parts(state, run_id, compare: str | None = None) -> list:
             f"Beside it: {'each' if compare else 'this'} run's validation accuracy at the restored epoch, and its "
             "accuracy on test images of "
             "source cells it never saw, with the 95% CI (of the seed mean when there are several seeds).")
+    if "test model" in card and card["test model"].eq("refit on train + val").any():
+        card["test model"] = card["test model"].fillna("the validated one")
+        text += f"\n\n{esc(REFIT_WORDS)}"
     if leaky:
         text += ("\n\n**The validation split is random, so it is leaky** (near-copies of training cells are in it), "
                  "like the paper's: read the test column.")
