@@ -272,7 +272,7 @@ def test_sigterm_cancels_a_real_study(data_dir, tmp_path):
 
 
 def test_a_preset_with_changed_settings_says_so_in_its_notes():
-    cfg = make_config("cpu", per_class=500, epochs=8, variants=["original", "realesr-animevideov3"])
+    cfg = make_config("cpu", per_class=500, epochs=4, variants=["original", "realesr-animevideov3"])
     assert cfg.notes[-1] == "changed from the cpu preset: per_class=500 (preset: 1500)"  # equal values: not listed
     assert len(make_config("quick").notes) == 1
 
