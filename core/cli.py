@@ -99,9 +99,9 @@ def add_study_parser(sub) -> None:
                    help="the pretrained layers learn at FRACTION of --lr, the new head at --lr (default 1)")
     p.add_argument("--mixup", type=float, metavar="ALPHA",
                    help="mix pairs of training images and their labels, weight ~ Beta(ALPHA, ALPHA) (0: off)")
-    p.add_argument("--refit", action="store_true", default=None,
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                    help="after validation picks the best epoch, refit the test model on training + validation "
-                        "images for that many epochs (the cpu preset does)")
+                        "images for that many epochs (the cpu preset does; --no-refit: test the validated model)")
     p.add_argument("--tta", type=int, help="test-time augmentation: dihedral views averaged (1, 2, 4 or 8; default 8)")
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--deterministic", action="store_true", default=None,

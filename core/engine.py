@@ -417,7 +417,7 @@ def _better(ep: dict, best: dict | None, select_by: str) -> bool:
     return (ep["val_macro_f1"], -ep["val_loss"]) > (best["val_macro_f1"] + 1e-9, -best["val_loss"])
 
 
-def fit(model: nn.Module, train: tuple, val: tuple, s: TrainSettings, device: torch.device,
+def fit(model: nn.Module, train: tuple, val: tuple | None, s: TrainSettings, device: torch.device,
         on_progress: ProgressFn | None = None) -> dict:
     """Train on ``train`` = (uint8 images (N, 3, D, D), labels) and select on ``val``; the best epoch's
     weights (by ``s.select_by`` on validation) are loaded back into ``model``. Normalisation and the head come

@@ -50,7 +50,8 @@ def checkpoint_path(run: Run, variant: str, seed: int, size: int) -> Path:
 
 
 def load_model(run: Run, variant: str, seed: int, size: int) -> Model:
-    """The model's restored best weights (the checkpoint a study writes for every variant, seed and size)."""
+    """The tested model's weights: the restored best epoch, or the refit (``--refit``); the checkpoint a study
+    writes for every variant, seed and size."""
     path = checkpoint_path(run, variant, seed, size)
     if not path.is_file():
         raise NoCheckpoint(f"run {run.run_id} has no checkpoint for {variant} seed {seed} {size}px ({path.name}): "

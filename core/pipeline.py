@@ -322,6 +322,7 @@ def train_and_evaluate(sd: StudyData, cfg: StudyConfig, variant: str, seed: int,
     result = fit(model, (x_tr, y["train"]), (x_va, y["val"]), s, device, on_progress=prog.callback("training"))
     tested = result  # the model whose weights predict the test images and are kept
     if cfg.refit:
+        del x_tr, x_va  # the refit takes its own copy of both
         model, tested = _refit(cfg, s, decoded, train, val, result["best_epoch"], device, prog)
     # each rank predicts the test images it holds; all of them meet on every rank
     probs, feats = predict(model, x_te.x, device, batch_size=max(cfg.batch_size, 64), view=size, tta=cfg.tta,
@@ -380,6 +381,7 @@ def _save_checkpoint(path: Path, result: dict, cfg: StudyConfig, keys: dict) -> 
     path.parent.mkdir(exist_ok=True)
     torch.save({"state_dict": result["best_state"], "config": cfg.to_dict(), "keys": keys,
                 "best_epoch": result["best_epoch"], "best_val_loss": result["best_val_loss"],
+                "refit_epochs": result["best_epoch"] if cfg.refit else None,  # then best_* is the refit's last epoch
                 "classes": list(CLASSES)}, path)
 
 

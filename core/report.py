@@ -59,15 +59,16 @@ def _about(run: Run, info) -> list[Block]:
 
 def _scorecard(run: Run) -> list[Block]:
     from core.groups import leakage_words
-    from core.scorecard import (NO_CI_WORDS, PAPER_CITATION, AccuracySource, fallback_predictions, scorecard,
-                                scorecard_text)
+    from core.scorecard import (NO_CI_WORDS, PAPER_CITATION, REFIT_WORDS, AccuracySource, fallback_predictions,
+                                scorecard, scorecard_text)
 
     stats = run.table(Table.STATS)
     card = scorecard(run.table(Table.VALIDATION), stats, run.info.test_source, fallback_predictions(run, stats))
     if card.empty:
         return [Block("h2", "Replication scorecard"), Block("p", scorecard_text(card))]
     shown = card[["variant", "image_size", "paper_val_accuracy", "val_accuracy", "val_split", "n_val",
-                  "test_accuracy", "test_ci_low", "test_ci_high", "seeds", "test_seeds"]]
+                  "test_accuracy", "test_ci_low", "test_ci_high", "seeds", "test_seeds"]
+                 + (["refit"] if card["refit"].any() else [])]
     words = ("The validation split is random, so it is leaky (near-copies of training cells in it), like the "
              "paper's: read the test columns." if card["val_leaky"].any() else
              "Validation is grouped: no source cell is on both sides.")
@@ -75,6 +76,8 @@ def _scorecard(run: Run) -> list[Block]:
     words += f" Leakage check of the validation split: {leak}" if leak else ""
     if (card["test_from"] == AccuracySource.PREDICTIONS).any():
         words += f" Test accuracy from the predictions ({NO_CI_WORDS})."
+    if card["refit"].any():
+        words += f" {REFIT_WORDS}"
     return [Block("h2", "Replication scorecard"), Block("p", f"Paper's figures: {PAPER_CITATION}. {words}"),
             Block("table", table=shown.round(3))]
 

@@ -203,7 +203,8 @@ TABLES: dict[Table, TableSchema] = {t: TableSchema(t.value, _cols(spec)) for t, 
     # kind: StatKind; metric: Metric or class_metric(); detail: JSON (see DETAIL_* and core.stats).
     Table.STATS: "kind:str variant:str baseline:str seed:int image_size:int metric:str estimate:float sd:float "
                  "ci_low:float ci_high:float p_value:float n:int detail:json",
-    # Which images trained, validated and tested each model (role: train | val | test).
+    # Which images trained, validated and tested each model (role: train | val | test). With a refit (validation
+    # table: refit_epochs set) the tested model trained on the val rows too, after they had chosen its epochs.
     Table.SPLITS: _KEYS + "image_id:str role:str label:str group_id:str",
     Table.SKIPPED: "path:str split:str error:str",
     # Grad-CAM maps (core.explain): one row per test image, model and class (role: true | pred), the PNG overlay

@@ -451,6 +451,11 @@ def test_refit_trains_the_test_model_on_train_and_val_for_the_validated_epochs(d
     card = scorecard(run.table("validation"), run.table("stats"), "TEST_SIMPLE")
     assert card["refit"].all() and REFIT_WORDS in scorecard_text(card)
     assert "refit on training + validation" in _input_words(run.read_meta()["config"])
+    assert ckpt["refit_epochs"] == first["best"]
+    from core.report import _scorecard
+
+    words = next(b.text for b in _scorecard(run) if b.kind == "p")
+    assert REFIT_WORDS in words  # the html/md report says it too
 
 
 def test_weight_average_is_what_gets_validated_and_kept():

@@ -277,6 +277,15 @@ def test_a_preset_with_changed_settings_says_so_in_its_notes():
     assert len(make_config("quick").notes) == 1
 
 
+def test_the_cpu_preset_refits_and_the_cli_can_turn_it_off():
+    from core.cli import build_parser, config_from_args
+
+    assert make_config("cpu").refit and not make_config("quick").refit
+    off = config_from_args(build_parser().parse_args(["study", "--preset", "cpu", "--no-refit"]))
+    assert off.refit is False and off.notes[-1] == "changed from the cpu preset: refit=False (preset: True)"
+    assert config_from_args(build_parser().parse_args(["study", "--preset", "quick", "--refit"])).refit
+
+
 def test_each_model_stores_the_penultimate_features_of_its_test_images(tiny_run):
     """embeddings.parquet: one vector per test image and model, the head's input for the unturned view."""
     import torch
