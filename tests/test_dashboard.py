@@ -1220,7 +1220,9 @@ def test_launch_says_what_is_wrong_while_the_form_is_filled(tmp_path, monkeypatc
     page.epochs = 0
     assert page.start_b.disabled
     page.preset = "cpu"  # a preset's values are all valid: the problem goes with it
-    assert page.epochs == 8 and not page.form_check.visible and not page.start_b.disabled
+    from core.config import PRESETS
+
+    assert page.epochs == PRESETS["cpu"]["epochs"] and not page.form_check.visible and not page.start_b.disabled
     import dashboard.pages.launch as launch
 
     monkeypatch.setattr(launch.MANAGER, "current", SimpleNamespace(running=True))  # a study is running
