@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import pandas as pd
@@ -70,6 +71,17 @@ def row_metrics(r) -> dict:
             "eos_recall": float(rec["eosinophil"]), "train_s": sum(v for k, v in meta["stages"].items()
                                                                   if k.startswith("train")),
             "run_id": r.run_id}
+
+
+def pop_option(name: str, default: str) -> str:
+    """The value of a prototype script's own ``name VALUE`` option, taken out of ``sys.argv`` before :func:`main`
+    parses the rest; ``default`` when absent."""
+    if name not in sys.argv:
+        return default
+    i = sys.argv.index(name)
+    value = sys.argv[i + 1]
+    del sys.argv[i:i + 2]
+    return value
 
 
 def main() -> None:

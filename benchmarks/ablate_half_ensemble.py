@@ -90,11 +90,8 @@ def predict_ensemble(model, *args, **kwargs):
 
 
 if __name__ == "__main__":
-    if "--members-on" in sys.argv:
-        i = sys.argv.index("--members-on")
-        MEMBERS_ON = sys.argv[i + 1]
-        if MEMBERS_ON not in ("half", "all"):
-            sys.exit(f"--members-on: {MEMBERS_ON!r} is not half or all")
-        del sys.argv[i:i + 2]
+    MEMBERS_ON = ablate_classifier.pop_option("--members-on", MEMBERS_ON)
+    if MEMBERS_ON not in ("half", "all"):
+        sys.exit(f"--members-on: {MEMBERS_ON!r} is not half or all")
     pipeline.fit, pipeline.predict = fit_members, predict_ensemble
     ablate_classifier.main()

@@ -85,9 +85,6 @@ def fit_arms(model, train, val, s, device, on_progress=None):
 
 
 if __name__ == "__main__":
-    if "--short" in sys.argv:
-        i = sys.argv.index("--short")
-        SHORT = int(sys.argv[i + 1])
-        del sys.argv[i:i + 2]
+    SHORT = int(ablate_classifier.pop_option("--short", str(SHORT)))
     pipeline._split, pipeline.fit = split_and_keep, fit_arms
     ablate_classifier.main()

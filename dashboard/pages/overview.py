@@ -74,6 +74,10 @@ def _accuracy_rows(stats: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# The scorecard's "test model" column, shown only where a run refit (StudyConfig.refit): which model was tested.
+TEST_MODEL, REFIT_MODEL, VALIDATED_MODEL = "test model", "refit on train + val", "the validated one"
+
+
 def scorecard_frame(state, run_id) -> pd.DataFrame:
     """The replication scorecard (core.scorecard) for display: paper vs this run's validation vs test."""
     from core.scorecard import SPLIT_WORDS, AccuracySource, scorecard, test_seeds_words
@@ -100,7 +104,7 @@ def scorecard_frame(state, run_id) -> pd.DataFrame:
         "validation split": [SPLIT_WORDS.get(s, s) for s in card["val_split"]],
         "test set": card["test_source"], "seeds": card["seeds"]})
     if card["refit"].any():  # only then: older runs keep their columns
-        out["test model"] = ["refit on train + val" if r else "the validated one" for r in card["refit"]]
+        out[TEST_MODEL] = [REFIT_MODEL if r else VALIDATED_MODEL for r in card["refit"]]
     return out
 
 
@@ -121,8 +125,8 @@ def _scorecard_parts(state, run_id, compare: str | None = None) -> list:
             f"Beside it: {'each' if compare else 'this'} run's validation accuracy at the restored epoch, and its "
             "accuracy on test images of "
             "source cells it never saw, with the 95% CI (of the seed mean when there are several seeds).")
-    if "test model" in card and card["test model"].eq("refit on train + val").any():
-        card["test model"] = card["test model"].fillna("the validated one")
+    if TEST_MODEL in card:  # some run here refit: a compared run without the column tested its validated model
+        card[TEST_MODEL] = card[TEST_MODEL].fillna(VALIDATED_MODEL)
         text += f"\n\n{esc(REFIT_WORDS)}"
     if leaky:
         text += ("\n\n**The validation split is random, so it is leaky** (near-copies of training cells are in it), "
