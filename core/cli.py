@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from core.audit_cli import add_audit_parser
-from core.config import CLASSES, PRESETS, StudyConfig, make_config
+from core.config import CLASSES, ENHANCE_PRECISIONS, PRESETS, StudyConfig, make_config
 from core.data import run_copies_words
 from core.enhance.cli import add_enhance_parser
 from core.paths import path_arg
@@ -58,9 +58,6 @@ def _seeds(s: str) -> tuple[int, ...]:
     if not seeds or min(seeds) < 0:
         raise argparse.ArgumentTypeError(f"{s!r}: give a count >= 1 or a list of seeds >= 0")
     return seeds
-
-
-ENHANCE_PRECISIONS = {"auto": None, "fp32": False, "half": True}  # -> StudyConfig.enhance_half
 
 
 def add_study_parser(sub) -> None:
@@ -109,7 +106,8 @@ def add_study_parser(sub) -> None:
     p.add_argument("--enhance-batch-size", type=int, help="images per Real-ESRGAN forward (default: 1 on CPU; on CUDA what fills 60%% of the free memory)")
     p.add_argument("--enhance-precision", choices=list(ENHANCE_PRECISIONS),
                    help="Real-ESRGAN precision: auto (fp16 on CUDA, fp32 on CPU; default) | fp32 | half "
-                        "(fp16 on CUDA, bf16 on CPU: ~2x faster on CPUs with AVX512-BF16/AMX, 52-54 dB vs fp32)")
+                        "(fp16 on CUDA, bf16 on CPU: 52-54 dB vs fp32; ~3x faster with AMX, slower without) | "
+                        "fast (fp16 on CUDA; bf16 on CPU only if a probe measures it faster, else fp32)")
     p.add_argument("--enhance-compile", action="store_true", default=None,
                    help="torch.compile the Real-ESRGAN model (fused kernels: for long GPU jobs; tens of seconds to "
                         "compile first; outputs differ by rounding and are cached apart)")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.devices import DEVICES
+from core.enhance.registry import FAST_PRECISION
 # Paths live in the leaf module core.paths; re-exported here for callers that know them from config.
 from core.paths import KNOWN_DATA_LOCATIONS, REPO_ROOT, default_cache_dir, default_runs_dir  # noqa: F401
 from core.regions import POLICIES, check_policy  # noqa: F401  (POLICIES: the input-policy option list)
@@ -25,7 +26,14 @@ PROB_COLUMNS: tuple[str, ...] = tuple(f"prob_{c}" for c in CLASSES)
 SPLITS = ("grouped", "random")
 OPTIMIZERS = ("adamw", "sgd")
 PRETRAINED = ("imagenet", "none")  # or a path to a state dict
-ENHANCE_PRECISIONS = ("auto", "fp32", "half")  # the CLI's --enhance-precision -> enhance_half None/False/True
+# The CLI's --enhance-precision -> StudyConfig.enhance_half. fast: fp16 on CUDA; on CPU bf16 only where a probe
+# measures it faster than fp32 (CPUs with AMX), else fp32 (docs/ENHANCE.md).
+ENHANCE_PRECISIONS: dict[str, bool | str | None] = {"auto": None, "fp32": False, "half": True, "fast": FAST_PRECISION}
+
+
+def precision_name(enhance_half: bool | str | None) -> str:
+    """The --enhance-precision name of a StudyConfig.enhance_half value (e.g. from a run.json)."""
+    return next((k for k, v in ENHANCE_PRECISIONS.items() if v is enhance_half or v == enhance_half), "auto")
 # The training recipe's choices (core.engine): augment none | dihedral-batch (one flip/quarter turn per batch,
 # the old recipe) | dihedral (per image) | dihedral+zoom (also zoom, shift) | dihedral+jitter (also zoom, shift,
 # stain jitter) | dihedral+jitter+hed
@@ -80,8 +88,9 @@ class StudyConfig:
     deterministic: bool = False  # bitwise-repeatable cuDNN kernels on a GPU; else cudnn.benchmark (faster)
     enhance_batch_size: int | None = None  # None: 1 on CPU; on CUDA sized from free memory (core.enhance.realesrgan)
     # Real-ESRGAN precision. None: fp16 on CUDA (as the official inference script), fp32 on CPU (equal to
-    # RealESRGANer); True: also bf16 on CPU (~2x faster, 52-54 dB PSNR vs fp32); False: fp32 everywhere.
-    enhance_half: bool | None = None
+    # RealESRGANer); True: also bf16 on CPU (52-54 dB PSNR vs fp32; ~3x faster with AMX, slower without);
+    # FAST_PRECISION: fp16 on CUDA, bf16 on CPU only where measured faster; False: fp32 everywhere.
+    enhance_half: bool | str | None = None
     enhance_compile: bool = False  # torch.compile the Real-ESRGAN model (core.enhance.realesrgan)
     enhance_format: str = "png"  # lossless by default: the comparison must not add JPEG artefacts
     runs_dir: str | None = None
@@ -184,17 +193,18 @@ PRESETS: dict[str, dict] = {
     # Real data, both variants, minutes on a 2-core CPU with no GPU and no network.
     "quick": dict(
         _CPU_RECIPE, epochs=6, per_class=300, patience=6,
-        enhance_half=True,  # bf16 on CPU (~3x faster with native bf16; 52-54 dB PSNR vs fp32), fp16 on CUDA
+        enhance_half=FAST_PRECISION,  # fp16 on CUDA; bf16 on a CPU where it is faster (AMX: ~3x), else fp32
         notes=[
             "quick preset: the enhanced variant uses the compact realesr-animevideov3 model "
-            "(SRVGGNetCompact) in bf16 (fp16 on a GPU) instead of the paper's RealESRGAN_x4plus (~20 s/image "
+            "(SRVGGNetCompact), in reduced precision where it is faster (fp16 on a GPU, bf16 on a CPU with AMX; "
+            "else fp32: run.json says which), instead of the paper's RealESRGAN_x4plus (~20 s/image "
             "on CPU), and fine-tunes ImageNet EfficientNet-Lite0 instead of ResNet-50, on 300 training images "
             "per class and a 144 px region around the stained cell, so that it finishes in minutes on a CPU. "
             "Use --preset cpu for five times the data, or paper/study for the paper's protocol."
         ],
     ),
     # More data and epochs, still CPU-only: under an hour on 2 cores (docs/BENCHMARKS.md: 1,500/class raised
-    # grouped-validation accuracy over 1,000 and fits the hour with the enhancement in bf16).
+    # grouped-validation accuracy over 1,000 and fits the hour with the enhancement in bf16 on AMX, fp32 without).
     # weight_decay 0.05: higher grouped validation on 3 of 3 paired seeds at 600/class (docs/BENCHMARKS.md,
     # "Recipe ablation", 2026-11-27); quick keeps 1e-4: at 300/class 0.05 was higher on 1 seed of 3 only (same section).
     # augment dihedral-batch (one flip / quarter turn per batch, no zoom, shift or stain jitter): higher grouped
@@ -204,12 +214,13 @@ PRESETS: dict[str, dict] = {
     # training of one 8-epoch fit, so the hour still holds.
     "cpu": dict(
         _CPU_RECIPE, epochs=4, per_class=1500, patience=4, weight_decay=0.05, augment="dihedral-batch", refit=True,
-        enhance_half=True,  # bf16 on CPU, fp16 on CUDA, as in quick
+        enhance_half=FAST_PRECISION,  # as in quick
         notes=[
             "cpu preset: fine-tunes ImageNet EfficientNet-Lite0 on 1,500 training images per class (a grouped "
             "subset of TRAIN, 60% of it) and a 144 px region around the stained cell, then refits the test model "
             "on the training and validation images for the epochs validation chose; the enhanced variant uses "
-            "the compact realesr-animevideov3 model in bf16 (fp16 on a GPU) instead of RealESRGAN_x4plus (~20 "
+            "the compact realesr-animevideov3 model, in reduced precision where it is faster (as in quick), "
+            "instead of RealESRGAN_x4plus (~20 "
             "s/image on CPU). Use --preset paper or study on a GPU for the paper's protocol."
         ],
     ),

@@ -359,6 +359,57 @@ def test_study_flags_reach_the_enhancer(monkeypatch):
 
 
 @needs_data
+@pytest.mark.parametrize("bf16_seconds, native, chose", [(0.01, True, "bfloat16"), (0.03, True, "float32"),
+                                                           (0.01, False, "float32")],
+                         ids=["bf16-faster", "bf16-slower", "bf16-emulated"])
+def test_fast_precision_keeps_bf16_on_cpu_only_where_a_probe_measures_it_faster(monkeypatch, bf16_seconds, native, chose):
+    """--enhance-precision fast: the enhancer times a probe region in fp32 and in bf16 and keeps bf16 only when it
+    is FAST_MIN_SPEEDUP times faster on a CPU with native bf16; the times, the choice and the cache key agree."""
+    import core.enhance.realesrgan as rr
+    from core.enhance import create_enhancer
+
+    calls = []
+
+    def fake_run(self, batch):  # fp32 takes 20 ms per probe, bf16 what the case says
+        calls.append((self.half, batch.shape))
+        clock[0] += bf16_seconds if self.half else 0.02
+        return [batch[0]]
+
+    clock = [0.0]
+    monkeypatch.setattr(rr.RealESRGANEnhancer, "_run", fake_run)
+    monkeypatch.setattr(rr.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(rr, "_native_bf16", lambda: native)
+    enh = create_enhancer("realesr-animevideov3", device="cpu", half="fast")
+    probe = enh.provenance()["precision_probe"]
+    assert enh.precision == chose and enh.provenance()["precision"] == chose and probe["chose"] == chose
+    assert probe["seconds"] == {"float32": 0.02, "bfloat16": bf16_seconds} and probe["requested"] == "fast"
+    assert {h for h, _ in calls} == {False, True} and all(s[1:3] == rr.PRECISION_PROBE_SHAPE for _, s in calls)
+    assert enh.output_id().endswith("-bfloat16") == (chose == "bfloat16")
+    with pytest.raises(ValueError, match="half: expected"):
+        create_enhancer("realesr-animevideov3", device="cpu", half="fastest")
+
+
+def test_the_cpu_presets_ask_for_the_measured_precision(animev3):
+    """quick and cpu run `fast` (recorded in the config, as the Launch page reads it back); on this machine the
+    real probe's choice follows its own measured speed-up, and the provenance says which precision made the pixels."""
+    from core.config import PRESETS, make_config, precision_name
+    from core.pipeline import preflight
+
+    for name in ("quick", "cpu"):
+        assert precision_name(PRESETS[name]["enhance_half"]) == "fast"
+    cfg = make_config("quick", variants=("original", "realesr-animevideov3"), device="cpu")
+    prov = preflight(cfg)["realesr-animevideov3"].provenance()
+    probe = prov["precision_probe"]
+    faster = probe["bf16_speedup"] >= probe["min_speedup"] and rr_native()
+    assert prov["precision"] == probe["chose"] == ("bfloat16" if faster else "float32")
+
+
+def rr_native() -> bool:
+    from core.enhance.realesrgan import _native_bf16
+
+    return _native_bf16()
+
+
 def test_compiled_model_writes_the_same_pixels_and_is_cached_apart(animev3, tmp_path, capsys):
     """`wbc enhance --compile` runs the model through torch.compile: the eager pixels up to rounding, the fact
     recorded, and its outputs cached apart from the eager ones."""

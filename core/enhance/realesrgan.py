@@ -9,6 +9,7 @@ Weights: see :mod:`core.enhance.weights`.
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -16,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from core.devices import resolve_device
+from core.enhance.registry import FAST_PRECISION as FAST
 from core.enhance.registry import register_enhancer
 
 RELEASES = "https://github.com/xinntao/Real-ESRGAN/releases/download"
@@ -27,6 +29,8 @@ AUTO_BATCH = {"cpu": 1, "cuda": 8}
 MAX_AUTO_BATCH = 64
 FREE_FRACTION = 0.6  # of the free GPU memory that the auto batch may fill (the rest: cuDNN workspaces, the reader)
 PROBE_SHAPE = (240, 320)  # a Kaggle frame: the batch is sized for it (smaller regions fit more)
+PRECISION_PROBE_SHAPE = (96, 96)  # half="fast" on CPU: times one region of this size in fp32 and in bf16
+FAST_MIN_SPEEDUP = 1.2  # ... and keeps bf16 only when it is at least this much faster (else fp32, the reference)
 COMPILE_PROBE_SHAPE = (32, 32)  # the first compiled forward (--compile): small, so it costs the compile time only
 
 
@@ -91,7 +95,7 @@ class RealESRGANEnhancer:
     scale = 4
 
     def __init__(self, spec: ModelSpec, device: str = "auto", batch_size: int | None = None, weights: str | None = None,
-                 half: bool | None = None, pre_pad: int = 10, tile: int = 0, tile_pad: int = 10,
+                 half: bool | str | None = None, pre_pad: int = 10, tile: int = 0, tile_pad: int = 10,
                  compile: bool = False):
         import torch
 
@@ -103,9 +107,13 @@ class RealESRGANEnhancer:
         self.device = resolve_device(device)
         auto_batch = batch_size is None
         batch_size = AUTO_BATCH[self.device] if batch_size is None else batch_size
-        # half: fp16 autocast on CUDA (default there); opt-in bf16 autocast on CPU (~1.5x on AVX512-BF16 CPUs,
-        # ~54 dB PSNR vs fp32). The default on CPU is fp32, which matches RealESRGANer.
-        self.half = (self.device == "cuda") if half is None else bool(half)
+        # half: fp16 autocast on CUDA (default there); opt-in bf16 autocast on CPU (~54 dB PSNR vs fp32). The
+        # default on CPU is fp32, which matches RealESRGANer. "fast": reduced precision where it pays: fp16 on
+        # CUDA; on CPU bf16 only if a probe measures it FAST_MIN_SPEEDUP faster than fp32 for this model (with
+        # AMX about 2-3x faster; with AVX512-BF16 alone it can be slower: docs/ENHANCE.md).
+        if half not in (None, True, False, FAST):
+            raise ValueError(f"half: expected None, True, False or {FAST!r}, got {half!r}")
+        self.half = (self.device == "cuda") if half is None else (half is True or (half == FAST and self.device == "cuda"))
         self.amp_dtype = torch.float16 if self.device == "cuda" else torch.bfloat16
         if self.half and self.device == "cpu" and not _native_bf16():
             warnings.warn("bf16 on a CPU without AVX512-BF16 or AMX is emulated and slower than fp32; "
@@ -114,11 +122,36 @@ class RealESRGANEnhancer:
         model, self._prov = resolve_weights(spec, lambda: build_model(spec), weights)
         self.model = model.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
         self.memory: dict = {}
+        self.precision_probe: dict = {}
         self.compiled, self._compiled = bool(compile), None
+        if half == FAST and self.device == "cpu":
+            self._choose_cpu_precision()  # on the eager model, before any compilation
         if self.device == "cuda" and auto_batch:
             self._fit_to_memory()  # measured on the eager model, before any compilation
         if compile:
             self._compile()
+
+    def _choose_cpu_precision(self) -> None:
+        """half="fast" on CPU: time one PRECISION_PROBE_SHAPE region in fp32 and in bf16 (one warm-up each, then
+        the faster of two runs) and keep bf16 only if it is FAST_MIN_SPEEDUP times faster. The times and the
+        choice go into the provenance; the cache key follows the precision chosen."""
+        probe = np.zeros((1, *PRECISION_PROBE_SHAPE, 3), np.uint8)
+        seconds = {}
+        for half in (False, True):
+            self.half = half
+            self._run(probe)
+            runs = []
+            for _ in range(2):
+                t = time.perf_counter()
+                self._run(probe)
+                runs.append(time.perf_counter() - t)
+            seconds["bfloat16" if half else "float32"] = min(runs)
+        speedup = seconds["float32"] / max(seconds["bfloat16"], 1e-9)
+        self.half = speedup >= FAST_MIN_SPEEDUP and _native_bf16()
+        self.precision_probe = {"requested": FAST, "probe_shape": list(PRECISION_PROBE_SHAPE),
+                                "seconds": {k: round(v, 4) for k, v in seconds.items()},
+                                "bf16_speedup": round(speedup, 2), "min_speedup": FAST_MIN_SPEEDUP,
+                                "chose": self.precision}
 
     def _compile(self) -> None:
         """torch.compile (inductor): the activations, residual adds and concatenations fused around the
@@ -182,6 +215,7 @@ class RealESRGANEnhancer:
                 "precision": self.precision, "batch_size": self.batch_size, "pre_pad": self.pre_pad,
                 "compiled": self.compiled,
                 **({"memory": self.memory} if self.memory else {}),
+                **({"precision_probe": self.precision_probe} if self.precision_probe else {}),
                 "reference": "realesrgan.RealESRGANer.enhance(outscale=4, tile=0)"}
 
     def enhance_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -305,7 +339,8 @@ def _empty_cache() -> None:
 
 
 def _register(spec: ModelSpec) -> None:
-    def factory(device: str = "auto", batch_size: int | None = None, weights: str | None = None, half: bool | None = None,
+    def factory(device: str = "auto", batch_size: int | None = None, weights: str | None = None,
+                half: bool | str | None = None,
                 **kw) -> RealESRGANEnhancer:
         return RealESRGANEnhancer(spec, device=device, batch_size=batch_size, weights=weights, half=half, **kw)
 

@@ -13,6 +13,10 @@ import numpy as np
 
 from core.registry import Registry
 
+# An enhancer's ``half``: None (its default), True / False, or FAST_PRECISION: reduced precision only where it is
+# measured to be faster (core.enhance.realesrgan).
+FAST_PRECISION = "fast"
+
 
 class Enhancer(Protocol):
     name: str

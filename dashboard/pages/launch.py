@@ -11,7 +11,7 @@ import panel as pn
 import param
 
 from core.config import (DEVICES, ENHANCE_PRECISIONS, IMAGE_SIZE_RANGE, MIN_PER_CLASS, POLICIES, PRESETS, PRETRAINED,
-                         SPLITS)
+                         SPLITS, precision_name)
 from core.enhance.registry import list_enhancers
 from core.models import list_classifiers
 from core.store import Status
@@ -219,7 +219,7 @@ class LaunchPage(Page):
             seeds=",".join(str(x) for x in (p.get("seeds") or (0,))),
             test_per_class=int(p.get("test_per_class") or 0), split=p.get("split", "grouped"),
             input_policy=p.get("input_policy", "cell"),
-            precision={True: "half", False: "fp32"}.get(p.get("enhance_half"), "auto"))
+            precision=precision_name(p.get("enhance_half")))
 
     @param.depends("data", "data_path", watch=True)
     def update_tests(self) -> None:
