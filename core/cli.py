@@ -16,6 +16,7 @@ never a traceback; ``wbc --debug ...`` (anywhere on the line) prints the traceba
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import traceback
@@ -24,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from core.audit_cli import add_audit_parser
-from core.config import CLASSES, ENHANCE_PRECISIONS, PRESETS, StudyConfig, make_config
+from core.config import CLASSES, ENHANCE_PRECISIONS, PRESETS, StudyConfig, make_config, precision_name
 from core.data import run_copies_words
 from core.enhance.cli import add_enhance_parser
 from core.paths import path_arg
@@ -121,8 +122,8 @@ def add_study_parser(sub) -> None:
     p.set_defaults(func=cmd_study)
 
 
-def config_from_args(args) -> StudyConfig:
-    """The study config `wbc study` runs: the preset, then every flag given."""
+def _config_from_flags(args) -> StudyConfig:
+    """The preset, then every flag given that is not None (so not ``--enhance-precision auto``)."""
     seeds = args.seeds or ((args.seed,) if args.seed is not None else None)
     return make_config(args.preset, data_dir=args.data_dir, test_dir=args.test_dir, variants=args.variants,
                        classifier=args.classifier, pretrained=args.pretrained, epochs=args.epochs,
@@ -140,6 +141,15 @@ def config_from_args(args) -> StudyConfig:
                        enhance_half=ENHANCE_PRECISIONS.get(args.enhance_precision),
                        enhance_compile=args.enhance_compile,
                        runs_dir=args.runs_dir, cache_dir=args.cache_dir)
+
+
+def config_from_args(args) -> StudyConfig:
+    """The study config `wbc study` runs: the preset, then every flag given."""
+    cfg = _config_from_flags(args)
+    if args.enhance_precision == "auto" and cfg.enhance_half is not None:  # auto is None, which make_config skips
+        note = f"changed from the {cfg.preset} preset: enhance precision 'auto' (preset: {precision_name(cfg.enhance_half)!r})"
+        cfg = dataclasses.replace(cfg, enhance_half=None, notes=[*cfg.notes, note])
+    return cfg
 
 
 _NOT_CONFIG = {"command", "func", "resume", "runs_dir", "quiet", "debug"}

@@ -132,6 +132,9 @@ class StudyConfig:
             raise ValueError(f"--device: unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size: must be >= 1, got {self.batch_size}")
+        h = self.enhance_half
+        if not (h is None or isinstance(h, bool) or h == FAST_PRECISION):  # e.g. a hand-edited run.json
+            raise ValueError(f"--enhance-precision: unknown value {h!r}; choose from {', '.join(ENHANCE_PRECISIONS)}")
         if self.enhance_batch_size is not None and self.enhance_batch_size < 1:
             raise ValueError(f"--enhance-batch-size: must be >= 1, got {self.enhance_batch_size}")
         check_policy(self.input_policy)

@@ -220,12 +220,19 @@ def assign_source_groups(sd: StudyData, cfg: StudyConfig, prog: Progress) -> Non
         sd.test["group_id"] = _groups(sd.test, cfg, prog, learn_from=sd.pool)  # in the pool's space
 
 
-def preflight(cfg: StudyConfig) -> dict:
-    """Fail in seconds, not hours: the classifier's and every enhancer's weights must load first."""
+def preflight(cfg: StudyConfig, pinned: dict | None = None) -> dict:
+    """Fail in seconds, not hours: the classifier's and every enhancer's weights must load first. With
+    ``--enhance-precision fast`` each process probes its CPU; ``pinned`` (variant -> precision, a resumed run's
+    record) and then rank 0's choice override that, so one run's images are made in one precision."""
     create_classifier(cfg.classifier, len(CLASSES), cfg.pretrained)
-    return {v: create_enhancer(v, device=cfg.device, batch_size=cfg.enhance_batch_size, half=cfg.enhance_half,
-                               compile=cfg.enhance_compile)
-            for v in cfg.variants if not get_enhancer_spec(v).identity}
+    enhancers = {v: create_enhancer(v, device=cfg.device, batch_size=cfg.enhance_batch_size, half=cfg.enhance_half,
+                                    compile=cfg.enhance_compile)
+                 for v in cfg.variants if not get_enhancer_spec(v).identity}
+    for v, enh in enhancers.items():
+        if getattr(enh, "precision_probe", None):
+            prior = (pinned or {}).get(v)
+            enh.pin_precision(dist.broadcast_object(prior if prior in ("float32", "bfloat16") else enh.precision))
+    return enhancers
 
 
 def enhance_variants(sd: StudyData, cfg: StudyConfig, enhancers: dict, prog: Progress) -> tuple[dict, list[dict]]:
@@ -581,7 +588,9 @@ def _reopen(run: Run) -> Run:
 def _study(run: Run, cfg: StudyConfig, device: torch.device, prog: Progress, kept: dict, t0: float) -> None:
     """The stages, top to bottom; models in ``kept`` (a resumed run's complete ones) are not trained again."""
     prog.start("data", "checking weights, scanning images")
-    enhancers = preflight(cfg)
+    prior = run.read_meta().get("enhance_precision")  # a resumed run's: its images were made in it
+    enhancers = preflight(cfg, pinned=prior if isinstance(prior, dict) else None)
+    run.update_meta(enhance_precision={v: e.precision for v, e in enhancers.items() if hasattr(e, "precision")})
     sd = prepare_data(cfg, prog)
     skipped = sd.manifest.skipped
     run.log(f"test set: {sd.test_source}, {len(sd.test)} images; training pool {len(sd.pool)} images; "

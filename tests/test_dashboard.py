@@ -782,6 +782,11 @@ def test_launch_args_from_form():
     from core.cli import build_parser
 
     assert build_parser().parse_args(["study", *half]).enhance_precision == "half"  # the CLI accepts what we build
+    quick = dict(preset="quick", data="/d", test_dir=None, variants=["original"], classifier="simple_cnn",
+                 pretrained="none", epochs=1, image_size=64, seed=0, device="cpu")
+    assert "--enhance-precision" not in build_args({**quick, "precision": "fast"})  # the quick preset's own
+    auto = build_args({**quick, "precision": "auto"})  # not the preset's: said, so that the run does what was chosen
+    assert auto[auto.index("--enhance-precision") + 1] == "auto"
     cell = build_args(dict(preset="custom", data="/d", test_dir=None, variants=["original"], classifier="simple_cnn",
                            pretrained="none", epochs=1, image_size=64, seed=0, device="cpu", input_policy="full"))
     assert build_parser().parse_args(["study", *cell]).input_policy == "full"

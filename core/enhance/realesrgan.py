@@ -111,7 +111,7 @@ class RealESRGANEnhancer:
         # default on CPU is fp32, which matches RealESRGANer. "fast": reduced precision where it pays: fp16 on
         # CUDA; on CPU bf16 only if a probe measures it FAST_MIN_SPEEDUP faster than fp32 for this model (with
         # AMX about 2-3x faster; with AVX512-BF16 alone it can be slower: docs/ENHANCE.md).
-        if half not in (None, True, False, FAST):
+        if not (half is None or isinstance(half, bool) or half == FAST):
             raise ValueError(f"half: expected None, True, False or {FAST!r}, got {half!r}")
         self.half = (self.device == "cuda") if half is None else (half is True or (half == FAST and self.device == "cuda"))
         self.amp_dtype = torch.float16 if self.device == "cuda" else torch.bfloat16
@@ -137,7 +137,7 @@ class RealESRGANEnhancer:
         choice go into the provenance; the cache key follows the precision chosen."""
         probe = np.zeros((1, *PRECISION_PROBE_SHAPE, 3), np.uint8)
         seconds = {}
-        for half in (False, True):
+        for half in (False, True) if _native_bf16() else (False,):  # emulated bf16 is slower: not worth timing
             self.half = half
             self._run(probe)
             runs = []
@@ -146,12 +146,21 @@ class RealESRGANEnhancer:
                 self._run(probe)
                 runs.append(time.perf_counter() - t)
             seconds["bfloat16" if half else "float32"] = min(runs)
-        speedup = seconds["float32"] / max(seconds["bfloat16"], 1e-9)
-        self.half = speedup >= FAST_MIN_SPEEDUP and _native_bf16()
+        speedup = seconds["float32"] / max(seconds.get("bfloat16", float("inf")), 1e-9)
+        self.half = speedup >= FAST_MIN_SPEEDUP
         self.precision_probe = {"requested": FAST, "probe_shape": list(PRECISION_PROBE_SHAPE),
                                 "seconds": {k: round(v, 4) for k, v in seconds.items()},
                                 "bf16_speedup": round(speedup, 2), "min_speedup": FAST_MIN_SPEEDUP,
                                 "chose": self.precision}
+
+    def pin_precision(self, precision: str) -> None:
+        """Use ``precision`` ("float32" | "bfloat16") whatever this process's probe chose: a resumed run keeps the
+        precision its images were made in, and every torchrun rank takes rank 0's (core.pipeline.preflight)."""
+        if precision not in ("float32", "bfloat16"):
+            raise ValueError(f"precision: expected 'float32' or 'bfloat16', got {precision!r}")
+        if precision != self.precision:
+            self.half = precision == "bfloat16"
+            self.precision_probe = {**self.precision_probe, "chose": precision, "pinned": True}
 
     def _compile(self) -> None:
         """torch.compile (inductor): the activations, residual adds and concatenations fused around the

@@ -119,8 +119,9 @@ def build_args(values: dict) -> list[str]:
           "--split", values.get("split") or "grouped"]
     if values.get("input_policy"):
         a += ["--input-policy", values["input_policy"]]
-    if values.get("precision") and values["precision"] != "auto":
-        a += ["--enhance-precision", values["precision"]]
+    preset = PRESETS.get(values.get("preset") or "custom", {})
+    if values.get("precision") and values["precision"] != precision_name(preset.get("enhance_half")):
+        a += ["--enhance-precision", values["precision"]]  # what the preset (or the CLI's default) does not already
     if values.get("per_class"):
         a += ["--per-class", str(values["per_class"])]
     if values.get("test_per_class"):
@@ -367,8 +368,10 @@ class LaunchPage(Page):
                              "(default). center: a centred square. full: the whole frame squashed (the paper's)."),
             "device": (W.Select, "Device", 100, None),
             "precision": (W.Select, "Real-ESRGAN precision", 150, "auto: fp16 on CUDA, fp32 on CPU. fp16 / bf16 "
-                          "(the CLI's half): half precision everywhere, fp16 on CUDA and bf16 on CPU (~2x faster on "
-                          "AVX512-BF16 CPUs, 52-54 dB PSNR vs fp32). Overview names the one used."),
+                          "(the CLI's half): half precision everywhere, fp16 on CUDA and bf16 on CPU (52-54 dB PSNR "
+                          "vs fp32; ~3x faster on CPUs with AMX, slower on others). fast (the quick and cpu "
+                          "presets'): fp16 on CUDA; on CPU bf16 only where a probe measures it faster, else fp32. "
+                          "Overview names the one used."),
         }
         css = {"image_size": "size", "seeds": "seed"}
         out = {}
