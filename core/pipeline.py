@@ -260,6 +260,15 @@ def enhance_variants(sd: StudyData, cfg: StudyConfig, enhancers: dict, prog: Pro
     return provenance, errors
 
 
+def run_enhancers(run: Run, cfg: StudyConfig) -> dict:
+    """:func:`preflight` for a run: the precisions its run.json records (a resumed run's images were made in them)
+    are pinned, and the ones used are recorded before any image is made."""
+    prior = run.read_meta().get("enhance_precision")
+    enhancers = preflight(cfg, pinned=prior if isinstance(prior, dict) else None)
+    run.update_meta(enhance_precision={v: e.precision for v, e in enhancers.items() if hasattr(e, "precision")})
+    return enhancers
+
+
 def _enhance_sharded(sources: list[tuple], enh, cfg: StudyConfig, prog: Progress, v: str) -> int:
     """Under torchrun: each rank enhances its share into the shared cache (atomic writes: any rank can resume
     any share), then all wait for all; the whole pass that follows finds them cached. Returns how many the
@@ -588,9 +597,7 @@ def _reopen(run: Run) -> Run:
 def _study(run: Run, cfg: StudyConfig, device: torch.device, prog: Progress, kept: dict, t0: float) -> None:
     """The stages, top to bottom; models in ``kept`` (a resumed run's complete ones) are not trained again."""
     prog.start("data", "checking weights, scanning images")
-    prior = run.read_meta().get("enhance_precision")  # a resumed run's: its images were made in it
-    enhancers = preflight(cfg, pinned=prior if isinstance(prior, dict) else None)
-    run.update_meta(enhance_precision={v: e.precision for v, e in enhancers.items() if hasattr(e, "precision")})
+    enhancers = run_enhancers(run, cfg)
     sd = prepare_data(cfg, prog)
     skipped = sd.manifest.skipped
     run.log(f"test set: {sd.test_source}, {len(sd.test)} images; training pool {len(sd.pool)} images; "

@@ -415,6 +415,24 @@ def test_the_cpu_presets_ask_for_the_measured_precision(animev3):
         make_config("quick", enhance_half="Fast").validate()
 
 
+def test_a_run_records_its_enhance_precision_and_a_resumed_run_keeps_it(tmp_path, animev3):
+    """The study records the precision before any image is made; a resumed run (its run.json says bfloat16) makes
+    the rest of its images in bfloat16 whatever this machine's probe now measures."""
+    from core.config import make_config
+    from core.pipeline import run_enhancers
+    from core.store import RunStore
+
+    cfg = make_config("quick", variants=("original", "realesr-animevideov3"), device="cpu")
+    run = RunStore(tmp_path).create(cfg.to_dict(), "r")
+    measured = run_enhancers(run, cfg)["realesr-animevideov3"].precision
+    assert run.read_meta()["enhance_precision"] == {"realesr-animevideov3": measured}
+    run.update_meta(enhance_precision={"realesr-animevideov3": "bfloat16"})  # as if it had started on an AMX CPU
+    assert run_enhancers(run, cfg)["realesr-animevideov3"].output_id().endswith("-bfloat16")
+    assert run.read_meta()["enhance_precision"] == {"realesr-animevideov3": "bfloat16"}
+    run.update_meta(enhance_precision="<script>")  # untrusted: not a mapping, so the probe decides again
+    assert run_enhancers(run, cfg)["realesr-animevideov3"].precision == measured
+
+
 def test_enhance_precision_auto_overrides_a_preset(tmp_path):
     """`--preset quick --enhance-precision auto` runs auto (None is what make_config skips), and says so."""
     from core.cli import build_parser, config_from_args
