@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.devices import DEVICES
-from core.enhance.registry import FAST_PRECISION
+from core.enhance.registry import FAST_PRECISION, is_half_setting
 # Paths live in the leaf module core.paths; re-exported here for callers that know them from config.
 from core.paths import KNOWN_DATA_LOCATIONS, REPO_ROOT, default_cache_dir, default_runs_dir  # noqa: F401
 from core.regions import POLICIES, check_policy  # noqa: F401  (POLICIES: the input-policy option list)
@@ -33,7 +33,7 @@ ENHANCE_PRECISIONS: dict[str, bool | str | None] = {"auto": None, "fp32": False,
 
 def precision_name(enhance_half: bool | str | None) -> str:
     """The --enhance-precision name of a StudyConfig.enhance_half value (e.g. from a run.json)."""
-    return next((k for k, v in ENHANCE_PRECISIONS.items() if v is enhance_half or v == enhance_half), "auto")
+    return next((k for k, v in ENHANCE_PRECISIONS.items() if v == enhance_half), "auto")
 # The training recipe's choices (core.engine): augment none | dihedral-batch (one flip/quarter turn per batch,
 # the old recipe) | dihedral (per image) | dihedral+zoom (also zoom, shift) | dihedral+jitter (also zoom, shift,
 # stain jitter) | dihedral+jitter+hed
@@ -132,9 +132,9 @@ class StudyConfig:
             raise ValueError(f"--device: unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size: must be >= 1, got {self.batch_size}")
-        h = self.enhance_half
-        if not (h is None or isinstance(h, bool) or h == FAST_PRECISION):  # e.g. a hand-edited run.json
-            raise ValueError(f"--enhance-precision: unknown value {h!r}; choose from {', '.join(ENHANCE_PRECISIONS)}")
+        if not is_half_setting(self.enhance_half):
+            raise ValueError(f"--enhance-precision: unknown value {self.enhance_half!r}; choose from "
+                             f"{', '.join(ENHANCE_PRECISIONS)}")
         if self.enhance_batch_size is not None and self.enhance_batch_size < 1:
             raise ValueError(f"--enhance-batch-size: must be >= 1, got {self.enhance_batch_size}")
         check_policy(self.input_policy)

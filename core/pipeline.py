@@ -28,6 +28,7 @@ from core.config import CLASSES, StudyConfig, default_cache_dir
 from core.devices import resolve_device
 from core.engine import Cancelled, TrainSettings, fit, load_images, predict, seed_everything
 from core.enhance import create_enhancer, enhance_to_cache, get_enhancer_spec
+from core.enhance.realesrgan import CPU_PRECISIONS
 from core.metrics import confusion_rows, metrics_rows, predictions_frame
 from core.models import create_classifier
 from core.registries import validate_config
@@ -231,7 +232,7 @@ def preflight(cfg: StudyConfig, pinned: dict | None = None) -> dict:
     for v, enh in enhancers.items():
         if getattr(enh, "precision_probe", None):
             prior = (pinned or {}).get(v)
-            enh.pin_precision(dist.broadcast_object(prior if prior in ("float32", "bfloat16") else enh.precision))
+            enh.pin_precision(dist.broadcast_object(prior if prior in CPU_PRECISIONS else enh.precision))
     return enhancers
 
 

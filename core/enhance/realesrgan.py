@@ -18,7 +18,7 @@ import numpy as np
 
 from core.devices import resolve_device
 from core.enhance.registry import FAST_PRECISION as FAST
-from core.enhance.registry import register_enhancer
+from core.enhance.registry import is_half_setting, register_enhancer
 
 RELEASES = "https://github.com/xinntao/Real-ESRGAN/releases/download"
 FIRST_TILE, MIN_TILE = 256, 32  # tile sizes tried after an out-of-memory error
@@ -31,6 +31,7 @@ FREE_FRACTION = 0.6  # of the free GPU memory that the auto batch may fill (the 
 PROBE_SHAPE = (240, 320)  # a Kaggle frame: the batch is sized for it (smaller regions fit more)
 PRECISION_PROBE_SHAPE = (96, 96)  # half="fast" on CPU: times one region of this size in fp32 and in bf16
 FAST_MIN_SPEEDUP = 1.2  # ... and keeps bf16 only when it is at least this much faster (else fp32, the reference)
+FP32, BF16 = CPU_PRECISIONS = ("float32", "bfloat16")  # what `precision` names on CPU
 COMPILE_PROBE_SHAPE = (32, 32)  # the first compiled forward (--compile): small, so it costs the compile time only
 
 
@@ -111,7 +112,7 @@ class RealESRGANEnhancer:
         # default on CPU is fp32, which matches RealESRGANer. "fast": reduced precision where it pays: fp16 on
         # CUDA; on CPU bf16 only if a probe measures it FAST_MIN_SPEEDUP faster than fp32 for this model (with
         # AMX about 2-3x faster; with AVX512-BF16 alone it can be slower: docs/ENHANCE.md).
-        if not (half is None or isinstance(half, bool) or half == FAST):
+        if not is_half_setting(half):
             raise ValueError(f"half: expected None, True, False or {FAST!r}, got {half!r}")
         self.half = (self.device == "cuda") if half is None else (half is True or (half == FAST and self.device == "cuda"))
         self.amp_dtype = torch.float16 if self.device == "cuda" else torch.bfloat16
@@ -145,8 +146,8 @@ class RealESRGANEnhancer:
                 t = time.perf_counter()
                 self._run(probe)
                 runs.append(time.perf_counter() - t)
-            seconds["bfloat16" if half else "float32"] = min(runs)
-        speedup = seconds["float32"] / max(seconds.get("bfloat16", float("inf")), 1e-9)
+            seconds[BF16 if half else FP32] = min(runs)
+        speedup = seconds[FP32] / max(seconds.get(BF16, float("inf")), 1e-9)
         self.half = speedup >= FAST_MIN_SPEEDUP
         self.precision_probe = {"requested": FAST, "probe_shape": list(PRECISION_PROBE_SHAPE),
                                 "seconds": {k: round(v, 4) for k, v in seconds.items()},
@@ -156,10 +157,10 @@ class RealESRGANEnhancer:
     def pin_precision(self, precision: str) -> None:
         """Use ``precision`` ("float32" | "bfloat16") whatever this process's probe chose: a resumed run keeps the
         precision its images were made in, and every torchrun rank takes rank 0's (core.pipeline.preflight)."""
-        if precision not in ("float32", "bfloat16"):
-            raise ValueError(f"precision: expected 'float32' or 'bfloat16', got {precision!r}")
+        if precision not in CPU_PRECISIONS:
+            raise ValueError(f"precision: expected one of {CPU_PRECISIONS}, got {precision!r}")
         if precision != self.precision:
-            self.half = precision == "bfloat16"
+            self.half = precision == BF16
             self.precision_probe = {**self.precision_probe, "chose": precision, "pinned": True}
 
     def _compile(self) -> None:
@@ -216,7 +217,7 @@ class RealESRGANEnhancer:
 
     @property
     def precision(self) -> str:
-        return str(self.amp_dtype).replace("torch.", "") if self.half else "float32"
+        return str(self.amp_dtype).replace("torch.", "") if self.half else FP32
 
     def provenance(self) -> dict:
         return {"enhancer": self.name, **self._prov, "arch": self.spec.arch, **self.spec.arch_kwargs,

@@ -18,6 +18,11 @@ from core.registry import Registry
 FAST_PRECISION = "fast"
 
 
+def is_half_setting(half) -> bool:
+    """Whether ``half`` is one of the values above (a config may come from a hand-edited run.json)."""
+    return half is None or isinstance(half, bool) or half == FAST_PRECISION
+
+
 class Enhancer(Protocol):
     name: str
     scale: int
