@@ -417,6 +417,11 @@ def _better(ep: dict, best: dict | None, select_by: str) -> bool:
     return (ep["val_macro_f1"], -ep["val_loss"]) > (best["val_macro_f1"] + 1e-9, -best["val_loss"])
 
 
+def _snapshot(model: nn.Module) -> dict:
+    """A CPU copy of ``model``'s weights, which later training steps leave alone."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
 def fit(model: nn.Module, train: tuple, val: tuple | None, s: TrainSettings, device: torch.device,
         on_progress: ProgressFn | None = None) -> dict:
     """Train on ``train`` = (uint8 images (N, 3, D, D), labels) and select on ``val``; the best epoch's
@@ -467,13 +472,16 @@ def fit(model: nn.Module, train: tuple, val: tuple | None, s: TrainSettings, dev
                       val_macro_f1=macro_f1(y_val.numpy(), va["pred"], int(getattr(model, spec.head).out_features)))
         ep.update(lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - te)
         history.append(ep)
-        if val is None or _better(ep, best, s.select_by):
-            best, bad = ep, 0
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in kept.state_dict().items()})
+        if val is None:  # a refit: nothing to select on, the last epoch is kept (copied once, after the loop)
+            best = ep
+        elif _better(ep, best, s.select_by):
+            best, bad, best_state = ep, 0, _snapshot(kept)
         else:
             bad += 1
             if bad >= s.patience:
                 break
+    if val is None and history:
+        best_state = _snapshot(kept)
     if best_state is not None:
         model.load_state_dict(best_state)
     best = best or {"epoch": 0, "val_loss": math.inf, "val_acc": math.nan, "val_macro_f1": math.nan}
