@@ -389,6 +389,26 @@ def test_fast_precision_keeps_bf16_on_cpu_only_where_a_probe_measures_it_faster(
         create_enhancer("realesr-animevideov3", device="cpu", half="fastest")
 
 
+@pytest.mark.parametrize("avx512_bf16, amx, warns", [(False, False, "emulated"), (True, False, "without AMX"),
+                                                       (True, True, None)], ids=["emulated", "no-amx", "amx"])
+def test_explicit_bf16_on_cpu_warns_where_it_is_likely_slower(monkeypatch, avx512_bf16, amx, warns):
+    """An explicit --enhance-precision half on CPU is honoured, with a one-line warning where bf16 is emulated, or
+    native without AMX (measured slower than fp32 there); with AMX, no warning."""
+    import warnings
+
+    import core.enhance.realesrgan as rr
+    from core.enhance import create_enhancer
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        enh = create_enhancer("realesr-animevideov3", device="cpu", half=True)
+    said = [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning) and "bf16" in str(w.message)]
+    assert enh.precision == "bfloat16" and rr._native_bf16() == (avx512_bf16 or amx)
+    assert (said == []) if warns is None else (len(said) == 1 and warns in said[0] and "\n" not in said[0])
+
+
 def test_the_cpu_presets_ask_for_the_measured_precision(animev3):
     """quick and cpu run `fast` (recorded in the config, as the Launch page reads it back); on this machine the
     real probe's choice follows its own measured speed-up, and the provenance says which precision made the pixels."""

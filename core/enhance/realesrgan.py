@@ -116,9 +116,8 @@ class RealESRGANEnhancer:
             raise ValueError(f"half: expected None, True, False or {FAST!r}, got {half!r}")
         self.half = (self.device == "cuda") if half is None else (half is True or (half == FAST and self.device == "cuda"))
         self.amp_dtype = torch.float16 if self.device == "cuda" else torch.bfloat16
-        if self.half and self.device == "cpu" and not _native_bf16():
-            warnings.warn("bf16 on a CPU without AVX512-BF16 or AMX is emulated and slower than fp32; "
-                          "drop --half", RuntimeWarning, stacklevel=2)
+        if self.half and self.device == "cpu" and (slow := _slow_bf16()):
+            warnings.warn(slow, RuntimeWarning, stacklevel=2)
         self.batch_size, self.pre_pad, self.tile, self.tile_pad = batch_size, pre_pad, tile, tile_pad
         model, self._prov = resolve_weights(spec, lambda: build_model(spec), weights)
         self.model = model.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
@@ -329,6 +328,18 @@ def _native_bf16() -> bool:
 
     cpu = getattr(torch, "cpu", None)
     return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def _slow_bf16() -> str | None:
+    """Why bf16 is likely slower than fp32 on this CPU (a warning for an explicit ``half``), or None."""
+    import torch
+
+    if not _native_bf16():
+        return "bf16 on a CPU without AVX512-BF16 or AMX is emulated and slower than fp32; drop --half"
+    if not getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", lambda: False)():
+        return ("bf16 on a CPU without AMX can be slower than fp32 (1.6x slower on a 2-core Xeon with AVX512-BF16: "
+                "docs/ENHANCE.md); --enhance-precision fast measures which is faster here")
+    return None
 
 
 def _is_oom(e: Exception) -> bool:
