@@ -323,20 +323,23 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
-def _native_bf16() -> bool:
+def _cpu_supports(feature: str) -> bool:
+    """torch's check of one CPU feature ("avx512_bf16", "amx_tile"); False where this torch has no such check."""
     import torch
 
-    cpu = getattr(torch, "cpu", None)
-    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return bool(getattr(getattr(torch, "cpu", None), f"_is_{feature}_supported", lambda: False)())
+
+
+def _native_bf16() -> bool:
+    return _cpu_supports("avx512_bf16") or _cpu_supports("amx_tile")
 
 
 def _slow_bf16() -> str | None:
     """Why bf16 is likely slower than fp32 on this CPU (a warning for an explicit ``half``), or None."""
-    import torch
-
     if not _native_bf16():
-        return "bf16 on a CPU without AVX512-BF16 or AMX is emulated and slower than fp32; drop --half"
-    if not getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", lambda: False)():
+        return ("bf16 on a CPU without AVX512-BF16 or AMX is emulated and slower than fp32; drop --half "
+                "(--enhance-precision half)")
+    if not _cpu_supports("amx_tile"):
         return ("bf16 on a CPU without AMX can be slower than fp32 (1.6x slower on a 2-core Xeon with AVX512-BF16: "
                 "docs/ENHANCE.md); --enhance-precision fast measures which is faster here")
     return None
