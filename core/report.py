@@ -37,12 +37,15 @@ class Block:
 
 
 # --------------------------------------------------------------------------------------------- sections
-def report_blocks(run: Run) -> list[Block]:
+def report_blocks(run: Run, allowed=None) -> list[Block]:
+    """The report's blocks. ``allowed(path)``: whether a test image named by the run's tables may be read for a
+    thumbnail (the dashboard passes its image roots; None reads any image file the run names, as ``wbc report``
+    on one's own store does). Grad-CAM images are read only from the run's own ``explain/`` folder, always."""
     info = run.info
     blocks = [Block("h1", f"White-blood-cell super-resolution study: run {run.run_id}"), *_about(run, info)]
-    for section in (_scorecard, _accuracy, _per_class, _confusions, _curves, _flips):
+    for section in (_scorecard, _accuracy, _per_class, _confusions, _curves):
         blocks += section(run)
-    return blocks + _provenance(info)
+    return blocks + _flips(run, allowed) + _provenance(info)
 
 
 def _about(run: Run, info) -> list[Block]:
@@ -157,7 +160,7 @@ def _curves(run: Run) -> list[Block]:
             Block("table", table=table)]
 
 
-def _flips(run: Run) -> list[Block]:
+def _flips(run: Run, allowed=None) -> list[Block]:
     """Eosinophils and neutrophils whose verdict flips between the baseline and each other variant."""
     pred = run.table(Table.PREDICTIONS)
     variants = [v for v in run.info.variants if v in set(pred["variant"])]
@@ -175,22 +178,35 @@ def _flips(run: Run) -> list[Block]:
                                   + (f"; captions: true class, prediction with {variants[0]} -> with {other}"
                                      if len(g) else "")))
             if len(g):
-                out.append(Block("images", images=tuple(_flip_images(g.head(FLIP_THUMBS), other, cams))))
+                out.append(Block("images", images=tuple(_flip_images(g.head(FLIP_THUMBS), other, cams,
+                                                                     run.path / "explain", allowed))))
     return out
 
 
-def _flip_images(g: pd.DataFrame, other: str, cams: pd.DataFrame) -> list[tuple]:
+def _flip_images(g: pd.DataFrame, other: str, cams: pd.DataFrame, cam_dir: Path, allowed=None) -> list[tuple]:
+    """Thumbnails (and Grad-CAM overlays) of flipped images. The tables are untrusted: an image path ``allowed``
+    refuses, or a Grad-CAM path outside ``cam_dir``, is left out, never read."""
     out = []
     for r in g.to_dict("records"):
         cap = (f"{r['image_id'].split('/')[-1]}: true {CLASS_ABBR[r['true_label']]}, "
                f"{CLASS_ABBR[r['pred_label_base']]} -> {CLASS_ABBR[r['pred_label_other']]}")
-        thumb = _thumb(r["path"], tuple(r[c] for c in BOX_COLUMNS))
+        thumb = _thumb(r["path"], tuple(r[c] for c in BOX_COLUMNS)) if allowed is None or allowed(r["path"]) else None
         if thumb:
             out.append((thumb, "image/jpeg", cap))
         cam = cams[(cams["image_id"] == r["image_id"]) & (cams["variant"] == other) & (cams["role"] == "pred")]
-        if len(cam) and Path(str(cam["cam_path"].iloc[0])).is_file():
-            out.append((Path(str(cam["cam_path"].iloc[0])).read_bytes(), "image/png", f"Grad-CAM, {other}"))
+        png = _file_under(cam["cam_path"].iloc[0], cam_dir) if len(cam) else None
+        if png is not None:
+            out.append((png.read_bytes(), "image/png", f"Grad-CAM, {other}"))
     return out
+
+
+def _file_under(path, folder: Path) -> Path | None:
+    """``path`` resolved (links followed) if it is a file inside ``folder``; else None: fails closed."""
+    try:
+        p, root = Path(str(path)).resolve(strict=True), folder.resolve(strict=True)
+        return p if p.is_file() and root in p.parents else None
+    except (OSError, ValueError, RuntimeError):
+        return None
 
 
 def _thumb(path, box, size: int = 128) -> bytes | None:

@@ -260,7 +260,8 @@ def report_html(run_dir) -> bytes:
     """The run's self-contained HTML report (core.report), for the Download button."""
     from core.report import report_blocks, to_html
 
-    return to_html(report_blocks(Run(Path(run_dir)))).encode()
+    run = Run(Path(run_dir))  # its tables name the images: only those under the image roots are read
+    return to_html(report_blocks(run, allowed=lambda p: is_allowed_image(p, run.path.parent))).encode()
 
 
 # ---------------------------------------------------------------------------------------- thumbnails

@@ -399,3 +399,43 @@ def test_a_large_test_set_is_measured_on_a_button_off_the_ui_thread(tiny, tmp_pa
     run_async(page.measure_now(None))
     assert set(pred.loc[pred["enhanced_path"].notna(), "variant"]) == {"bicubic-x4"}  # so n is that variant's
     assert any(f"Measured on {n - 1} of its {n} enhanced test images" in w for w in sr_words(view)), sr_words(view)
+
+
+def test_the_report_reads_no_file_its_tables_point_outside_the_allowed_places(tmp_path):
+    """The run's tables are untrusted: a flipped image's path is read only if ``allowed`` says so (the dashboard's
+    image roots), and a Grad-CAM path only inside the run's explain/ folder: a path outside, a ``..`` escape or a
+    link out is left out, never read, so no private file ends up inside a report meant for sharing."""
+    import pandas as pd
+    from PIL import Image
+
+    from core.regions import BOX_COLUMNS
+    from core.report import _flip_images
+
+    run_dir, outside = tmp_path / "runs" / "r1", tmp_path / "private"
+    cams_dir, outside_dir = run_dir / "explain" / "bicubic-x4-s0-32", outside
+    cams_dir.mkdir(parents=True), outside_dir.mkdir()
+    cell, secret_img = tmp_path / "data" / "cell.png", outside / "scan.png"
+    cell.parent.mkdir()
+    Image.new("RGB", (40, 30), (200, 50, 90)).save(cell)
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(secret_img)
+    inside_png, secret = cams_dir / "a.png", outside / "id_rsa"
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(inside_png)
+    secret.write_bytes(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+    os.symlink(secret, cams_dir / "link.png")
+    cam_paths = {"ok": inside_png, "abs": secret, "dotdot": cams_dir / ".." / ".." / ".." / "private" / "id_rsa",
+                 "link": cams_dir / "link.png", "missing": cams_dir / "gone.png"}
+    rows = [{"image_id": f"TEST/EOSINOPHIL/{k}.jpeg", "true_label": "eosinophil", "pred_label_base": "eosinophil",
+             "pred_label_other": "neutrophil", "path": str(cell if k == "ok" else secret_img),
+             **dict.fromkeys(BOX_COLUMNS, float("nan"))} for k in cam_paths]
+    cams = pd.DataFrame([{"image_id": r["image_id"], "variant": "bicubic-x4", "role": "pred", "cam_path": str(p)}
+                         for r, p in zip(rows, cam_paths.values())])
+    only_data = lambda p: str(p).startswith(str(tmp_path / "data"))  # noqa: E731 - the dashboard's roots, in small
+
+    shown = _flip_images(pd.DataFrame(rows), "bicubic-x4", cams, run_dir / "explain", allowed=only_data)
+    pngs = [b for b, mime, _ in shown if mime == "image/png"]
+    jpegs = [b for b, mime, _ in shown if mime == "image/jpeg"]
+    assert pngs == [inside_png.read_bytes()]  # the one Grad-CAM inside explain/; none of the four ways out
+    assert len(jpegs) == 1 and not any(b"OPENSSH" in b for b, _, _ in shown)  # the cell, not the private scan
+    opened = _flip_images(pd.DataFrame(rows), "bicubic-x4", cams, run_dir / "explain")  # allowed=None: wbc report
+    assert len([1 for _, m, _ in opened if m == "image/jpeg"]) == len(rows)  # every image the run names
+    assert [b for b, m, _ in opened if m == "image/png"] == pngs  # Grad-CAM still only from explain/
