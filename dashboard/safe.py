@@ -27,12 +27,14 @@ def esc(value) -> str:
     return html.escape(str(value), quote=False).translate(_REFS)
 
 
-def no_tex_in_markdown() -> None:
-    """Markdown and Alert panes: no MathJax. Panel's Markdown renders to HTML (entities decoded back to ``$``
-    and ``\\``) and does not pass its ``disable_math`` on, so the browser typeset any ``$$...$$`` or ``\\(...\\)``
-    in a value read from disk (a run name, a file name) as TeX, ``\\href`` included. The dashboard shows no
-    math: every Markdown pane's model gets ``disable_math=True``, as Panel's HTML pane has by default. Called once
-    when the app's modules load (idempotent)."""
+def plain_markdown() -> None:
+    """Markdown and Alert panes: no MathJax, no links made from bare text. Panel's Markdown renders to HTML
+    (entities decoded back to ``$`` and ``\\``) and does not pass its ``disable_math`` on, so the browser typeset
+    any ``$$...$$`` or ``\\(...\\)`` in a value read from disk (a run name, a file name) as TeX, ``\\href``
+    included; and its parser's linkify turned an escaped ``www.example.com/login`` or ``a@b.com`` into a link. The
+    dashboard shows no math and writes its own links as ``[text](url)``: every Markdown pane's model gets
+    ``disable_math=True`` (as Panel's HTML pane has by default) and its parser ``linkify=False``. Called once when
+    the app's modules load (idempotent)."""
     import panel as pn
     import param
 
@@ -40,6 +42,7 @@ def no_tex_in_markdown() -> None:
         if cls._rename.get("disable_math") != "disable_math":
             cls._rename = {**cls._rename, "disable_math": "disable_math"}
         cls.param.disable_math.default = True
+        cls.param.renderer_options.default = {**cls.param.renderer_options.default, "linkify": False}
 
 
 def as_float(value) -> float | None:
@@ -51,4 +54,4 @@ def as_float(value) -> float | None:
     return None if x != x else x
 
 
-no_tex_in_markdown()
+plain_markdown()

@@ -273,7 +273,8 @@ XSS_MD_LINK = "[click me](javascript:window.__xss=3)"
 XSS_MD_CODE = "`<img src=x onerror=window.__xss=4>`"
 XSS_SCRIPT = "<script>window.__xss=5</script>"
 XSS_TEX = r"$$\href{javascript:window.__xss=7}{\frac{1}{2}}$$ \(x^2\)"  # MathJax would typeset it (a link)
-XSS_ALL = [XSS_IMG, XSS_ALERT, XSS_SVG, XSS_MD_LINK, XSS_MD_CODE, XSS_SCRIPT, XSS_TEX]
+XSS_BARE_LINK = "www.evil-site.com/login or write to a@evil-site.com"  # Markdown's linkify would make links
+XSS_ALL = [XSS_IMG, XSS_ALERT, XSS_SVG, XSS_MD_LINK, XSS_MD_CODE, XSS_SCRIPT, XSS_TEX, XSS_BARE_LINK]
 XSS_VARIANT = "<img src=x onerror=window.__xss=6>"
 
 

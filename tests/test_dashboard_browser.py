@@ -300,7 +300,7 @@ def test_launch_tiny_study_shows_progress_and_new_run(dashboard_page, dashboard_
 
 
 # Everything the page shows, shadow roots included: what would run script (on* handlers, javascript: URLs,
-# script / svg elements carrying a payload).
+# script / svg elements carrying a payload), and links made from a stored bare address.
 SCRIPTED_JS = """() => {
   const bad = [];
   const walk = (root) => {
@@ -312,6 +312,7 @@ SCRIPTED_JS = """() => {
         }
       }
       if (['SCRIPT', 'svg'].includes(el.tagName) && /__xss/.test(el.outerHTML)) bad.push(el.outerHTML.slice(0, 160));
+      if (el.tagName === 'A' && /evil-site/.test(el.getAttribute('href') || '')) bad.push(el.outerHTML.slice(0, 160));
       if (el.shadowRoot) walk(el.shadowRoot);
     }
   };
