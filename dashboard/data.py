@@ -134,8 +134,13 @@ def cam_maps(run_dir, image_id: str, seed: int, size: int,
     from core.explain import image_maps
 
     run = Run(Path(run_dir))
-    return image_maps(run, image_id, int(seed), int(size), allowed=lambda p: is_allowed_image(p, run.path.parent),
-                      skipped=skipped)
+    return image_maps(run, image_id, int(seed), int(size), allowed=readable_in(run), skipped=skipped)
+
+
+def readable_in(run: Run):
+    """``allowed(path)`` for the image files a run's untrusted tables name: those under the dashboard's image roots
+    (its run store among them) may be opened; any other is refused (fail closed)."""
+    return lambda path: is_allowed_image(path, run.path.parent)
 
 
 SR_CHANGE_ON_DEMAND = 400  # test images the EOS/NEU page measures as it draws (~30 ms each); above, on a button
@@ -173,7 +178,7 @@ def measure_sr_change(run_dir) -> pd.DataFrame:
             _sr_running[key] = [done, total]
 
         def allowed(path) -> bool:  # a file gone from disk is let through: its gain is None and the page says why
-            return is_allowed_image(path, run.path.parent) or not os.path.lexists(str(path))
+            return readable_in(run)(path) or not os.path.lexists(str(path))
 
         try:
             frame = sr_change(run, on_progress=progress, allowed=allowed)
@@ -260,8 +265,8 @@ def report_html(run_dir) -> bytes:
     """The run's self-contained HTML report (core.report), for the Download button."""
     from core.report import report_blocks, to_html
 
-    run = Run(Path(run_dir))  # its tables name the images: only those under the image roots are read
-    return to_html(report_blocks(run, allowed=lambda p: is_allowed_image(p, run.path.parent))).encode()
+    run = Run(Path(run_dir))
+    return to_html(report_blocks(run, allowed=readable_in(run))).encode()
 
 
 # ---------------------------------------------------------------------------------------- thumbnails
