@@ -42,8 +42,8 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.backends.cudnn.deterministic = deterministic
 
 
-def _load_resized(path: str, size: int, box=None) -> np.ndarray:
-    """Decode ``path``, cut ``box`` (left, top, right, bottom; None: the whole image), resize to a square."""
+def _load_resized(path, size: int, box=None) -> np.ndarray:
+    """Decode ``path`` (a file name or a binary file object), cut ``box`` (left, top, right, bottom; None: the whole image), resize to a square."""
     with Image.open(path) as im:
         if box is None:
             im.draft("RGB", (size, size))  # JPEG: decode at reduced scale when much larger than needed
@@ -53,9 +53,10 @@ def _load_resized(path: str, size: int, box=None) -> np.ndarray:
         return np.array(im.resize((size, size), Image.Resampling.BICUBIC))
 
 
-def load_images(paths: Sequence[str], size: int, workers: int | None = None,
+def load_images(paths: Sequence, size: int, workers: int | None = None,
                 on_progress: ProgressFn | None = None, boxes: Sequence | None = None) -> torch.Tensor:
-    """Decode, cut (``boxes``, one per path or None) and resize every image: uint8 (N, 3, size, size)."""
+    """Decode, cut (``boxes``, one per path or None) and resize every image (a file name or a binary file object
+    each): uint8 (N, 3, size, size)."""
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
     boxes = list(boxes) if boxes is not None else [None] * len(paths)

@@ -68,15 +68,21 @@ def load_model(run: Run, variant: str, seed: int, size: int) -> Model:
     return Model(net.eval(), size, cfg.input_policy)
 
 
-def region(row: dict, model: Model, allowed=None) -> torch.Tensor:
-    """uint8 (1, 3, size, size): what the model saw of this prediction's image. ``allowed(path)`` (the dashboard's
-    folder check) must say yes before the file is opened."""
+def region(row: dict, model: Model, read=None) -> torch.Tensor:
+    """uint8 (1, 3, size, size): what the model saw of this prediction's image. ``read(path) -> bytes`` (the
+    dashboard's checked reader, ``dashboard.security.read_image``) reads the file; without it, it is opened as
+    named. PermissionError when the reader refuses it or it is missing."""
     enhanced = isinstance(row.get("enhanced_path"), str)
     path = row["enhanced_path"] if enhanced else row["path"]
-    if allowed is not None and not allowed(path):
-        raise PermissionError(f"image {str(path)[:200]!r} is missing or outside the folders this dashboard may read")
+    source = path
+    if read is not None:
+        try:
+            source = io.BytesIO(read(path))
+        except OSError:  # refused (core.fsio.NotAllowed) or missing
+            raise PermissionError(f"image {str(path)[:200]!r} is missing or outside the folders this dashboard "
+                                  "may read") from None
     box = None if enhanced or model.policy == "full" else tuple(int(row[c]) for c in BOX_COLUMNS)
-    x = load_images([path],
+    x = load_images([source],
                     int(round(model.size * margin_for(model.policy))), workers=1,
                     boxes=None if box is None else [box])
     return centre_crop(x, model.size)
@@ -129,14 +135,14 @@ def model_for(run: Run, variant: str, seed: int, size: int) -> Model:
     return _cached_model(str(run.path), variant, int(seed), int(size), stat_key(ckpt))
 
 
-def row_maps(row: dict, model: Model, allowed=None) -> list[dict]:
+def row_maps(row: dict, model: Model, read=None) -> list[dict]:
     """Grad-CAM of one prediction row for its true and its predicted class, on the region the model saw:
-    [{role, class_label, png (the overlay), heat_in_cell}]. ``allowed``: as for :func:`region`."""
+    [{role, class_label, png (the overlay), heat_in_cell}]. ``read``: as for :func:`region`."""
     for role in ("true", "pred"):
         if str(row[f"{role}_label"]) not in CLASSES:
             raise ValueError(f"{role}_label {str(row[f'{role}_label'])[:40]!r} of image {str(row['image_id'])[:80]!r} "
                              f"is not one of {', '.join(CLASSES)}")
-    x = region(row, model, allowed)
+    x = region(row, model, read)
     rgb = x[0].permute(1, 2, 0).numpy()
     by_class: dict[str, dict] = {}  # a right prediction's true and predicted class are one class: one Grad-CAM
     for role in ("true", "pred"):
@@ -147,11 +153,11 @@ def row_maps(row: dict, model: Model, allowed=None) -> list[dict]:
     return [{"role": role, **by_class[str(row[f"{role}_label"])]} for role in ("true", "pred")]
 
 
-def image_maps(run: Run, image_id: str, seed: int, size: int, allowed=None,
+def image_maps(run: Run, image_id: str, seed: int, size: int, read=None,
                skipped: list[tuple[str, str]] | None = None) -> list[dict]:
     """Grad-CAM of one test image for every variant that predicted it (same seed and size), true and predicted
     class, without writing anything: [{variant, pred_label, role, class_label, png, heat_in_cell}] (the
-    dashboard's "why" view). ``allowed(path)``: which image files may be opened (fail closed). ``skipped``: a list
+    dashboard's "why" view). ``read(path) -> bytes``: how image files are read (as for :func:`region`). ``skipped``: a list
     to collect (variant, reason) for a variant with no checkpoint or an image that may not be opened, so that the
     other variants' maps are still drawn; without it, the first such variant raises."""
     pred = run.table(Table.PREDICTIONS)
@@ -159,7 +165,7 @@ def image_maps(run: Run, image_id: str, seed: int, size: int, allowed=None,
     out = []
     for r in rows.to_dict("records"):
         try:
-            maps = row_maps(r, model_for(run, str(r["variant"]), seed, size), allowed)
+            maps = row_maps(r, model_for(run, str(r["variant"]), seed, size), read)
         except (NoCheckpoint, PermissionError) as e:
             if skipped is None:
                 raise

@@ -19,6 +19,7 @@ import pandas as pd
 
 from core.config import CLASS_ABBR
 from core.data import run_copies_words
+from core.fsio import read_within
 from core.metrics import METRICS, confusion_counts, RIGHT_TO_WRONG, WRONG_TO_RIGHT, paper_table, per_class, verdict_pairs
 from core.regions import BOX_COLUMNS
 from core.store import Metric, Run, StatKind, Table
@@ -37,15 +38,16 @@ class Block:
 
 
 # --------------------------------------------------------------------------------------------- sections
-def report_blocks(run: Run, allowed=None) -> list[Block]:
-    """The report's blocks. ``allowed(path)``: whether a test image named by the run's tables may be read for a
-    thumbnail (the dashboard passes its image roots; None reads any image file the run names, as ``wbc report``
-    on one's own store does). Grad-CAM images are read only from the run's own ``explain/`` folder, always."""
+def report_blocks(run: Run, read=None) -> list[Block]:
+    """The report's blocks. ``read(path) -> bytes``: how a test image named by the run's tables is read for a
+    thumbnail (the dashboard passes its checked reader, which refuses files outside its image roots; None reads
+    any image file the run names, as ``wbc report`` on one's own store does). Grad-CAM images are read only from
+    the run's own ``explain/`` folder, always, checked on the open file (``core.fsio.read_within``)."""
     info = run.info
     blocks = [Block("h1", f"White-blood-cell super-resolution study: run {run.run_id}"), *_about(run, info)]
     for section in (_scorecard, _accuracy, _per_class, _confusions, _curves):
         blocks += section(run)
-    return blocks + _flips(run, allowed) + _provenance(info)
+    return blocks + _flips(run, read) + _provenance(info)
 
 
 def _about(run: Run, info) -> list[Block]:
@@ -160,7 +162,7 @@ def _curves(run: Run) -> list[Block]:
             Block("table", table=table)]
 
 
-def _flips(run: Run, allowed=None) -> list[Block]:
+def _flips(run: Run, read=None) -> list[Block]:
     """Eosinophils and neutrophils whose verdict flips between the baseline and each other variant."""
     pred = run.table(Table.PREDICTIONS)
     variants = [v for v in run.info.variants if v in set(pred["variant"])]
@@ -179,41 +181,47 @@ def _flips(run: Run, allowed=None) -> list[Block]:
                                      if len(g) else "")))
             if len(g):
                 out.append(Block("images", images=tuple(_flip_images(g.head(FLIP_THUMBS), other, cams,
-                                                                     run.path / "explain", allowed))))
+                                                                     run.path / "explain", read))))
     return out
 
 
-def _flip_images(g: pd.DataFrame, other: str, cams: pd.DataFrame, cam_dir: Path, allowed=None) -> list[tuple]:
-    """Thumbnails (and Grad-CAM overlays) of flipped images. The tables are untrusted: an image path ``allowed``
-    refuses, or a Grad-CAM path outside ``cam_dir``, is left out, never read."""
+def _flip_images(g: pd.DataFrame, other: str, cams: pd.DataFrame, cam_dir: Path, read=None) -> list[tuple]:
+    """Thumbnails (and Grad-CAM overlays) of flipped images. The tables are untrusted: an image path ``read``
+    refuses, or a Grad-CAM path outside ``cam_dir``, is left out."""
+    read = read or (lambda path: Path(str(path)).read_bytes())
+    try:
+        cam_roots = [cam_dir.resolve(strict=True)]
+    except (OSError, RuntimeError):
+        cam_roots = []
     out = []
     for r in g.to_dict("records"):
         cap = (f"{r['image_id'].split('/')[-1]}: true {CLASS_ABBR[r['true_label']]}, "
                f"{CLASS_ABBR[r['pred_label_base']]} -> {CLASS_ABBR[r['pred_label_other']]}")
-        thumb = _thumb(r["path"], tuple(r[c] for c in BOX_COLUMNS)) if allowed is None or allowed(r["path"]) else None
+        thumb = _thumb(_read_or_none(read, r["path"]), tuple(r[c] for c in BOX_COLUMNS))
         if thumb:
             out.append((thumb, "image/jpeg", cap))
         cam = cams[(cams["image_id"] == r["image_id"]) & (cams["variant"] == other) & (cams["role"] == "pred")]
-        png = _file_under(cam["cam_path"].iloc[0], cam_dir) if len(cam) else None
+        png = _read_or_none(lambda p: read_within(p, cam_roots), cam["cam_path"].iloc[0]) if len(cam) else None
         if png is not None:
-            out.append((png.read_bytes(), "image/png", f"Grad-CAM, {other}"))
+            out.append((png, "image/png", f"Grad-CAM, {other}"))
     return out
 
 
-def _file_under(path, folder: Path) -> Path | None:
-    """``path`` resolved (links followed) if it is a file inside ``folder``; else None: fails closed."""
+def _read_or_none(read, path) -> bytes | None:
+    """``read(path)``, or None when the file is refused (core.fsio.NotAllowed), missing or not a path."""
     try:
-        p, root = Path(str(path)).resolve(strict=True), folder.resolve(strict=True)
-        return p if p.is_file() and root in p.parents else None
-    except (OSError, ValueError, RuntimeError):
+        return read(path)
+    except (OSError, ValueError, TypeError):
         return None
 
 
-def _thumb(path, box, size: int = 128) -> bytes | None:
+def _thumb(data: bytes | None, box, size: int = 128) -> bytes | None:
     from PIL import Image
 
+    if data is None:
+        return None
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im = im.convert("RGB")
             if all(pd.notna(b) for b in box):
                 im = im.crop(tuple(int(b) for b in box))

@@ -9,6 +9,7 @@ region the classifier saw, and stored in the run's ``sr_change`` table by ``wbc 
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 
+from core.fsio import NotAllowed
 from core.metrics import UNCHANGED, verdict_pairs
 from core.regions import BOX_COLUMNS
 from core.store import Run, Table
@@ -34,8 +36,9 @@ def hf_energy(rgb: np.ndarray) -> float:
     return float(np.mean(lap[dy:lap.shape[0] - dy, dx:lap.shape[1] - dx] ** 2))
 
 
-def hf_gain(path: str, box, enhanced_path: str) -> float | None:
-    """log2(HF energy of the enhanced region / HF energy of bicubic x4 of the original region); None if unreadable."""
+def hf_gain(path, box, enhanced_path) -> float | None:
+    """log2(HF energy of the enhanced region / HF energy of bicubic x4 of the original region); None if unreadable.
+    ``path`` and ``enhanced_path``: file names or binary file objects."""
     from PIL import Image
 
     try:
@@ -52,24 +55,40 @@ def hf_gain(path: str, box, enhanced_path: str) -> float | None:
     return math.log2(e / b) if e > 0 and b > 0 else None
 
 
+_REFUSED = "refused"  # a row whose file the reader refuses: left out of the table
+
+
 def sr_change(run: Run, workers: int = 2, on_progress: Callable[[int, int], None] | None = None,
-              allowed: Callable[[str], bool] | None = None) -> pd.DataFrame:
+              read: Callable[[str], bytes] | None = None) -> pd.DataFrame:
     """``hf_gain`` for every (enhanced variant, test image) of the run: the ``sr_change`` table's rows.
-    ``on_progress(done, total)`` as images are measured; ``allowed(path)``: a reader that must not open every path
-    the run names (the dashboard) skips the rows whose original or enhanced file it refuses (no gain for them)."""
+    ``on_progress(done, total)`` as images are measured; ``read(path) -> bytes``: a reader that must not open
+    every path the run names (the dashboard's ``read_image``) leaves out the rows whose original or enhanced file
+    it refuses (``core.fsio.NotAllowed``); a file it cannot open (missing) gives no gain, as without a reader."""
     pred = run.table(Table.PREDICTIONS)
     pred = pred[pred["enhanced_path"].notna()].drop_duplicates(["variant", "image_id"])
-    if allowed is not None:
-        pred = pred[[allowed(a) and allowed(b) for a, b in zip(pred["path"], pred["enhanced_path"])]]
     boxes = [tuple(r) for r in pred[list(BOX_COLUMNS)].itertuples(index=False)]
+
+    def measure(path, box, enhanced_path):
+        if read is None:
+            return hf_gain(path, box, enhanced_path)
+        try:
+            original, enhanced = io.BytesIO(read(path)), io.BytesIO(read(enhanced_path))
+        except NotAllowed:
+            return _REFUSED
+        except OSError:
+            return None
+        return hf_gain(original, box, enhanced)
+
     gains, total = [], len(pred)
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for g in pool.map(hf_gain, pred["path"], boxes, pred["enhanced_path"]):
+        for g in pool.map(measure, pred["path"], boxes, pred["enhanced_path"]):
             gains.append(g)
             if on_progress and (len(gains) % 25 == 0 or len(gains) == total):
                 on_progress(len(gains), total)
-    return pd.DataFrame({"variant": pred["variant"].astype(str).to_numpy(), "image_id": pred["image_id"].to_numpy(),
-                         "hf_gain": np.array(gains, dtype=float)})
+    kept = np.array([g is not _REFUSED for g in gains], dtype=bool)
+    return pd.DataFrame({"variant": pred["variant"].astype(str).to_numpy()[kept],
+                         "image_id": pred["image_id"].to_numpy()[kept],
+                         "hf_gain": np.array([g for g in gains if g is not _REFUSED], dtype=float)})
 
 
 def flip_groups(pred: pd.DataFrame, change: pd.DataFrame, base: str, other: str) -> pd.DataFrame:

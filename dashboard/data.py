@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +26,7 @@ from core.progress import fmt_duration
 from core.store import (HEARTBEAT_EVERY_S, RUN_JSON, DamagedRun, DamagedTable, Progress, Run, RunInfo, RunStore,
                         Status, Table, effective_status, odd_labels, schema)
 
-from dashboard.security import is_allowed_image
+from dashboard.security import is_allowed_image, read_image
 
 THUMB_SIZE = 128
 LARGE_SIZE = 384
@@ -134,13 +133,14 @@ def cam_maps(run_dir, image_id: str, seed: int, size: int,
     from core.explain import image_maps
 
     run = Run(Path(run_dir))
-    return image_maps(run, image_id, int(seed), int(size), allowed=readable_in(run), skipped=skipped)
+    return image_maps(run, image_id, int(seed), int(size), read=reader_for(run), skipped=skipped)
 
 
-def readable_in(run: Run):
-    """``allowed(path)`` for the image files a run's untrusted tables name: those under the dashboard's image roots
-    (its run store among them) may be opened; any other is refused (fail closed)."""
-    return lambda path: is_allowed_image(path, run.path.parent)
+def reader_for(run: Run):
+    """``read(path) -> bytes`` for the image files a run's untrusted tables name: only files under the dashboard's
+    image roots (its run store among them) are read, checked on the open file; any other is refused
+    (``core.fsio.NotAllowed``, fail closed)."""
+    return lambda path: read_image(path, run.path.parent)
 
 
 SR_CHANGE_ON_DEMAND = 400  # test images the EOS/NEU page measures as it draws (~30 ms each); above, on a button
@@ -177,11 +177,8 @@ def measure_sr_change(run_dir) -> pd.DataFrame:
         def progress(done: int, total: int) -> None:
             _sr_running[key] = [done, total]
 
-        def allowed(path) -> bool:  # a file gone from disk is let through: its gain is None and the page says why
-            return readable_in(run)(path) or not os.path.lexists(str(path))
-
-        try:
-            frame = sr_change(run, on_progress=progress, allowed=allowed)
+        try:  # a file gone from disk gives no gain (the page says why); one outside the roots leaves its row out
+            frame = sr_change(run, on_progress=progress, read=reader_for(run))
         finally:
             with _sr_lock:
                 _sr_running.pop(key, None)
@@ -266,7 +263,7 @@ def report_html(run_dir) -> bytes:
     from core.report import report_blocks, to_html
 
     run = Run(Path(run_dir))
-    return to_html(report_blocks(run, allowed=readable_in(run))).encode()
+    return to_html(report_blocks(run, read=reader_for(run))).encode()
 
 
 # ---------------------------------------------------------------------------------------- thumbnails
@@ -275,8 +272,7 @@ def thumbs_dir() -> Path:
 
 
 @lru_cache(maxsize=4096)
-def _thumb_cached(path: str, key, size: int, box: tuple | None = None) -> str | None:
-    p = Path(path)
+def _thumb_cached(path: str, key, size: int, box: tuple | None = None, runs_dir=None) -> str | None:
     h = hashlib.sha1(path.encode()).hexdigest()
     region = "" if box is None else "-" + "_".join(map(str, box))
     cache = thumbs_dir() / h[:2] / f"{h}-{key[0]}-{size}{region}.jpg"
@@ -286,7 +282,7 @@ def _thumb_cached(path: str, key, size: int, box: tuple | None = None) -> str | 
         from PIL import Image
 
         try:
-            with Image.open(p) as im:
+            with Image.open(io.BytesIO(read_image(path, runs_dir))) as im:
                 if box is None:
                     im.draft("RGB", (size, size))
                 im = im.convert("RGB")
@@ -314,7 +310,8 @@ def thumbnail_uri(path, size: int = THUMB_SIZE, runs_dir=None, box=None) -> str 
     ``box`` (left, top, right, bottom in the image's pixels) shows only that region, as the classifier saw it.
     """
     key = _allowed_key(path, runs_dir)
-    return None if key is None else _thumb_cached(str(Path(path)), key, size, region_box(box))
+    return None if key is None else _thumb_cached(str(Path(path)), key, size, region_box(box),
+                                                  None if runs_dir is None else str(runs_dir))
 
 
 def _allowed_key(path, runs_dir=None) -> tuple[int, int] | None:
@@ -330,17 +327,15 @@ def file_digest(path, runs_dir=None) -> str | None:
     """SHA-1 of an image file's bytes under the allowed roots (None if missing, unreadable or outside); cached
     by the file's mtime and size. Cards use it to say which of them show one file under two names."""
     key = _allowed_key(path, runs_dir)
-    return None if key is None else _digest_cached(str(Path(path).resolve()), key)
+    return None if key is None else _digest_cached(str(Path(path).resolve()), key,
+                                                   None if runs_dir is None else str(runs_dir))
 
 
 @lru_cache(maxsize=8192)
-def _digest_cached(path: str, _key) -> str | None:
-    import hashlib
-
+def _digest_cached(path: str, _key, runs_dir=None) -> str | None:
     try:
-        with open(path, "rb") as f:
-            return hashlib.sha1(f.read()).hexdigest()
-    except OSError:
+        return hashlib.sha1(read_image(path, runs_dir)).hexdigest()
+    except OSError:  # refused (NotAllowed) or gone
         return None
 
 

@@ -7,7 +7,8 @@
   (and thumbnails) no file outside them.
 
 Paths are resolved (``..`` and symlinks followed) before the check, so ``root/../etc`` or a symlink
-inside a root pointing elsewhere is refused. The roots themselves are resolved real folders, and a run's
+inside a root pointing elsewhere is refused. An image is read only through :func:`read_image`, which checks the
+file it has open (``core.fsio.read_within``), so a link swapped in after a check cannot redirect the read. The roots themselves are resolved real folders, and a run's
 ``enhanced/`` that is a symlink is no root at all (a link must never widen them). Every check fails closed:
 an error while computing a root drops that root, an error while checking a path refuses the path.
 """
@@ -19,6 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from core.config import default_cache_dir, default_runs_dir
+from core.fsio import read_within
 from core.store import RunStore
 
 
@@ -129,6 +131,13 @@ def is_allowed_image(path, runs_dir=None) -> bool:
         return any(_is_under(p, r) for r in image_roots(runs_dir))
     except Exception:
         return False
+
+
+def read_image(path, runs_dir=None) -> bytes:
+    """The bytes of an image file under an image root, checked on the file it has open: ``NotAllowed`` (a
+    ``PermissionError``) for a file outside them, not a regular file or not a path; ``OSError`` for one that
+    cannot be opened (missing)."""
+    return read_within(path, image_roots(runs_dir))
 
 
 def safe_data_folder(path) -> Path:

@@ -983,6 +983,40 @@ def test_path_checks_fail_closed(monkeypatch, tmp_path):
     assert sec.is_allowed_image(img) and data.thumbnail_uri(str(img), runs_dir=tmp_path)
 
 
+def test_a_link_swapped_in_after_the_check_is_not_read(monkeypatch, tmp_path):
+    """The check-then-open race: an image inside a root is swapped for a link to a private image after the
+    dashboard's path check and before it reads the file. The read checks the file itself, so neither the
+    thumbnail nor the digest of the private image comes out (the old code opened the name it had checked)."""
+    from PIL import Image
+
+    import dashboard.data as data
+    import dashboard.security as sec
+
+    monkeypatch.setenv("WBC_CACHE_DIR", str(tmp_path / "cache"))
+    root, private = tmp_path / "root", tmp_path / "private"
+    root.mkdir(), private.mkdir()
+    monkeypatch.setattr(sec, "image_roots", lambda runs_dir=None: [root.resolve()])
+    real_check = data.is_allowed_image
+    for name, show in (("a.jpg", lambda p: data.thumbnail_uri(p, runs_dir=tmp_path)),
+                       ("b.jpg", lambda p: data.file_digest(p, runs_dir=tmp_path))):
+        img, secret = root / name, private / name
+        Image.new("RGB", (16, 16), (200, 50, 90)).save(img)
+        Image.new("RGB", (16, 16), (1, 2, 3)).save(secret)
+        assert show(str(img))  # the image itself is shown
+
+        def check_then_swap(path, runs_dir=None, img=img, secret=secret):
+            ok = real_check(path, runs_dir)
+            if ok and Path(path) == img and not img.is_symlink():  # the attacker's move, after the check
+                img.unlink()
+                img.symlink_to(secret)
+            return ok
+
+        monkeypatch.setattr(data, "is_allowed_image", check_then_swap)
+        os.utime(img, ns=(1, 1))  # a new (mtime, size) key: no cached thumbnail or digest answers
+        assert show(str(img)) is None and img.is_symlink()
+        monkeypatch.setattr(data, "is_allowed_image", real_check)
+
+
 def test_is_local_client_fails_closed(monkeypatch):
     import panel as pn
 

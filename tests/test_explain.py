@@ -138,10 +138,9 @@ def test_grad_cam_in_the_dashboard_opens_no_image_outside_its_folders(tiny, tmp_
     pred.loc[pred["image_id"] == row["image_id"], "path"] = str(secret)
     pd.DataFrame(pred).to_parquet(run.path / "predictions.parquet")
     monkeypatch.setenv("WBC_DATA_ROOTS", tiny.read_meta()["data"]["root"])
-    opened = []
-    import core.explain as E
-    real = E.load_images
-    monkeypatch.setattr(E, "load_images", lambda paths, *a, **k: opened.append(list(paths)) or real(paths, *a, **k))
+    opened = []  # every file opened for reading while the views are drawn (the checked reader uses os.open)
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: opened.append([os.fspath(p)]) or real_open(p, *a, **k))
     view = why_view(str(run.path), {**row, "path": str(secret)})
     variants = sorted(set(pred["variant"]))
     assert len(variants) == 2  # the other variant's image is in its folder: its maps are still drawn
@@ -149,6 +148,7 @@ def test_grad_cam_in_the_dashboard_opens_no_image_outside_its_folders(tiny, tmp_
     assert "No Grad-CAM for <b>original</b>: " in view.object
     assert "is missing or outside the folders this dashboard may read" in view.object
     assert not any(str(outside) in p for paths in opened for p in paths)  # nothing under outside/ was opened
+    assert opened  # the other variant's image was read, through the same reader
     pred.loc[pred["image_id"] == row["image_id"], "enhanced_path"] = None  # both variants now read the outside file
     pd.DataFrame(pred).to_parquet(run.path / "predictions.parquet")
     alert = why_view(str(run.path), {**row, "path": str(secret)})
@@ -369,9 +369,9 @@ def test_a_large_test_set_is_measured_on_a_button_off_the_ui_thread(tiny, tmp_pa
     monkeypatch.setenv("WBC_DATA_ROOTS", tiny.read_meta()["data"]["root"])
     calls, real = [], core.srchange.sr_change
 
-    def spy(run, on_progress=None, allowed=None, **kw):
+    def spy(run, on_progress=None, read=None, **kw):
         calls.append(threading.current_thread())
-        return real(run, on_progress=on_progress, allowed=allowed, **kw)
+        return real(run, on_progress=on_progress, read=read, **kw)
 
     monkeypatch.setattr(core.srchange, "sr_change", spy)
     (page, view), (other, _) = page_for(), page_for()  # two sessions click at once
@@ -402,12 +402,13 @@ def test_a_large_test_set_is_measured_on_a_button_off_the_ui_thread(tiny, tmp_pa
 
 
 def test_the_report_reads_no_file_its_tables_point_outside_the_allowed_places(tmp_path):
-    """The run's tables are untrusted: a flipped image's path is read only if ``allowed`` says so (the dashboard's
-    image roots), and a Grad-CAM path only inside the run's explain/ folder: a path outside, a ``..`` escape or a
+    """The run's tables are untrusted: a flipped image's path is read only through ``read`` (the dashboard's
+    checked reader of its image roots), and a Grad-CAM path only inside the run's explain/ folder: a path outside, a ``..`` escape or a
     link out is left out, never read, so no private file ends up inside a report meant for sharing."""
     import pandas as pd
     from PIL import Image
 
+    from core.fsio import read_within
     from core.regions import BOX_COLUMNS
     from core.report import _flip_images
 
@@ -429,13 +430,13 @@ def test_the_report_reads_no_file_its_tables_point_outside_the_allowed_places(tm
              **dict.fromkeys(BOX_COLUMNS, float("nan"))} for k in cam_paths]
     cams = pd.DataFrame([{"image_id": r["image_id"], "variant": "bicubic-x4", "role": "pred", "cam_path": str(p)}
                          for r, p in zip(rows, cam_paths.values())])
-    only_data = lambda p: str(p).startswith(str(tmp_path / "data"))  # noqa: E731 - the dashboard's roots, in small
+    only_data = lambda p: read_within(p, [(tmp_path / "data").resolve()])  # noqa: E731 - the dashboard's, in small
 
-    shown = _flip_images(pd.DataFrame(rows), "bicubic-x4", cams, run_dir / "explain", allowed=only_data)
+    shown = _flip_images(pd.DataFrame(rows), "bicubic-x4", cams, run_dir / "explain", read=only_data)
     pngs = [b for b, mime, _ in shown if mime == "image/png"]
     jpegs = [b for b, mime, _ in shown if mime == "image/jpeg"]
     assert pngs == [inside_png.read_bytes()]  # the one Grad-CAM inside explain/; none of the four ways out
     assert len(jpegs) == 1 and not any(b"OPENSSH" in b for b, _, _ in shown)  # the cell, not the private scan
-    opened = _flip_images(pd.DataFrame(rows), "bicubic-x4", cams, run_dir / "explain")  # allowed=None: wbc report
+    opened = _flip_images(pd.DataFrame(rows), "bicubic-x4", cams, run_dir / "explain")  # read=None: wbc report
     assert len([1 for _, m, _ in opened if m == "image/jpeg"]) == len(rows)  # every image the run names
     assert [b for b, m, _ in opened if m == "image/png"] == pngs  # Grad-CAM still only from explain/

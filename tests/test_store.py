@@ -143,3 +143,68 @@ def test_writes_cast_to_the_schema_dtypes(tmp_path):
                                              "count": [3.0]}))
     back = r.table("confusion")
     assert back["count"].dtype == "int64" and back["seed"].dtype == "int64"
+
+
+def test_read_within_checks_the_file_it_has_open(tmp_path, monkeypatch):
+    """``core.fsio.read_within``: the name is checked before anything is opened, and the open file again, so a
+    link (to a file or a folder) swapped in between the two reads nothing outside; special, huge and unusable
+    paths are refused without blocking; a missing file is an OSError, not a refusal."""
+    import os
+
+    from core.fsio import NotAllowed, read_within
+
+    root, private = tmp_path / "root", tmp_path / "private"
+    (root / "sub").mkdir(parents=True)
+    private.mkdir()
+    (private / "f.jpg").write_bytes(b"SECRET")
+    (root / "f.jpg").write_bytes(b"cell")
+    (root / "sub" / "f.jpg").write_bytes(b"cell in sub")
+    roots = [root.resolve()]
+    assert read_within(root / "f.jpg", roots) == b"cell"
+    assert read_within(root / "sub" / ".." / "f.jpg", roots) == b"cell"
+    (root / "inside-link.jpg").symlink_to(root / "f.jpg")  # a link that stays inside is fine
+    assert read_within(root / "inside-link.jpg", roots) == b"cell"
+
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: opened.append(os.fspath(p)) or real_open(p, *a, **k))
+    for bad in (private / "f.jpg", root / ".." / "private" / "f.jpg"):
+        with pytest.raises(NotAllowed, match="outside the folders"):
+            read_within(bad, roots)
+    (root / "out-link.jpg").symlink_to(private / "f.jpg")
+    with pytest.raises(NotAllowed, match="outside the folders"):
+        read_within(root / "out-link.jpg", roots)
+    assert not any(str(private) in p for p in opened)  # refused by name: never opened
+
+    def swap_then_open(swap):
+        def fake(p, *a, **k):  # the attacker's move, after the name check and before the open
+            swap()
+            return real_open(p, *a, **k)
+        return fake
+
+    def file_to_link():
+        (root / "f.jpg").unlink()
+        (root / "f.jpg").symlink_to(private / "f.jpg")
+
+    def folder_to_link():
+        os.rename(root / "sub", tmp_path / "sub-moved")
+        (root / "sub").symlink_to(private)
+
+    for swap, path in ((file_to_link, root / "f.jpg"), (folder_to_link, root / "sub" / "f.jpg")):
+        monkeypatch.setattr(os, "open", swap_then_open(swap))
+        with pytest.raises(NotAllowed, match="outside the folders"):
+            read_within(path, roots)
+    monkeypatch.setattr(os, "open", real_open)
+
+    os.mkfifo(root / "pipe.jpg")  # would block a plain open until a writer came
+    with pytest.raises(NotAllowed, match="not a regular file"):
+        read_within(root / "pipe.jpg", roots)
+    (root / "big.jpg").write_bytes(b"x" * 2048)
+    with pytest.raises(NotAllowed, match="larger than"):
+        read_within(root / "big.jpg", roots, max_bytes=1024)
+    for unusable in ("/tmp/\x00nul", None):
+        with pytest.raises(NotAllowed, match="not a usable path"):
+            read_within(unusable, roots)
+    with pytest.raises(OSError) as gone:
+        read_within(root / "gone.jpg", roots)
+    assert not isinstance(gone.value, NotAllowed)
