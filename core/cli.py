@@ -16,7 +16,6 @@ never a traceback; ``wbc --debug ...`` (anywhere on the line) prints the traceba
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import traceback
@@ -25,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from core.audit_cli import add_audit_parser
-from core.config import CLASSES, ENHANCE_PRECISIONS, PRESETS, StudyConfig, make_config, precision_name
+from core.config import CLASSES, ENHANCE_PRECISIONS, PRESETS, StudyConfig, config_with
 from core.data import run_copies_words
 from core.enhance.cli import add_enhance_parser
 from core.paths import path_arg
@@ -50,6 +49,16 @@ def _csv(cast=str):
     return parse
 
 
+def _count_or_all(s: str) -> int | None:
+    """``--per-class 500``, or ``all`` (None: every image, over a preset's count)."""
+    if s.strip().lower() == "all":
+        return None
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {s!r}: give a count or 'all'") from None
+
+
 def _seeds(s: str) -> tuple[int, ...]:
     """``--seeds 3`` means seeds 0,1,2; ``--seeds 0,5,7`` lists them."""
     try:
@@ -62,8 +71,12 @@ def _seeds(s: str) -> tuple[int, ...]:
 
 
 def add_study_parser(sub) -> None:
-    p = sub.add_parser("study", help="run a study: train and evaluate each variant, store results")
-    p.add_argument("--preset", choices=list(PRESETS), help="quick (CPU, minutes), paper, or study (rigorous)")
+    # A setting flag not typed is absent from the parsed args (SUPPRESS), so the preset keeps its value, and one
+    # typed as None (`--per-class all`, `--enhance-precision auto`) overrides it: config_from_args.
+    p = sub.add_parser("study", help="run a study: train and evaluate each variant, store results",
+                       argument_default=argparse.SUPPRESS)
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="quick (CPU, minutes), paper, or study (rigorous)")
     p.add_argument("--data", type=path_arg, dest="data_dir",
                    help="data root (else $WBC_DATA, else known locations)")
     p.add_argument("--test-dir", type=path_arg,
@@ -72,8 +85,9 @@ def add_study_parser(sub) -> None:
     p.add_argument("--classifier", help="resnet50 | resnet18 | efficientnet_lite0 | simple_cnn")
     p.add_argument("--pretrained", help="imagenet | none | PATH to a state dict")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--per-class", type=int, help="training images per class (default: preset's)")
-    p.add_argument("--test-per-class", type=int, help="test images per class (default: all)")
+    p.add_argument("--per-class", type=_count_or_all,
+                   help="training images per class, or 'all' (default: the preset's)")
+    p.add_argument("--test-per-class", type=_count_or_all, help="test images per class, or 'all' (default: all)")
     p.add_argument("--image-size", dest="image_sizes", type=_csv(int), help="input size(s), e.g. 224 or 224,448")
     p.add_argument("--seed", type=int, help="a single seed")
     p.add_argument("--seeds", type=_seeds, help="N (seeds 0..N-1) or a list 0,1,2")
@@ -84,7 +98,7 @@ def add_study_parser(sub) -> None:
                    help="the optimizer's weight decay (default: the preset's; 1e-4, cpu preset 0.05)")
     p.add_argument("--optimizer", help="adamw | sgd")
     p.add_argument("--patience", type=int)
-    p.add_argument("--freeze-backbone", action="store_true", default=None, help="train only the head")
+    p.add_argument("--freeze-backbone", action="store_true", help="train only the head")
     p.add_argument("--input-policy", help="what the classifier sees: cell (crop around the stained cell; default) | "
                                           "center (centred square) | full (the whole frame squashed, the paper's)")
     p.add_argument("--crop", type=int, help="region side in original pixels (default: 144 for cell, 200 for center)")
@@ -97,62 +111,60 @@ def add_study_parser(sub) -> None:
                    help="the pretrained layers learn at FRACTION of --lr, the new head at --lr (default 1)")
     p.add_argument("--mixup", type=float, metavar="ALPHA",
                    help="mix pairs of training images and their labels, weight ~ Beta(ALPHA, ALPHA) (0: off)")
-    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction,
                    help="after validation picks the best epoch, refit the test model on training + validation "
                         "images for that many epochs (the cpu preset does; --no-refit: test the validated model)")
     p.add_argument("--tta", type=int, help="test-time augmentation: dihedral views averaged (1, 2, 4 or 8; default 8)")
     p.add_argument("--device", help="auto | cpu | cuda")
-    p.add_argument("--deterministic", action="store_true", default=None,
+    p.add_argument("--deterministic", action="store_true",
                    help="bitwise-repeatable GPU kernels (slower); default: cudnn.benchmark picks the fastest")
     p.add_argument("--enhance-batch-size", type=int, help="images per Real-ESRGAN forward (default: 1 on CPU; on CUDA what fills 60%% of the free memory)")
     p.add_argument("--enhance-precision", choices=list(ENHANCE_PRECISIONS),
                    help="Real-ESRGAN precision: auto (fp16 on CUDA, fp32 on CPU; default) | fp32 | half "
                         "(fp16 on CUDA, bf16 on CPU: 52-54 dB vs fp32; ~3x faster with AMX, slower without) | "
                         "fast (fp16 on CUDA; bf16 on CPU only if a probe measures it faster, else fp32)")
-    p.add_argument("--enhance-compile", action="store_true", default=None,
+    p.add_argument("--enhance-compile", action="store_true",
                    help="torch.compile the Real-ESRGAN model (fused kernels: for long GPU jobs; tens of seconds to "
                         "compile first; outputs differ by rounding and are cached apart)")
-    p.add_argument("--runs-dir", type=path_arg, help="run store (default: runs/ or $WBC_RUNS_DIR)")
+    p.add_argument("--runs-dir", type=path_arg, default=None, help="run store (default: runs/ or $WBC_RUNS_DIR)")
     p.add_argument("--cache-dir", type=path_arg,
                    help="cache for enhanced images and weights (default: ~/.cache/wbc)")
-    p.add_argument("--run-id", help="name the run (default: timestamp-preset-random)")
-    p.add_argument("--resume", metavar="RUN", help="continue an interrupted, failed or cancelled run with its "
+    p.add_argument("--run-id", default=None, help="name the run (default: timestamp-preset-random)")
+    p.add_argument("--resume", metavar="RUN", default=None, help="continue an interrupted, failed or cancelled run with its "
                                                     "stored config: complete models are kept, the rest trained")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", default=False, help="no progress bars")
     p.set_defaults(func=cmd_study)
 
 
-def _config_from_flags(args) -> StudyConfig:
-    """The preset, then every flag given that is not None (so not ``--enhance-precision auto``)."""
-    seeds = args.seeds or ((args.seed,) if args.seed is not None else None)
-    return make_config(args.preset, data_dir=args.data_dir, test_dir=args.test_dir, variants=args.variants,
-                       classifier=args.classifier, pretrained=args.pretrained, epochs=args.epochs,
-                       per_class=args.per_class, test_per_class=args.test_per_class,
-                       image_sizes=args.image_sizes, seeds=seeds, split=args.split,
-                       batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                       weight_decay=args.weight_decay,
-                       patience=args.patience, freeze_backbone=args.freeze_backbone, device=args.device,
-                       deterministic=args.deterministic,
-                       input_policy=args.input_policy, crop=args.crop, augment=args.augment,
-                       label_smoothing=args.label_smoothing, select_by=args.select_by, tta=args.tta,
-                       refit=args.refit,
-                       ema=args.ema, mixup=args.mixup, backbone_lr=args.backbone_lr,
-                       enhance_batch_size=args.enhance_batch_size,
-                       enhance_half=ENHANCE_PRECISIONS.get(args.enhance_precision),
-                       enhance_compile=args.enhance_compile,
-                       runs_dir=args.runs_dir, cache_dir=args.cache_dir)
+def given_settings(args) -> dict:
+    """The StudyConfig settings typed on the command line, and only those (a flag not typed is absent from
+    ``args``), None included: ``--per-class all`` is ``per_class=None``, ``--enhance-precision auto`` is
+    ``enhance_half=None``."""
+    given = {k: v for k, v in vars(args).items() if k not in _ALWAYS_PARSED | _MAPPED}
+    seeds = vars(args).get("seeds") or ((args.seed,) if "seed" in vars(args) else None)
+    if seeds is not None:
+        given["seeds"] = seeds
+    if "enhance_precision" in vars(args):
+        given["enhance_half"] = ENHANCE_PRECISIONS[args.enhance_precision]
+    if args.runs_dir is not None:
+        given["runs_dir"] = args.runs_dir
+    return given
 
 
 def config_from_args(args) -> StudyConfig:
-    """The study config `wbc study` runs: the preset, then every flag given."""
-    cfg = _config_from_flags(args)
-    if args.enhance_precision == "auto" and cfg.enhance_half is not None:  # auto is None, which make_config skips
-        note = f"changed from the {cfg.preset} preset: enhance precision 'auto' (preset: {precision_name(cfg.enhance_half)!r})"
-        cfg = dataclasses.replace(cfg, enhance_half=None, notes=[*cfg.notes, note])
-    return cfg
+    """The study config `wbc study` runs: the preset, then every setting flag typed."""
+    return config_with(args.preset, given_settings(args))
 
 
-_NOT_CONFIG = {"command", "func", "resume", "runs_dir", "quiet", "debug"}
+# Study args parsed whether typed or not (they have defaults); the other flags are present only when typed
+_ALWAYS_PARSED = {"command", "func", "debug", "preset", "resume", "run_id", "runs_dir", "quiet"}
+_MAPPED = {"seed", "seeds", "enhance_precision"}  # typed flags that given_settings turns into other settings
+
+
+def _typed_flags(args) -> list[str]:
+    """The study flags typed on the line (``--runs-dir`` and ``--quiet`` aside), as argparse dests."""
+    return sorted([k for k in vars(args) if k not in _ALWAYS_PARSED]
+                  + [k for k in ("preset", "run_id") if getattr(args, k) is not None])
 
 
 def cmd_study(args) -> int:
@@ -192,9 +204,9 @@ def _resume(args, bar):
     from core.pipeline import resume
     from core.store import RunStore
 
-    given = sorted(k for k, v in vars(args).items() if v is not None and k not in _NOT_CONFIG)
-    if given:
-        raise ValueError(f"--resume runs the stored config; drop --{given[0].replace('_', '-')}")
+    typed = _typed_flags(args)
+    if typed:
+        raise ValueError(f"--resume runs the stored config; drop --{typed[0].replace('_', '-')}")
     return resume(args.resume, RunStore(args.runs_dir), on_progress=bar)
 
 

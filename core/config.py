@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from core.devices import DEVICES
 from core.enhance.registry import FAST_PRECISION, is_half_setting
@@ -265,24 +267,36 @@ PRESETS: dict[str, dict] = {
 
 
 def make_config(preset: str | None = None, **overrides) -> StudyConfig:
-    """A config from a preset plus explicit overrides (``None`` overrides are ignored, as in timm)."""
+    """A config from a preset plus explicit overrides (``None`` overrides are ignored, as in timm). To set a
+    setting to None over a preset (all training images, auto precision), give it to :func:`config_with`."""
+    return config_with(preset, {k: v for k, v in overrides.items() if v is not None})
+
+
+def config_with(preset: str | None, given: Mapping[str, Any]) -> StudyConfig:
+    """A config from a preset and every setting in ``given``, None included (``per_class=None``: all images):
+    the command line gives only the flags that were typed (``core.cli.config_from_args``)."""
     base: dict = {}
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"--preset: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
         base = dict(PRESETS[preset], preset=preset)
         base["notes"] = list(base.get("notes", []))
-        changed = _changed_from_preset(PRESETS[preset], overrides)
+        changed = _changed_from_preset(PRESETS[preset], given)
         if changed:  # the preset's own note describes the preset: say what this run does differently
             base["notes"].append(f"changed from the {preset} preset: {changed}")
-    base.update({k: v for k, v in overrides.items() if v is not None})
+    base.update(given)
     return StudyConfig.from_dict(base)
 
 
-def _changed_from_preset(preset: dict, overrides: dict) -> str:
-    """'per_class=500 (preset: 1500), ...' for the preset settings an override changes."""
-    def norm(v):
-        return tuple(v) if isinstance(v, list) else v
+# What None means in the settings a flag can set to None over a preset (`--per-class all`, `--enhance-precision auto`)
+NONE_MEANS = {"per_class": "all", "test_per_class": "all", "enhance_half": "auto"}
 
-    return ", ".join(f"{k}={norm(v)!r} (preset: {norm(preset[k])!r})" for k, v in overrides.items()
-                     if v is not None and k in preset and k != "notes" and norm(v) != norm(preset[k]))
+
+def _changed_from_preset(preset: dict, given: Mapping[str, Any]) -> str:
+    """'per_class=500 (preset: 1500), ...' for the preset settings ``given`` changes, in the flags' words."""
+    def shown(k, v):
+        v = tuple(v) if isinstance(v, list) else v
+        return precision_name(v) if k == "enhance_half" else NONE_MEANS.get(k, v) if v is None else v
+
+    return ", ".join(f"{k}={shown(k, v)!r} (preset: {shown(k, preset[k])!r})" for k, v in given.items()
+                     if k in preset and k != "notes" and shown(k, v) != shown(k, preset[k]))

@@ -454,7 +454,7 @@ def test_a_run_records_its_enhance_precision_and_a_resumed_run_keeps_it(tmp_path
 
 
 def test_enhance_precision_auto_overrides_a_preset(tmp_path):
-    """`--preset quick --enhance-precision auto` runs auto (None is what make_config skips), and says so."""
+    """`--preset quick --enhance-precision auto` runs auto (a typed None overrides the preset), and says so."""
     from core.cli import build_parser, config_from_args
 
     def cfg(*flags):
@@ -462,7 +462,7 @@ def test_enhance_precision_auto_overrides_a_preset(tmp_path):
 
     assert cfg().enhance_half == "fast" and cfg("--enhance-precision", "fp32").enhance_half is False
     auto = cfg("--enhance-precision", "auto")
-    assert auto.enhance_half is None and "enhance precision 'auto' (preset: 'fast')" in auto.notes[-1]
+    assert auto.enhance_half is None and "enhance_half='auto' (preset: 'fast')" in auto.notes[-1]
 
 
 @needs_data

@@ -286,6 +286,29 @@ def test_the_cpu_preset_refits_and_the_cli_can_turn_it_off():
     assert config_from_args(build_parser().parse_args(["study", "--preset", "quick", "--refit"])).refit
 
 
+def test_a_typed_flag_overrides_the_preset_even_with_none_and_an_untyped_one_leaves_it(capsys):
+    """Only the flags typed reach the config (argparse SUPPRESS), so a flag can ask for None over a preset:
+    `--per-class all` trains the cpu preset on every TRAIN image; a flag not typed keeps the preset's value; and
+    `--resume` refuses a typed `--per-class all` as it refuses `--per-class 500`."""
+    from core.cli import build_parser, config_from_args, main
+
+    def cfg(*flags):
+        return config_from_args(build_parser().parse_args(["study", *flags]))
+
+    assert cfg("--preset", "cpu").per_class == 1500 and len(cfg("--preset", "cpu").notes) == 1
+    every = cfg("--preset", "cpu", "--per-class", "ALL", "--test-per-class", "all")
+    assert every.per_class is None and every.test_per_class is None and every.refit  # the rest: the preset's
+    assert every.notes[-1] == "changed from the cpu preset: per_class='all' (preset: 1500)"
+    assert cfg("--per-class", "7", "--seed", "4").per_class == 7 and cfg("--seed", "4").seeds == (4,)
+    assert cfg("--preset", "quick", "--freeze-backbone").freeze_backbone  # store_true flags: typed or absent
+    assert not cfg("--preset", "quick").freeze_backbone
+    assert main(["study", "--resume", "r1", "--per-class", "all"]) == 2
+    assert capsys.readouterr().err.strip() == "wbc study: error: --resume runs the stored config; drop --per-class"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["study", "--per-class", "most"])
+    assert "give a count or 'all'" in capsys.readouterr().err
+
+
 def test_each_model_stores_the_penultimate_features_of_its_test_images(tiny_run):
     """embeddings.parquet: one vector per test image and model, the head's input for the unturned view."""
     import torch
