@@ -45,6 +45,27 @@ def plain_markdown() -> None:
         cls.param.renderer_options.default = {**cls.param.renderer_options.default, "linkify": False}
 
 
+# Bokeh typesets the text between these in a plot's title or axis label as TeX on its canvas (BokehJS
+# parse_delimited_string): no DOM, so no script, but a variant named "$$\\frac{a}{b}$$" would be drawn as a formula.
+_TEX_DELIMITERS = ("$$", "\\[", "\\]", "\\(", "\\)")
+
+
+def canvas_text(value) -> str:
+    """``value`` as a Bokeh title or axis label drawn as typed: a zero-width space inside each TeX delimiter
+    (``$$``, ``\\[``, ``\\(``, and their ends) stops Bokeh from typesetting it. Plot text read from disk (variant
+    names) goes through it; widgets and HTML take :func:`esc` instead."""
+    s = str(value)
+    for d in _TEX_DELIMITERS:
+        s = s.replace(d, d[0] + "\u200b" + d[1:])
+    return s
+
+
+def hv_title(value) -> str:
+    """``value`` as a HoloViews ``title`` option drawn as typed: :func:`canvas_text`, and its braces doubled, since
+    HoloViews fills ``{label}``-style fields in a title (a stored ``{x}`` raised KeyError and broke the page)."""
+    return canvas_text(value).replace("{", "{{").replace("}", "}}")
+
+
 def as_float(value) -> float | None:
     """A number read from disk as a float, or None when it is missing, NaN or not a number (never raises)."""
     try:

@@ -1493,3 +1493,33 @@ def test_grad_cam_shows_one_card_where_the_model_was_right():
     cards = cam_cards(maps)
     assert [(m["variant"], role) for m, role in cards] == [("original", "true = predicted"), ("x<b>", "true"),
                                                            ("x<b>", "pred")]
+
+
+def test_plot_titles_draw_a_stored_variant_name_as_typed_not_as_tex():
+    """Bokeh typesets $$...$$, \\[...\\] and \\(...\\) in titles and axis labels on its canvas, and HoloViews fills
+    {fields} in a title (a stored name with braces raised KeyError and broke the page): a variant name read from
+    disk is drawn as typed on the Confusion and Map pages' titles (canvas_text, hv_title)."""
+    import re
+
+    import holoviews as hv
+    import holoviews.plotting.bokeh  # noqa: F401 - the extension the dashboard loads
+    import pandas as pd
+    from bokeh.models import ColumnDataSource
+
+    from dashboard.pages.confusion import heatmap
+    from dashboard.pages.embedmap import MapPage
+    from dashboard.safe import canvas_text
+    from tests.fixtures_store import XSS_TEX
+
+    # BokehJS's parse_delimited_string: the text between a pair of these is TeX
+    tex = re.compile(r"\$\$[\s\S]*?\$\$|\\\[[\s\S]*?\\\]|\\\([\s\S]*?\\\)")
+    assert tex.search(XSS_TEX) and not tex.search(canvas_text(XSS_TEX))
+    assert canvas_text(XSS_TEX).replace("\u200b", "") == XSS_TEX  # the same characters, as typed
+    from core import CLASSES
+
+    m = pd.DataFrame(1, index=CLASSES, columns=CLASSES)
+    title = hv.render(heatmap(m, XSS_TEX, normalise=False)[0]).title.text
+    fig = MapPage.panel_figure(ColumnDataSource({"x_0": [0.0], "y_0": [0.0], "color": ["red"], "marker_0": ["circle"],
+                                                 "size_0": [5]}), 0, XSS_TEX)
+    for text in (title, fig.title.text):
+        assert text.replace("\u200b", "") == XSS_TEX and not tex.search(text), text

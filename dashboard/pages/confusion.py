@@ -15,7 +15,7 @@ from core.store import Table
 from dashboard.data import load_table, run_variants
 from dashboard.pages.base import Page
 from dashboard.pages.common import no_run, warnings_alert
-from dashboard.safe import esc
+from dashboard.safe import esc, hv_title
 
 ABBR_TO_CLASS = {v: k for k, v in CLASS_ABBR.items()}
 
@@ -56,7 +56,7 @@ def heatmap(m: pd.DataFrame, variant: str, normalise: bool) -> hv.Overlay:
     hm = hv.HeatMap(df, ["predicted", "true"], ["value", "count", "row_total"]).opts(
         cmap="Blues", colorbar=False, tools=["tap", "hover"], hover_tooltips=hover_tooltips(normalise),
         invert_yaxis=True, xlabel="predicted",
-        ylabel="true", title=variant, frame_width=260, frame_height=260, toolbar=None,
+        ylabel="true", title=hv_title(variant), frame_width=260, frame_height=260, toolbar=None,
         clim=(0, top), nonselection_alpha=1.0,
         xaxis="top", fontsize={"title": 12, "labels": 11, "xticks": 11, "yticks": 11})
     labels = hv.Labels(df, ["predicted", "true"], ["text", "text_color"]).opts(

@@ -18,7 +18,7 @@ from dashboard.data import embedding_map_frame, map_models
 from dashboard.gallery import Gallery, gallery_items
 from dashboard.pages.base import Page
 from dashboard.pages.common import ab, no_run, why_view
-from dashboard.safe import esc
+from dashboard.safe import canvas_text, esc
 
 CLASS_COLORS = dict(zip(CLASSES, ("#d62728", "#1f77b4", "#2ca02c", "#9467bd")))
 MAX_CARDS = 48
@@ -183,7 +183,7 @@ class MapPage(Page):
         # The lasso selects once, on release: Bokeh's default sends every mouse move to the server, and each one
         # rebuilt the gallery (its cards, thumbnails and digests) for a selection about to change again.
         lasso = LassoSelectTool(continuous=False)
-        f = figure(title=str(variant), width=width, height=width * 10 // 11,
+        f = figure(title=canvas_text(variant), width=width, height=width * 10 // 11,
                    tools=[lasso, BoxSelectTool(), "wheel_zoom", "pan", "reset"], active_drag=lasso, toolbar_location="above")
         f.scatter(x=f"x_{i}", y=f"y_{i}", source=source, color="color", marker=f"marker_{i}", size=f"size_{i}",
                   line_width=2, alpha=0.85, nonselection_alpha=0.12)

@@ -19,7 +19,7 @@ from dashboard.data import (load_table, measure_sr_change, run_variants, sr_chan
 from dashboard.gallery import Gallery, gallery_items
 from dashboard.pages.base import Page
 from dashboard.pages.common import ENHANCED_GONE, ab, no_run, variant_colors, warnings_alert, why_view
-from dashboard.safe import esc
+from dashboard.safe import canvas_text, esc, hv_title
 
 EOS, NEU = "eosinophil", "neutrophil"
 FLIP_CARDS = 24  # cards per direction of verdict flips
@@ -140,8 +140,8 @@ class EosNeuPage(Page):
                 continue
             _, words = flip_test(g)
             box = hv.BoxWhisker(flip_box_rows(g), "flip", "hf_gain").opts(
-                responsive=True, height=240, title=f"{other}: log2 high-frequency gain over bicubic",
-                xlabel=f"verdict, {base} \u2192 {other}", ylabel="log2 gain", box_fill_color="#f58518")
+                responsive=True, height=240, title=hv_title(f"{other}: log2 high-frequency gain over bicubic"),
+                xlabel=canvas_text(f"verdict, {base} \u2192 {other}"), ylabel="log2 gain", box_fill_color="#f58518")
             parts += [pn.pane.HoloViews(box, sizing_mode="stretch_width"),
                       pn.pane.Markdown(f"**{esc(other)}**: {esc(words)}" + (f" {esc(left_out)}" if left_out else ""),
                                        css_classes=["wbc-sr-test"])]
