@@ -774,7 +774,7 @@ def test_launch_args_from_form():
                         classifier="simple_cnn", pretrained="none", epochs=1, image_size=64, seed=0, device="cpu",
                         split="random", per_class=8, test_per_class=0))
     assert "--preset" not in a and a[a.index("--variants") + 1] == "original,bicubic-x4"
-    assert a[a.index("--per-class") + 1] == "8" and "--test-per-class" not in a
+    assert a[a.index("--per-class") + 1] == "8" and a[a.index("--test-per-class") + 1] == "all"
     assert "--enhance-precision" not in a  # auto: the CLI's default
     half = build_args(dict(preset="quick", data="/d", test_dir=None, variants=["original"], classifier="simple_cnn",
                            pretrained="none", epochs=1, image_size=64, seed=0, device="cpu", precision="half"))
@@ -793,6 +793,11 @@ def test_launch_args_from_form():
     three = build_args(dict(preset="study", data="/d", test_dir=None, variants=["original"], classifier="simple_cnn",
                             pretrained="none", epochs=1, image_size=64, seeds="0,1,2", device="cpu"))
     assert build_parser().parse_args(["study", *three]).seeds == (0, 1, 2)  # the study preset keeps its 3 seeds
+    from core.cli import config_from_args
+
+    every = build_args(dict(preset="cpu", data="/d", test_dir=None, variants=["original"], classifier="simple_cnn",
+                            pretrained="none", epochs=1, image_size=64, seed=0, device="cpu", per_class=0))
+    assert config_from_args(build_parser().parse_args(["study", *every])).per_class is None  # 0 = all, not the 1,500
     from dashboard.pages.launch import seed_args
 
     assert seed_args("4") == ["--seed", "4"]

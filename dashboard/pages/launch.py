@@ -122,10 +122,9 @@ def build_args(values: dict) -> list[str]:
     preset = PRESETS.get(values.get("preset") or "custom", {})
     if values.get("precision") and values["precision"] != precision_name(preset.get("enhance_half")):
         a += ["--enhance-precision", values["precision"]]  # what the preset (or the CLI's default) does not already
-    if values.get("per_class"):
-        a += ["--per-class", str(values["per_class"])]
-    if values.get("test_per_class"):
-        a += ["--test-per-class", str(values["test_per_class"])]
+    for field in PER_CLASS_FIELDS:  # 0 in the form is every image, over a preset's count too (cpu: 1,500)
+        if values.get(field) is not None:
+            a += ["--" + field.replace("_", "-"), str(values[field]) if values[field] else "all"]
     return a
 
 
