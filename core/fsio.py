@@ -79,8 +79,8 @@ def _opened_path(fd: int, path, st: os.stat_result) -> Path | None:
     if sys.platform.startswith("linux"):
         try:
             return Path(os.readlink(f"/proc/self/fd/{fd}"))
-        except OSError:
-            return None
+        except OSError:  # no /proc mounted: the check below
+            pass
     try:  # elsewhere: the resolved name must still name the very file that is open
         real = Path(path).resolve(strict=True)
         now = os.stat(real)

@@ -187,13 +187,11 @@ def _flips(run: Run, read=None) -> list[Block]:
 
 def _flip_images(g: pd.DataFrame, other: str, cams: pd.DataFrame, cam_dir: Path, read=None) -> list[tuple]:
     """Thumbnails (and Grad-CAM overlays) of flipped images. The tables are untrusted: an image path ``read``
-    refuses, or a Grad-CAM path outside ``cam_dir``, is left out."""
-    read = read or (lambda path: Path(str(path)).read_bytes())
-    try:
-        cam_roots = [cam_dir.resolve(strict=True)]
-    except (OSError, RuntimeError):
-        cam_roots = []
-    out = []
+    refuses, or a Grad-CAM path outside ``cam_dir``, is left out. Without ``read`` any regular file up to
+    core.fsio's size limit is read (never a device or FIFO); ``cam_dir`` counts only if it is a real folder, not a
+    link that would make another folder the run's own."""
+    read = read or (lambda path: read_within(path, [Path("/").resolve()]))
+    out, cam_roots = [], [root] if (root := _real_folder(cam_dir)) else []
     for r in g.to_dict("records"):
         cap = (f"{r['image_id'].split('/')[-1]}: true {CLASS_ABBR[r['true_label']]}, "
                f"{CLASS_ABBR[r['pred_label_base']]} -> {CLASS_ABBR[r['pred_label_other']]}")
@@ -205,6 +203,15 @@ def _flip_images(g: pd.DataFrame, other: str, cams: pd.DataFrame, cam_dir: Path,
         if png is not None:
             out.append((png, "image/png", f"Grad-CAM, {other}"))
     return out
+
+
+def _real_folder(folder: Path) -> Path | None:
+    """``folder`` resolved, if it exists and is not itself a link (its parent may be reached through one)."""
+    try:
+        real = folder.resolve(strict=True)
+        return real if real == folder.parent.resolve(strict=True) / folder.name and real.is_dir() else None
+    except (OSError, RuntimeError, ValueError):
+        return None
 
 
 def _read_or_none(read, path) -> bytes | None:

@@ -15,6 +15,7 @@ not get it (they would show ``&lt;``).
 from __future__ import annotations
 
 import html
+import re
 
 # quotes (html.escape's own would add '#'), then what markdown-it (gfm-like: tables, strikethrough, footnotes,
 # emoji) and MathJax give a meaning to. Applied in one pass after html.escape(quote=False), whose output holds
@@ -47,17 +48,15 @@ def plain_markdown() -> None:
 
 # Bokeh typesets the text between these in a plot's title or axis label as TeX on its canvas (BokehJS
 # parse_delimited_string): no DOM, so no script, but a variant named "$$\\frac{a}{b}$$" would be drawn as a formula.
-_TEX_DELIMITERS = ("$$", "\\[", "\\]", "\\(", "\\)")
+_TEX_BREAK = re.compile(r"\$(?=\$)|\\(?=[\[\]()])")
 
 
 def canvas_text(value) -> str:
     """``value`` as a Bokeh title or axis label drawn as typed: a zero-width space inside each TeX delimiter
     (``$$``, ``\\[``, ``\\(``, and their ends) stops Bokeh from typesetting it. Plot text read from disk (variant
     names) goes through it; widgets and HTML take :func:`esc` instead."""
-    s = str(value)
-    for d in _TEX_DELIMITERS:
-        s = s.replace(d, d[0] + "\u200b" + d[1:])
-    return s
+    # every "$" before another "$" and every backslash before a bracket: runs like "$$$" leave no pair whole
+    return _TEX_BREAK.sub(lambda m: m.group(0) + "\u200b", str(value))
 
 
 def hv_title(value) -> str:

@@ -1519,6 +1519,8 @@ def test_plot_titles_draw_a_stored_variant_name_as_typed_not_as_tex():
     # BokehJS's parse_delimited_string: the text between a pair of these is TeX
     tex = re.compile(r"\$\$[\s\S]*?\$\$|\\\[[\s\S]*?\\\]|\\\([\s\S]*?\\\)")
     assert tex.search(XSS_TEX) and not tex.search(canvas_text(XSS_TEX))
+    for runs in ("$$$" + XSS_TEX + "$$$", "$$$$", "\\\\(x\\\\)"):  # runs of delimiters leave no pair whole
+        assert tex.search(runs) and not tex.search(canvas_text(runs)) and canvas_text(runs).replace("\u200b", "") == runs
     assert canvas_text(XSS_TEX).replace("\u200b", "") == XSS_TEX  # the same characters, as typed
     from core import CLASSES
 

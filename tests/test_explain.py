@@ -440,3 +440,15 @@ def test_the_report_reads_no_file_its_tables_point_outside_the_allowed_places(tm
     opened = _flip_images(pd.DataFrame(rows), "bicubic-x4", cams, run_dir / "explain")  # read=None: wbc report
     assert len([1 for _, m, _ in opened if m == "image/jpeg"]) == len(rows)  # every image the run names
     assert [b for b, m, _ in opened if m == "image/png"] == pngs  # Grad-CAM still only from explain/
+    # wbc report reads any image its run names, but only regular files of sane size: a device or FIFO named by a
+    # hand-made table is left out at once (/dev/zero had been read until memory ran out; a FIFO hung the report)
+    os.mkfifo(tmp_path / "data" / "pipe.jpeg")
+    odd = pd.DataFrame([{**rows[0], "path": p} for p in ("/dev/zero", str(tmp_path / "data" / "pipe.jpeg"))])
+    assert [m for _, m, _ in _flip_images(odd, "bicubic-x4", cams.head(0), run_dir / "explain")] == []
+    # an explain/ that is a link makes no other folder the run's own: its Grad-CAM images are left out
+    linked = tmp_path / "runs" / "r2"
+    linked.mkdir()
+    (linked / "explain").symlink_to(outside)
+    planted = cams.assign(cam_path=str(linked / "explain" / "id_rsa"))
+    assert not [1 for _, m, _ in _flip_images(pd.DataFrame(rows), "bicubic-x4", planted, linked / "explain")
+                if m == "image/png"]

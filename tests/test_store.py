@@ -208,3 +208,18 @@ def test_read_within_checks_the_file_it_has_open(tmp_path, monkeypatch):
     with pytest.raises(OSError) as gone:
         read_within(root / "gone.jpg", roots)
     assert not isinstance(gone.value, NotAllowed)
+
+    def no_proc(*a, **k):
+        raise FileNotFoundError("no /proc")
+
+    monkeypatch.setattr(os, "readlink", no_proc)  # no /proc mounted: the open file is checked by device and inode
+    (root / "g.jpg").write_bytes(b"cell")
+    assert read_within(root / "g.jpg", roots) == b"cell"
+
+    def swap_g():
+        (root / "g.jpg").unlink()
+        (root / "g.jpg").symlink_to(private / "f.jpg")
+
+    monkeypatch.setattr(os, "open", swap_then_open(swap_g))
+    with pytest.raises(NotAllowed, match="outside the folders"):
+        read_within(root / "g.jpg", roots)
