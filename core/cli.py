@@ -130,8 +130,9 @@ def add_study_parser(sub) -> None:
     p.add_argument("--cache-dir", type=path_arg,
                    help="cache for enhanced images and weights (default: ~/.cache/wbc)")
     p.add_argument("--run-id", default=None, help="name the run (default: timestamp-preset-random)")
-    p.add_argument("--resume", metavar="RUN", default=None, help="continue an interrupted, failed or cancelled run with its "
-                                                    "stored config: complete models are kept, the rest trained")
+    p.add_argument("--resume", metavar="RUN", default=None,
+                   help="continue an interrupted, failed or cancelled run with its stored config: complete models "
+                        "are kept, the rest trained")
     p.add_argument("--quiet", action="store_true", default=False, help="no progress bars")
     p.set_defaults(func=cmd_study)
 

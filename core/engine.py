@@ -43,7 +43,8 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def _load_resized(path, size: int, box=None) -> np.ndarray:
-    """Decode ``path`` (a file name or a binary file object), cut ``box`` (left, top, right, bottom; None: the whole image), resize to a square."""
+    """Decode ``path`` (a file name or a binary file object), cut ``box`` (left, top, right, bottom; None: the
+    whole image), resize to a square."""
     with Image.open(path) as im:
         if box is None:
             im.draft("RGB", (size, size))  # JPEG: decode at reduced scale when much larger than needed

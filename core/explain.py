@@ -157,8 +157,8 @@ def image_maps(run: Run, image_id: str, seed: int, size: int, read=None,
                skipped: list[tuple[str, str]] | None = None) -> list[dict]:
     """Grad-CAM of one test image for every variant that predicted it (same seed and size), true and predicted
     class, without writing anything: [{variant, pred_label, role, class_label, png, heat_in_cell}] (the
-    dashboard's "why" view). ``read(path) -> bytes``: how image files are read (as for :func:`region`). ``skipped``: a list
-    to collect (variant, reason) for a variant with no checkpoint or an image that may not be opened, so that the
+    dashboard's "why" view). ``read(path) -> bytes``: how image files are read (as for :func:`region`).
+    ``skipped``: a list to collect (variant, reason) for a variant with no checkpoint or an image that may not be opened, so that the
     other variants' maps are still drawn; without it, the first such variant raises."""
     pred = run.table(Table.PREDICTIONS)
     rows = pred[(pred["image_id"] == image_id) & (pred["seed"] == seed) & (pred["image_size"] == size)]

@@ -8,8 +8,9 @@
 
 Paths are resolved (``..`` and symlinks followed) before the check, so ``root/../etc`` or a symlink
 inside a root pointing elsewhere is refused. An image is read only through :func:`read_image`, which checks the
-file it has open (``core.fsio.read_within``), so a link swapped in after a check cannot redirect the read. The roots themselves are resolved real folders, and a run's
-``enhanced/`` that is a symlink is no root at all (a link must never widen them). Every check fails closed:
+file it has open (``core.fsio.read_within``), so a link swapped in after a check cannot redirect the read. The
+roots themselves are resolved real folders, and a run's ``enhanced/`` that is a symlink is no root at all (a link
+must never widen them). Every check fails closed:
 an error while computing a root drops that root, an error while checking a path refuses the path.
 """
 
