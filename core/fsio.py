@@ -48,7 +48,7 @@ def read_within(path: str | os.PathLike, roots: Iterable[Path], max_bytes: int =
         named = Path(os.fspath(path)).resolve(strict=True)
     except (TypeError, ValueError, RuntimeError):  # not a path, a NUL byte, a link loop
         raise NotAllowed(f"{str(path)[:200]!r} is not a usable path") from None
-    if not _under(named, roots):
+    if not is_under(named, roots):
         raise NotAllowed(f"{str(path)[:200]!r} is outside the folders this reader may open")
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     fd = os.open(named, flags)
@@ -57,7 +57,7 @@ def read_within(path: str | os.PathLike, roots: Iterable[Path], max_bytes: int =
         if not stat.S_ISREG(st.st_mode):
             raise NotAllowed(f"{str(path)[:200]!r} is not a regular file")
         real = _opened_path(fd, named, st)
-        if real is None or not _under(real, roots):
+        if real is None or not is_under(real, roots):
             raise NotAllowed(f"{str(path)[:200]!r} is outside the folders this reader may open")
         if st.st_size > max_bytes:
             raise NotAllowed(f"{str(path)[:200]!r} is larger than {max_bytes >> 20} MiB")
@@ -70,8 +70,19 @@ def read_within(path: str | os.PathLike, roots: Iterable[Path], max_bytes: int =
         os.close(fd)
 
 
-def _under(p: Path, roots: list[Path]) -> bool:
+def is_under(p: Path, roots: Iterable[Path]) -> bool:
+    """Whether the resolved path ``p`` is one of the resolved folders ``roots`` or lies inside one."""
     return any(p == r or r in p.parents for r in roots)
+
+
+def real_folder(folder: Path) -> Path | None:
+    """``folder`` resolved, if it is a folder and not itself a link (its parent may be reached through one): a
+    link there must not make another folder this one (``enhanced -> /``, ``explain -> ~/.ssh``). None otherwise."""
+    try:
+        real = folder.resolve(strict=True)
+        return real if real == folder.parent.resolve(strict=True) / folder.name and real.is_dir() else None
+    except (OSError, RuntimeError, ValueError):
+        return None
 
 
 def _opened_path(fd: int, path, st: os.stat_result) -> Path | None:

@@ -19,7 +19,7 @@ import pandas as pd
 
 from core.config import CLASS_ABBR
 from core.data import run_copies_words
-from core.fsio import read_within
+from core.fsio import read_within, real_folder
 from core.metrics import METRICS, confusion_counts, RIGHT_TO_WRONG, WRONG_TO_RIGHT, paper_table, per_class, verdict_pairs
 from core.regions import BOX_COLUMNS
 from core.store import Metric, Run, StatKind, Table
@@ -191,7 +191,7 @@ def _flip_images(g: pd.DataFrame, other: str, cams: pd.DataFrame, cam_dir: Path,
     core.fsio's size limit is read (never a device or FIFO); ``cam_dir`` counts only if it is a real folder, not a
     link that would make another folder the run's own."""
     read = read or (lambda path: read_within(path, [Path("/").resolve()]))
-    out, cam_roots = [], [root] if (root := _real_folder(cam_dir)) else []
+    out, cam_roots = [], [root] if (root := real_folder(cam_dir)) else []
     for r in g.to_dict("records"):
         cap = (f"{r['image_id'].split('/')[-1]}: true {CLASS_ABBR[r['true_label']]}, "
                f"{CLASS_ABBR[r['pred_label_base']]} -> {CLASS_ABBR[r['pred_label_other']]}")
@@ -203,15 +203,6 @@ def _flip_images(g: pd.DataFrame, other: str, cams: pd.DataFrame, cam_dir: Path,
         if png is not None:
             out.append((png, "image/png", f"Grad-CAM, {other}"))
     return out
-
-
-def _real_folder(folder: Path) -> Path | None:
-    """``folder`` resolved, if it exists and is not itself a link (its parent may be reached through one)."""
-    try:
-        real = folder.resolve(strict=True)
-        return real if real == folder.parent.resolve(strict=True) / folder.name and real.is_dir() else None
-    except (OSError, RuntimeError, ValueError):
-        return None
 
 
 def _read_or_none(read, path) -> bytes | None:

@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from core.config import default_cache_dir, default_runs_dir
-from core.fsio import read_within
+from core.fsio import is_under, read_within, real_folder
 from core.store import RunStore
 
 
@@ -90,16 +90,9 @@ def _enhanced_root(cache: str | None) -> Path | None:
     try:
         if not cache:
             return None
-        root = Path(cache).expanduser().resolve(strict=True) / "enhanced"
-        if root.is_symlink() or not root.is_dir() or root.resolve(strict=True) != root:
-            return None
-        return root
+        return real_folder(Path(cache).expanduser().resolve(strict=True) / "enhanced")
     except Exception:
         return None
-
-
-def _is_under(p: Path, root: Path) -> bool:
-    return p == root or root in p.parents
 
 
 def resolve_under(path: str | os.PathLike, roots: list[Path], what: str = "folder") -> Path:
@@ -116,9 +109,8 @@ def resolve_under(path: str | os.PathLike, roots: list[Path], what: str = "folde
         p = raw.resolve(strict=True)
     except Exception:  # missing, a symlink loop, a NUL byte: refused
         raise PathNotAllowed(f"{what} {str(path)!r} does not exist") from None
-    for r in roots:
-        if _is_under(p, r):
-            return p
+    if is_under(p, roots):
+        return p
     shown = ", ".join(str(r) for r in roots) or "(none configured: set WBC_DATA_ROOTS)"
     if p != raw.absolute():
         raise PathNotAllowed(f"{what} {str(path)!r} resolves to {p}, outside the allowed roots: {shown}")
@@ -129,7 +121,7 @@ def is_allowed_image(path, runs_dir=None) -> bool:
     """True if ``path`` resolves under an image root; any error is a refusal."""
     try:
         p = Path(path).resolve(strict=True)
-        return any(_is_under(p, r) for r in image_roots(runs_dir))
+        return is_under(p, image_roots(runs_dir))
     except Exception:
         return False
 
