@@ -1530,3 +1530,23 @@ def test_plot_titles_draw_a_stored_variant_name_as_typed_not_as_tex():
                                                  "size_0": [5]}), 0, XSS_TEX)
     for text in (title, fig.title.text):
         assert text.replace("\u200b", "") == XSS_TEX and not tex.search(text), text
+
+
+def test_overview_bars_use_the_variant_colours_of_the_other_pages():
+    import holoviews as hv
+    from bokeh.models import VBar
+
+    from dashboard.pages.common import variant_color
+    from dashboard.pages.overview import _acc_plot
+
+    hv.extension("bokeh")
+    acc = pd.DataFrame({"variant": ["original", "realesr-animevideov3", "original", "realesr-animevideov3"],
+                        "image_size": [128, 128, 224, 224], "accuracy": [0.8, 0.85, 0.81, 0.86],
+                        "ci_low": [0.7, 0.75, 0.71, 0.76], "ci_high": [0.9, 0.95, 0.91, 0.96]})
+    fig = hv.render(_acc_plot(acc, "t"))
+    (bars,) = [r for r in fig.renderers if isinstance(r.glyph, VBar)]
+    data = bars.data_source.data
+    assert list(data["bar"]) == ["original @128px", "realesr-animevideov3 @128px", "original @224px",
+                                 "realesr-animevideov3 @224px"]
+    assert list(data["color"]) == [variant_color(v) for v in acc["variant"]]
+    assert variant_color("original") != variant_color("realesr-animevideov3")

@@ -18,7 +18,7 @@ from dashboard.data import (load_table, measure_sr_change, run_variants, sr_chan
                             sr_change_seconds)
 from dashboard.gallery import Gallery, gallery_items
 from dashboard.pages.base import Page
-from dashboard.pages.common import ENHANCED_GONE, ab, no_run, variant_colors, warnings_alert, why_view
+from dashboard.pages.common import ENHANCED_GONE, ab, fitted_table, no_run, variant_colors, warnings_alert, why_view
 from dashboard.safe import canvas_text, esc, hv_title
 
 EOS, NEU = "eosinophil", "neutrophil"
@@ -93,8 +93,7 @@ class EosNeuPage(Page):
             responsive=True, height=260, tools=["hover"], title="EOS/NEU confusions per variant (all seeds)",
             color=hv.dim("variant").categorize(variant_colors(long["variant"].unique())))
         parts = [warnings_alert([w]), pn.pane.HoloViews(bars, sizing_mode="stretch_width"),
-                 pn.widgets.Tabulator(counts, show_index=False, disabled=True, sizing_mode="stretch_width",
-                                      layout="fit_data_stretch", css_classes=["wbc-eos-table"])]
+                 fitted_table(counts, "wbc-eos-table")]  # columns share the width, as on the other pages
         variants = [v for v in run_variants(rd) if v in set(pred["variant"])] or list(pred["variant"].unique())
         if len(variants) < 2:  # said, where the flips would be
             parts.append(pn.pane.Markdown("Verdict flips compare two variants of a run: this run has one.",

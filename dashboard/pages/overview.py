@@ -11,7 +11,7 @@ from core.store import (DETAIL_B, DETAIL_C, DETAIL_P_GROUP_SIGNFLIP, SEED_MEAN, 
                         parse_detail)
 from dashboard.data import accuracy_from_predictions, load_table, read_meta, report_html
 from dashboard.pages.base import Page
-from dashboard.pages.common import fitted_table, fmt_p, interval, no_run, warnings_alert
+from dashboard.pages.common import fitted_table, fmt_p, interval, no_run, variant_colors, warnings_alert
 from dashboard.safe import as_float, esc
 
 
@@ -170,6 +170,7 @@ def _acc_plot(acc: pd.DataFrame, title: str):
     if acc.empty:
         return hv.Text(0, 0, "no accuracy").opts(xaxis=None, yaxis=None)
     d = acc.copy()
+    d["colour_key"] = d["variant"]  # one colour per variant, as on Metrics and EOS/NEU (before a size suffix)
     if d["image_size"].nunique() > 1:  # every size shown, labelled
         d["variant"] = [f"{v} @{int(z)}px" for v, z in zip(d["variant"], d["image_size"])]
     two = "run" in d.columns and d["run"].nunique() > 1
@@ -183,9 +184,10 @@ def _acc_plot(acc: pd.DataFrame, title: str):
     lo = (d["accuracy"] - d["ci_low"]).fillna(0)
     hi = (d["ci_high"] - d["accuracy"]).fillna(0)
     # the axis starts at 0: a few points of difference must not look like a landslide
-    bars = hv.Bars(d, "bar", ["accuracy", "run"]).opts(
+    colour = "run" if two else hv.dim("colour_key").categorize(variant_colors(d["colour_key"].unique()))
+    bars = hv.Bars(d, "bar", ["accuracy", "run", "colour_key"]).opts(
         ylim=(0.0, 1.0), tools=["hover"], responsive=True, height=320, title=title, alpha=0.6,
-        color="run" if two else "#4c78a8", cmap=["#4c78a8", "#f58518"], show_legend=two, legend_position="bottom",
+        color=colour, cmap=["#4c78a8", "#f58518"], show_legend=two, legend_position="bottom",
         xlabel="variant (run)" if two else "variant", ylabel="accuracy (95% CI)")
     err = hv.ErrorBars((d["bar"], d["accuracy"], lo, hi), kdims=["bar"], vdims=["accuracy", "yerrneg", "yerrpos"]).opts(
         line_width=2, color="black")
