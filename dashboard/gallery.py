@@ -58,7 +58,7 @@ class Gallery(JSComponent):
     _stylesheets = ["""
     .wbc-gallery { display: flex; flex-wrap: wrap; gap: 8px; }
     .wbc-card { border: 1px solid #ccc; border-radius: 6px; padding: 4px; cursor: pointer; width: 252px;
-                background: white; font-size: 12px; }
+                background: white; color: #222; font-size: 12px; }  /* a white card in either theme */
     .wbc-card.bad { border-left: 4px solid #d62728; }
     .wbc-card.ok { border-left: 4px solid #2ca02c; }
     .wbc-card:hover { box-shadow: 0 0 6px #888; }

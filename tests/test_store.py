@@ -223,3 +223,15 @@ def test_read_within_checks_the_file_it_has_open(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "open", swap_then_open(swap_g))
     with pytest.raises(NotAllowed, match="outside the folders"):
         read_within(root / "g.jpg", roots)
+
+
+def test_paper_table_shows_supports_as_counts_over_several_seeds():
+    from core.metrics import metrics_rows, paper_table
+
+    y = ["eosinophil"] * 3 + ["neutrophil"] * 5
+    m = pd.concat([metrics_rows({"variant": "original", "seed": s}, y, p)
+                   for s, p in ((0, y), (1, ["neutrophil"] * 8))], ignore_index=True)
+    t = paper_table(m, values=("recall", "support")).set_index("class")
+    assert str(t["original support"].dtype) == "Int64"
+    assert t.loc["eosinophil", "original support"] == 3 and t.loc["accuracy", "original support"] == 8
+    assert t.loc["eosinophil", "original recall"] == 0.5  # the mean over seeds stays a mean
