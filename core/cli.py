@@ -59,15 +59,39 @@ def _count_or_all(s: str) -> int | None:
         raise argparse.ArgumentTypeError(f"invalid value {s!r}: give a count or 'all'") from None
 
 
+MAX_SEEDS = 1000  # models per variant and size: far beyond any study here, and checked before anything is built
+MAX_SEED = 2**32 - 1  # numpy's and torch's limit
+
+
 def _seeds(s: str) -> tuple[int, ...]:
     """``--seeds 3`` means seeds 0,1,2; ``--seeds 0,5,7`` lists them."""
     try:
-        seeds = tuple(range(int(s))) if "," not in s else tuple(int(x) for x in s.split(","))
+        parts = [int(s)] if "," not in s else [int(x) for x in s.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid value {s!r}") from None
-    if not seeds or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"{s!r}: give a count >= 1 or a list of seeds >= 0")
+    if "," not in s and not 1 <= parts[0] <= MAX_SEEDS or "," in s and len(parts) > MAX_SEEDS:
+        raise argparse.ArgumentTypeError(f"{s[:40]!r}: give a count from 1 to {MAX_SEEDS} or a list of at most "
+                                         f"{MAX_SEEDS} seeds")
+    seeds = tuple(range(parts[0])) if "," not in s else tuple(parts)
+    if min(seeds) < 0 or max(seeds) > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{s[:40]!r}: seeds must be from 0 to {MAX_SEED}")
     return seeds
+
+
+def _one_seed(s: str) -> int:
+    try:
+        seed = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {s[:40]!r}") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{s[:40]!r}: a seed must be from 0 to {MAX_SEED}")
+    return seed
+
+
+def _resume_id(s: str) -> str:
+    if not s.strip():  # an unset $RUN must not start a new study
+        raise argparse.ArgumentTypeError("give the id of the run to resume (it is empty)")
+    return s
 
 
 def add_study_parser(sub) -> None:
@@ -89,7 +113,7 @@ def add_study_parser(sub) -> None:
                    help="training images per class, or 'all' (default: the preset's)")
     p.add_argument("--test-per-class", type=_count_or_all, help="test images per class, or 'all' (default: all)")
     p.add_argument("--image-size", dest="image_sizes", type=_csv(int), help="input size(s), e.g. 224 or 224,448")
-    p.add_argument("--seed", type=int, help="a single seed")
+    p.add_argument("--seed", type=_one_seed, help="a single seed")
     p.add_argument("--seeds", type=_seeds, help="N (seeds 0..N-1) or a list 0,1,2")
     p.add_argument("--split", help="grouped (default: no source cell on both sides) | random (paper, leaky)")
     p.add_argument("--batch-size", type=int)
@@ -130,7 +154,7 @@ def add_study_parser(sub) -> None:
     p.add_argument("--cache-dir", type=path_arg,
                    help="cache for enhanced images and weights (default: ~/.cache/wbc)")
     p.add_argument("--run-id", default=None, help="name the run (default: timestamp-preset-random)")
-    p.add_argument("--resume", metavar="RUN", default=None,
+    p.add_argument("--resume", metavar="RUN", default=None, type=_resume_id,
                    help="continue an interrupted, failed or cancelled run with its stored config: complete models "
                         "are kept, the rest trained")
     p.add_argument("--quiet", action="store_true", default=False, help="no progress bars")

@@ -332,10 +332,20 @@ def test_a_class_with_no_usable_training_image_is_an_error_naming_it(how, tmp_pa
     assert meta["status"] == "failed" and not any(k.startswith("train:") for k in meta["stages"])
 
 
-@pytest.mark.parametrize("seeds", ["0", "-3", "1,-2", "1,1"])
-def test_bad_seeds_are_one_line_errors(seeds):
-    p = _wbc("study", "--seeds", seeds)
-    assert p.returncode == 2 and _one_line(p.stderr) and "--seeds" in p.stderr
+@pytest.mark.parametrize("flag,seeds", [("--seeds", "0"), ("--seeds", "-3"), ("--seeds", "1,-2"), ("--seeds", "1,1"),
+                                        # a count that would build a billion seeds before any check; numpy's limit
+                                        ("--seeds", "1000000000"), ("--seeds", "2,99999999999999999999"),
+                                        ("--seed", "99999999999999999999")])
+def test_bad_seeds_are_one_line_errors(flag, seeds):
+    p = _wbc("study", flag, seeds)
+    assert p.returncode == 2 and _one_line(p.stderr) and flag in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("run", ["", "  "])
+def test_an_empty_resume_is_refused_and_starts_no_study(run, tmp_path):
+    p = _wbc("study", "--resume", run, "--runs-dir", str(tmp_path / "runs"))  # e.g. an unset $RUN
+    assert p.returncode == 2 and _one_line(p.stderr) and "--resume" in p.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
 # -------------------------------------------------------------------------------------- one error path
