@@ -63,21 +63,6 @@ MAX_SEEDS = 1000  # models per variant and size: far beyond any study here, and 
 MAX_SEED = 2**32 - 1  # numpy's and torch's limit
 
 
-def _seeds(s: str) -> tuple[int, ...]:
-    """``--seeds 3`` means seeds 0,1,2; ``--seeds 0,5,7`` lists them."""
-    try:
-        parts = [int(s)] if "," not in s else [int(x) for x in s.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {s!r}") from None
-    if "," not in s and not 1 <= parts[0] <= MAX_SEEDS or "," in s and len(parts) > MAX_SEEDS:
-        raise argparse.ArgumentTypeError(f"{s[:40]!r}: give a count from 1 to {MAX_SEEDS} or a list of at most "
-                                         f"{MAX_SEEDS} seeds")
-    seeds = tuple(range(parts[0])) if "," not in s else tuple(parts)
-    if min(seeds) < 0 or max(seeds) > MAX_SEED:
-        raise argparse.ArgumentTypeError(f"{s[:40]!r}: seeds must be from 0 to {MAX_SEED}")
-    return seeds
-
-
 def _one_seed(s: str) -> int:
     try:
         seed = int(s)
@@ -86,6 +71,22 @@ def _one_seed(s: str) -> int:
     if not 0 <= seed <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"{s[:40]!r}: a seed must be from 0 to {MAX_SEED}")
     return seed
+
+
+def _seeds(s: str) -> tuple[int, ...]:
+    """``--seeds 3`` means seeds 0,1,2; ``--seeds 0,5,7`` lists them (each checked as ``--seed``)."""
+    if "," in s:
+        seeds = tuple(_one_seed(x) for x in s.split(","))
+    else:
+        try:
+            n = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {s[:40]!r}") from None
+        seeds = range(n) if 1 <= n <= MAX_SEEDS else ()  # bounded before the range is built
+    if not 1 <= len(seeds) <= MAX_SEEDS:
+        raise argparse.ArgumentTypeError(f"{s[:40]!r}: give a count from 1 to {MAX_SEEDS} or a list of at most "
+                                         f"{MAX_SEEDS} seeds")
+    return tuple(seeds)
 
 
 def _resume_id(s: str) -> str:
